@@ -1,0 +1,3 @@
+from mtser.cli.main import main
+
+main()

@@ -1,0 +1,315 @@
+"""Every knob of the recipe as typed dataclasses, and the one validating YAML loader.
+
+`load_config(path)` reads a YAML file into `Config`; unknown keys and wrong types are errors that name the key
+(`model.pooling: expected one of ['asp', 'mean'], got 'max'`). `load_yaml_as(path, cls)` does the same for any
+other dataclass (the search space in `configs/grid.yaml`, for instance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------- schema
+@dataclass
+class EncoderConfig:
+    """One frozen encoder whose per-frame (or per-token) states are stored."""
+
+    name: str                                   # key in the store, e.g. "wavlm"
+    kind: Literal["speech", "whisper", "text"]  # speech SSL model, Whisper encoder (+ASR), text model on transcripts
+    model: str                                  # hub id or local directory, loaded with from_pretrained
+    revision: str | None = None                 # hub revision; local directories are content-hashed instead
+    layer: int = -1                             # hidden-state index (-1 = last layer)
+    mean_last_k: int = 1                        # >1: mean of the last K layers (then `layer` must stay -1)
+    dtype: Literal["float16", "float32", "int8"] = "float16"
+    compression: Literal["none", "zstd"] = "none"
+    asr: bool = False                           # whisper only: transcribe utterances that have no transcript
+    pad_to_30s: bool = True                     # whisper only: pad to the 30 s the model was trained on
+    max_tokens: int = 512                       # text only: truncate transcripts to this many tokens
+
+
+@dataclass
+class ExtractConfig:
+    encoders: list[EncoderConfig]
+    sample_rate: int = 16000
+    batch_seconds: float = 120.0                # total audio seconds per length-sorted batch
+    shard_seconds: float = 3600.0               # audio seconds per shard (the unit of work and of writing)
+    augment: int = 0                            # extra augmented copies per training utterance
+    augment_snr_db: tuple[float, float] = (5.0, 20.0)
+    augment_gain_db: tuple[float, float] = (-5.0, 5.0)
+    augment_rt60_s: tuple[float, float] = (0.2, 0.8)
+    asr_language: str = "en"
+    asr_max_new_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    encoders: list[str] | None = None           # store encoders fed to the model, in order (None = all, sorted)
+    pooling: Literal["asp", "mean"] = "asp"
+    attention_dim: int = 128                    # hidden size of the attentive-statistics attention MLP
+    proj_dim: int = 1028
+    lstm_hidden: int = 2048
+    lstm_layers: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0                          # weight of the attribute (regression) loss
+    beta: float = 1.0                           # weight of the class (weighted CE) loss
+    class_weights: Literal["auto", "none"] | list[float] = "auto"  # auto: inverse training frequency
+    sigma: float | None = None                  # stage 2 attributes: Gaussian-penalty width (None = plain MSE)
+    sigma_mu: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["multi", "cat", "dim"] = "multi"
+    epochs: int = 50
+    samples_per_epoch: int = 32000
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 2e-5
+    min_lr: float = 1e-7
+    warmup_epochs: float = 3.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mixed_precision: bool = True                # GPU only; CPU always computes in float32
+    select_metric: Literal["f1", "ccc_mean", "score"] = "score"  # score = f1 + ccc_mean
+    prefetch_batches: int = 4
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class EnsembleConfig:
+    top_k: int = 3
+
+
+@dataclass
+class Config:
+    extract: ExtractConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.extract.encoders]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"extract.encoders: duplicate encoder names {names}")
+        for i, enc in enumerate(self.extract.encoders):
+            if enc.mean_last_k > 1 and enc.layer != -1:
+                raise ConfigError(f"extract.encoders[{i}].mean_last_k: cannot be combined with layer={enc.layer}")
+            if enc.mean_last_k < 1:
+                raise ConfigError(f"extract.encoders[{i}].mean_last_k: must be >= 1, got {enc.mean_last_k}")
+            if enc.asr and enc.kind != "whisper":
+                raise ConfigError(f"extract.encoders[{i}].asr: only a whisper encoder can transcribe")
+        for key in ("train", "finetune"):
+            tc: TrainConfig = getattr(self, key)
+            for name in ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size"):
+                if getattr(tc, name) < 1:
+                    raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(tc, name)}")
+            if not 0 < tc.lr or tc.min_lr < 0 or tc.min_lr > tc.lr:
+                raise ConfigError(f"{key}.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {tc.lr}/{tc.min_lr}")
+        if self.model.encoders is not None:
+            unknown = sorted(set(self.model.encoders) - set(names))
+            if unknown:
+                raise ConfigError(f"model.encoders: {unknown} not among extract.encoders {names}")
+        if self.loss.alpha < 0 or self.loss.beta < 0 or self.loss.alpha + self.loss.beta == 0:
+            raise ConfigError(f"loss.alpha/beta: need non-negative and not both 0, got {self.loss.alpha}/{self.loss.beta}")
+        if self.loss.sigma is not None and self.loss.sigma <= 0:
+            raise ConfigError(f"loss.sigma: must be positive or null, got {self.loss.sigma}")
+
+    def encoder(self, name: str) -> EncoderConfig:
+        for enc in self.extract.encoders:
+            if enc.name == name:
+                return enc
+        raise ConfigError(f"no encoder named {name!r} in extract.encoders")
+
+
+@dataclass
+class TrialResources:
+    cpu: float = 1.0
+    gpu: float = 0.0                            # fractional GPUs share one device; ignored where none exist
+
+
+@dataclass
+class AshaConfig:
+    grace_period: int = 1                       # epochs before a trial may be stopped
+    reduction_factor: int = 2
+
+
+@dataclass
+class SearchConfig:
+    """The Ray Tune search of `mtser tune` (configs/grid.yaml)."""
+
+    base: str                                   # recipe config the grid varies, relative to the search file
+    alpha: list[float]
+    beta: list[float]
+    pooling: list[Literal["asp", "mean"]]
+    sigma: list[float | None]                   # stage 2 attribute fine-tuning; null = plain MSE
+    cat_parents: int = 1                        # best stage-1 trials (by dev macro-F1) fine-tuned for classes
+    dim_parents: int = 2                        # best stage-1 trials (by dev mean CCC) fine-tuned per sigma
+    resources: TrialResources = field(default_factory=TrialResources)
+    max_concurrent: int = 0                     # 0: as many as the resources allow
+    asha: AshaConfig | None = None              # optional early stopping
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe keys applied to every trial
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "beta", "pooling", "sigma"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: must list at least one value")
+        for key in ("alpha", "beta"):
+            bad = [v for v in getattr(self, key) if v < 0]
+            if bad:
+                raise ConfigError(f"{key}: weights must be non-negative, got {bad}")
+        if not any(a + b > 0 for a in self.alpha for b in self.beta):
+            raise ConfigError("alpha/beta: every combination has both weights 0")
+        bad_sigma = [s for s in self.sigma if s is not None and s <= 0]
+        if bad_sigma:
+            raise ConfigError(f"sigma: must be positive or null, got {bad_sigma}")
+
+
+# ----------------------------------------------------------------------------------------------------------------- loader
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a recipe config; `overrides` maps dotted keys (``"loss.alpha"``) to values."""
+    return load_yaml_as(path, Config, overrides)
+
+
+def load_yaml_as(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[last] = value
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain JSON/YAML-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types with the key's dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (allowed: {sorted(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required key is missing")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: {' or '.join(errors)}")
+    if tp is type(None):
+        if value is None or value == "none":
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")

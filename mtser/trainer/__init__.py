@@ -1,0 +1,1 @@
+"""Trainer: store loader, fusion model, losses, metrics, training loop, Ray Tune search, ensembles, predictions."""

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages (espeak-ng), a venv in .venv, pinned dependencies, mtser itself (editable).
+# Re-running is cheap: pip work is skipped while requirements.lock and pyproject.toml are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+    echo "setup: installing espeak-ng (demo corpus speech synthesis)"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q espeak-ng >/dev/null; }
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PYTHON --version)"
+    $PYTHON -m venv .venv
+fi
+
+stamp=.venv/.mtser-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing pinned dependencies (first time: a few minutes; torch alone is 5 GB)"
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import torch, torchaudio, transformers, ray, zarr, mtser" 
+    echo "$want" > $stamp
+fi
