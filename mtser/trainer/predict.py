@@ -1,0 +1,80 @@
+"""Audio files → the store's encoders (run on the fly, same config the store records) → an ensemble → one row per file.
+
+The features are rounded to the store's dtype before the models see them, so a file gets exactly the prediction the
+ensemble gives the same utterance read from the store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtser.config import EncoderConfig, from_dict
+from mtser.featurestore.corpus import Utterance
+from mtser.trainer.ensemble import Predictions, combine, load_manifest, prediction_table
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+
+
+@dataclass
+class PredictionRun:
+    table: pd.DataFrame                                   # prediction_table columns, one row per file that worked
+    failures: dict[str, str] = field(default_factory=dict)  # file -> reason
+
+
+def collect_inputs(inputs: list[str | Path]) -> tuple[list[Utterance], dict[str, str]]:
+    """Audio files named directly or found in directories (sorted); problems keyed by the path given."""
+    utts, problems = [], {}
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+            if not found:
+                problems[str(item)] = "directory holds no audio files"
+            utts += [Utterance(id=str(p), path=str(p)) for p in found]
+        elif item.is_file():
+            utts.append(Utterance(id=str(item), path=str(item)))
+        else:
+            problems[str(item)] = "no such file or directory"
+    return utts, problems
+
+
+def encoder_configs(manifest: dict) -> tuple[list[EncoderConfig], dict[str, str]]:
+    """The encoders exactly as the store recorded them, and each one's stored dtype."""
+    infos = manifest["store_encoders"]
+    return ([from_dict(EncoderConfig, info["config"]) for info in infos.values()],
+            {name: info["dtype"] for name, info in infos.items()})
+
+
+def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    """Round float features through the store's dtype (float16 storage loses precision the models then see)."""
+    out = {}
+    for name, array in features.items():
+        dtype = dtypes.get(name, "float32")
+        out[name] = array.astype(dtype).astype(np.float32) if dtype.startswith("float") else array
+    return out
+
+
+def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu") -> PredictionRun:
+    """Run the ensemble at `ensemble` (manifest file or its directory) on audio files; bad files are skipped."""
+    from mtser.featurestore.extract import encode_utterances
+    from mtser.trainer.checkpoint import load_checkpoint
+    from mtser.trainer.loop import predict_features
+
+    manifest = load_manifest(ensemble)
+    utts, failures = collect_inputs(inputs)
+    if not utts:
+        return PredictionRun(prediction_table(Predictions([], np.zeros((0, 8)), np.zeros((0, 3)))), failures)
+    encoders, dtypes = encoder_configs(manifest)
+    features, _, failed = encode_utterances(encoders, utts, device=device)
+    failures.update(failed)
+    ids = [u.id for u in utts if u.id in features and u.id not in failed]
+    per_utt = [as_stored(features[i], dtypes) for i in ids]
+    outputs = {}
+    for path in dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members):
+        model, _, _ = load_checkpoint(Path(path), device=device)
+        probs, attrs = predict_features(model, per_utt, device=device) if per_utt else (np.zeros((0, 8)),
+                                                                                          np.zeros((0, 3)))
+        outputs[path] = Predictions(ids, np.asarray(probs), np.asarray(attrs))
+    return PredictionRun(prediction_table(combine(manifest["members"], outputs)), failures)
