@@ -1,0 +1,353 @@
+"""Demo data: a synthetic MSP-Podcast-style corpus spoken by espeak-ng, and small local encoders.
+
+`make_demo_corpus` writes `Audios/`, `Transcripts/` and `Labels/labels_consensus.csv` exactly as an MSP-Podcast
+release lays them out. Every labelled utterance's wording carries its emotion (class-specific words in shared
+sentence frames) and its prosody carries its attributes (speaking rate and pitch follow arousal, loudness follows
+dominance, pitch range follows valence and the class), so the labels are learnable from text alone and from audio
+alone. Test3 utterances (`MSP-PODCAST_test3_NNNN.wav`) are audio only: no transcript and no row in the label file,
+as in the 2025 challenge release. The same seed gives byte-identical files.
+
+`make_test_encoders` builds small randomly initialised models of the real architectures (WavLM, Whisper with a
+working tokenizer and generation config, RoBERTa) and saves them with `save_pretrained`, so every consumer loads
+them through `from_pretrained` exactly like the real checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import subprocess
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from mtser.featurestore.labels import CLASSES
+
+SAMPLE_RATE = 16000
+LABEL_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
+
+# ------------------------------------------------------------------------------------------------------------ wording
+CLASS_WORDS: dict[str, tuple[str, ...]] = {
+    "A": ("angry", "furious", "outraged", "livid", "enraged", "mad", "irritated", "infuriated"),
+    "S": ("sad", "miserable", "heartbroken", "gloomy", "depressed", "lonely", "sorrowful", "devastated"),
+    "H": ("happy", "delighted", "joyful", "thrilled", "cheerful", "glad", "overjoyed", "elated"),
+    "U": ("surprised", "astonished", "amazed", "shocked", "stunned", "startled", "speechless", "flabbergasted"),
+    "F": ("afraid", "scared", "terrified", "frightened", "nervous", "anxious", "panicked", "fearful"),
+    "D": ("disgusted", "sickened", "revolted", "nauseated", "repulsed", "appalled", "queasy", "grossed out"),
+    "C": ("contemptuous", "dismissive", "scornful", "unimpressed", "condescending", "disdainful", "smug", "snide"),
+    "N": ("fine", "okay", "calm", "normal", "steady", "settled", "ordinary", "alright"),
+    "O": ("puzzled", "conflicted", "nostalgic", "curious", "pensive", "torn", "restless", "wistful"),
+}
+TOPICS = (
+    "the meeting", "the new job", "that phone call", "the trip to the coast", "this podcast", "the dinner last night",
+    "the game on Sunday", "my neighbour", "the weather report", "the election news", "the traffic this morning",
+    "the letter from the bank",
+)
+FRAMES = (
+    "Honestly, {topic} made me feel {w1}.",
+    "I am {w1} about {topic}, really {w2}.",
+    "When I think about {topic} I get so {w1}.",
+    "After {topic} I was {w1} and {w2}.",
+    "You know, I felt {w1} after {topic}.",
+    "People keep asking about {topic}, and I am just {w1}.",
+)
+
+# ----------------------------------------------------------------------------------------------------------- prosody
+# Mean (arousal, valence, dominance) per class on the 1..7 scale; labels add noise around these.
+CLASS_ATTRIBUTES: dict[str, tuple[float, float, float]] = {
+    "A": (5.8, 2.2, 5.6), "S": (2.3, 2.3, 2.7), "H": (5.0, 6.0, 4.8), "U": (5.6, 4.6, 3.9),
+    "F": (5.2, 2.5, 2.4), "D": (4.2, 2.4, 4.6), "C": (3.6, 3.0, 5.4), "N": (3.4, 4.1, 4.0),
+    "O": (4.0, 4.0, 4.0), "X": (4.0, 4.0, 4.0),
+}
+CLASS_PITCH_RANGE: dict[str, float] = {  # multiplies the valence-driven pitch range (SSML prosody range, in %)
+    "A": 1.3, "S": 0.4, "H": 1.6, "U": 2.2, "F": 1.1, "D": 0.7, "C": 0.5, "N": 0.9, "O": 1.0, "X": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class DemoSpeaker:
+    speaker_id: str
+    voice: str                # espeak-ng voice+variant
+    gender: str
+    base_rate: int            # words per minute at arousal 4
+    base_pitch: int           # espeak-ng pitch 0..99 at arousal 4
+
+
+SPEAKERS: tuple[DemoSpeaker, ...] = tuple(
+    DemoSpeaker(str(100 + i), voice, gender, rate, pitch)
+    for i, (voice, gender, rate, pitch) in enumerate([
+        ("en+m1", "Male", 165, 40), ("en+f1", "Female", 170, 55), ("en-us+m3", "Male", 180, 45),
+        ("en-us+f2", "Female", 175, 60), ("en+m5", "Male", 160, 35), ("en+f4", "Female", 185, 50),
+        ("en-us+m7", "Male", 170, 42), ("en-us+f3", "Female", 165, 58), ("en+m2", "Male", 175, 38),
+        ("en+f5", "Female", 180, 52), ("en-us+m4", "Male", 185, 44), ("en-us+f1", "Female", 170, 56),
+    ])
+)
+TRAIN_SPEAKERS, DEV_SPEAKERS, TEST_SPEAKERS = SPEAKERS[:7], SPEAKERS[7:10], SPEAKERS[10:]
+
+
+def demo_sentences() -> list[str]:
+    """Every sentence the demo corpus can produce (the training text of the demo tokenizers)."""
+    words = [w for ws in CLASS_WORDS.values() for w in ws]
+    out = []
+    for frame in FRAMES:
+        for topic in TOPICS:
+            for i, w1 in enumerate(words):
+                out.append(_fill(frame, topic, w1, words[(i + 1) % len(words)]))
+    return out
+
+
+def _fill(frame: str, topic: str, w1: str, w2: str) -> str:
+    text = frame.format(topic=topic, w1=w1, w2=w2)
+    return text[0].upper() + text[1:]
+
+
+# ------------------------------------------------------------------------------------------------------------ corpus
+@dataclass(frozen=True)
+class DemoUtterance:
+    file_name: str
+    split: str                # Train, Development or Test3
+    emo_class: str            # also drawn for Test3 (it shapes wording and prosody) but never written out
+    attributes: tuple[float, float, float]
+    speaker: DemoSpeaker
+    speaker_known: bool
+    text: str
+    has_transcript: bool
+
+
+def make_demo_corpus(out: Path, size: int, seed: int = 0, overwrite: bool = False, workers: int = 4) -> Path:
+    """Write a `size`-utterance MSP-Podcast-style corpus to `out` and return `out`.
+
+    About 10 % are Test3 (audio only), the rest Train/Development (75/25, disjoint speakers). Labelled rows include
+    a few O and X classes, some SpkrID `Unknown` and some utterances without a transcript file. The corpus is
+    written to `<out>.partial` and renamed when complete; an existing `out` is an error unless `overwrite`.
+    """
+    import shutil
+
+    out = Path(out)
+    if size < 10:
+        raise ValueError(f"demo corpus size must be at least 10, got {size}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty (overwrite=True, or --overwrite, replaces it)")
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng not found on PATH: install it (apt-get install espeak-ng) to synthesise speech")
+    plan = plan_demo_corpus(size, seed)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for sub in ("Audios", "Transcripts", "Labels"):
+        (partial / sub).mkdir(parents=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda utt: _write_audio(partial / "Audios" / utt.file_name, utt, seed), plan))
+    for utt in plan:
+        if utt.has_transcript:
+            (partial / "Transcripts" / (Path(utt.file_name).stem + ".txt")).write_text(utt.text + "\n")
+    with open(partial / "Labels" / "labels_consensus.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(LABEL_COLUMNS)
+        for utt in sorted(plan, key=lambda u: u.file_name):
+            if utt.split == "Test3":
+                continue
+            spk = utt.speaker.speaker_id if utt.speaker_known else "Unknown"
+            gender = utt.speaker.gender if utt.speaker_known else "Unknown"
+            writer.writerow([utt.file_name, utt.emo_class, *(f"{a:.1f}" for a in utt.attributes), spk, gender,
+                             utt.split])
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def plan_demo_corpus(size: int, seed: int) -> list[DemoUtterance]:
+    """Decide every utterance's name, split, class, attributes, speaker and wording (no audio yet)."""
+    rng = random.Random(seed)
+    n_test = max(1, round(size * 0.1))
+    n_labelled = size - n_test
+    n_dev = max(1, round(n_labelled * 0.25))
+    classes = [CLASSES[i % len(CLASSES)] for i in range(n_labelled)]
+    for i in range(0, n_labelled, 25):  # about 4 % O and 4 % X, at least one of each
+        classes[i] = "O"
+        classes[min(i + 12, n_labelled - 1)] = "X"
+    rng.shuffle(classes)
+    splits = ["Development"] * n_dev + ["Train"] * (n_labelled - n_dev)
+    rng.shuffle(splits)
+    plan = []
+    for i, (emo, split) in enumerate(zip(classes, splits)):
+        speakers = DEV_SPEAKERS if split == "Development" else TRAIN_SPEAKERS
+        name = f"MSP-PODCAST_{i // 10 + 1:04d}_{i % 10 + 1:04d}.wav"
+        plan.append(_plan_one(rng, name, split, emo, rng.choice(speakers),
+                              speaker_known=rng.random() > 0.07, has_transcript=rng.random() > 0.08))
+    for k in range(n_test):
+        plan.append(_plan_one(rng, f"MSP-PODCAST_test3_{k + 1:04d}.wav", "Test3", rng.choice(CLASSES),
+                              rng.choice(TEST_SPEAKERS), speaker_known=False, has_transcript=False))
+    return plan
+
+
+def _plan_one(rng: random.Random, name: str, split: str, emo: str, speaker: DemoSpeaker, speaker_known: bool,
+              has_transcript: bool) -> DemoUtterance:
+    if emo == "X":  # no agreement: wording from one class, second word and attributes half from another
+        first, second = rng.sample(CLASSES, 2)
+        w1, w2 = rng.choice(CLASS_WORDS[first]), rng.choice(CLASS_WORDS[second])
+        mean = tuple((a + b) / 2 for a, b in zip(CLASS_ATTRIBUTES[first], CLASS_ATTRIBUTES[second]))
+    else:
+        w1, w2 = rng.sample(CLASS_WORDS[emo], 2)
+        mean = CLASS_ATTRIBUTES[emo]
+    attributes = tuple(round(min(7.0, max(1.0, m + rng.gauss(0.0, 0.35))), 1) for m in mean)
+    text = _fill(rng.choice(FRAMES), rng.choice(TOPICS), w1, w2)
+    return DemoUtterance(name, split, emo, attributes, speaker, speaker_known, text, has_transcript)
+
+
+def espeak_command(utt: DemoUtterance) -> list[str]:
+    """The espeak-ng call speaking `utt` with prosody derived from its attributes, class and speaker."""
+    arousal, valence, dominance = utt.attributes
+    rate = int(np.clip(utt.speaker.base_rate + 22 * (arousal - 4), 80, 400))
+    pitch = int(np.clip(utt.speaker.base_pitch + 6 * (arousal - 4) + 3 * (valence - 4), 0, 99))
+    amplitude = int(np.clip(100 + 18 * (dominance - 4), 20, 200))
+    gap = max(0, round(3 * (4 - arousal)))
+    pitch_range = int(np.clip((100 + 25 * (valence - 4)) * CLASS_PITCH_RANGE[utt.emo_class], 20, 400))
+    ssml = f'<speak><prosody range="{pitch_range}%">{escape(utt.text)}</prosody></speak>'
+    return ["espeak-ng", "-m", "-v", utt.speaker.voice, "-s", str(rate), "-p", str(pitch), "-a", str(amplitude),
+            "-g", str(gap), "--stdout", ssml]
+
+
+def _write_audio(path: Path, utt: DemoUtterance, seed: int) -> None:
+    from scipy.signal import resample_poly
+
+    proc = subprocess.run(espeak_command(utt), capture_output=True, check=True)
+    pcm, rate = _parse_wav_stream(proc.stdout)
+    audio = resample_poly(pcm.astype(np.float64), SAMPLE_RATE, rate) if rate != SAMPLE_RATE else pcm.astype(np.float64)
+    noise_seed = [seed, *path.stem.encode()]
+    audio += np.random.default_rng(noise_seed).normal(0.0, 20.0, audio.shape)  # a faint noise floor
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(np.clip(np.round(audio), -32768, 32767).astype("<i2").tobytes())
+
+
+def _parse_wav_stream(data: bytes) -> tuple[np.ndarray, int]:
+    """16-bit mono PCM and its rate from a WAV written to a pipe (espeak-ng leaves the sizes unset)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise RuntimeError("espeak-ng did not write a WAV stream")
+    rate = int.from_bytes(data[24:28], "little")
+    start = data.index(b"data", 12) + 8
+    body = data[start:len(data) - (len(data) - start) % 2]
+    return np.frombuffer(body, dtype="<i2"), rate
+
+
+# ---------------------------------------------------------------------------------------------------------- encoders
+def make_test_encoders(out_dir: Path, sentences: list[str] | None = None, seed: int = 0) -> dict[str, Path]:
+    """Build small random-init WavLM, Whisper (+tokenizer, processor, generation config) and RoBERTa models.
+
+    Tokenizers are byte-level BPEs trained on `sentences` (default: the demo sentences), so any text encodes.
+    Returns {"wavlm": dir, "whisper": dir, "roberta": dir}; each loads with `from_pretrained`.
+    """
+    out_dir = Path(out_dir)
+    texts = list(sentences) if sentences is not None else demo_sentences()
+    return {
+        "wavlm": _save_wavlm(out_dir / "wavlm", seed),
+        "whisper": _save_whisper(out_dir / "whisper", texts, seed),
+        "roberta": _save_roberta(out_dir / "roberta", texts, seed),
+    }
+
+
+def _train_bpe(
+    texts: list[str], vocab_size: int, special_tokens: list[str]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary and merge list trained on `texts` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def _save_wavlm(out: Path, seed: int) -> Path:
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+
+    torch.manual_seed(seed)
+    config = WavLMConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        conv_dim=(32,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),  # 320 samples/frame
+        feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, num_buckets=64, max_bucket_distance=200,
+    )
+    WavLMModel(config).eval().save_pretrained(out)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True,
+    ).save_pretrained(out)
+    return out
+
+
+WHISPER_LANGUAGES = ("en", "de", "fr", "es")  # a prefix of Whisper's language order, so token ids follow its scheme
+
+
+def _save_whisper(out: Path, texts: list[str], seed: int) -> Path:
+    import torch
+    from transformers import (
+        GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    vocab, merges = _train_bpe(texts, vocab_size=600, special_tokens=[])
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
+    # Whisper's special tokens follow the text vocabulary in the real order: end of text, start of transcript,
+    # languages, tasks, ..., no-timestamps, then the 1501 timestamp tokens (timestamp_begin = no_timestamps + 1).
+    specials = ["<|endoftext|>", "<|startoftranscript|>", *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES],
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                "<|notimestamps|>", *[f"<|{i * 0.02:.2f}|>" for i in range(1501)]]
+    tokenizer.add_tokens(specials, special_tokens=True)
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in specials}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    # Random weights would happily emit control or timestamp tokens forever; suppress them so output is text.
+    suppress = [ids[tok] for tok in specials if tok != "<|endoftext|>"]
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=128, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        decoder_start_token_id=sot, begin_suppress_tokens=[eot], suppress_tokens=suppress,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, max_length=448,
+        is_multilingual=True, return_timestamps=False,
+        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        begin_suppress_tokens=[eot], suppress_tokens=suppress,
+    )
+    model.save_pretrained(out)
+    extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE)
+    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def _save_roberta(out: Path, texts: list[str], seed: int) -> Path:
+    import torch
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    vocab, merges = _train_bpe(texts, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges)
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    RobertaModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
