@@ -126,6 +126,19 @@ class Config:
                     raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(tc, name)}")
             if not 0 < tc.lr or tc.min_lr < 0 or tc.min_lr > tc.lr:
                 raise ConfigError(f"{key}.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {tc.lr}/{tc.min_lr}")
+            for name, low in (("warmup_epochs", 0), ("weight_decay", 0), ("prefetch_batches", 1)):
+                if getattr(tc, name) < low:
+                    raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(tc, name)}")
+            if tc.grad_clip <= 0:
+                raise ConfigError(f"{key}.grad_clip: must be > 0, got {tc.grad_clip}")
+        for name in ("attention_dim", "proj_dim", "lstm_hidden", "lstm_layers"):
+            if getattr(self.model, name) < 1:
+                raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self.model, name)}")
+        if not 0 <= self.model.dropout < 1:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.model.dropout}")
+        weights = self.loss.class_weights
+        if isinstance(weights, list) and (len(weights) != 8 or min(weights) < 0):
+            raise ConfigError(f"loss.class_weights: need 8 non-negative values (A,S,H,U,F,D,C,N), got {weights}")
         if self.model.encoders is not None:
             unknown = sorted(set(self.model.encoders) - set(names))
             if unknown:
