@@ -1,6 +1,110 @@
-"""(placeholder: commands are added by the issue that builds them)"""
+"""`mtser tune`, `mtser ensemble`, `mtser predict`, `mtser report`: thin wrappers over mtser.trainer.{tune,ensemble,
+predict,report}."""
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def tune(
+    search: Path = typer.Option(..., "--search", help="Search space YAML (configs/grid.yaml)."),
+    store: str = typer.Option(..., "--store", help="Feature store URL or path."),
+    out: Path = typer.Option(..., "--out", help="Run directory (trials, checkpoints, Ray logs, results.csv)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted search: run only unfinished trials."),
+    stage: list[int] = typer.Option([1, 2], "--stage", help="Stages to run (repeat the option); default both."),
+) -> None:
+    """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials."""
+    import pandas as pd
+
+    from mtser.config import ConfigError
+    from mtser.trainer.tune import SearchError, run_search
+
+    try:
+        summary = run_search(search, store, out, resume=resume, stages=tuple(stage))
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except SearchError as exc:
+        _fail(str(exc), 2 if "--resume" in str(exc) and "interrupted" not in str(exc) else 1)
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
+        typer.echo(summary.table.drop(columns=["checkpoint"]).to_string(index=False, float_format="%.4f"))
+    typer.echo(f"results: {Path(out) / 'results.csv'}   Ray Tune logs (TensorBoard): {Path(out) / 'ray'}")
+    if summary.failed:
+        _fail(f"{len(summary.failed)} trial(s) failed: {', '.join(summary.failed)} (see state.json in their folders)")
+
+
+def ensemble(
+    run: Path = typer.Option(..., "--run", help="Run directory of `mtser tune`."),
+    store: str = typer.Option(..., "--store", help="Feature store URL or path."),
+    split: str = typer.Option("Development", "--split", help="Split to predict (Development, Test1-3)."),
+    top_k: int = typer.Option(0, "--top-k", help="Members per task/attribute (0: ensemble.top_k of the config)."),
+    out: Path = typer.Option(None, "--out", help="Output directory (default RUN/ensemble)."),
+) -> None:
+    """Average the top-k checkpoints per task / attribute; print metrics; write challenge CSVs and a manifest."""
+    from mtser.featurestore.labels import SPLITS
+    from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table
+    from mtser.trainer.tune import SearchError
+
+    if split not in SPLITS:
+        _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
+    try:
+        manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out)
+    except (EnsembleError, SearchError) as exc:
+        _fail(str(exc))
+    table = metrics_table(manifest, split)
+    if table[split].notna().any():
+        typer.echo(table.to_string(index=False, float_format="%.4f"))
+    else:
+        typer.echo(f"{split} has no labels: predictions only")
+    for name, path in manifest["files"][split].items():
+        typer.echo(f"{name}: {path}")
+
+
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Audio files and/or directories of audio."),
+    ensemble: Path = typer.Option(..., "--ensemble", help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder."),
+    out: Path = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
+    from mtser.trainer.ensemble import EnsembleError
+    from mtser.trainer.predict import predict_files
+
+    try:
+        run = predict_files(inputs, ensemble, device=device)
+    except EnsembleError as exc:
+        _fail(str(exc), 2)
+    if out:
+        run.table.to_csv(out, index=False, float_format="%.6f")
+        typer.echo(f"wrote {len(run.table)} rows to {out}")
+    else:
+        typer.echo(run.table.to_string(index=False, float_format="%.4f"))
+    for name, reason in run.failures.items():
+        typer.echo(f"skipped {name}: {reason}", err=True)
+    if run.failures:
+        raise typer.Exit(1)
+
+
+def report(
+    run: Path = typer.Argument(..., help="Run directory of `mtser tune`."),
+    out: Path = typer.Option(None, "--out", help="Output directory (default RUN/report)."),
+) -> None:
+    """PNG figures and one self-contained HTML page for a search run."""
+    from mtser.trainer.report import write_report
+    from mtser.trainer.tune import SearchError
+
+    try:
+        page = write_report(run, out)
+    except SearchError as exc:
+        _fail(str(exc))
+    typer.echo(f"report: {page}")
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    for command in (tune, ensemble, predict, report):
+        app.command()(command)

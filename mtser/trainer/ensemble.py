@@ -6,7 +6,6 @@ development macro-F1; task 2 averages, per attribute, the top-k checkpoints by t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES, CLASSES
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
 from mtser.trainer.tune import FINISHED, load_results, write_json_atomic
@@ -73,13 +72,14 @@ def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str,
     """Predictions of each distinct checkpoint on `split`, plus each checkpoint's sidecar meta."""
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.data import evaluation_ids
-    from mtser.trainer.loop import predict
+    from mtser.trainer.loop import check_store_matches, predict
 
     outputs, metas = {}, {}
     ids: list[str] | None = None
     for path in dict.fromkeys(checkpoints):
         model, cfg, meta = load_checkpoint(Path(path))
-        encoders = cfg.model.encoders or sorted(store.encoders)
+        check_store_matches(meta, store)
+        encoders = list(model.encoder_dims)
         if ids is None:
             ids = evaluation_ids(store, encoders, split)
             if not ids:
@@ -90,13 +90,12 @@ def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str,
     return outputs, metas
 
 
-def prediction_table(pred: Predictions) -> pd.DataFrame:
-    table = pd.DataFrame({"FileName": pred.ids, "EmoClass": [CLASSES[i] for i in pred.probs.argmax(axis=1)]})
-    for i, c in enumerate(CLASSES):
-        table[f"p_{c}"] = pred.probs[:, i]
-    for i, name in enumerate(ATTRIBUTES):
-        table[ATTRIBUTE_COLUMNS[name]] = np.clip(pred.attrs[:, i], *ATTRIBUTE_RANGE)
-    return table.sort_values("FileName", kind="stable").reset_index(drop=True)
+def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
+    """loop.prediction_table with FileName for id, attributes clipped to 1..7, sorted by FileName."""
+    from mtser.trainer.loop import prediction_table as per_utterance
+
+    table = per_utterance(pred.ids, pred.probs, np.clip(pred.attrs, *ATTRIBUTE_RANGE), labels)
+    return table.rename(columns={"id": "FileName"}).sort_values("FileName", kind="stable").reset_index(drop=True)
 
 
 def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
@@ -124,17 +123,15 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
 
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    table = prediction_table(ensemble)
+    table = prediction_table(ensemble, labels)
     write_csv_atomic(table[["FileName", "EmoClass"]], split_dir / "categorical.csv")
     write_csv_atomic(table[["FileName", *ATTRIBUTE_COLUMNS.values()]], split_dir / "attributes.csv")
-    truth = store.utterances.loc[table["FileName"], ["emo_class", *ATTRIBUTES]].reset_index(drop=True)
-    write_csv_atomic(pd.concat([table, truth.add_prefix("true_")], axis=1), split_dir / "predictions.csv")
+    write_csv_atomic(table, split_dir / "predictions.csv")
 
     checkpoint_trial = dict(zip(results["checkpoint"].astype(str), results["trial"]))
     manifest = _merge_previous(out_dir / MANIFEST, {
         "k": k, "store": store_url, "run": str(run_dir.resolve()),
-        "store_encoders": {name: dataclasses.asdict(info) for name, info in store.encoders.items()},
-        "checkpoint_store": {path: metas[path].get("store") for path in outputs},
+        "store_provenance": next(iter(metas.values()))["store"],
         "members": members,
         "member_metrics": {split: {checkpoint_trial.get(path, path): m for path, m in member_metrics.items()}},
         "metrics": {split: summarize(ensemble.probs, ensemble.attrs, labels)},

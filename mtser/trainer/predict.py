@@ -13,7 +13,7 @@ import pandas as pd
 
 from mtser.config import EncoderConfig, from_dict
 from mtser.featurestore.corpus import Utterance
-from mtser.trainer.ensemble import Predictions, combine, load_manifest, prediction_table
+from mtser.trainer.ensemble import EnsembleError, Predictions, combine, load_manifest, prediction_table
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 
@@ -40,9 +40,13 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Utterance], dict[str,
     return utts, problems
 
 
-def encoder_configs(manifest: dict) -> tuple[list[EncoderConfig], dict[str, str]]:
-    """The encoders exactly as the store recorded them, and each one's stored dtype."""
-    infos = manifest["store_encoders"]
+def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
+    """The encoders exactly as the store recorded them in the members' checkpoints, and each one's stored dtype."""
+    infos: dict[str, dict] = {}
+    for meta in metas:
+        for name, info in meta["store"]["encoders"].items():
+            if infos.setdefault(name, info) != info:
+                raise EnsembleError(f"ensemble members disagree on encoder {name!r}: {infos[name]} vs {info}")
     return ([from_dict(EncoderConfig, info["config"]) for info in infos.values()],
             {name: info["dtype"] for name, info in infos.items()})
 
@@ -63,17 +67,19 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
     from mtser.trainer.loop import predict_features
 
     manifest = load_manifest(ensemble)
+    paths = list(dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members))
+    models, metas = {}, []
+    for path in paths:
+        models[path], _, meta = load_checkpoint(Path(path), device=device)
+        metas.append(meta)
+    encoders, dtypes = encoder_configs(metas)
     utts, failures = collect_inputs(inputs)
-    if not utts:
-        return PredictionRun(prediction_table(Predictions([], np.zeros((0, 8)), np.zeros((0, 3)))), failures)
-    encoders, dtypes = encoder_configs(manifest)
-    features, _, failed = encode_utterances(encoders, utts, device=device)
+    features, _, failed = encode_utterances(encoders, utts, device=device) if utts else ({}, {}, {})
     failures.update(failed)
     ids = [u.id for u in utts if u.id in features and u.id not in failed]
     per_utt = [as_stored(features[i], dtypes) for i in ids]
     outputs = {}
-    for path in dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members):
-        model, _, _ = load_checkpoint(Path(path), device=device)
+    for path, model in models.items():
         probs, attrs = predict_features(model, per_utt, device=device) if per_utt else (np.zeros((0, 8)),
                                                                                           np.zeros((0, 3)))
         outputs[path] = Predictions(ids, np.asarray(probs), np.asarray(attrs))

@@ -1,0 +1,166 @@
+"""Figures of a search run and one self-contained HTML page (PNGs embedded as base64).
+
+Figures: the ensemble's development confusion matrix, α×β heatmaps of stage-1 development metrics per pooling,
+predicted-versus-true scatter per attribute, and training curves of every trial.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.trainer.tune import METRIC_COLUMNS, load_results
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_figure(pred: pd.DataFrame, path: Path) -> Path | None:
+    labelled = pred[pred["true_EmoClass"].isin(CLASSES)] if "true_EmoClass" in pred else pred.iloc[:0]
+    if labelled.empty:
+        return None
+    plt = _pyplot()
+    index = {c: i for i, c in enumerate(CLASSES)}
+    counts = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
+    np.add.at(counts, (labelled["true_EmoClass"].map(index).to_numpy(), labelled["EmoClass"].map(index).to_numpy()), 1)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xticklabels=CLASSES, yticklabels=CLASSES,
+           xlabel="predicted", ylabel="true", title="Ensemble, development (row-normalised; counts)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def heatmap_figure(results: pd.DataFrame, path: Path) -> Path | None:
+    stage1 = results[(results["stage"] == 1) & results["f1"].notna()]
+    if stage1.empty:
+        return None
+    plt = _pyplot()
+    poolings = sorted(stage1["pooling"].unique())
+    metrics = ["f1", "ccc_mean"]
+    fig, axes = plt.subplots(len(poolings), len(metrics), figsize=(4.5 * len(metrics), 3.8 * len(poolings)),
+                             squeeze=False)
+    for row, pooling in enumerate(poolings):
+        for col, metric in enumerate(metrics):
+            grid = stage1[stage1["pooling"] == pooling].pivot_table(index="alpha", columns="beta", values=metric)
+            ax = axes[row, col]
+            image = ax.imshow(grid.to_numpy(), cmap="viridis", origin="lower")
+            for (i, j), v in np.ndenumerate(grid.to_numpy()):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8, color="white")
+            ax.set(xticks=range(grid.shape[1]), yticks=range(grid.shape[0]),
+                   xticklabels=[f"{b:g}" for b in grid.columns], yticklabels=[f"{a:g}" for a in grid.index],
+                   xlabel="β (class loss)", ylabel="α (attribute loss)", title=f"{pooling}: development {metric}")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def scatter_figure(pred: pd.DataFrame, path: Path) -> Path | None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(4.2 * len(ATTRIBUTES), 4))
+    drawn = False
+    for ax, name in zip(axes, ATTRIBUTES):
+        column = ATTRIBUTE_COLUMNS[name]
+        known = pred[pred[f"true_{column}"].notna()] if f"true_{column}" in pred else pred.iloc[:0]
+        if known.empty:
+            continue
+        drawn = True
+        ax.scatter(known[f"true_{column}"], known[column], s=8, alpha=0.6)
+        ax.plot([1, 7], [1, 7], color="grey", linewidth=1)
+        ax.set(xlim=(1, 7), ylim=(1, 7), xlabel=f"true {name}", ylabel=f"predicted {name}",
+               title=f"Ensemble, development {name}")
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def curves_figure(run_dir: Path, results: pd.DataFrame, path: Path) -> Path | None:
+    histories = {}
+    for _, row in results.iterrows():
+        history = run_dir / f"stage{row['stage']}" / row["trial"] / "history.csv"
+        if history.exists():
+            histories[(row["stage"], row["trial"])] = pd.read_csv(history)
+    if not histories:
+        return None
+    plt = _pyplot()
+    panels = [("train_loss", "training loss"), ("f1", "development macro-F1"), ("ccc_mean", "development mean CCC")]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
+    for (stage, trial), history in histories.items():
+        for col, (column, title) in enumerate(panels):
+            if column in history:
+                axes[stage - 1, col].plot(history["epoch"], history[column], marker=".", label=trial)
+    for stage in (1, 2):
+        for col, (_, title) in enumerate(panels):
+            axes[stage - 1, col].set(xlabel="epoch", title=f"stage {stage}: {title}")
+        if axes[stage - 1, 0].lines:
+            axes[stage - 1, 0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Draw every figure the run has data for and write `index.html`; returns the HTML path."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = load_results(run_dir)
+    pred_path = run_dir / "ensemble" / "Development" / "predictions.csv"
+    pred = pd.read_csv(pred_path) if pred_path.exists() else None
+    figures = {
+        "Confusion matrix": confusion_figure(pred, out_dir / "confusion.png") if pred is not None else None,
+        "α × β heatmaps": heatmap_figure(results, out_dir / "heatmap.png"),
+        "Predicted versus true attributes": scatter_figure(pred, out_dir / "scatter.png") if pred is not None else None,
+        "Training curves": curves_figure(run_dir, results, out_dir / "curves.png"),
+    }
+    page = out_dir / "index.html"
+    page.write_text(_html(run_dir, results, figures, _ensemble_metrics(run_dir)))
+    return page
+
+
+def _ensemble_metrics(run_dir: Path) -> pd.DataFrame | None:
+    import json
+
+    manifest = run_dir / "ensemble" / "ensemble.json"
+    if not manifest.exists():
+        return None
+    metrics = json.loads(manifest.read_text()).get("metrics", {})
+    return pd.DataFrame(metrics).T if metrics else None
+
+
+def _html(run_dir: Path, results: pd.DataFrame, figures: dict[str, Path | None], ensemble: pd.DataFrame | None) -> str:
+    parts = [f"<h1>mtser search report: {html.escape(str(run_dir))}</h1>"]
+    if ensemble is not None:
+        parts += ["<h2>Ensemble</h2>", ensemble.to_html(float_format="%.4f", na_rep="")]
+    shown = results[["stage", "trial", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS]]
+    parts += ["<h2>Trials</h2>", shown.to_html(index=False, float_format="%.4f", na_rep="")]
+    for title, path in figures.items():
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if path is None:
+            parts.append("<p>No data for this figure (run `mtser ensemble` for the ensemble figures).</p>")
+        else:
+            data = base64.b64encode(path.read_bytes()).decode()
+            parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:2px 8px}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>mtser report</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>\n")
