@@ -1,0 +1,199 @@
+"""The demo corpus (layout, labels, determinism, learnable cues) and the small local encoders (real load paths)."""
+from __future__ import annotations
+
+import csv
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtser.cli.main import app
+from mtser.featurestore.demo import CLASS_WORDS, LABEL_COLUMNS, make_demo_corpus, make_test_encoders
+from mtser.featurestore.labels import CLASSES
+
+from conftest import DEMO_CORPUS_SIZE
+
+
+def _rows(corpus: Path) -> list[dict[str, str]]:
+    with open(corpus / "Labels" / "labels_consensus.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "
+
+
+def _classes_named_in(text: str) -> set[str]:
+    words = _words(text)
+    return {c for c, ws in CLASS_WORDS.items() if any(f" {w} " in words for w in ws)}
+
+
+# ------------------------------------------------------------------------------------------------------ demo corpus
+def test_demo_corpus_layout_columns_and_audio_format(demo_corpus_dir: Path) -> None:
+    audios = sorted(p.name for p in (demo_corpus_dir / "Audios").iterdir())
+    assert len(audios) == DEMO_CORPUS_SIZE
+    with open(demo_corpus_dir / "Labels" / "labels_consensus.csv", newline="") as f:
+        assert next(csv.reader(f)) == list(LABEL_COLUMNS)
+    rows = _rows(demo_corpus_dir)
+    assert {r["Split_Set"] for r in rows} == {"Train", "Development"}
+    assert all(re.fullmatch(r"MSP-PODCAST_\d{4}_\d{4}\.wav", r["FileName"]) for r in rows)
+    test3 = [a for a in audios if a.startswith("MSP-PODCAST_test3_")]
+    assert test3 and len(test3) + len(rows) == DEMO_CORPUS_SIZE          # every Test3 file is absent from the labels
+    assert not (demo_corpus_dir.parent / "corpus.partial").exists()
+    for name in audios:
+        with wave.open(str(demo_corpus_dir / "Audios" / name)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+            assert 1.0 < w.getnframes() / 16000 < 10.0
+
+
+def test_demo_corpus_labels_are_valid_and_carry_the_class_in_the_wording(demo_corpus_dir: Path) -> None:
+    rows = _rows(demo_corpus_dir)
+    codes = [r["EmoClass"] for r in rows]
+    assert set(codes) >= set(CLASSES) | {"O", "X"}
+    assert "Unknown" in {r["SpkrID"] for r in rows}
+    checked = 0
+    for r in rows:
+        assert all(1.0 <= float(r[c]) <= 7.0 for c in ("EmoAct", "EmoVal", "EmoDom"))
+        transcript = demo_corpus_dir / "Transcripts" / (Path(r["FileName"]).stem + ".txt")
+        if transcript.exists() and r["EmoClass"] != "X":
+            lines = transcript.read_text().splitlines()
+            assert len(lines) == 1
+            assert _classes_named_in(lines[0]) == {r["EmoClass"]}, (r["FileName"], lines[0])
+            checked += 1
+    missing = [r for r in rows if not (demo_corpus_dir / "Transcripts" / (Path(r["FileName"]).stem + ".txt")).exists()]
+    assert 0 < len(missing) < len(rows) // 4
+    assert checked > len(rows) // 2
+    assert not list((demo_corpus_dir / "Transcripts").glob("*test3*"))
+
+
+def test_demo_corpus_attributes_and_prosody_follow_the_class(demo_corpus_dir: Path) -> None:
+    rows = _rows(demo_corpus_dir)
+
+    def mean(code: str, column: str) -> float:
+        return float(np.mean([float(r[column]) for r in rows if r["EmoClass"] == code]))
+
+    assert mean("A", "EmoAct") - mean("S", "EmoAct") > 2.0
+    assert mean("H", "EmoVal") - mean("A", "EmoVal") > 2.5
+    assert mean("C", "EmoDom") - mean("F", "EmoDom") > 2.0
+
+    def seconds_per_word(code: str) -> float:  # the audio alone separates classes: sad speech is slower
+        values = []
+        for r in rows:
+            transcript = demo_corpus_dir / "Transcripts" / (Path(r["FileName"]).stem + ".txt")
+            if r["EmoClass"] == code and transcript.exists():
+                with wave.open(str(demo_corpus_dir / "Audios" / r["FileName"])) as w:
+                    values.append(w.getnframes() / 16000 / len(transcript.read_text().split()))
+        return float(np.mean(values))
+
+    assert seconds_per_word("S") > 1.4 * seconds_per_word("A")
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_corpus_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path: Path) -> None:
+    a = _tree_bytes(make_demo_corpus(tmp_path / "a", size=12, seed=3))
+    b = _tree_bytes(make_demo_corpus(tmp_path / "b", size=12, seed=3))
+    c = _tree_bytes(make_demo_corpus(tmp_path / "c", size=12, seed=4))
+    assert a == b
+    assert a["Labels/labels_consensus.csv"] != c["Labels/labels_consensus.csv"]
+    audio = [k for k in a if k.startswith("Audios/")]
+    assert any(a[k] != c.get(k) for k in audio)
+
+
+def test_demo_corpus_refuses_to_replace_an_existing_folder_unless_asked(tmp_path: Path) -> None:
+    out = make_demo_corpus(tmp_path / "corpus", size=10, seed=0)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        make_demo_corpus(out, size=10, seed=1)
+    assert (out / "keep.txt").exists()
+    make_demo_corpus(out, size=10, seed=1, overwrite=True)
+    assert not (out / "keep.txt").exists() and len(list((out / "Audios").iterdir())) == 10
+
+
+def test_demo_corpus_cli_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["demo-corpus", str(tmp_path / "c"), "--size", "10", "--seed", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert len(list((tmp_path / "c" / "Audios").iterdir())) == 10
+    again = runner.invoke(app, ["demo-corpus", str(tmp_path / "c"), "--size", "10"])
+    assert again.exit_code == 1 and "already exists" in again.output
+    usage = runner.invoke(app, ["demo-corpus", str(tmp_path / "d"), "--size", "3"])
+    assert usage.exit_code == 2 and not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- encoders
+def test_wavlm_loads_through_auto_classes_and_gives_50_frames_per_second(test_encoders_dir: Path) -> None:
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    extractor = AutoFeatureExtractor.from_pretrained(test_encoders_dir / "wavlm")
+    model = AutoModel.from_pretrained(test_encoders_dir / "wavlm").eval()
+    assert type(model).__name__ == "WavLMModel"
+    audio = np.random.default_rng(0).standard_normal(32000).astype(np.float32)
+    inputs = extractor([audio], sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 99, model.config.hidden_size)    # 2 s at 320 samples per frame
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_whisper_encodes_30_s_input_and_generates_text(test_encoders_dir: Path) -> None:
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(test_encoders_dir / "whisper")
+    model = WhisperForConditionalGeneration.from_pretrained(test_encoders_dir / "whisper").eval()
+    assert model.config.vocab_size == len(processor.tokenizer)
+    audio = [np.random.default_rng(i).standard_normal(16000 * (i + 1)).astype(np.float32) * 0.1 for i in range(2)]
+    features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    assert features.shape == (2, model.config.num_mel_bins, 3000)
+    with torch.no_grad():
+        encoded = model.get_encoder()(features).last_hidden_state
+        tokens = model.generate(features, language="en", task="transcribe", max_new_tokens=12)
+    assert encoded.shape == (2, 1500, model.config.d_model)
+    texts = processor.batch_decode(tokens, skip_special_tokens=True)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert tokens.shape[1] <= 12 + 4   # the prompt (start, language, task, no-timestamps) plus new tokens at most
+
+
+@pytest.mark.parametrize("name", ["whisper", "roberta"])
+def test_tokenizers_round_trip_text(test_encoders_dir: Path, name: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(test_encoders_dir / name)
+    for text in ["You know, I felt outraged after the letter from the bank.", "Unseen wörds: zebra 42!"]:
+        ids = tokenizer(text).input_ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_roberta_loads_and_encodes_a_padded_batch(test_encoders_dir: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(test_encoders_dir / "roberta")
+    model = AutoModel.from_pretrained(test_encoders_dir / "roberta").eval()
+    assert type(model).__name__ == "RobertaModel" and model.config.vocab_size == len(tokenizer)
+    batch = tokenizer(["I am furious about the meeting.", "Fine."], padding=True, return_tensors="pt")
+    assert batch.input_ids[0, 0] == tokenizer.bos_token_id and batch.input_ids[1, -1] == tokenizer.pad_token_id
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert out.shape == (2, batch.input_ids.shape[1], model.config.hidden_size)
+
+
+def test_encoders_are_deterministic_for_a_seed(test_encoders_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["make-test-encoders", str(tmp_path), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    for name in ("wavlm", "whisper", "roberta"):
+        first = load_file(test_encoders_dir / name / "model.safetensors")
+        second = load_file(tmp_path / name / "model.safetensors")
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    assert (test_encoders_dir / "roberta" / "tokenizer.json").read_text() == (
+        tmp_path / "roberta" / "tokenizer.json").read_text()
