@@ -1,0 +1,98 @@
+"""Audio in: decode, downmix, resample to the encoders' rate, validate; and the training augmentation.
+
+`load_audio` changes nothing but channel count and sample rate. Anything that makes an utterance unusable raises
+`AudioError` whose message is the reason (missing file, unreadable, empty, non-finite samples, all-silent), so the
+extraction records it and moves on.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional as AF
+
+SILENCE_PEAK = 1e-5  # below -100 dBFS everywhere counts as all-silent
+
+
+class AudioError(ValueError):
+    """An utterance's audio cannot be used; the message is the reason."""
+
+
+def audio_duration(path: str) -> float:
+    """Seconds of audio from the file header (0.0 when the header cannot be read; loading reports why)."""
+    try:
+        info = soundfile.info(path)
+    except (OSError, RuntimeError, soundfile.LibsndfileError):
+        return 0.0
+    return info.frames / info.samplerate if info.samplerate else 0.0
+
+
+def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
+    """Mono float32 samples at `sample_rate`: channels averaged, resampled with torchaudio, nothing else changed."""
+    if not Path(path).is_file():
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise AudioError(f"unreadable or corrupt audio: {exc}") from None
+    if samples.size == 0:
+        raise AudioError("empty audio (0 samples)")
+    if not np.isfinite(samples).all():
+        raise AudioError("audio has NaN/Inf samples")
+    mono = samples.mean(axis=1)
+    if float(np.abs(mono).max()) < SILENCE_PEAK:
+        raise AudioError("all-silent audio (peak below -100 dBFS)")
+    if rate != sample_rate:
+        mono = AF.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class Augmentation:
+    """The random draw of one augmented copy (recorded in the utterance table)."""
+
+    copy: int           # 1..K
+    snr_db: float
+    rt60_s: float
+    gain_db: float
+
+    @property
+    def label(self) -> str:
+        return f"aug{self.copy};snr_db={self.snr_db:.2f};rt60_s={self.rt60_s:.3f};gain_db={self.gain_db:.2f}"
+
+
+def augmentation_rng(seed: int, utt_id: str, copy: int) -> np.random.Generator:
+    """A generator that depends only on (seed, utterance id, copy), never on shard or worker."""
+    digest = hashlib.sha256(f"{seed}\0{utt_id}\0{copy}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def augment(
+    wave: np.ndarray, sample_rate: int, rng: np.random.Generator, copy: int,
+    snr_db: tuple[float, float], rt60_s: tuple[float, float], gain_db: tuple[float, float],
+) -> tuple[np.ndarray, Augmentation]:
+    """Reverberate with a synthetic room impulse response, add white noise at a random SNR, apply a random gain."""
+    draw = Augmentation(copy, float(rng.uniform(*snr_db)), float(rng.uniform(*rt60_s)), float(rng.uniform(*gain_db)))
+    rir = synthetic_rir(sample_rate, draw.rt60_s, rng)
+    x = torch.from_numpy(wave.astype(np.float32))
+    wet = AF.fftconvolve(x, torch.from_numpy(rir))[: x.numel()]
+    wet = wet * (x.norm() / wet.norm().clamp_min(1e-12))            # keep the dry signal's energy
+    signal_power = float(wet.pow(2).mean())
+    noise = torch.from_numpy(rng.standard_normal(x.numel()).astype(np.float32))
+    noise = noise * np.sqrt(signal_power / 10 ** (draw.snr_db / 10))
+    out = (wet + noise) * 10 ** (draw.gain_db / 20)
+    return out.numpy().astype(np.float32), draw
+
+
+def synthetic_rir(sample_rate: int, rt60_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Exponentially decaying noise tail (60 dB down after rt60) behind a unit direct path."""
+    n = max(2, int(rt60_s * sample_rate))
+    t = np.arange(n) / sample_rate
+    tail = rng.standard_normal(n) * np.exp(-6.908 * t / rt60_s) * 0.3
+    tail[0] = 1.0
+    return tail.astype(np.float32)

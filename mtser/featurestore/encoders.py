@@ -1,0 +1,211 @@
+"""Frozen encoders through transformers: a speech SSL model, the Whisper encoder (+ASR from the same states), and a
+text model on transcripts. Each takes a hub id or a local directory and returns one (T, D) float32 array per input.
+
+Batching never changes an utterance's features:
+- speech: length-sorted batches with an attention mask when the model normalises its conv features per frame
+  (`feat_extract_norm="layer"`, WavLM-large); with group norm (`"group"`, WavLM-base) padding would change the
+  statistics, so only utterances of identical length share a batch. Frames kept: the model's conv output length.
+- whisper: every 30 s window is padded to 30 s as the model requires; ceil(samples / 320) frames are kept per window
+  and windows are concatenated. Utterances without a transcript are decoded from the same encoder states.
+- text: right-padded batches with an attention mask; one vector per token.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mtser.config import EncoderConfig
+
+WHISPER_WINDOW_S = 30
+WHISPER_SAMPLES_PER_FRAME = 320
+TEXT_BATCH_TOKENS = 8192
+
+
+def select_hidden(hidden_states: Sequence[torch.Tensor], layer: int, mean_last_k: int) -> torch.Tensor:
+    """Hidden-state index `layer` (0 = embeddings, -1 = last layer), or the mean of the last `mean_last_k` layers."""
+    if mean_last_k > 1:
+        return torch.stack(tuple(hidden_states[-mean_last_k:])).mean(dim=0)
+    return hidden_states[layer]
+
+
+def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = False) -> list[list[int]]:
+    """Indices in length order, grouped so each batch's padded size (longest × count) stays within `budget`.
+
+    A single item longer than the budget gets a batch of its own. `equal_only` groups identical lengths only.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if (current is None or (len(current) + 1) * lengths[i] > budget
+                or (equal_only and lengths[i] != lengths[current[0]])):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
+class SpeechEncoder:
+    """A speech SSL model (WavLM, wav2vec 2.0, HuBERT, ... any AutoModel taking raw 16 kHz audio)."""
+
+    def __init__(self, cfg: EncoderConfig, device: str = "cpu"):
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        self.cfg, self.device = cfg, device
+        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision).to(device).eval()
+        self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
+        self.pads_safely = getattr(self.model.config, "feat_extract_norm", "layer") != "group"
+
+    def batches(self, waves: Sequence[np.ndarray], batch_seconds: float, sample_rate: int) -> list[list[int]]:
+        return length_batches([len(w) for w in waves], batch_seconds * sample_rate, equal_only=not self.pads_safely)
+
+    @torch.inference_mode()
+    def forward(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
+        inputs = self.extractor(list(waves), sampling_rate=sample_rate, padding=True, return_tensors="pt",
+                                return_attention_mask=self.pads_safely)
+        mask = inputs.get("attention_mask")
+        out = self.model(inputs["input_values"].to(self.device),
+                         attention_mask=None if mask is None else mask.to(self.device), output_hidden_states=True)
+        states = select_hidden(out.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
+        return [states[j, : int(n)].float().cpu().numpy() for j, n in enumerate(frames)]
+
+
+class WhisperEncoder:
+    """Whisper's encoder (any WhisperForConditionalGeneration checkpoint); decodes transcripts from its own states."""
+
+    def __init__(self, cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128):
+        from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
+
+        if not cfg.pad_to_30s:
+            raise ValueError(f"encoder {cfg.name}: pad_to_30s=false is not supported (the transformers Whisper "
+                             "encoder requires 3000 mel frames)")
+        self.cfg, self.device, self.max_new_tokens = cfg, device, max_new_tokens
+        self.model = WhisperForConditionalGeneration.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model.to(device).eval()
+        self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision) if cfg.asr else None
+        multilingual = bool(getattr(self.model.generation_config, "lang_to_id", None))
+        self.generate_kwargs = {"language": language, "task": "transcribe"} if multilingual else {}
+
+    def batches(self, waves: Sequence[np.ndarray], batch_seconds: float, sample_rate: int) -> list[list[int]]:
+        windows = [max(1, math.ceil(len(w) / (WHISPER_WINDOW_S * sample_rate))) for w in waves]
+        return length_batches(windows, max(1.0, batch_seconds / WHISPER_WINDOW_S))
+
+    @torch.inference_mode()
+    def forward(self, items: Sequence[tuple[np.ndarray, bool]], sample_rate: int) -> list[tuple[np.ndarray, str | None]]:
+        """items: (wave, transcribe?) → (frames, transcript or None) per item."""
+        window = WHISPER_WINDOW_S * sample_rate
+        pieces = [(i, w[s: s + window]) for i, (w, _) in enumerate(items) for s in range(0, len(w), window)]
+        inputs = self.extractor([p for _, p in pieces], sampling_rate=sample_rate, return_tensors="pt")
+        enc = self.model.model.encoder(inputs["input_features"].to(self.device), output_hidden_states=True)
+        states = select_hidden(enc.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        frames: list[list[np.ndarray]] = [[] for _ in items]
+        for j, (i, piece) in enumerate(pieces):
+            frames[i].append(states[j, : math.ceil(len(piece) / WHISPER_SAMPLES_PER_FRAME)].float().cpu().numpy())
+        texts: list[list[str]] = [[] for _ in items]
+        asr_rows = [j for j, (i, _) in enumerate(pieces) if items[i][1]]
+        if asr_rows:
+            for j, text in zip(asr_rows, self.transcribe(enc.last_hidden_state[asr_rows])):
+                texts[pieces[j][0]].append(text)
+        return [(np.concatenate(f), " ".join(t).strip() if want else None)
+                for f, t, (_, want) in zip(frames, texts, items)]
+
+    def transcribe(self, last_hidden_state: torch.Tensor) -> list[str]:
+        """Greedy transcripts from encoder states already computed (no second encoder pass)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if self.tokenizer is None:
+            raise ValueError(f"encoder {self.cfg.name}: asr is off in the config")
+        ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=last_hidden_state),
+                                  max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+class TextEncoder:
+    """A text model (RoBERTa or any AutoModel with a tokenizer) on transcripts: one vector per token."""
+
+    def __init__(self, cfg: EncoderConfig, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg, self.device = cfg, device
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision).to(device).eval()
+
+    def batches(self, texts: Sequence[str], batch_seconds: float, sample_rate: int) -> list[list[int]]:
+        lengths = [len(ids) for ids in self._tokenize(list(texts))["input_ids"]]
+        return length_batches(lengths, TEXT_BATCH_TOKENS)
+
+    def _tokenize(self, texts: list[str], **kwargs):
+        return self.tokenizer(texts, truncation=True, max_length=self.cfg.max_tokens, **kwargs)
+
+    @torch.inference_mode()
+    def forward(self, texts: Sequence[str], sample_rate: int) -> list[np.ndarray]:
+        inputs = self._tokenize(list(texts), padding=True, return_tensors="pt").to(self.device)
+        out = self.model(**inputs, output_hidden_states=True)
+        states = select_hidden(out.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        mask = inputs["attention_mask"].bool()
+        return [states[j][mask[j]].float().cpu().numpy() for j in range(len(texts))]
+
+
+Encoder = SpeechEncoder | WhisperEncoder | TextEncoder
+
+
+def load_encoder(cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128) -> Encoder:
+    if cfg.kind == "speech":
+        return SpeechEncoder(cfg, device)
+    if cfg.kind == "whisper":
+        return WhisperEncoder(cfg, device, language, max_new_tokens)
+    return TextEncoder(cfg, device)
+
+
+def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list[list[int]]) -> tuple[dict[int, object], dict[int, str]]:
+    """Run `forward` per batch; when a batch fails, retry its items one by one so only the bad ones fail."""
+    results: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    for batch in batches:
+        try:
+            results.update(zip(batch, forward([inputs[i] for i in batch])))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad input must not fail the others
+            if len(batch) == 1:
+                errors[batch[0]] = f"{type(exc).__name__}: {exc}"
+                continue
+        for i in batch:
+            try:
+                results[i] = forward([inputs[i]])[0]
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = f"{type(exc).__name__}: {exc}"
+    return results, errors
+
+
+# ------------------------------------------------------------------------------------------------------- provenance
+def encoder_dim_and_rate(cfg: EncoderConfig, sample_rate: int) -> tuple[int, float]:
+    """Feature width and frames per second of audio (0.0 for text tokens), read from the model config only."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    if cfg.kind == "whisper":
+        return int(config.d_model), sample_rate / WHISPER_SAMPLES_PER_FRAME
+    if cfg.kind == "speech":
+        return int(config.hidden_size), sample_rate / float(np.prod(config.conv_stride))
+    return int(config.hidden_size), 0.0
+
+
+def content_hash(model: str) -> str | None:
+    """sha256 over a local model directory's file names and bytes (None for hub ids: the revision identifies them)."""
+    root = Path(model)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
