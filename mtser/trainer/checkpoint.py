@@ -1,0 +1,93 @@
+"""Checkpoints: a directory with `model.safetensors` (weights) and `checkpoint.json` (full config, model input dims,
+label map, store provenance, metrics). Loading never unpickles and needs no store."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtser.config import Config, from_dict, to_dict
+from mtser.featurestore.labels import ATTRIBUTES, CLASSES
+from mtser.trainer.model import FusionModel
+
+FORMAT = "mtser-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+SIDECAR = "checkpoint.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory is missing, incomplete or does not match its config; the message names the path."""
+
+
+def save_checkpoint(path: Path, model: FusionModel, cfg: Config, meta: dict) -> None:
+    """Write the checkpoint directory atomically (a temporary sibling renamed over `path`).
+
+    `meta` carries at least `metrics`; the sidecar adds config, input dims and label map.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS))
+    sidecar = {
+        **meta,
+        "format": FORMAT,
+        "version": VERSION,
+        "config": to_dict(cfg),
+        "input_dims": dict(model.encoder_dims),
+        "label_map": {"classes": list(CLASSES), "attributes": list(ATTRIBUTES)},
+    }
+    (tmp / SIDECAR).write_text(json.dumps(_finite(sidecar), indent=2, allow_nan=False))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finite(value):
+    """JSON has no NaN/inf: non-finite numbers (a diverged metric) are written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_sidecar(path: Path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / SIDECAR).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a checkpoint directory (no {SIDECAR})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / SIDECAR}: not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
+    if meta.get("label_map", {}).get("classes") != list(CLASSES):
+        raise CheckpointError(f"{path}: label map {meta.get('label_map')} differs from this mtser's {list(CLASSES)}")
+    return meta
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[FusionModel, Config, dict]:
+    """Rebuild the model from the sidecar and load its weights (safetensors: no pickle); model in eval mode."""
+    path = Path(path)
+    meta = read_sidecar(path)
+    cfg = from_dict(Config, meta["config"])
+    model = FusionModel(meta["input_dims"], cfg.model)
+    if not (path / WEIGHTS).exists():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the model in its config: {exc}") from None
+    return model.to(device).eval(), cfg, meta

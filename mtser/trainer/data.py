@@ -1,0 +1,172 @@
+"""Store → batches: label filtering per task, epoch sampling, padding with masks, background prefetching.
+
+Training draws `samples_per_epoch` utterances of the Train split (augmented copies included); evaluation walks a
+whole split in length-sorted batches over original utterances only.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
+from mtser.trainer.losses import Task
+from mtser.trainer.metrics import LabelArrays
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------------ selection
+def label_arrays(table: pd.DataFrame, ids: Sequence[str]) -> LabelArrays:
+    """Class indices (-1 unless one of the 8 classes) and attributes (NaN when unknown) of `ids`."""
+    rows = table.loc[list(ids)]
+    classes = rows["emo_class"].map(lambda c: CLASS_INDEX.get(c, -1) if isinstance(c, str) else -1)
+    attributes = rows[list(ATTRIBUTES)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+    return LabelArrays(classes.to_numpy(dtype=np.int64, copy=True), attributes.copy())
+
+
+def with_features(store, split: str, encoders: Sequence[str]) -> list[str]:
+    """Ids of `split` that have features for every encoder, in the store's order."""
+    common = set(store.ids(split=split, encoder=encoders[0]))
+    for name in encoders[1:]:
+        common &= set(store.ids(split=split, encoder=name))
+    return [i for i in store.ids(split=split, encoder=encoders[0]) if i in common]
+
+
+def training_ids(store, encoders: Sequence[str], task: Task, split: str = "Train") -> list[str]:
+    """Utterances a task trains on (augmented copies included): X never; O only for attributes (multi, dim);
+    cat needs one of the 8 classes, dim all three attributes, multi either."""
+    ids = with_features(store, split, encoders)
+    labels = label_arrays(store.utterances, ids)
+    has_class = labels.classes >= 0
+    has_attributes = np.isfinite(labels.attributes).all(axis=1)
+    is_x = (store.utterances.loc[ids, "emo_class"] == "X").to_numpy()
+    keep = {"cat": has_class, "dim": has_attributes & ~is_x, "multi": (has_class | has_attributes) & ~is_x}[task]
+    return [i for i, k in zip(ids, keep) if k]
+
+
+def evaluation_ids(store, encoders: Sequence[str], split: str) -> list[str]:
+    """Original (non-augmented) utterances of `split` with features, class X dropped; unlabelled rows are kept."""
+    ids = with_features(store, split, encoders)
+    rows = store.utterances.loc[ids]
+    keep = rows["augmentation"].isna().to_numpy() & (rows["emo_class"] != "X").to_numpy()
+    return [i for i, k in zip(ids, keep) if k]
+
+
+def class_counts(labels: LabelArrays) -> np.ndarray:
+    """Frequency of each of the 8 classes."""
+    return np.bincount(labels.classes[labels.classes >= 0], minlength=len(CLASSES))
+
+
+def epoch_sample(pool: Sequence[str], n: int, seed: int, epoch: int) -> list[str]:
+    """`n` ids drawn for one epoch, seeded by (seed, epoch); with replacement only when the pool is smaller."""
+    rng = np.random.default_rng([seed, epoch])
+    picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+    return [pool[i] for i in picks]
+
+
+def length_sorted(store, ids: Sequence[str], encoders: Sequence[str]) -> list[str]:
+    """Ids ordered by total frame count (evaluation batches then pad little)."""
+    lengths = [sum(store.length(i, name) for name in encoders) for i in ids]
+    return [ids[k] for k in np.argsort(lengths, kind="stable")]
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+@dataclass
+class Batch:
+    ids: list[str]
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder -> (x (B, T, D) float32, mask (B, T) bool)
+    classes: torch.Tensor                                    # (B,) int64, -1 = no class target
+    attributes: torch.Tensor                                 # (B, 3) float32, NaN = unknown
+
+    def to(self, device: torch.device | str) -> Batch:
+        blocking = torch.device(device).type != "cuda"
+        return Batch(self.ids,
+                     {k: (x.to(device, non_blocking=not blocking), m.to(device, non_blocking=not blocking))
+                      for k, (x, m) in self.features.items()},
+                     self.classes.to(device), self.attributes.to(device))
+
+
+def pad(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_i, D) arrays → zero-padded (B, T_max, D) float32 and mask (B, T_max), True on real frames."""
+    dim = arrays[0].shape[1]
+    longest = max(1, max(len(a) for a in arrays))
+    x = np.zeros((len(arrays), longest, dim), dtype=np.float32)
+    mask = np.zeros((len(arrays), longest), dtype=bool)
+    for row, a in enumerate(arrays):
+        x[row, : len(a)] = a
+        mask[row, : len(a)] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: pad([f[name] for f in per_utterance]) for name in encoders}
+
+
+def read_batch(store, ids: Sequence[str], encoders: Sequence[str], labels: LabelArrays) -> Batch:
+    """Read `ids` (whose labels are `labels`) from the store and pad them."""
+    features = {name: pad(store.get_many(list(ids), name)) for name in encoders}
+    return Batch(list(ids), features, torch.from_numpy(labels.classes), torch.from_numpy(labels.attributes))
+
+
+class BatchReader:
+    """Reads batches of a fixed id list; labels are looked up once."""
+
+    def __init__(self, store, encoders: Sequence[str]):
+        self.store = store
+        self.encoders = list(encoders)
+        self._table = store.utterances
+
+    def __call__(self, ids: Sequence[str]) -> Batch:
+        return read_batch(self.store, ids, self.encoders, label_arrays(self._table, ids))
+
+
+# ------------------------------------------------------------------------------------------------------ prefetch
+def prefetch(load: Callable[[T], object], items: Iterable[T], depth: int = 4, workers: int = 2) -> Iterator:
+    """Yield load(item) for every item, in order, computed by `workers` background threads up to `depth` ahead.
+
+    An exception in `load` is raised at its item. Stopping early (break / close) cancels what is still queued.
+    """
+    pending: deque[Future] = deque()
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mtser-prefetch") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(load, item))
+                if len(pending) > max(1, depth):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class WaitClock:
+    """Wraps an iterator and adds up the time spent waiting in next() (the model waiting for data)."""
+
+    def __init__(self, iterator: Iterator[T]):
+        self._iterator = iterator
+        self.waited = 0.0
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(self._iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield item

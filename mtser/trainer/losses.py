@@ -1,0 +1,87 @@
+"""Training losses: class-weighted CE, MSE, Gaussian-penalty MSE, and the per-task combination.
+
+Rows without a target are masked out: class target -1 (O, X or unlabelled), attribute target NaN. A batch with no
+target for a term contributes 0 to that term (still connected to the graph).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtser.config import LossConfig
+
+Task = Literal["multi", "cat", "dim"]
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w_y·(−log p_y) / Σ w_y over rows with target >= 0 (plain CE when weight is None)."""
+    valid = target >= 0
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid].float(), target[valid], weight=weight)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of (y − ŷ)² over the entries whose target is finite."""
+    return gaussian_penalty_mse(pred, target, sigma=None)
+
+
+def gaussian_penalty_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float | None, mu: float = 4.0) -> torch.Tensor:
+    """mean(exp(−(ŷ−μ)²/(2σ²))·(y−ŷ)²) over finite targets; plain MSE when sigma is None."""
+    valid = torch.isfinite(target)
+    if not valid.any():
+        return pred.sum() * 0.0
+    p = pred[valid].float()
+    squared_error = (target[valid].float() - p) ** 2
+    if sigma is None:
+        return squared_error.mean()
+    return (torch.exp(-((p - mu) ** 2) / (2 * sigma**2)) * squared_error).mean()
+
+
+def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Inverse training frequency N / (K·n_c), normalised so a balanced set gives all ones (unseen classes: 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("class weights: no training utterance has one of the 8 class labels")
+    return np.divide(total, len(counts) * counts, out=np.zeros_like(counts), where=counts > 0).astype(np.float32)
+
+
+@dataclass
+class RecipeLoss:
+    """The loss of one training stage.
+
+    multi: α·MSE(attributes) + β·weighted CE (stage 1); cat: plain CE; dim: Gaussian-penalty MSE (plain MSE when σ
+    is None).
+    """
+
+    task: Task
+    alpha: float = 1.0
+    beta: float = 1.0
+    class_weight: torch.Tensor | None = None
+    sigma: float | None = None
+    sigma_mu: float = 4.0
+
+    def __call__(self, logits: torch.Tensor, attrs: torch.Tensor, classes: torch.Tensor,
+                 attributes: torch.Tensor) -> torch.Tensor:
+        if self.task == "cat":
+            return weighted_cross_entropy(logits, classes)
+        if self.task == "dim":
+            return gaussian_penalty_mse(attrs, attributes, self.sigma, self.sigma_mu)
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+        return self.alpha * masked_mse(attrs, attributes) + self.beta * weighted_cross_entropy(logits, classes, weight)
+
+
+def build_loss(task: Task, cfg: LossConfig, class_counts: np.ndarray) -> RecipeLoss:
+    """The stage's loss from config; `class_counts` (8 training frequencies) feed class_weights "auto"."""
+    weight = None
+    if task == "multi":
+        if cfg.class_weights == "auto":
+            weight = torch.from_numpy(class_weights_from_counts(class_counts))
+        elif isinstance(cfg.class_weights, list):  # Config validates 8 non-negative values
+            weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    return RecipeLoss(task, cfg.alpha, cfg.beta, weight, cfg.sigma, cfg.sigma_mu)

@@ -1,0 +1,73 @@
+"""The one implementation of the challenge metrics: macro-F1 over the 8 classes and CCC with population variance.
+
+Metric dicts use the keys `f1`, `ccc_arousal`, `ccc_valence`, `ccc_dominance`, `ccc_mean` and `score`
+(= f1 + ccc_mean). A key is left out when the labels it needs are absent (a split without class labels has no `f1`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mtser.featurestore.labels import ATTRIBUTES, CLASSES
+
+
+@dataclass(frozen=True)
+class LabelArrays:
+    """Labels of N utterances: class index into CLASSES (-1: none, O or X) and attributes (NaN: unknown)."""
+
+    classes: np.ndarray      # (N,) int64
+    attributes: np.ndarray   # (N, 3) float32, order of ATTRIBUTES
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over all 8 classes (sklearn's labels=range(8), zero_division=0)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"macro_f1: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-d shapes")
+    n = len(CLASSES)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion)
+    fp = confusion.sum(axis=0) - tp
+    fn = confusion.sum(axis=1) - tp
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n), where=denominator > 0)
+    return float(f1.mean())
+
+
+def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Concordance correlation 2·cov / (var_pred + var_true + (mean_pred - mean_true)²), population variances."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if t.shape != p.shape or t.ndim != 1 or len(t) == 0:
+        raise ValueError(f"ccc: y_true {t.shape} and y_pred {p.shape} must be equal non-empty 1-d shapes")
+    mean_t, mean_p = t.mean(), p.mean()
+    covariance = np.mean((t - mean_t) * (p - mean_p))
+    denominator = t.var() + p.var() + (mean_p - mean_t) ** 2
+    return float(2 * covariance / denominator) if denominator > 0 else 0.0
+
+
+def summarize(probs_or_logits: np.ndarray | None, attrs: np.ndarray | None, labels: LabelArrays) -> dict[str, float]:
+    """Challenge metrics of predictions against labels; rows without a label are left out of that metric."""
+    metrics: dict[str, float] = {}
+    has_class = labels.classes >= 0
+    if probs_or_logits is not None and has_class.any():
+        predicted = np.asarray(probs_or_logits)[has_class].argmax(axis=1)
+        metrics["f1"] = macro_f1(labels.classes[has_class], predicted)
+    if attrs is not None:
+        values = []
+        for i, name in enumerate(ATTRIBUTES):
+            known = np.isfinite(labels.attributes[:, i])
+            if known.any():
+                metrics[f"ccc_{name}"] = ccc(labels.attributes[known, i], np.asarray(attrs)[known, i])
+                values.append(metrics[f"ccc_{name}"])
+        if len(values) == len(ATTRIBUTES):
+            metrics["ccc_mean"] = float(np.mean(values))
+    if "f1" in metrics and "ccc_mean" in metrics:
+        metrics["score"] = metrics["f1"] + metrics["ccc_mean"]
+    return metrics

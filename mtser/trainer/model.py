@@ -1,0 +1,88 @@
+"""The fusion model: per encoder pooling (attentive statistics or mean) → dense → LayerNorm, a LSTM over the sequence
+of encoder embeddings, and one linear head giving 8 class logits and 3 attributes in 1..7."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtser.config import ModelConfig
+from mtser.featurestore.labels import ATTRIBUTES, ATTRIBUTE_RANGE, CLASSES
+
+Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B, T, D), mask (B, T) True = frame)
+
+
+class AttentiveStatsPooling(nn.Module):
+    """Okabe et al. 2018: softmax attention over frames; attention-weighted mean and standard deviation.
+
+    Padded frames get zero weight and are zeroed, so padding a sequence leaves the output unchanged.
+    """
+
+    def __init__(self, dim: int, attention_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.attention = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, 1))
+        self.eps = eps
+        self.out_dim = 2 * dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        scores = self.attention(x).squeeze(-1).float()
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # finite: an empty row stays NaN-free
+        weights = torch.softmax(scores, dim=1).unsqueeze(-1).to(x.dtype)
+        mean = (weights * x).sum(dim=1)
+        variance = (weights * (x - mean.unsqueeze(1)) ** 2).sum(dim=1)
+        return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1)
+
+
+class MeanPooling(nn.Module):
+    """Mean over the unpadded frames (zeros for an empty sequence)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+class EncoderBranch(nn.Module):
+    """Pooling, dense projection to proj_dim and LayerNorm for one encoder."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.pool = AttentiveStatsPooling(dim, cfg.attention_dim) if cfg.pooling == "asp" else MeanPooling(dim)
+        self.project = nn.Linear(self.pool.out_dim, cfg.proj_dim)
+        self.norm = nn.LayerNorm(cfg.proj_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self.project(self.pool(x, mask))))
+
+
+class FusionModel(nn.Module):
+    """Encoder embeddings in `encoder_dims` order form the LSTM's input sequence; its last output feeds the head."""
+
+    def __init__(self, encoder_dims: dict[str, int], cfg: ModelConfig):
+        super().__init__()
+        if not encoder_dims:
+            raise ValueError("FusionModel: needs at least one encoder")
+        self.encoder_dims = dict(encoder_dims)
+        self.branches = nn.ModuleDict({name: EncoderBranch(dim, cfg) for name, dim in encoder_dims.items()})
+        self.lstm = nn.LSTM(cfg.proj_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0)
+        self.head = nn.Linear(cfg.lstm_hidden, len(CLASSES) + len(ATTRIBUTES))
+
+    def forward(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return class logits (B, 8) and attributes (B, 3) in 1..7."""
+        missing = [name for name in self.encoder_dims if name not in features]
+        if missing:
+            raise KeyError(f"FusionModel: features of encoder(s) {missing} are missing")
+        sequence = torch.stack([branch(*features[name]) for name, branch in self.branches.items()], dim=1)
+        output, _ = self.lstm(sequence)
+        out = self.head(output[:, -1])
+        low, high = ATTRIBUTE_RANGE
+        return out[:, : len(CLASSES)], low + (high - low) * torch.sigmoid(out[:, len(CLASSES):])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
