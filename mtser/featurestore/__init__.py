@@ -5,5 +5,9 @@ features without torch or Ray. `encoders`, `audio` and `extract` import torch / 
 """
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES, SPLITS
+from mtser.featurestore.store import (
+    EncoderInfo, FeatureStore, StoreError, StoreWriter, create_store, open_store, register_encoder,
+)
 
-__all__ = ["ATTRIBUTES", "CLASSES", "SPLITS", "Utterance"]
+__all__ = ["ATTRIBUTES", "CLASSES", "SPLITS", "Utterance", "EncoderInfo", "FeatureStore", "StoreError",
+           "StoreWriter", "create_store", "open_store", "register_encoder"]

@@ -1,0 +1,228 @@
+"""The fast read path: an utterance's frames as byte ranges of a standard Zarr v3 shard file.
+
+A part's `frames` array is one shard (`sharding_indexed`, index at the end, index codecs bytes + crc32c) whose inner
+chunks hold whole rows. The shard index is read once per array; when inner chunks are uncompressed and laid out
+back to back (mtser writes them so), an utterance's rows are ONE byte range of the shard file, read with `os.pread`
+on a cached descriptor locally or one ranged GET through fsspec. zstd-compressed inner chunks are decoded one by one,
+only those the utterance touches. Anything else falls back to zarr-python slicing. Imports numpy, zarr's own
+dependencies (google_crc32c, numcodecs) and fsspec only.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import google_crc32c
+import numpy as np
+
+EMPTY_CHUNK = 2**64 - 1
+MAX_CACHED_FDS = 512
+
+
+class ShardFormatError(ValueError):
+    """A shard file or its index does not match the array metadata (corrupt or truncated)."""
+
+
+class ByteSource:
+    """Reads byte ranges of store keys (paths relative to the store root)."""
+
+    def read(self, key: str, start: int, stop: int) -> bytes:
+        raise NotImplementedError
+
+    def read_many(self, key_ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        return [self.read(k, a, b) for k, a, b in key_ranges]
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalByteSource(ByteSource):
+    """`os.pread` on descriptors opened once per file (thread-safe: pread has no shared file position)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, key: str) -> tuple[int, bool]:
+        fd = self._fds.get(key)
+        if fd is not None:
+            return fd, False
+        fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+        with self._lock:
+            if key in self._fds:            # another thread won the race
+                os.close(fd)
+                return self._fds[key], False
+            if len(self._fds) < MAX_CACHED_FDS:
+                self._fds[key] = fd
+                return fd, False
+        return fd, True                     # too many open files cached: caller closes it
+
+    def read(self, key: str, start: int, stop: int) -> bytes:
+        fd, close = self._fd(key)
+        try:
+            data = os.pread(fd, stop - start, start)
+        finally:
+            if close:
+                os.close(fd)
+        if len(data) != stop - start:
+            raise ShardFormatError(f"{key}: file ends at byte {start + len(data)}, expected {stop}")
+        return data
+
+    def size(self, key: str) -> int:
+        return os.stat(os.path.join(self.root, key)).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class FsspecByteSource(ByteSource):
+    """Ranged reads through a synchronous fsspec filesystem (s3fs, gcsfs, ...); batches go out concurrently."""
+
+    def __init__(self, fs: Any, root: str):
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def read(self, key: str, start: int, stop: int) -> bytes:
+        data = self.fs.cat_file(self._path(key), start=start, end=stop)
+        if len(data) != stop - start:
+            raise ShardFormatError(f"{key}: file ends at byte {start + len(data)}, expected {stop}")
+        return data
+
+    def read_many(self, key_ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        if len(key_ranges) <= 1:
+            return super().read_many(key_ranges)
+        paths = [self._path(k) for k, _, _ in key_ranges]
+        return self.fs.cat_ranges(paths, [a for _, a, _ in key_ranges], [b for _, _, b in key_ranges])
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self._path(key)))
+
+
+@dataclass(frozen=True)
+class FramesLayout:
+    """What the fast path needs from a frames array's zarr.json; `None` from `parse` means: use zarr-python."""
+
+    shard_key: str            # store key of the single shard file
+    rows: int
+    dim: int
+    dtype: np.dtype
+    chunk_rows: int
+    n_chunks: int             # inner chunks in the shard (covers rows rounded up)
+    compressed: bool          # zstd inner codec
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.dtype.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+    @property
+    def index_bytes(self) -> int:
+        return self.n_chunks * 16 + 4
+
+    @staticmethod
+    def parse(array_key: str, meta: dict) -> FramesLayout | None:
+        try:
+            rows, dim = meta["shape"]
+            shard_rows, shard_dim = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            (codec,) = meta["codecs"]
+            conf = codec["configuration"]
+            chunk_rows, chunk_dim = conf["chunk_shape"]
+            inner = [c["name"] for c in conf["codecs"]]
+            index = [c["name"] for c in conf["index_codecs"]]
+            endian = conf["codecs"][0].get("configuration", {}).get("endian", "little")
+            sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        except (KeyError, TypeError, ValueError):
+            return None
+        ok = (codec["name"] == "sharding_indexed" and shard_rows >= rows and shard_dim == dim == chunk_dim
+              and conf.get("index_location", "end") == "end" and index == ["bytes", "crc32c"]
+              and inner in (["bytes"], ["bytes", "zstd"]) and endian == "little"
+              and meta["chunk_key_encoding"]["name"] == "default" and shard_rows % chunk_rows == 0)
+        if not ok:
+            return None
+        return FramesLayout(shard_key=f"{array_key}/c{sep}0{sep}0", rows=rows, dim=dim,
+                            dtype=np.dtype(meta["data_type"]).newbyteorder("<"), chunk_rows=chunk_rows,
+                            n_chunks=shard_rows // chunk_rows, compressed=len(inner) == 2)
+
+
+def parse_shard_index(raw: bytes, n_chunks: int) -> np.ndarray:
+    """The (n_chunks, 2) offset/nbytes table at the end of a shard; checks its crc32c."""
+    body, stored = raw[:-4], raw[-4:]
+    if len(body) != n_chunks * 16 or np.uint32(google_crc32c.value(body)).tobytes() != stored:
+        raise ShardFormatError("shard index checksum mismatch (corrupt or truncated shard file)")
+    return np.frombuffer(body, dtype="<u8").reshape(n_chunks, 2)
+
+
+class FramesReader:
+    """Reads row ranges of one frames array; the shard index is loaded on first use and kept."""
+
+    def __init__(self, source: ByteSource, layout: FramesLayout, decompress: Callable[[bytes], bytes]):
+        self.source = source
+        self.layout = layout
+        self._decompress = decompress
+        self._index: np.ndarray | None = None
+        self._base: int | None = None          # byte offset of row 0 when chunks are contiguous and raw
+
+    def _load_index(self) -> np.ndarray:
+        if self._index is None:
+            lay = self.layout
+            size = self.source.size(lay.shard_key)
+            if size < lay.index_bytes:
+                raise ShardFormatError(f"{lay.shard_key}: {size} bytes, shorter than its index")
+            index = parse_shard_index(self.source.read(lay.shard_key, size - lay.index_bytes, size), lay.n_chunks)
+            if np.any((index[:, 0] != EMPTY_CHUNK) & (index[:, 0] + index[:, 1] > size - lay.index_bytes)):
+                raise ShardFormatError(f"{lay.shard_key}: index points past the end of the file")
+            if not lay.compressed:
+                expected = index[0, 0] + np.arange(lay.n_chunks, dtype=np.uint64) * np.uint64(lay.chunk_bytes)
+                if np.array_equal(index[:, 0], expected) and np.all(index[:, 1] == lay.chunk_bytes):
+                    self._base = int(index[0, 0])
+            self._index = index
+        return self._index
+
+    def ranges(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """(chunk, byte start, byte stop, first row of the range) pieces covering rows [start, stop)."""
+        index = self._load_index()
+        lay = self.layout
+        if self._base is not None:
+            return [(-1, self._base + start * lay.row_bytes, self._base + stop * lay.row_bytes, start)]
+        first, last = start // lay.chunk_rows, (stop - 1) // lay.chunk_rows
+        return [(k, int(index[k, 0]), int(index[k, 0]) + int(index[k, 1]), k * lay.chunk_rows)
+                for k in range(first, last + 1)]
+
+    def assemble(self, start: int, stop: int, pieces: list[tuple[int, int, int, int]], blobs: list[bytes]) -> np.ndarray:
+        lay = self.layout
+        if len(pieces) == 1 and pieces[0][0] == -1:
+            return np.frombuffer(blobs[0], dtype=lay.dtype).reshape(stop - start, lay.dim)
+        out = np.empty((stop - start, lay.dim), dtype=lay.dtype)
+        for (k, off, _, row0), blob in zip(pieces, blobs):
+            if off == EMPTY_CHUNK:
+                chunk = np.zeros((lay.chunk_rows, lay.dim), dtype=lay.dtype)
+            else:
+                raw = self._decompress(blob) if lay.compressed else blob
+                if len(raw) != lay.chunk_bytes:
+                    raise ShardFormatError(f"{lay.shard_key}: inner chunk {k} has {len(raw)} bytes, expected {lay.chunk_bytes}")
+                chunk = np.frombuffer(raw, dtype=lay.dtype).reshape(lay.chunk_rows, lay.dim)
+            a, b = max(start, row0), min(stop, row0 + lay.chunk_rows)
+            out[a - start:b - start] = chunk[a - row0:b - row0]
+        return out
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        pieces = self.ranges(start, stop)
+        key = self.layout.shard_key
+        stored = [(key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK]
+        blobs = iter(self.source.read_many(stored))
+        return self.assemble(start, stop, pieces, [next(blobs) if a != EMPTY_CHUNK else b"" for _, a, _, _ in pieces])

@@ -1,0 +1,264 @@
+"""Feature store: round trips, table, visibility rules, errors, zarr-python compatibility, threads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from mtser.featurestore.store import (
+    StoreError, StoreWriter, create_store, open_store, quantize_int8, register_encoder,
+)
+from store_helpers import encoder_info, frames_for, utterance, write_part
+
+IDS = [f"MSP-PODCAST_0001_{i:04d}.wav" for i in range(12)]
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    path = str(tmp_path / "store.zarr")
+    create_store(path)
+    return path
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_round_trip_is_exact_for_each_dtype(url: str, dtype: str, compression: str) -> None:
+    register_encoder(url, encoder_info("enc", dim=24, dtype=dtype, compression=compression))
+    write_part(url, "p0", IDS, ["enc"], dim=24)
+    store = open_store(url)
+    for utt_id in IDS:
+        x = frames_for(utt_id, 24)
+        got = store.get(utt_id, "enc")
+        if dtype == "int8":
+            q, scale = quantize_int8(x)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, q.astype(np.float32) * scale[:, None])
+            assert np.all(np.abs(got - x) <= scale[:, None] / 2 + 1e-6)
+        else:
+            assert got.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(got, x.astype(dtype))
+        assert store.length(utt_id, "enc") == len(x)
+        assert store.get(utt_id, "enc", dtype=np.float64).dtype == np.float64
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_plain_zarr_python_reads_identical_values(url: str, compression: str) -> None:
+    register_encoder(url, encoder_info("enc", dim=40, compression=compression))
+    write_part(url, "p0", IDS, ["enc"], dim=40)
+    store = open_store(url)
+    root = zarr.open_group(url, mode="r")
+    feats = root["parts/p0/features/enc"]
+    ids, offsets, frames = list(feats["ids"][:]), feats["offsets"][:], feats["frames"]
+    assert ids == IDS
+    for i, utt_id in enumerate(ids):
+        np.testing.assert_array_equal(frames[offsets[i]:offsets[i + 1]], store.get(utt_id, "enc"))
+    assert root.attrs["mtser"]["schema_version"] == 1
+    assert root["encoders/enc"].attrs["mtser_encoder"]["dim"] == 40
+
+
+def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:
+    register_encoder(url, encoder_info("raw"))
+    register_encoder(url, encoder_info("packed", compression="zstd"))
+    write_part(url, "p0", IDS, ["raw", "packed"])
+    store = open_store(url)
+    raw_seg, i = store._locate(IDS[3], "raw")
+    packed_seg, _ = store._locate(IDS[3], "packed")
+    assert len(raw_seg.reader.ranges(int(raw_seg.offsets[i]), int(raw_seg.offsets[i + 1]))) == 1
+    assert packed_seg.reader is not None and packed_seg.layout.compressed
+
+
+def test_utterance_table_keeps_labels_and_unknowns(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    writer = StoreWriter(url, "p0")
+    writer.add(utterance("a.wav", "Development", emo_class="H", arousal=4.5, valence=2.0, dominance=3.25,
+                         speaker="Unknown", gender="Female", duration=3.5, transcript="hello there",
+                         transcript_source="human"), {"enc": frames_for("a.wav")})
+    writer.add(utterance("a.wav.aug1", "Train", augmentation="aug1", source_id="a.wav", transcript_source="asr",
+                         transcript="hallo"), {"enc": frames_for("a.wav.aug1")})
+    writer.add(utterance("b.wav", None), {})
+    writer.add_failure("c.wav", "/audio/c.wav", "audio", "cannot decode: not a RIFF file")
+    writer.commit()
+    store = open_store(url)
+    table = store.utterances
+    assert list(table.index) == ["a.wav", "a.wav.aug1", "b.wav"]
+    row = table.loc["a.wav"]
+    assert (row.split, row.emo_class, row.arousal, row.valence, row.dominance) == ("Development", "H", 4.5, 2.0, 3.25)
+    assert (row.speaker, row.gender, row.duration, row.transcript, row.transcript_source) == (
+        "Unknown", "Female", 3.5, "hello there", "human")
+    aug = table.loc["a.wav.aug1"]
+    assert (aug.augmentation, aug.source_id, aug.transcript_source) == ("aug1", "a.wav", "asr")
+    assert pd.isna(aug.arousal) and pd.isna(aug.emo_class) and pd.isna(table.loc["b.wav", "split"])
+    assert store.ids(encoder="enc") == ["a.wav", "a.wav.aug1"]
+    assert store.ids(split="Train") == ["a.wav.aug1"]
+    assert not store.has("b.wav", "enc")
+    assert store.failures.to_dict("records") == [
+        {"id": "c.wav", "path": "/audio/c.wav", "stage": "audio", "reason": "cannot decode: not a RIFF file",
+         "part": "p0"}]
+    with pytest.raises(StoreError, match=r"'b.wav' has no features for encoder 'enc'"):
+        store.get("b.wav", "enc")
+
+
+def test_batched_get_and_iteration_by_split(url: str) -> None:
+    register_encoder(url, encoder_info("a"))
+    register_encoder(url, encoder_info("b", dim=8))
+    write_part(url, "p0", IDS[:6], ["a"], split="Train")
+    write_part(url, "p1", IDS[6:], ["a"], split="Development")
+    write_part(url, "p2", IDS[:4], ["b"], dim=8, split="Train")
+    store = open_store(url)
+    got = store.get_many(IDS[::-1], "a")
+    for utt_id, frames in zip(IDS[::-1], got):
+        np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))
+    items = list(store.iter_split("Train", ["a", "b"], batch=3))
+    assert [u for u, _ in items] == sorted(IDS[:4])
+    for utt_id, feats in items:
+        np.testing.assert_array_equal(feats["b"], frames_for(utt_id, 8).astype(np.float16))
+    assert [u for u, _ in store.iter_split("Development", ["a"])] == sorted(IDS[6:])
+
+
+def test_latest_commit_wins_and_new_encoders_and_utterances_extend_a_store(url: str) -> None:
+    register_encoder(url, encoder_info("a"))
+    write_part(url, "p0", IDS[:4], ["a"])
+    store = open_store(url)
+    register_encoder(url, encoder_info("b"))
+    write_part(url, "p1", IDS[:4], ["b"], split="Development")      # a new encoder for the same utterances
+    write_part(url, "p2", IDS[2:6], ["a"], version=1)               # re-extracted rows and new utterances
+    assert store.committed_parts() == {"p0"} and "b" not in store.encoders
+    store.refresh()
+    assert store.committed_parts() == {"p0", "p1", "p2"}
+    assert store.ids(encoder="a") == IDS[:6] and store.ids(encoder="b") == IDS[:4]
+    np.testing.assert_array_equal(store.get(IDS[0], "a"), frames_for(IDS[0], version=0).astype(np.float16))
+    np.testing.assert_array_equal(store.get(IDS[2], "a"), frames_for(IDS[2], version=1).astype(np.float16))
+    np.testing.assert_array_equal(store.get(IDS[2], "b"), frames_for(IDS[2], version=0).astype(np.float16))
+    assert store.utterances.loc[IDS[0], "split"] == "Development"   # p1 committed after p0
+    assert store.utterances.loc[IDS[2], "split"] == "Train"         # p2 committed last
+
+
+def test_add_rejects_bad_features_and_keeps_nothing_of_them(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    writer = StoreWriter(url, "p0")
+    writer.add(utterance("ok.wav"), {"enc": frames_for("ok.wav")})
+    bad = {
+        "wrong dim": ({"enc": np.ones((5, 3), np.float32)}, r"'x.wav', encoder 'enc': expected a non-empty float \(T, 16\)"),
+        "empty": ({"enc": np.ones((0, 16), np.float32)}, "non-empty"),
+        "nan": ({"enc": np.full((5, 16), np.nan, np.float32)}, "NaN or inf"),
+        "float16 overflow": ({"enc": np.full((5, 16), 1e6, np.float32)}, r"NaN or inf \(as float16\)"),
+        "unregistered": ({"other": np.ones((5, 16), np.float32)}, r"encoder 'other' is not registered"),
+    }
+    for features, message in bad.values():
+        with pytest.raises(StoreError, match=message):
+            writer.add(utterance("x.wav"), {"enc": frames_for("x.wav"), **features})
+    with pytest.raises(StoreError, match="'ok.wav': added twice"):
+        writer.add(utterance("ok.wav"), {})
+    writer.commit()
+    store = open_store(url)
+    assert store.ids() == ["ok.wav"]
+    with pytest.raises(StoreError, match="already committed or aborted"):
+        writer.add(utterance("y.wav"), {})
+
+
+def test_unknown_utterance_or_encoder_is_a_clear_error(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    write_part(url, "p0", IDS[:2], ["enc"])
+    store = open_store(url)
+    with pytest.raises(StoreError, match=r"no utterance 'nope.wav' in the store"):
+        store.get("nope.wav", "enc")
+    with pytest.raises(StoreError, match=r"no encoder 'whisper' in the store \(encoders: \['enc'\]\)"):
+        store.get(IDS[0], "whisper")
+    with pytest.raises(StoreError, match="nope.wav"):
+        store.get_many([IDS[0], "nope.wav"], "enc")
+
+
+def test_opening_something_that_is_not_a_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no such store"):
+        open_store(str(tmp_path / "missing"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("hello")
+    with pytest.raises(StoreError, match="not an mtser feature store"):
+        open_store(str(tmp_path / "plain"))
+    with pytest.raises(StoreError, match="exists and is not empty"):
+        create_store(str(tmp_path / "plain"))
+    zarr.create_group(str(tmp_path / "other.zarr"), attributes={"title": "someone else's"})
+    with pytest.raises(StoreError, match="not an mtser feature store"):
+        open_store(str(tmp_path / "other.zarr"))
+
+
+def test_a_newer_schema_version_is_refused(url: str) -> None:
+    meta_path = Path(url) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["mtser"]["schema_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema version 2 is newer than this mtser"):
+        open_store(url)
+    with pytest.raises(StoreError, match="schema version 2"):
+        StoreWriter(url, "p0")
+
+
+def test_register_encoder_is_idempotent_and_refuses_other_provenance(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    register_encoder(url, encoder_info("enc"))
+    with pytest.raises(StoreError, match=r"'enc' is already registered with different provenance \(fields \['dim'\]"):
+        register_encoder(url, encoder_info("enc", dim=32))
+    with pytest.raises(StoreError, match="dtype must be one of"):
+        register_encoder(url, encoder_info("e2", dtype="bfloat16"))
+    store = open_store(url)
+    assert store.encoders["enc"] == encoder_info("enc")
+
+
+def test_uncommitted_parts_are_invisible_and_a_rerun_replaces_them(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    write_part(url, "p0", IDS[:2], ["enc"])
+    zarr.create_group(url, path="parts/p1", attributes={"mtser_part": {"committed": False}})
+    zarr.create_array(url, name="parts/p1/features/enc/frames", shape=(3, 16), dtype="f2")  # half-written leftovers
+    store = open_store(url)
+    assert store.committed_parts() == {"p0"} and store.ids() == IDS[:2]
+    aborted = StoreWriter(url, "p2")
+    aborted.add(utterance(IDS[5]), {"enc": frames_for(IDS[5])})
+    aborted.abort()
+    assert not (Path(url) / "parts" / "p2").exists()
+    write_part(url, "p1", IDS[2:4], ["enc"])
+    store.refresh()
+    assert store.committed_parts() == {"p0", "p1"} and store.ids() == IDS[:4]
+    np.testing.assert_array_equal(store.get(IDS[3], "enc"), frames_for(IDS[3]).astype(np.float16))
+    with pytest.raises(StoreError, match="part 'p1' is already committed"):
+        StoreWriter(url, "p1")
+
+
+def test_read_only_open_never_writes(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    write_part(url, "p0", IDS, ["enc"])
+    before = {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")}
+    store = open_store(url)
+    store.get(IDS[0], "enc")
+    _ = store.utterances, store.failures
+    store.refresh()
+    assert {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")} == before
+    with pytest.raises(Exception):
+        zarr.create_group(store._store, path="parts/intruder")
+
+
+def test_reads_from_many_threads_agree(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    register_encoder(url, encoder_info("z", compression="zstd"))
+    write_part(url, "p0", IDS, ["enc", "z"])
+    store = open_store(url)
+    jobs = [(IDS[i % len(IDS)], "enc" if i % 3 else "z") for i in range(600)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: store.get(*job), jobs))
+    for (utt_id, _), frames in zip(jobs, results):
+        np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))
+
+
+def test_store_api_imports_without_torch_or_ray() -> None:
+    code = ("import sys, mtser.featurestore as fs; fs.open_store; "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "[]"
