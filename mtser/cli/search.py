@@ -30,9 +30,9 @@ def tune(
     except ConfigError as exc:
         _fail(str(exc), 2)
     except SearchError as exc:
-        _fail(str(exc), 2 if "--resume" in str(exc) and "interrupted" not in str(exc) else 1)
+        _fail(str(exc), 2 if exc.usage else 1)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
-        typer.echo(summary.table.drop(columns=["checkpoint"]).to_string(index=False, float_format="%.4f"))
+        typer.echo(summary.table.drop(columns=["checkpoint"]).to_string(index=False, float_format="%.4f", na_rep=""))
     typer.echo(f"results: {Path(out) / 'results.csv'}   Ray Tune logs (TensorBoard): {Path(out) / 'ray'}")
     if summary.failed:
         _fail(f"{len(summary.failed)} trial(s) failed: {', '.join(summary.failed)} (see state.json in their folders)")

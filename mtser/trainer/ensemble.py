@@ -119,7 +119,6 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     ensemble = combine(members, outputs)
     labels = label_arrays(store.utterances, ensemble.ids)
     member_metrics = {path: summarize(p.probs, p.attrs, labels) for path, p in outputs.items()}
-    ensemble_metrics = _ensemble_metrics(ensemble, labels)
 
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,11 @@ OBJECTIVE = "objective"        # reported each epoch: the trial's own selection 
 
 
 class SearchError(RuntimeError):
-    """The search cannot start or continue (the message says why)."""
+    """The search cannot start or continue (the message says why); `usage` marks a wrong invocation (exit 2)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
 
 
 @dataclass
@@ -257,12 +261,13 @@ def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) 
     meta = run_dir / "search.json"
     if meta.exists():
         if not resume:
-            raise SearchError(f"{run_dir}: already holds a search; pass --resume to finish it or choose another --out")
+            raise SearchError(f"{run_dir}: already holds a search; pass --resume to finish it or choose another --out",
+                              usage=True)
         previous = json.loads(meta.read_text())
         for key in ("search", "store"):
             if previous[key] != record[key]:
                 raise SearchError(f"{run_dir}: --resume with a different {key} than the run was started with "
-                                  f"({previous[key]!r})")
+                                  f"({previous[key]!r})", usage=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(meta, record)
     return search, base
