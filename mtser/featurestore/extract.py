@@ -1,0 +1,423 @@
+"""Extraction: plan shards, run the encoders in Ray actors, write one store part per shard.
+
+- Shards are balanced by audio seconds (augmented copies included) and named from the corpus and the config, so
+  the same command plans the same shards; committed shards are skipped on a rerun.
+- Ray actors (one GPU each where the cluster has GPUs, else CPUs with torch threads split between them) take
+  shards from the driver one at a time, so fast workers take more. A dead worker is replaced and its shard redone.
+- Per-utterance problems (unreadable audio, silent audio, a failing encoder, ...) become failure rows in the shard's
+  part; everything else is written.
+`Pipeline` is the per-utterance computation; `encode_utterances` runs it in-process (for `mtser predict`).
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from mtser import __version__
+from mtser.config import EncoderConfig, ExtractConfig, to_dict
+from mtser.featurestore.audio import AudioError, audio_duration, augment as augment_wave, augmentation_rng, load_audio
+from mtser.featurestore.corpus import Utterance
+from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, content_hash, encoder_dim_and_rate, load_encoder, run_batched
+from mtser.featurestore.store import (
+    EncoderInfo, StoreError, StoreWriter, create_store, open_store, register_encoder,
+)
+
+MAX_SHARD_ATTEMPTS = 3          # a shard whose worker dies this often is reported failed, not retried forever
+
+
+class Failure(NamedTuple):
+    utt: Utterance
+    stage: str                  # "read", "audio", "transcript", "encode:<encoder>", "store"
+    reason: str
+
+
+@dataclass
+class PipelineResult:
+    written: list[tuple[Utterance, dict[str, np.ndarray]]]
+    failures: list[Failure]
+
+
+def has_transcript(utt: Utterance) -> bool:
+    return bool(utt.transcript and utt.transcript.strip())
+
+
+class Pipeline:
+    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances."""
+
+    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.cfg = cfg
+        self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens) for e in cfg.encoders}
+        self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
+
+    def run(self, utts: Sequence[Utterance], augment: int = 0) -> PipelineResult:
+        sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
+        failed: dict[str, Failure] = {}
+        items, waves, source = self._load(utts, augment, failed)
+        feats: list[dict[str, np.ndarray]] = [{} for _ in items]
+        asr_text: dict[int, str] = {}
+        for name, enc in self.encoders.items():
+            if isinstance(enc, TextEncoder):
+                continue
+            if isinstance(enc, WhisperEncoder):
+                inputs: list = [(w, name == self.asr and source[i] == i and not has_transcript(items[i]))
+                                for i, w in enumerate(waves)]
+            else:
+                inputs = waves
+            results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
+            for i, out in results.items():
+                if isinstance(enc, WhisperEncoder):
+                    feats[i][name], text = out
+                    if text is not None:
+                        asr_text[i] = text
+                else:
+                    feats[i][name] = out
+            for i, reason in errors.items():
+                failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
+        items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
+        self._encode_texts(items, source, feats, failed)
+        for i, u in enumerate(items):
+            origin = items[source[i]]
+            if u.id in failed:
+                continue
+            if origin.id in failed:
+                failed[u.id] = Failure(u, failed[origin.id].stage, f"source utterance {origin.id} failed")
+            elif u.transcript is None and any(isinstance(e, TextEncoder) for e in self.encoders.values()):
+                failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
+        written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
+        return PipelineResult(written, list(failed.values()))
+
+    def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
+              ) -> tuple[list[Utterance], list[np.ndarray], list[int]]:
+        """Decoded audio per utterance, then its augmented copies; source[i] is the index of item i's original."""
+        cfg, sr = self.cfg, self.cfg.sample_rate
+        items: list[Utterance] = []
+        waves: list[np.ndarray] = []
+        source: list[int] = []
+        for utt in utts:
+            try:
+                if not utt.path:
+                    raise AudioError("no audio path")
+                wave = load_audio(utt.path, sr)
+            except AudioError as exc:
+                failed[utt.id] = Failure(utt, "audio", str(exc))
+                continue
+            origin = len(items)
+            items.append(replace(utt, duration=len(wave) / sr))
+            waves.append(wave)
+            source.append(origin)
+            for copy in range(1, augment + 1 if utt.split == "Train" else 1):
+                rng = augmentation_rng(cfg.seed, utt.id, copy)
+                noisy, draw = augment_wave(wave, sr, rng, copy, cfg.augment_snr_db, cfg.augment_rt60_s, cfg.augment_gain_db)
+                items.append(replace(utt, id=f"{utt.id}#aug{copy}", augmentation=draw.label, source_id=utt.id,
+                                     duration=len(noisy) / sr))
+                waves.append(noisy)
+                source.append(origin)
+        return items, waves, source
+
+    @staticmethod
+    def _with_transcript(utt: Utterance, origin: Utterance, asr: str | None) -> Utterance:
+        if has_transcript(origin):
+            return replace(utt, transcript=origin.transcript.strip(), transcript_source=origin.transcript_source or "human")
+        if asr is not None:
+            return replace(utt, transcript=asr, transcript_source="asr")
+        return replace(utt, transcript=None, transcript_source=None)
+
+    def _encode_texts(self, items: list[Utterance], source: list[int], feats: list[dict[str, np.ndarray]],
+                      failed: dict[str, Failure]) -> None:
+        """Text features for originals with a transcript; augmented copies share their original's."""
+        rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
+        texts = [items[i].transcript for i in rows]
+        for name, enc in self.encoders.items():
+            if not isinstance(enc, TextEncoder):
+                continue
+            results, errors = run_batched(lambda b, e=enc: e.forward(b, self.cfg.sample_rate), texts,
+                                          enc.batches(texts, self.cfg.batch_seconds, self.cfg.sample_rate))
+            for j, out in results.items():
+                feats[rows[j]][name] = out
+            for j, reason in errors.items():
+                failed.setdefault(items[rows[j]].id, Failure(items[rows[j]], f"encode:{name}", reason))
+            for i in range(len(items)):
+                if source[i] != i and name in feats[source[i]]:
+                    feats[i][name] = feats[source[i]][name]
+
+
+def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
+                      batch_seconds: float = 60.0
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
+    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D), the utterances with
+    transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
+    result = Pipeline(ExtractConfig(encoders=encoders, batch_seconds=batch_seconds), device).run(utts)
+    features = {u.id: {k: np.asarray(v, dtype=np.float32) for k, v in f.items()} for u, f in result.written}
+    return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}
+
+
+# ----------------------------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class Shard:
+    id: str                                  # the store part id
+    utterances: tuple[Utterance, ...]
+    rows: int                                # utterances + augmented copies it will write
+    seconds: float                           # audio seconds of work, augmented copies included
+
+
+def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int) -> list[Shard]:
+    """Balance utterances into ceil(total / shard_seconds) shards by audio seconds (largest first onto the lightest
+    shard). Ids hash the config and member ids, so the same corpus and config always plan the same shards."""
+    copies = {u.id: 1 + (augment if u.split == "Train" else 0) for u in utts}
+    weight = {u.id: (u.duration if u.duration else audio_duration(u.path) if u.path else 0.0) * copies[u.id]
+              for u in utts}
+    if not utts:
+        return []
+    n = min(len(utts), max(1, math.ceil(sum(weight.values()) / cfg.shard_seconds)))
+    heap = [(0.0, i) for i in range(n)]
+    members: list[list[Utterance]] = [[] for _ in range(n)]
+    for utt in sorted(utts, key=lambda u: (-weight[u.id], u.id)):
+        load, i = heapq.heappop(heap)
+        members[i].append(utt)
+        heapq.heappush(heap, (load + weight[utt.id], i))
+    fingerprint = json.dumps({
+        "encoders": to_dict(cfg.encoders), "sample_rate": cfg.sample_rate, "augment": augment, "seed": cfg.seed,
+        "snr": cfg.augment_snr_db, "rt60": cfg.augment_rt60_s, "gain": cfg.augment_gain_db,
+        "asr": [cfg.asr_language, cfg.asr_max_new_tokens]}, sort_keys=True)
+    shards = []
+    for i, group in enumerate(members):
+        group.sort(key=lambda u: u.id)
+        digest = hashlib.sha256("\n".join([fingerprint, *(u.id for u in group)]).encode()).hexdigest()[:12]
+        shards.append(Shard(f"shard-{i:05d}-{digest}", tuple(group), sum(copies[u.id] for u in group),
+                            sum(weight[u.id] for u in group)))
+    return shards
+
+
+def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dict | None, augment: int) -> dict[str, Any]:
+    """Encode one shard and commit it as one store part; returns counts for the driver."""
+    result = pipeline.run(shard.utterances, augment)
+    writer = StoreWriter(url, shard.id, storage_options)
+    failures = list(result.failures)
+    for utt, feats in result.written:
+        try:
+            writer.add(utt, feats)
+        except StoreError as exc:
+            failures.append(Failure(utt, "store", str(exc)))
+    for f in failures:
+        writer.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
+    writer.commit()
+    return {"shard": shard.id, "written": len(result.written) - (len(failures) - len(result.failures)),
+            "failed": len(failures), "seconds": float(sum(u.duration or 0.0 for u, _ in result.written)),
+            "failures": [(f.utt.id, f.stage, f.reason) for f in failures], "pid": os.getpid(), "node": _node_id()}
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - node id is informational
+        return None
+
+
+class ShardWorker:
+    """A Ray actor: loads the encoders once, then encodes and commits whatever shards the driver hands it."""
+
+    def __init__(self, cfg: dict, url: str, storage_options: dict | None, threads: int | None, augment: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.url, self.storage_options, self.augment = url, storage_options, augment
+        self.pipeline = Pipeline(_extract_config(cfg), "cuda" if torch.cuda.is_available() else "cpu")
+
+    def run(self, shard: Shard) -> dict[str, Any]:
+        return write_shard(self.pipeline, shard, self.url, self.storage_options, self.augment)
+
+
+def _extract_config(data: dict) -> ExtractConfig:
+    from mtser.config import from_dict
+
+    return from_dict(ExtractConfig, data)
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+@dataclass
+class ExtractSummary:
+    planned: int = 0                          # rows (utterances + augmented copies) in the plan
+    written: int = 0
+    failed: int = 0                           # per-utterance failures this run (reader problems included)
+    skipped: int = 0                          # rows of shards already committed by an earlier run
+    shards: int = 0
+    shards_skipped: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
+    retries: int = 0                          # shard re-submissions after a worker died or a shard raised
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    workers: int = 0
+    device: str = "cpu"
+    nodes: set[str] = field(default_factory=set)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.shards_failed
+
+    def line(self) -> str:
+        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
+        text = (f"written {self.written}, failed {self.failed}, skipped {self.skipped} (already committed) "
+                f"of {self.planned} planned; shards {self.shards - self.shards_skipped}/{self.shards} run")
+        if self.shards_failed:
+            text += f", {len(self.shards_failed)} shards FAILED"
+        return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s ({rate:.2f} utt/s)"
+
+
+def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
+    """Create the store (if needed) and record each encoder's provenance (reads model configs, not weights)."""
+    create_store(url, storage_options)
+    for enc in cfg.encoders:
+        dim, rate = encoder_dim_and_rate(enc, cfg.sample_rate)
+        register_encoder(url, EncoderInfo(
+            name=enc.name, kind=enc.kind, model=enc.model, revision=enc.revision, content_hash=content_hash(enc.model),
+            layer=enc.layer, mean_last_k=enc.mean_last_k, dim=dim, frame_rate=rate, dtype=enc.dtype,
+            compression=enc.compression, sample_rate=cfg.sample_rate, mtser_version=__version__, config=to_dict(enc),
+        ), storage_options)
+
+
+def write_reader_problems(url: str, problems: Sequence[Failure], storage_options: dict | None = None) -> bool:
+    """Corpus-reader problems as one part (id from its content, so a rerun does not add it twice); True if new."""
+    if not problems:
+        return False
+    digest = hashlib.sha256(json.dumps([(p.utt.id, p.stage, p.reason) for p in problems]).encode()).hexdigest()[:12]
+    part = f"reader-{digest}"
+    if part in open_store(url, storage_options=storage_options).committed_parts():
+        return False
+    writer = StoreWriter(url, part, storage_options)
+    for p in problems:
+        writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
+    writer.commit()
+    return True
+
+
+def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
+            augment: int | None = None, splits: Sequence[str] | None = None, problems: Sequence[Failure] = (),
+            storage_options: dict | None = None, progress: bool = True) -> ExtractSummary:
+    """Extract `utts` into the store at `url`. workers=0 runs in this process (no Ray)."""
+    start = time.perf_counter()
+    augment = cfg.augment if augment is None else augment
+    if splits:
+        utts = [u for u in utts if u.split in set(splits)]
+    register_encoders(url, cfg, storage_options)
+    summary = ExtractSummary()
+    if write_reader_problems(url, problems, storage_options):
+        summary.failed += len(problems)
+        summary.failures += [(p.utt.id, p.stage, p.reason) for p in problems]
+    shards = plan_shards(utts, cfg, augment)
+    committed = open_store(url, storage_options=storage_options).committed_parts()
+    todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
+    summary.planned, summary.shards = sum(s.rows for s in shards), len(shards)
+    summary.skipped = sum(s.rows for s in shards if s.id in committed)
+    summary.shards_skipped = len(shards) - len(todo)
+    bar = _progress_bar(sum(s.rows for s in todo), progress)
+
+    def record(result: dict[str, Any]) -> None:
+        summary.written += result["written"]
+        summary.failed += result["failed"]
+        summary.failures += [tuple(f) for f in result["failures"]]
+        summary.audio_seconds += result["seconds"]
+        if result["node"]:
+            summary.nodes.add(result["node"])
+        bar.update(result["written"] + result["failed"])
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{summary.audio_seconds / 3600 / max(elapsed, 1e-9):.4f} audio h/s")
+
+    try:
+        if todo and workers == 0:
+            _run_in_process(todo, cfg, url, storage_options, augment, summary, record)
+        elif todo:
+            _run_ray(todo, cfg, url, storage_options, augment, workers, address, summary, record)
+    finally:
+        bar.close()
+        summary.wall_seconds = time.perf_counter() - start
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="utt", desc="extract", disable=not enabled, dynamic_ncols=True)
+
+
+def _run_in_process(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: dict | None, augment: int,
+                    summary: ExtractSummary, record: Callable[[dict], None]) -> None:
+    import torch
+
+    summary.workers, summary.device = 0, "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = Pipeline(cfg, summary.device)
+    for shard in todo:
+        try:
+            record(write_shard(pipeline, shard, url, storage_options, augment))
+        except Exception as exc:  # noqa: BLE001 - one shard's store error must not lose the others
+            summary.shards_failed[shard.id] = f"{type(exc).__name__}: {exc}"
+
+
+def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: dict | None, augment: int,
+             workers: int, address: str | None, summary: ExtractSummary, record: Callable[[dict], None]) -> None:
+    """Hand shards to actors one at a time; replace dead actors and redo their shards."""
+    import ray
+    from ray.exceptions import RayActorError, RayError
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    actors: list[Any] = []
+    try:
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        workers = max(1, min(workers, gpus or cpus, len(todo)))
+        threads = None if gpus else max(1, cpus // workers)
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
+        summary.workers, summary.device = workers, "cuda" if gpus else "cpu"
+        remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **options)
+        args = (to_dict(cfg), url, storage_options, threads, augment)
+        actors = [remote.remote(*args) for _ in range(workers)]
+        queue, idle = deque(todo), list(range(workers))
+        inflight: dict[Any, tuple[int, Shard]] = {}
+        attempts: Counter[str] = Counter()
+        while queue or inflight:
+            while idle and queue:
+                slot = idle.pop()
+                shard = queue.popleft()
+                inflight[actors[slot].run.remote(shard)] = (slot, shard)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            slot, shard = inflight.pop(ref)
+            idle.append(slot)
+            try:
+                record(ray.get(ref))
+                continue
+            except RayActorError as exc:
+                error = f"worker died: {exc}"
+                ray.kill(actors[slot], no_restart=True)
+                actors[slot] = remote.remote(*args)
+            except RayError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            attempts[shard.id] += 1
+            if attempts[shard.id] < MAX_SHARD_ATTEMPTS:
+                summary.retries += 1
+                queue.appendleft(shard)
+            else:
+                summary.shards_failed[shard.id] = error
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if started:
+            ray.shutdown()
