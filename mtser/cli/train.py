@@ -1,6 +1,142 @@
-"""(placeholder: commands are added by the issue that builds them)"""
+"""`mtser train` (stage 1), `mtser finetune` (stage 2) and `mtser evaluate`: parse, call mtser.trainer.loop, print."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+METRIC_ORDER = ("f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "score", "loss")
+
+
+def _metric_line(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_ORDER if k in metrics)
+
+
+def _print_epoch(epoch: int, row: dict[str, float], best_dir: Path | None) -> None:
+    typer.echo(f"epoch {epoch:3d}  lr {row['lr']:.2e}  train_loss {row['train_loss']:.4f}  "
+               f"data_wait {row['data_wait_fraction']:.0%}  dev: {_metric_line(row)}" + ("  *best" if best_dir else ""))
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs, values parsed as YAML (numbers, null, lists)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=10", 2)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _run(train_call) -> None:
+    """Run a training call, turning known errors into messages and exit codes (2: config, 1: data/store)."""
+    from mtser.config import ConfigError
+    from mtser.featurestore.store import StoreError
+    from mtser.trainer.checkpoint import CheckpointError
+
+    try:
+        result = train_call()
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"best epoch {result.best_epoch}: {_metric_line(result.best_metrics)}")
+    typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("train")
+    def train_command(
+        config: Path = typer.Option(..., "--config", help="Recipe config (configs/paper.yaml)."),
+        store: str = typer.Option(..., "--store", help="Feature store URL or path."),
+        out: Path = typer.Option(..., "--out", help="Output directory (best/ checkpoint, history.csv)."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=10."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    ) -> None:
+        """Stage 1: multi-task pre-training on the store's Train split, selected on Development."""
+        from mtser.config import ConfigError, load_config
+        from mtser.trainer.loop import train
+
+        try:
+            cfg = load_config(config, _overrides(set_))
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_print_epoch, progress=progress))
+
+    @app.command("finetune")
+    def finetune_command(
+        from_: Path = typer.Option(..., "--from", help="Stage-1 checkpoint directory."),
+        task: str = typer.Option(..., "--task", help="cat (classes, plain CE) or dim (attributes)."),
+        store: str = typer.Option(..., "--store", help="Feature store URL or path."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        sigma: Optional[str] = typer.Option(None, "--sigma", help="dim: Gaussian-penalty width, or 'none' (plain MSE)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the checkpoint's)."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set finetune.epochs=5."),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Stage 2: fine-tune a stage-1 checkpoint for one task."""
+        from mtser.config import Config, ConfigError, apply_override, from_dict, load_config, to_dict
+        from mtser.trainer.checkpoint import CheckpointError, read_sidecar
+        from mtser.trainer.loop import finetune_config, train
+
+        if task not in ("cat", "dim"):
+            raise _fail(f"--task: expected cat or dim, got {task!r}", 2)
+        try:
+            width = None if sigma is None or sigma.lower() == "none" else float(sigma)
+        except ValueError:
+            raise _fail(f"--sigma: expected a number or 'none', got {sigma!r}", 2) from None
+        if width is not None and task != "dim":
+            raise _fail("--sigma: only applies to --task dim", 2)
+        try:
+            if config is not None:
+                cfg = load_config(config, _overrides(set_))
+            else:
+                raw = read_sidecar(from_)["config"]
+                for key, value in _overrides(set_).items():
+                    apply_override(raw, key, value)
+                cfg = from_dict(Config, raw)
+            cfg = from_dict(Config, to_dict(finetune_config(cfg, task, width)))  # re-validated
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except CheckpointError as exc:
+            raise _fail(str(exc), 1) from None
+        _run(lambda: train(cfg, store, out, stage="finetune", init_from=from_, on_epoch=_print_epoch,
+                           progress=progress))
+
+    @app.command("evaluate")
+    def evaluate_command(
+        checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+        store: str = typer.Option(..., "--store", help="Feature store URL or path."),
+        split: str = typer.Option("Development", "--split", help="Split to score."),
+        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write per-utterance predictions (CSV)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    ) -> None:
+        """Score a checkpoint on a split: macro-F1 over 8 classes, CCC per attribute and their mean."""
+        import json
+
+        from mtser.config import ConfigError
+        from mtser.featurestore.labels import SPLITS
+        from mtser.featurestore.store import StoreError
+        from mtser.trainer.checkpoint import CheckpointError
+        from mtser.trainer.loop import evaluate
+
+        if split not in SPLITS:
+            raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
+        try:
+            metrics, table = evaluate(checkpoint, store, split, device=device)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
+            raise _fail(str(exc), 1) from None
+        if predictions is not None:
+            table.to_csv(predictions, index=False, float_format="%.6f")
+        typer.echo(f"{split}: {len(table)} utterances  {_metric_line(metrics) or '(no labels: no metrics)'}")
+        typer.echo(json.dumps(metrics))

@@ -1,0 +1,97 @@
+"""The trainer's loader over a real Zarr store: label filtering per task, sampling, padding, prefetching."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mtser.trainer import data
+from trainer_store import write_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from mtser.featurestore.store import open_store
+
+    return open_store(write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", n_train=60, n_dev=30))
+
+
+def test_training_ids_follow_the_task(store):
+    table = store.utterances
+    multi = data.training_ids(store, ["a", "b"], "multi")
+    cat = data.training_ids(store, ["a", "b"], "cat")
+    dim = data.training_ids(store, ["a", "b"], "dim")
+    codes = lambda ids: set(table.loc[ids, "emo_class"])  # noqa: E731
+    assert "X" not in codes(multi) | codes(cat) | codes(dim)
+    assert "O" in codes(multi) and "O" in codes(dim) and "O" not in codes(cat)
+    assert table.loc[dim, ["arousal", "valence", "dominance"]].notna().all().all()
+    assert table.loc[cat, ["arousal"]].isna().any().item()  # rows without attributes still train classes
+    assert set(table.loc[multi, "split"]) == {"Train"}
+    assert table.loc[multi, "augmentation"].notna().any()      # augmented copies are training material
+    expected_multi = table[(table.split == "Train") & (table.emo_class != "X")].index
+    assert sorted(multi) == sorted(expected_multi)
+
+
+def test_evaluation_uses_originals_only(store):
+    table = store.utterances
+    ids = data.evaluation_ids(store, ["a", "b"], "Development")
+    assert table.loc[ids, "augmentation"].isna().all() and "X" not in set(table.loc[ids, "emo_class"])
+    dev = table[table.split == "Development"]
+    assert dev.augmentation.notna().any()  # the store has augmented Development copies; they are left out
+    assert len(ids) == ((dev.augmentation.isna()) & (dev.emo_class != "X")).sum()
+
+
+def test_epoch_sampling_is_seeded_and_replaces_only_when_needed():
+    pool = [f"u{i}" for i in range(50)]
+    first = data.epoch_sample(pool, 30, seed=1, epoch=1)
+    assert first == data.epoch_sample(pool, 30, seed=1, epoch=1)
+    assert first != data.epoch_sample(pool, 30, seed=1, epoch=2) != data.epoch_sample(pool, 30, seed=2, epoch=1)
+    assert len(set(first)) == 30                                   # without replacement
+    many = data.epoch_sample(pool, 120, seed=1, epoch=1)
+    assert len(many) == 120 and set(many) <= set(pool)             # pool smaller: with replacement
+
+
+def test_batches_pad_and_mask_every_encoder(store):
+    ids = data.training_ids(store, ["a", "b"], "multi")[:5]
+    batch = data.BatchReader(store, ["a", "b"])(ids)
+    for name in ("a", "b"):
+        x, mask = batch.features[name]
+        lengths = [store.length(i, name) for i in ids]
+        assert x.dtype == torch.float32 and x.shape == (5, max(lengths), store.encoders[name].dim)
+        assert mask.sum(dim=1).tolist() == lengths
+        for row, i in enumerate(ids):
+            np.testing.assert_array_equal(x[row, : lengths[row]].numpy(), store.get(i, name).astype(np.float32))
+            assert torch.all(x[row, lengths[row]:] == 0)
+    labels = data.label_arrays(store.utterances, ids)
+    assert torch.equal(batch.classes, torch.from_numpy(labels.classes))
+
+
+def test_prefetch_reads_ahead_in_order_and_raises_at_the_bad_item():
+    started: list[int] = []
+
+    def load(i: int) -> int:
+        started.append(i)
+        time.sleep(0.01)
+        if i == 6:
+            raise ValueError("bad item 6")
+        return i * i
+
+    stream = data.prefetch(load, range(10), depth=3, workers=2)
+    assert next(stream) == 0
+    time.sleep(0.1)
+    assert len(started) >= 4  # items 1..3 were loaded in the background while the consumer waited
+    assert [next(stream) for _ in range(5)] == [1, 4, 9, 16, 25]
+    with pytest.raises(ValueError, match="bad item 6"):
+        next(stream)
+
+
+def test_prefetch_stops_when_the_consumer_does():
+    loaded: list[int] = []
+    stream = data.prefetch(lambda i: loaded.append(i) or i, range(1000), depth=2)
+    assert next(stream) == 0
+    stream.close()
+    time.sleep(0.05)
+    assert len(loaded) <= 5 and not [t for t in threading.enumerate() if t.name.startswith("mtser-prefetch")]

@@ -1,0 +1,58 @@
+"""A small synthetic feature store for trainer tests, written through the real StoreWriter.
+
+Features carry the labels: each class has a centre per encoder, arousal/valence follow the class and dominance
+follows a feature direction, so a short training run must clearly beat chance. Rows cover every case the loader
+filters: X and O classes, missing attributes, augmented copies (in Train and, as a trap, in Development).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtser.featurestore.corpus import Utterance
+from mtser.featurestore.labels import CLASSES
+from mtser.featurestore.store import EncoderInfo, StoreWriter, create_store, register_encoder
+
+DIMS = {"a": 12, "b": 8}
+AROUSAL = np.linspace(1.8, 6.2, len(CLASSES))
+VALENCE = AROUSAL[::-1].copy()
+
+
+def encoder_info(name: str, dim: int) -> EncoderInfo:
+    return EncoderInfo(name=name, kind="speech", model=f"synthetic/{name}", revision=None, content_hash="0" * 16,
+                       layer=-1, mean_last_k=1, dim=dim, frame_rate=50.0, dtype="float16", compression="none",
+                       sample_rate=16000, mtser_version="test", config={})
+
+
+def write_synthetic_store(url: str | Path, n_train: int = 240, n_dev: int = 120, seed: int = 0,
+                          dims: dict[str, int] = DIMS) -> str:
+    url = str(url)
+    rng = np.random.default_rng(seed)
+    create_store(url)
+    for name, dim in dims.items():
+        register_encoder(url, encoder_info(name, dim))
+    centres = {name: rng.normal(size=(len(CLASSES), dim)) for name, dim in dims.items()}
+    dominance_axis = {name: rng.normal(size=dim) / np.sqrt(dim) for name, dim in dims.items()}
+    for split, n in (("Train", n_train), ("Development", n_dev)):
+        writer = StoreWriter(url, f"part-{split.lower()}")
+        for i in range(n):
+            r = rng.random()
+            code = "X" if r < 0.06 else "O" if r < 0.12 else CLASSES[i % len(CLASSES)]
+            k = CLASSES.index(code) if code in CLASSES else int(rng.integers(len(CLASSES)))
+            dominance = float(rng.uniform(1.5, 6.5))
+            attrs = np.clip([AROUSAL[k] + rng.normal(0, 0.4), VALENCE[k] + rng.normal(0, 0.4), dominance], 1, 7)
+            if code in CLASSES and rng.random() < 0.1:
+                attrs = [None, None, None]
+            features = {name: (0.8 * centres[name][k] + (dominance - 4) * dominance_axis[name]
+                               + rng.normal(size=(int(rng.integers(3, 25)), dim)))
+                        for name, dim in dims.items()}
+            utt = Utterance(id=f"{split}_{i:04d}.wav", path=None, split=split, emo_class=code,
+                            arousal=attrs[0], valence=attrs[1], dominance=attrs[2], speaker=str(i % 7))
+            writer.add(utt, features)
+            if i % 10 == 0:  # an augmented copy: same labels, perturbed features
+                copy = Utterance(**{**utt.__dict__, "id": f"{split}_{i:04d}_aug1.wav", "augmentation": "aug1",
+                                    "source_id": utt.id})
+                writer.add(copy, {name: f + rng.normal(0, 0.3, f.shape) for name, f in features.items()})
+        writer.commit()
+    return url
