@@ -10,10 +10,12 @@ a corpus at all raises `CorpusError`. Readers do not open audio (durations stay 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,9 @@ class CorpusReadResult:
     problems: list[CorpusProblem] = field(default_factory=list)
 
 
+Row = tuple[int, dict[str, Any], str | None]  # line number, raw row, row-level format error
+
+
 class _RowError(ValueError):
     """A row is invalid; the message is the reason reported for it."""
 
@@ -116,6 +121,8 @@ def read_msp_podcast(root: str | Path) -> CorpusReadResult:
         return _make_utterance(item, str(root / "Audios" / item), {k: row.get(c) for k, c in columns.items()}, columns)
 
     rows = _csv_rows(labels, MSP_LABELS, MSP_REQUIRED, result.problems)
+    if rows is None:  # nothing can be trusted without the label file, Test3 audio included
+        return result
     listed = _collect(result, MSP_LABELS, rows, "FileName", build)
     for name in sorted(audio_names - listed):
         if Path(name).suffix.lower() not in AUDIO_SUFFIXES:
@@ -155,7 +162,7 @@ def _file_names(folder: Path) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- manifest
-MANIFEST_FIELDS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender", "transcript")
+MANIFEST_LABEL_KEYS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender")
 
 
 def read_manifest(path: str | Path) -> CorpusReadResult:
@@ -172,7 +179,9 @@ def read_manifest(path: str | Path) -> CorpusReadResult:
         rows = _jsonl_rows(path, source, result.problems)
     else:
         rows = _csv_rows(path, source, MANIFEST_REQUIRED, result.problems)
-    columns = {key: key for key in MANIFEST_FIELDS if key != "transcript"}
+    if rows is None:
+        return result
+    columns = {key: key for key in MANIFEST_LABEL_KEYS}
 
     def build(item: str, row: dict[str, Any]) -> Utterance:
         audio = _text(row.get("path"))
@@ -189,13 +198,14 @@ def read_manifest(path: str | Path) -> CorpusReadResult:
     return result
 
 
-def _jsonl_rows(path: Path, source: str,
-                problems: list[CorpusProblem]) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+def _jsonl_rows(path: Path, source: str, problems: list[CorpusProblem]) -> list[Row] | None:
+    """(line, object, None) per valid JSONL line; other lines are reported. None (reported) when unreadable."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(CorpusProblem(source, None, None, f"cannot read: {exc}"))
-        return
+        return None
+    rows: list[Row] = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -212,7 +222,8 @@ def _jsonl_rows(path: Path, source: str,
             problems.append(CorpusProblem(source, number, str(row.get("id") or "") or None,
                                           f"missing required key(s) {', '.join(missing)}"))
             continue
-        yield number, row, None
+        rows.append((number, row, None))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------- folder
@@ -228,26 +239,35 @@ def read_folder(root: str | Path) -> CorpusReadResult:
 
 
 # ------------------------------------------------------------------------------------------------- shared row checks
-def _csv_rows(path: Path, source: str, required: tuple[str, ...],
-              problems: list[CorpusProblem]) -> Iterator[tuple[int, dict[str, str], str | None]]:
-    """(line number, row, field-count error or None) per CSV row; a missing required column stops the file."""
+def _csv_rows(path: Path, source: str, required: tuple[str, ...], problems: list[CorpusProblem]) -> list[Row] | None:
+    """(line, row, format error or None) per CSV row; None (reported) when the file is unreadable or a required
+    column is missing. A row with bytes that are not UTF-8, or the wrong number of fields, carries its error."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in required if c not in header]
-            if missing:
-                problems.append(CorpusProblem(source, 1, None, f"missing required column(s) {', '.join(missing)}; "
-                                                               f"no rows read (header: {','.join(header)})"))
-                return
-            for row in reader:
-                extra, short = row.pop(None, None) or [], [k for k, v in row.items() if v is None]
-                error = None
-                if extra or short:
-                    error = f"expected {len(header)} fields, got {len(header) - len(short) + len(extra)}"
-                yield reader.line_num, row, error
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            problems.append(CorpusProblem(source, 1, None, f"missing required column(s) {', '.join(missing)}; "
+                                                           f"no rows read (header: {','.join(header)})"))
+            return None
+        rows: list[Row] = []
+        for row in reader:
+            extra, short = row.pop(None, None) or [], [k for k, v in row.items() if v is None]
+            error = None
+            if extra or short:
+                error = f"expected {len(header)} fields, got {len(header) - len(short) + len(extra)}"
+            elif any(_NOT_UTF8.search(v) for v in row.values()):
+                error = "not UTF-8"
+                row = {k: _NOT_UTF8.sub("\ufffd", v) for k, v in row.items()}  # printable in the report
+            rows.append((reader.line_num, row, error))
+    except (OSError, csv.Error) as exc:
         problems.append(CorpusProblem(source, None, None, f"cannot read: {exc}"))
+        return None
+    return rows
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
 
 
 def _make_utterance(item: str, audio: str, fields: dict[str, Any], names: dict[str, str]) -> Utterance:
@@ -286,8 +306,8 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
-def _collect(result: CorpusReadResult, source: str, rows: Iterable[tuple[int, dict[str, Any], str | None]],
-             id_key: str, build: Callable[[str, dict[str, Any]], Utterance]) -> set[str]:
+def _collect(result: CorpusReadResult, source: str, rows: list[Row], id_key: str,
+             build: Callable[[str, dict[str, Any]], Utterance]) -> set[str]:
     """Build an utterance from each row, reporting and skipping invalid ones; returns every id seen."""
     seen: dict[str, int] = {}
     for line, row, row_error in rows:
