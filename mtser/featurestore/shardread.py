@@ -226,3 +226,14 @@ class FramesReader:
         stored = [(key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK]
         blobs = iter(self.source.read_many(stored))
         return self.assemble(start, stop, pieces, [next(blobs) if a != EMPTY_CHUNK else b"" for _, a, _, _ in pieces])
+
+    def padding(self) -> np.ndarray | None:
+        """Bytes between the last row and the end of the last inner chunk (contiguous raw layout only)."""
+        self._load_index()
+        if self._base is None:
+            return None
+        lay = self.layout
+        start, stop = self._base + lay.rows * lay.row_bytes, self._base + lay.n_chunks * lay.chunk_bytes
+        if stop == start:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(self.source.read(lay.shard_key, start, stop), dtype=np.uint8)

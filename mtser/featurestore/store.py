@@ -178,17 +178,30 @@ def _read_encoders(store: Any) -> dict[str, EncoderInfo]:
 
 
 def create_store(url: str, storage_options: dict | None = None) -> None:
-    """Create an empty store at `url` (local path or fsspec URL); a no-op when one exists already."""
+    """Create an empty store at `url` (local path or fsspec URL); a no-op when one exists already.
+
+    Safe to call from many writers at once: nothing is ever overwritten, concurrent creators write the same bytes.
+    """
     store = _zarr_store(url, storage_options, read_only=False)
-    if _get_json(store, "zarr.json") is not None:
-        _root_attrs(store, url)
-        return
-    if sync(_alist_dir(store, "")):
-        raise StoreError(f"{url}: exists and is not empty, but is not an mtser feature store")
-    attrs = {"mtser": {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "created_by": f"mtser {__version__}"}}
-    zarr.create_group(store, attributes=attrs, overwrite=True)   # concurrent creators write the same bytes
+    if _get_json(store, "zarr.json") is None:
+        if set(sync(_alist_dir(store, ""))) - {"encoders", "parts"}:
+            raise StoreError(f"{url}: exists and is not empty, but is not an mtser feature store")
+        attrs = {"mtser": {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
+                           "created_by": f"mtser {__version__}"}}
+        _create_group_once(store, "", attrs)
+    _root_attrs(store, url)
     for child in ("encoders", "parts"):
-        zarr.create_group(store, path=child, overwrite=True)
+        _create_group_once(store, child, {})
+
+
+def _create_group_once(store: Any, path: str, attributes: dict) -> None:
+    """Create a group unless one exists (never `overwrite=True`: in zarr that deletes everything below)."""
+    if _get_json(store, f"{path}/zarr.json" if path else "zarr.json") is not None:
+        return
+    try:
+        zarr.create_group(store, path=path or None, attributes=attributes)
+    except zarr.errors.ContainsGroupError:
+        pass                                                  # another writer created it meanwhile
 
 
 def register_encoder(url: str, info: EncoderInfo, storage_options: dict | None = None) -> None:
@@ -198,9 +211,8 @@ def register_encoder(url: str, info: EncoderInfo, storage_options: dict | None =
     _root_attrs(store, url)
     existing = _get_json(store, f"encoders/{info.name}/zarr.json")
     if existing is None:
-        zarr.create_group(store, path=f"encoders/{info.name}", attributes={"mtser_encoder": info.to_dict()},
-                          overwrite=True)
-        return
+        _create_group_once(store, f"encoders/{info.name}", {"mtser_encoder": info.to_dict()})
+        existing = _get_json(store, f"encoders/{info.name}/zarr.json")
     old = EncoderInfo.from_dict(existing["attributes"]["mtser_encoder"], f"encoder {info.name!r}")
     diff = [f for f in old.to_dict() if f != "mtser_version" and getattr(old, f) != getattr(info, f)]
     if diff:
@@ -319,7 +331,7 @@ class StoreWriter:
         if state and state.get("committed"):
             raise StoreError(f"{self.url}: part {self.part_id!r} was committed by another writer meanwhile")
         sync(self._store.delete_dir(path))        # leftovers of a killed writer of this part id
-        group = zarr.create_group(self._store, path=path, overwrite=True,
+        group = zarr.create_group(self._store, path=path,
                                   attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
         _write_table(group, "utterances", {"id": [u.id for u in self._rows],
                                            **{c: [getattr(u, c) for u in self._rows] for c in TABLE_COLUMNS}})
@@ -355,8 +367,9 @@ class StoreWriter:
                      np.array([_stored_checksum(f, s) for _, f, s in items], dtype=np.uint32))
         if info.dtype == "int8":
             _write_small(group, f"{prefix}/scale", np.concatenate([s for _, _, s in items]))
+        stored = sync(self._store.getsize(f"{group.path}/{prefix}/frames/c/0/0"))
         return {"n": len(items), "frames": int(rows), "dim": info.dim, "dtype": info.dtype,
-                "nbytes": int(frames.nbytes)}
+                "nbytes": int(frames.nbytes), "stored_bytes": int(stored)}
 
 
 def _writer_id() -> str:
@@ -403,10 +416,20 @@ class _Segment:
 @dataclass
 class _Part:
     name: str
-    committed_ns: int
-    n_utterances: int
-    n_failures: int
+    attrs: dict                           # the part's mtser_part attributes (counts and sizes per encoder)
     segments: dict[str, _Segment]
+
+    @property
+    def committed_ns(self) -> int:
+        return int(self.attrs["committed_ns"])
+
+    @property
+    def n_utterances(self) -> int:
+        return int(self.attrs.get("n_utterances", 0))
+
+    @property
+    def n_failures(self) -> int:
+        return int(self.attrs.get("n_failures", 0))
 
 
 @dataclass
@@ -424,8 +447,11 @@ def _decompress_zstd(blob: bytes) -> bytes:
 class FeatureStore:
     """Read access to a store; open with `open_store`. Thread-safe; never writes."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, strict: bool = True):
+        """`strict=False` (for verify) records unreadable parts in `broken_parts` instead of raising."""
         self.url = url
+        self._strict = strict
+        self.broken_parts: dict[str, str] = {}
         self.storage_options = storage_options
         self._store = _zarr_store(url, storage_options, read_only=True)
         if _is_local(url) and not os.path.isdir(_local_path(url)):
@@ -458,22 +484,26 @@ class FeatureStore:
 
     async def _aload_new_parts(self, known: set[str]) -> dict[str, _Part]:
         names = [n for n in await _alist_dir(self._store, "parts") if n not in known]
-        metas = await asyncio.gather(*(_aget_json(self._store, f"parts/{n}/zarr.json") for n in names))
-        committed = [(n, m["attributes"]["mtser_part"]) for n, m in zip(names, metas)
-                     if m and m.get("attributes", {}).get("mtser_part", {}).get("committed") is True]
         limit = asyncio.Semaphore(32)
 
-        async def load(name: str, attrs: dict) -> _Part:
+        async def load(name: str) -> _Part | None:
             async with limit:
                 try:
+                    meta = await _aget_json(self._store, f"parts/{name}/zarr.json")
+                    attrs = (meta or {}).get("attributes", {}).get("mtser_part", {})
+                    if attrs.get("committed") is not True:
+                        return None                             # being written, or left by a killed writer
                     segments = {enc: await self._aload_segment(name, enc) for enc in attrs.get("encoders", {})}
+                    return _Part(name, attrs, segments)
                 except Exception as exc:
-                    raise StoreError(f"{self.url}: part {name!r} is unreadable ({type(exc).__name__}: {exc}); "
-                                     f"run `mtser features verify`") from exc
-            return _Part(name, int(attrs["committed_ns"]), int(attrs.get("n_utterances", 0)),
-                         int(attrs.get("n_failures", 0)), segments)
-        loaded = await asyncio.gather(*(load(n, a) for n, a in committed))
-        return {p.name: p for p in loaded}
+                    reason = f"{type(exc).__name__}: {exc}"
+                    if self._strict:
+                        raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); "
+                                         f"run `mtser features verify`") from exc
+                    self.broken_parts[name] = reason
+                    return None
+        loaded = await asyncio.gather(*(load(n) for n in names))
+        return {p.name: p for p in loaded if p is not None}
 
     async def _aload_segment(self, part: str, encoder: str) -> _Segment:
         info = self.encoders.get(encoder)
@@ -550,6 +580,24 @@ class FeatureStore:
         seg, i = self._locate(utt_id, encoder)
         return int(seg.offsets[i + 1] - seg.offsets[i])
 
+    def summary(self) -> dict[str, Any]:
+        """Counts and sizes for `mtser features ls`: per encoder utterances per split, frames, bytes on storage."""
+        table, parts = self.utterances, self.parts()
+        split_of = table["split"].astype(object).where(table["split"].notna(), "(none)")
+        encoders = {}
+        for name, index in sorted(self._state.index.items()):
+            info = self.encoders[name]
+            encoders[name] = {
+                "kind": info.kind, "model": info.model, "dim": info.dim, "dtype": info.dtype,
+                "compression": info.compression, "utterances": len(index),
+                "per_split": {str(k): int(v) for k, v in split_of.reindex(list(index)).value_counts().items()},
+                "frames": int(sum(int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in index.values())),
+                "stored_bytes": int(sum(p.attrs["encoders"][name].get("stored_bytes", 0)
+                                        for p in parts if name in p.segments))}
+        return {"url": self.url, "schema_version": self.attrs["schema_version"], "parts": len(parts),
+                "utterances": len(table), "per_split": {str(k): int(v) for k, v in split_of.value_counts().items()},
+                "failures": len(self.failures), "encoders": encoders}
+
     # ------------------------------------------------------------------------------------------------ frames
     def get(self, utt_id: str, encoder: str, dtype: Any = None) -> np.ndarray:
         """(T, D) frames in the stored dtype (int8 encoders: dequantised float32), or cast to `dtype`."""
@@ -560,53 +608,60 @@ class FeatureStore:
         raws = self._read_raw(hits, utt_ids)
         return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
 
-    def stored_bytes(self, utt_id: str, encoder: str) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """The stored frames (and int8 scales) exactly as written, with the checksum recorded at commit."""
-        seg, i = self._locate(utt_id, encoder)
-        (raw,) = self._read_raw([(seg, i)], [utt_id])
-        crc = sync(_aread_array(self._store, f"{seg.path}/crc32"))[i]
-        return raw, self._scales(seg, i), int(crc)
-
     def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
+        """Stored frames of each (segment, position): byte ranges through the fast path, batched per call."""
         requests, plans = [], []
-        for seg, i in hits:
-            start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
-            if seg.reader is None:
-                plans.append((seg, start, stop, None, 0))
-                continue
-            try:
-                pieces = seg.reader.ranges(start, stop)
-            except (OSError, ShardFormatError) as exc:
-                raise StoreError(f"{self.url}: cannot read {seg.path} (utterance {utt_ids[len(plans)]!r}): {exc}") from exc
-            plans.append((seg, start, stop, pieces, len(requests)))
-            requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces]
         try:
+            for seg, i in hits:
+                start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
+                pieces = seg.reader.ranges(start, stop) if seg.reader is not None else None
+                plans.append((seg, start, stop, pieces, len(requests)))
+                requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces or []]
             blobs = self._source.read_many(requests)
-            out = []
-            for seg, start, stop, pieces, first in plans:
-                if pieces is None:
-                    out.append(self._zarr_rows(seg, start, stop))
-                else:
-                    out.append(seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)]))
-            return out
-        except (OSError, ShardFormatError, ValueError) as exc:
-            raise StoreError(f"{self.url}: cannot read frames of {utt_ids[:3]}...: {exc}") from exc
+            return [self._zarr_rows(seg, start, stop) if pieces is None
+                    else seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)])
+                    for seg, start, stop, pieces, first in plans]
+        except (OSError, ShardFormatError, ValueError, RuntimeError) as exc:
+            where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
+            raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
+
+    # ------------------------------------------------------------------------------------------------ for verify
+    def parts(self) -> list[_Part]:
+        """Committed parts, oldest commit first."""
+        return list(self._state.parts.values())
+
+    def part_table(self, part: str, table: str = "utterances") -> pd.DataFrame:
+        columns = ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS
+        return sync(self._aread_table(part, table, columns))
+
+    def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
+        """One of the segment's small arrays ("crc32", "scale", ...), read and checksum-checked by zarr."""
+        return sync(_aread_array(self._store, f"{seg.path}/{name}"))
+
+    def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
+        """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
+        return self._read_raw([(seg, i) for i in positions], [str(seg.ids[i]) for i in positions])
+
+    def shard_padding(self, seg: _Segment) -> np.ndarray | None:
+        """The bytes between the last frame and the shard index (all zero when intact); None if not applicable."""
+        return seg.reader.padding() if seg.reader is not None else None
+
+    def segment_scales(self, seg: _Segment, i: int) -> np.ndarray | None:
+        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
+        if seg.info.dtype != "int8":
+            return None
+        if seg.scale is None:
+            seg.scale = self.segment_array(seg, "scale")
+        return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
 
     def _zarr_rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
         if seg.array is None:
             seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
         return np.asarray(seg.array[start:stop])
 
-    def _scales(self, seg: _Segment, i: int) -> np.ndarray | None:
-        if seg.info.dtype != "int8":
-            return None
-        if seg.scale is None:
-            seg.scale = sync(_aread_array(self._store, f"{seg.path}/scale"))
-        return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
-
     def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
         if seg.info.dtype == "int8":
-            values = raw.astype(np.float32) * self._scales(seg, i)[:, None]
+            values = raw.astype(np.float32) * self.segment_scales(seg, i)[:, None]
             return values if dtype is None else values.astype(dtype, copy=False)
         if raw.base is not None and not raw.flags.writeable:   # frombuffer view of bytes: give an owned array
             raw = raw.copy() if dtype is None else raw
