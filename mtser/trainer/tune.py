@@ -127,6 +127,7 @@ def read_state(run_dir: Path, spec: TrialSpec | dict) -> dict[str, Any]:
 
 
 def mark_state(path_dir: Path, **changes: Any) -> None:
+    path_dir.mkdir(parents=True, exist_ok=True)
     state_path = path_dir / "state.json"
     try:
         state = json.loads(state_path.read_text())
@@ -237,8 +238,8 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     grid = tuner.fit()
     failed = []
     for result in grid:
-        spec = result.config["spec"]
-        if result.error is not None:
+        spec = (result.config or {}).get("spec")    # trials an interruption left unstarted have no config
+        if spec is not None and result.error is not None:
             failed.append(spec["name"])
             mark_state(trial_dir(run_dir, spec), status="failed", error=str(result.error).strip().splitlines()[-1][:500])
     unfinished = [s.name for s in pending if not is_finished(run_dir, s) and s.name not in failed]
@@ -278,7 +279,15 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed trials)."""
     import ray
 
+    from mtser.featurestore.store import StoreError, open_store
+
     run_dir = Path(run_dir).resolve()
+    if "://" not in store_url:              # trials run in Ray workers with another working directory
+        store_url = str(Path(store_url).resolve())
+    try:
+        open_store(store_url)
+    except StoreError as exc:
+        raise SearchError(f"cannot open the store: {exc}", usage=True) from None
     search, base = prepare_run(Path(search_file), store_url, run_dir, resume)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
