@@ -1,6 +1,65 @@
-"""(placeholder: commands are added by the issue that builds them)"""
+"""`mtser extract`: read a corpus, run the encoders (Ray actors), write the feature store; print one summary line."""
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("extract")(extract)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"extract: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def extract(
+    corpus: Path = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files."),
+    config: Path = typer.Option(..., "--config", help="Recipe YAML (its `extract` section is used)."),
+    store: str = typer.Option(..., "--store", help="Feature store path or URL (s3://... with fsspec)."),
+    workers: int = typer.Option(1, "--workers", min=0, help="Ray actors (one GPU each if any); 0 = in this process."),
+    address: str = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. auto or HOST:PORT)."),
+    augment: int = typer.Option(None, "--augment", min=0, help="Augmented copies per Train utterance (default: config)."),
+    splits: list[str] = typer.Option(None, "--splits", help="Only these splits (repeat, or comma-separated)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Extract encoder features for every utterance; rerunning the same command resumes (committed shards are kept).
+
+    Exit code 0: all written; 1: some utterances failed (the rest are written; see the store's failures table);
+    2: usage or config error.
+    """
+    from mtser.config import ConfigError, load_config
+    from mtser.featurestore.corpus import CorpusError, read_corpus
+    from mtser.featurestore.extract import extract as run_extract, reader_failures
+    from mtser.featurestore.labels import SPLITS
+    from mtser.featurestore.store import StoreError
+
+    wanted = [s.strip() for item in (splits or []) for s in item.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(SPLITS))
+    if unknown:
+        _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
+    try:
+        cfg = load_config(config).extract
+        read = read_corpus(corpus)
+    except (ConfigError, CorpusError) as exc:
+        _fail(str(exc), 2)
+    for problem in read.problems:
+        typer.echo(f"extract: corpus: {problem}", err=True)
+    try:
+        summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
+                              splits=wanted or None, problems=reader_failures(read.problems), progress=progress)
+    except (StoreError, OSError, ValueError) as exc:
+        _fail(str(exc), 1 if isinstance(exc, StoreError) else 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; committed shards are kept: rerun the same command to resume", 130)
+    for utt_id, stage, reason in summary.failures[:20]:
+        typer.echo(f"extract: failed: {utt_id} [{stage}] {reason}", err=True)
+    if len(summary.failures) > 20:
+        typer.echo(f"extract: ... {len(summary.failures) - 20} more in the store's failures table", err=True)
+    for shard, error in summary.shards_failed.items():
+        typer.echo(f"extract: shard {shard} failed after retries: {error}", err=True)
+    typer.echo(f"extract: {summary.line()}")
+    if not summary.ok:
+        raise typer.Exit(1)

@@ -254,7 +254,7 @@ def _extract_config(data: dict) -> ExtractConfig:
 class ExtractSummary:
     planned: int = 0                          # rows (utterances + augmented copies) in the plan
     written: int = 0
-    failed: int = 0                           # per-utterance failures this run (reader problems included)
+    failed: int = 0                           # failure rows of this plan in the store (reader problems included)
     skipped: int = 0                          # rows of shards already committed by an earlier run
     shards: int = 0
     shards_skipped: int = 0
@@ -292,34 +292,37 @@ def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None
         ), storage_options)
 
 
-def write_reader_problems(url: str, problems: Sequence[Failure], storage_options: dict | None = None) -> bool:
-    """Corpus-reader problems as one part (id from its content, so a rerun does not add it twice); True if new."""
+def reader_failures(problems: Sequence[Any]) -> list[Failure]:
+    """Corpus-reader problems (`CorpusProblem`) as failure rows of stage "read"."""
+    return [Failure(Utterance(id=p.item or p.source, path=p.source), "read", str(p)) for p in problems]
+
+
+def write_reader_problems(url: str, problems: Sequence[Failure], storage_options: dict | None = None) -> str | None:
+    """Reader problems as one part whose id hashes its content (a rerun does not add it twice); its part id."""
     if not problems:
-        return False
+        return None
     digest = hashlib.sha256(json.dumps([(p.utt.id, p.stage, p.reason) for p in problems]).encode()).hexdigest()[:12]
     part = f"reader-{digest}"
-    if part in open_store(url, storage_options=storage_options).committed_parts():
-        return False
-    writer = StoreWriter(url, part, storage_options)
-    for p in problems:
-        writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
-    writer.commit()
-    return True
+    if part not in open_store(url, storage_options=storage_options).committed_parts():
+        writer = StoreWriter(url, part, storage_options)
+        for p in problems:
+            writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
+        writer.commit()
+    return part
 
 
 def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
             augment: int | None = None, splits: Sequence[str] | None = None, problems: Sequence[Failure] = (),
             storage_options: dict | None = None, progress: bool = True) -> ExtractSummary:
-    """Extract `utts` into the store at `url`. workers=0 runs in this process (no Ray)."""
+    """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). The summary's failures are every
+    failure row of this plan's parts, earlier runs' included, so a resumed run reports the same outcome."""
     start = time.perf_counter()
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
     register_encoders(url, cfg, storage_options)
     summary = ExtractSummary()
-    if write_reader_problems(url, problems, storage_options):
-        summary.failed += len(problems)
-        summary.failures += [(p.utt.id, p.stage, p.reason) for p in problems]
+    reader_part = write_reader_problems(url, problems, storage_options)
     shards = plan_shards(utts, cfg, augment)
     committed = open_store(url, storage_options=storage_options).committed_parts()
     todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
@@ -330,8 +333,6 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
 
     def record(result: dict[str, Any]) -> None:
         summary.written += result["written"]
-        summary.failed += result["failed"]
-        summary.failures += [tuple(f) for f in result["failures"]]
         summary.audio_seconds += result["seconds"]
         if result["node"]:
             summary.nodes.add(result["node"])
@@ -347,6 +348,10 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     finally:
         bar.close()
         summary.wall_seconds = time.perf_counter() - start
+    table = open_store(url, storage_options=storage_options).failures
+    mine = table[table["part"].isin({s.id for s in shards} | {reader_part})]
+    summary.failures = list(mine[["id", "stage", "reason"]].itertuples(index=False, name=None))
+    summary.failed = len(summary.failures)
     return summary
 
 
