@@ -1,4 +1,4 @@
-"""Corpus readers on hand-written fixtures: which utterances survive, and the exact problem reported for each bad row."""
+"""Corpus readers on hand-written fixtures: surviving utterances and the exact problem reported per bad row."""
 from __future__ import annotations
 
 import json

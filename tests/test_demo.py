@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 import wave
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.featurestore.demo import CLASS_WORDS, LABEL_COLUMNS, make_demo_corpus, make_test_encoders
+from mtser.featurestore.demo import CLASS_WORDS, LABEL_COLUMNS, make_demo_corpus
 from mtser.featurestore.labels import CLASSES
 
 from conftest import DEMO_CORPUS_SIZE
@@ -114,6 +115,24 @@ def test_demo_corpus_refuses_to_replace_an_existing_folder_unless_asked(tmp_path
     assert (out / "keep.txt").exists()
     make_demo_corpus(out, size=10, seed=1, overwrite=True)
     assert not (out / "keep.txt").exists() and len(list((out / "Audios").iterdir())) == 10
+
+
+def test_demo_corpus_synthesis_failure_names_the_utterance_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtser.featurestore import demo
+
+    broken = dataclasses.replace(demo.TRAIN_SPEAKERS[0], voice="nosuchvoice")
+    monkeypatch.setattr(demo, "TRAIN_SPEAKERS", (broken,))
+    with pytest.raises(RuntimeError, match=r"espeak-ng failed on MSP-PODCAST_\d{4}_\d{4}\.wav \(exit 1\): .*voice"):
+        make_demo_corpus(tmp_path / "corpus", size=10, seed=0)
+    assert list(tmp_path.iterdir()) == []   # neither the corpus nor its .partial folder is left behind
+
+
+def test_demo_corpus_without_espeak_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = CliRunner().invoke(app, ["demo-corpus", str(tmp_path / "c"), "--size", "10"])
+    assert result.exit_code == 1 and "espeak-ng not found" in result.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_demo_corpus_cli_exit_codes(tmp_path: Path) -> None:

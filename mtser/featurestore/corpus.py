@@ -98,12 +98,12 @@ def read_corpus(path: str | Path) -> CorpusReadResult:
 def read_msp_podcast(root: str | Path) -> CorpusReadResult:
     """Read an MSP-Podcast release: `Labels/labels_consensus.csv`, `Audios/*.wav`, `Transcripts/<name>.txt`.
 
-    Utterances come sorted by id. Rows get their transcript (source "human") when the .txt exists. Empty label cells mean unlabelled,
-    so Test3 rows with empty labels are read as they are. Audio files that have no row in the label file (the 2025
-    release ships Test3 that way) are kept unlabelled: split "Test3" when the name contains "test3", otherwise no
-    split plus a problem saying so. A transcript that is empty or not UTF-8 keeps the utterance without transcript
-    (Whisper can transcribe it) and is reported. Invalid rows are reported and skipped; the read never raises on
-    content, only when `root` has no label file (`CorpusError`).
+    Utterances come sorted by id. Rows get their transcript (source "human") when the .txt exists. Empty label
+    cells mean unlabelled, so Test3 rows with empty labels are read as they are. Audio files without a row in the
+    label file (the 2025 release ships Test3 that way) are kept unlabelled: split "Test3" when the name contains
+    "test3", otherwise no split plus a problem saying so. A transcript that is empty or not UTF-8 keeps the
+    utterance without transcript (Whisper can transcribe it) and is reported. Invalid rows are reported and
+    skipped; the read never raises on content, only when `root` has no label file (`CorpusError`).
     """
     root = Path(root)
     labels = root / MSP_LABELS

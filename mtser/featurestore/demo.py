@@ -14,9 +14,9 @@ them through `from_pretrained` exactly like the real checkpoints.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import random
+import shutil
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -126,8 +126,6 @@ def make_demo_corpus(out: Path, size: int, seed: int = 0, overwrite: bool = Fals
     a few O and X classes, some SpkrID `Unknown` and some utterances without a transcript file. The corpus is
     written to `<out>.partial` and renamed when complete; an existing `out` is an error unless `overwrite`.
     """
-    import shutil
-
     out = Path(out)
     if size < 10:
         raise ValueError(f"demo corpus size must be at least 10, got {size}")
@@ -138,14 +136,26 @@ def make_demo_corpus(out: Path, size: int, seed: int = 0, overwrite: bool = Fals
     plan = plan_demo_corpus(size, seed)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_corpus(partial, plan, seed, workers)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def _write_corpus(root: Path, plan: list[DemoUtterance], seed: int, workers: int) -> None:
     for sub in ("Audios", "Transcripts", "Labels"):
-        (partial / sub).mkdir(parents=True)
+        (root / sub).mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda utt: _write_audio(partial / "Audios" / utt.file_name, utt, seed), plan))
+        list(pool.map(lambda utt: _write_audio(root / "Audios" / utt.file_name, utt, seed), plan))
     for utt in plan:
         if utt.has_transcript:
-            (partial / "Transcripts" / (Path(utt.file_name).stem + ".txt")).write_text(utt.text + "\n")
-    with open(partial / "Labels" / "labels_consensus.csv", "w", newline="") as f:
+            (root / "Transcripts" / (Path(utt.file_name).stem + ".txt")).write_text(utt.text + "\n")
+    with open(root / "Labels" / "labels_consensus.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(LABEL_COLUMNS)
         for utt in sorted(plan, key=lambda u: u.file_name):
@@ -155,10 +165,6 @@ def make_demo_corpus(out: Path, size: int, seed: int = 0, overwrite: bool = Fals
             gender = utt.speaker.gender if utt.speaker_known else "Unknown"
             writer.writerow([utt.file_name, utt.emo_class, *(f"{a:.1f}" for a in utt.attributes), spk, gender,
                              utt.split])
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return out
 
 
 def plan_demo_corpus(size: int, seed: int) -> list[DemoUtterance]:
@@ -216,7 +222,10 @@ def espeak_command(utt: DemoUtterance) -> list[str]:
 def _write_audio(path: Path, utt: DemoUtterance, seed: int) -> None:
     from scipy.signal import resample_poly
 
-    proc = subprocess.run(espeak_command(utt), capture_output=True, check=True)
+    proc = subprocess.run(espeak_command(utt), capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"espeak-ng failed on {utt.file_name} (exit {proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace').strip()}")
     pcm, rate = _parse_wav_stream(proc.stdout)
     audio = resample_poly(pcm.astype(np.float64), SAMPLE_RATE, rate) if rate != SAMPLE_RATE else pcm.astype(np.float64)
     noise_seed = [seed, *path.stem.encode()]
