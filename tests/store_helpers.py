@@ -26,8 +26,8 @@ def utterance(utt_id: str, split: str = "Train", **kw) -> Utterance:
 
 
 def write_part(url: str, part_id: str, ids: list[str], encoders: list[str], dim: int = 16, version: int = 0,
-               split: str = "Train") -> None:
-    writer = StoreWriter(url, part_id)
+               split: str = "Train", storage_options: dict | None = None) -> None:
+    writer = StoreWriter(url, part_id, storage_options)
     for utt_id in ids:
         writer.add(utterance(utt_id, split), {e: frames_for(utt_id, dim, version) for e in encoders})
     writer.commit()

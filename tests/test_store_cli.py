@@ -1,0 +1,125 @@
+"""`mtser features` commands and `verify` against corrupted bytes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mtser.cli.main import app
+from mtser.featurestore import store as store_module
+from mtser.featurestore.store import create_store, open_store, register_encoder
+from mtser.featurestore.verify import verify_store
+from store_helpers import encoder_info, frames_for, write_part
+
+IDS = [f"MSP-PODCAST_0003_{i:04d}.wav" for i in range(8)]
+runner = CliRunner()
+
+
+@pytest.fixture
+def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(store_module, "CHUNK_TARGET_BYTES", 1000)   # many inner chunks even in tiny parts
+    path = str(tmp_path / "store.zarr")
+    create_store(path)
+    register_encoder(path, encoder_info("wavlm", dim=32))
+    register_encoder(path, encoder_info("text", dim=8, compression="zstd"))
+    register_encoder(path, encoder_info("q", dim=8, dtype="int8"))
+    write_part(path, "p0", IDS[:5], ["wavlm"], dim=32)
+    write_part(path, "p1", IDS[5:], ["wavlm"], dim=32, split="Development")
+    write_part(path, "p2", IDS[:5], ["text", "q"], dim=8)
+    write_part(path, "p3", IDS[5:], ["text", "q"], dim=8, split="Development")
+    return path
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_ls_reports_encoders_splits_and_bytes(url: str) -> None:
+    result = runner.invoke(app, ["features", "ls", url, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["utterances"] == 8 and summary["parts"] == 4
+    assert summary["encoders"]["wavlm"]["per_split"] == {"Train": 5, "Development": 3}
+    assert summary["encoders"]["wavlm"]["frames"] == sum(len(frames_for(i, 32)) for i in IDS)
+    assert summary["encoders"]["wavlm"]["stored_bytes"] >= summary["encoders"]["wavlm"]["frames"] * 32 * 2
+    text = runner.invoke(app, ["features", "ls", url])
+    assert text.exit_code == 0 and "wavlm: speech tests/tiny-wavlm, 32-d float16 (none), 8 utterances" in text.output
+
+
+def test_show_prints_labels_shape_and_stats(url: str) -> None:
+    result = runner.invoke(app, ["features", "show", url, IDS[6], "--encoder", "wavlm"])
+    assert result.exit_code == 0, result.output
+    x = frames_for(IDS[6], 32).astype(np.float16).astype(np.float32)
+    assert "split: Development" in result.output
+    assert f"[wavlm] shape ({len(x)}, 32) float16: mean {x.mean():.4f}" in result.output
+    missing = runner.invoke(app, ["features", "show", url, "nope.wav"])
+    assert missing.exit_code == 1 and "no utterance 'nope.wav'" in missing.output
+
+
+def test_export_npz_and_npy_files(url: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["features", "export", url, "--encoder", "wavlm", "--ids", IDS[0], "--ids", IDS[7],
+                                 "--out", str(tmp_path / "x.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "x.npz") as npz:
+        assert sorted(npz.files) == sorted([IDS[0], IDS[7]])
+        np.testing.assert_array_equal(npz[IDS[7]], frames_for(IDS[7], 32).astype(np.float16))
+    result = runner.invoke(app, ["features", "export", url, "-e", "text", "--split", "Train", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(f"{i}.npy" for i in IDS[:5])
+    np.testing.assert_array_equal(np.load(tmp_path / "d" / f"{IDS[2]}.npy"), frames_for(IDS[2], 8).astype(np.float16))
+    bad = runner.invoke(app, ["features", "export", url, "-e", "whisper", "--out", str(tmp_path / "w.npz")])
+    assert bad.exit_code == 1 and "no encoder 'whisper'" in bad.output
+
+
+def test_verify_passes_on_an_intact_store(url: str) -> None:
+    result = runner.invoke(app, ["features", "verify", url])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: 4 parts, 24 utterance frame blocks")
+
+
+@pytest.mark.parametrize("encoder", ["wavlm", "text", "q"])
+def test_verify_names_the_utterance_a_flipped_frame_byte_hits(url: str, encoder: str) -> None:
+    store = open_store(url)
+    seg, i = store._locate(IDS[6], encoder)
+    shard = Path(url) / seg.layout.shard_key
+    pieces = seg.reader.ranges(int(seg.offsets[i]), int(seg.offsets[i + 1]))
+    flip_byte(shard, pieces[-1][1] + 5)         # zstd: the frame header of an inner chunk the utterance spans
+    result = runner.invoke(app, ["features", "verify", url])
+    assert result.exit_code == 1
+    part = "p1" if encoder == "wavlm" else "p3"
+    assert f"CORRUPT part '{part}', encoder '{encoder}', utterance '{IDS[6]}'" in result.output
+    assert result.output.count("CORRUPT") == (1 if encoder != "text" else result.output.count(f"part '{part}'"))
+
+
+def test_verify_reports_corrupt_index_arrays_padding_and_shard_index(url: str) -> None:
+    store = open_store(url)
+    seg, _ = store._locate(IDS[0], "wavlm")
+    shard = Path(url) / seg.layout.shard_key
+    size = shard.stat().st_size
+    flip_byte(shard, size - 10)                                             # the shard index
+    offsets = next((Path(url) / "parts/p1/features/wavlm/offsets/c").rglob("*"))
+    flip_byte(offsets, offsets.stat().st_size // 2)                          # a small index array
+    report = verify_store(url)
+    messages = [str(p) for p in report.problems]
+    assert any(m.startswith("part 'p0', encoder 'wavlm':") and "shard index checksum mismatch" in m
+               and "all 5 utterances" in m for m in messages), messages
+    assert any(m.startswith("part 'p1': unreadable part") for m in messages), messages
+    with pytest.raises(Exception, match="part 'p1' is unreadable"):
+        open_store(url)
+
+
+def test_verify_reports_a_flipped_padding_byte(url: str) -> None:
+    store = open_store(url)
+    seg, _ = store._locate(IDS[1], "wavlm")
+    lay = seg.layout
+    padding = lay.n_chunks * lay.chunk_bytes - lay.rows * lay.row_bytes
+    assert padding > 0
+    flip_byte(Path(url) / lay.shard_key, lay.rows * lay.row_bytes + padding // 2)
+    problems = [str(p) for p in verify_store(url).problems]
+    assert problems == ["part 'p0', encoder 'wavlm': padding after the last frame is not zero "
+                        "(corrupt bytes hit no utterance)"]
