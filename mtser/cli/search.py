@@ -95,13 +95,17 @@ def report(
     out: Path = typer.Option(None, "--out", help="Output directory (default RUN/report)."),
 ) -> None:
     """PNG figures and one self-contained HTML page for a search run."""
-    from mtser.trainer.report import write_report
+    from mtser.trainer.report import ensemble_summary, write_report
     from mtser.trainer.tune import SearchError
 
     try:
         page = write_report(run, out)
     except SearchError as exc:
         _fail(str(exc))
+    summary = ensemble_summary(run)
+    if summary is not None:
+        typer.echo("ensemble metrics:")
+        typer.echo(summary.dropna(how="all").to_string(float_format="%.4f"))
     typer.echo(f"report: {page}")
 
 

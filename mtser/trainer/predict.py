@@ -15,9 +15,6 @@ from mtser.config import EncoderConfig, from_dict
 from mtser.featurestore.corpus import Utterance
 from mtser.trainer.ensemble import EnsembleError, Predictions, combine, load_manifest, prediction_table
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
-
-
 @dataclass
 class PredictionRun:
     table: pd.DataFrame                                   # prediction_table columns, one row per file that worked
@@ -25,14 +22,15 @@ class PredictionRun:
 
 
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[Utterance], dict[str, str]]:
-    """Audio files named directly or found in directories (sorted); problems keyed by the path given."""
+    """Audio files named directly or found in directories (corpus.read_folder); id = the file's path as given."""
+    from mtser.featurestore.corpus import read_folder
+
     utts, problems = [], {}
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-            if not found:
-                problems[str(item)] = "directory holds no audio files"
-            utts += [Utterance(id=str(p), path=str(p)) for p in found]
+            read = read_folder(item)
+            problems.update({str(item): p.reason for p in read.problems})
+            utts += [Utterance(id=u.path, path=u.path) for u in read.utterances]
         elif item.is_file():
             utts.append(Utterance(id=str(item), path=str(item)))
         else:

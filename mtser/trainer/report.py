@@ -134,14 +134,15 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         "Training curves": curves_figure(run_dir, results, out_dir / "curves.png"),
     }
     page = out_dir / "index.html"
-    page.write_text(_html(run_dir, results, figures, _ensemble_metrics(run_dir)))
+    page.write_text(_html(run_dir, results, figures, ensemble_summary(run_dir)))
     return page
 
 
-def _ensemble_metrics(run_dir: Path) -> pd.DataFrame | None:
+def ensemble_summary(run_dir: str | Path) -> pd.DataFrame | None:
+    """The ensemble's metrics, one row per scored split (None before `mtser ensemble`)."""
     import json
 
-    manifest = run_dir / "ensemble" / "ensemble.json"
+    manifest = Path(run_dir) / "ensemble" / "ensemble.json"
     if not manifest.exists():
         return None
     metrics = json.loads(manifest.read_text()).get("metrics", {})

@@ -1,0 +1,56 @@
+"""`mtser predict`: encoders run on the fly give the ensemble's stored-feature prediction; bad files are skipped."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mtser.cli.main import app
+from mtser.featurestore.labels import CLASSES
+from search_support import ray_module, search_run  # noqa: F401 (fixtures)
+
+PROBS = [f"prob_{c}" for c in CLASSES]
+ATTRS = ["EmoAct", "EmoVal", "EmoDom"]
+
+
+@pytest.fixture
+def test3_ensemble(search_run, demo_store):
+    run, _ = search_run
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--split", "Test3"])
+    assert result.exit_code == 0, result.output
+    return run / "ensemble"
+
+
+def test_predict_on_wav_matches_ensemble_on_stored_features(test3_ensemble, demo_corpus_dir, tmp_path):
+    stored = pd.read_csv(test3_ensemble / "Test3" / "predictions.csv").set_index("FileName")
+    names = sorted(stored.index)[:2]
+    wavs = [demo_corpus_dir / "Audios" / name for name in names]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wav")
+    out = tmp_path / "table.csv"
+    result = CliRunner().invoke(app, ["predict", *map(str, wavs), str(broken), str(tmp_path / "missing.wav"),
+                                      "--ensemble", str(test3_ensemble), "--out", str(out)])
+    assert result.exit_code == 1, result.output                 # some files failed, the rest are written
+    assert "broken.wav" in result.output and "missing.wav" in result.output
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["FileName", "EmoClass", *PROBS, *ATTRS]
+    assert table["FileName"].tolist() == sorted(map(str, wavs))
+    for wav, name in zip(wavs, names):
+        row = table.set_index("FileName").loc[str(wav)]
+        assert row["EmoClass"] == stored.loc[name, "EmoClass"]
+        assert row[PROBS + ATTRS].to_numpy(float) == pytest.approx(stored.loc[name, PROBS + ATTRS].to_numpy(float),
+                                                                   abs=1e-5)
+        assert row[PROBS].sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_prints_a_folder_and_rejects_a_bad_manifest(test3_ensemble, demo_corpus_dir, tmp_path):
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for wav in sorted((demo_corpus_dir / "Audios").glob("*test3*"))[:2]:
+        (folder / wav.name).write_bytes(wav.read_bytes())
+    result = CliRunner().invoke(app, ["predict", str(folder), "--ensemble", str(test3_ensemble / "ensemble.json")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(".wav") == 2 and "EmoClass" in result.output
+
+    bad = CliRunner().invoke(app, ["predict", str(folder), "--ensemble", str(tmp_path / "nothing.json")])
+    assert bad.exit_code == 2 and "nothing.json" in bad.output

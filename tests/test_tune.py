@@ -1,0 +1,136 @@
+"""`mtser tune`: a two-stage Ray Tune search on the demo store, best-checkpoint bookkeeping, resume, ASHA."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mtser.cli.main import app
+from mtser.trainer.checkpoint import read_sidecar
+from mtser.trainer.tune import RESULT_COLUMNS, prepare_run, run_search, stage2_specs
+from search_support import REPO, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
+
+
+def _states(run: Path, stage: int = 1) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((run / f"stage{stage}").glob("*/state.json"))}
+
+
+def test_interrupted_search_resumed_runs_only_the_rest(demo_store, tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", max_concurrent=1)
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "mtser", "tune", "--search", str(grid), "--store", str(demo_store),
+                             "--out", str(run), "--stage", "1"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(s.get("status") == "complete" for s in _states(run).values()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"search ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr
+
+    before = _states(run)
+    finished = {name for name, s in before.items() if s["status"] == "complete"}
+    mtimes = {name: (run / "stage1" / name / "state.json").stat().st_mtime_ns for name in finished}
+    assert 2 <= len(finished) < 4
+
+    ray_init()
+    summary = run_search(grid, str(demo_store), run, resume=True, stages=(1,), verbose=0)
+    all_trials = {"a0.5_b1_asp", "a1_b1_asp", "a0.5_b1_mean", "a1_b1_mean"}
+    assert set(summary.ran) == all_trials - finished
+    assert summary.failed == []
+    assert {name: (run / "stage1" / name / "state.json").stat().st_mtime_ns for name in finished} == mtimes
+    assert (summary.table["status"] == "complete").all() and len(summary.table) == 4
+
+    again = run_search(grid, str(demo_store), run, resume=True, stages=(1,), verbose=0)
+    assert again.ran == []
+
+
+def test_two_stage_search_keeps_each_trials_best_checkpoint(search_run):
+    run, summary = search_run
+    table = summary.table
+    assert summary.failed == []
+    assert list(table.columns) == RESULT_COLUMNS
+    assert len(table) == 6 and (table["status"] == "complete").all()
+    assert table["stage"].tolist() == [1, 1, 1, 1, 2, 2]
+
+    stage1 = table[table["stage"] == 1].set_index("trial")
+    cat = table[table["task"] == "cat"].iloc[0]
+    dim = table[table["task"] == "dim"].iloc[0]
+    assert stage1.loc[cat["parent"], "f1"] == stage1["f1"].max()
+    assert stage1.loc[dim["parent"], "ccc_mean"] == stage1["ccc_mean"].max()
+    assert dim["sigma"] == 3.0 and pd.isna(cat["sigma"])
+    assert cat["checkpoint"] != stage1.loc[cat["parent"], "checkpoint"]
+
+    for _, row in table.iterrows():
+        meta = read_sidecar(Path(row["checkpoint"]))
+        history = pd.read_csv(Path(row["checkpoint"]).parent / "history.csv")
+        metric = {"multi": "score", "cat": "f1", "dim": "ccc_mean"}[row["task"]]
+        assert meta["epoch"] == row["best_epoch"] == int(history.loc[history[metric].idxmax(), "epoch"])
+        assert meta["metrics"]["f1"] == pytest.approx(row["f1"])
+        assert meta["metrics"]["ccc_mean"] == pytest.approx(row["ccc_mean"])
+        if row["stage"] == 2:
+            assert meta["parent"] == stage1.loc[row["parent"], "checkpoint"]
+
+    on_disk = pd.read_csv(run / "results.csv")
+    assert on_disk["trial"].tolist() == table["trial"].tolist()
+    assert on_disk["f1"].tolist() == pytest.approx(table["f1"].tolist())
+    events = {p.parent.name for p in (run / "ray").glob("stage*-*/*/events.out.tfevents*")}
+    assert events == set(table["trial"])                     # Ray Tune's TensorBoard logs, one per trial
+
+
+def test_asha_stopped_trials_count_as_finished(demo_store, tmp_path, ray_module):
+    grid = write_grid(tmp_path / "grid.yaml", asha={"grace_period": 1, "reduction_factor": 2}, max_concurrent=0)
+    summary = run_search(grid, str(demo_store), tmp_path / "run", stages=(1,), verbose=0)
+    statuses = summary.table.set_index("trial")["status"]
+    assert set(statuses) <= {"complete", "stopped"} and "stopped" in set(statuses)
+    assert statuses.notna().all() and summary.table["checkpoint"].notna().all()
+    resumed = run_search(grid, str(demo_store), tmp_path / "run", resume=True, stages=(1,), verbose=0)
+    assert resumed.ran == []
+
+
+def test_stage2_specs_pick_parents_by_task_metric(tmp_path):
+    from mtser.config import SearchConfig, load_yaml_as
+
+    search = load_yaml_as(write_grid(tmp_path / "grid.yaml", sigma=[None, 5.0], dim_parents=2), SearchConfig)
+    stage1 = pd.DataFrame({
+        "trial": ["p", "q", "r", "s"], "alpha": [1.0, 0.5, 1.0, 0.5], "beta": [1.0] * 4,
+        "pooling": ["asp", "asp", "mean", "mean"], "status": ["complete", "complete", "stopped", "failed"],
+        "f1": [0.30, 0.35, 0.10, 0.99], "ccc_mean": [0.20, 0.10, 0.50, 0.99],
+        "checkpoint": ["/c/p", "/c/q", "/c/r", None]})
+    specs = stage2_specs(search, REPO / "configs" / "demo.yaml", "cpu", stage1)
+    assert [(s.name, s.task, s.sigma, s.init_from) for s in specs] == [
+        ("cat__q", "cat", None, "/c/q"),
+        ("dim_mse__r", "dim", None, "/c/r"), ("dim_s5__r", "dim", 5.0, "/c/r"),
+        ("dim_mse__p", "dim", None, "/c/p"), ("dim_s5__p", "dim", 5.0, "/c/p")]
+    assert specs[0].config["finetune"]["select_metric"] == "f1" and specs[0].config["model"]["pooling"] == "asp"
+    assert specs[2].config["loss"]["sigma"] == 5.0 and specs[2].config["finetune"]["select_metric"] == "ccc_mean"
+    assert specs[1].config["model"]["pooling"] == "mean" and specs[1].config["finetune"]["task"] == "dim"
+
+
+def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml")
+    prepare_run(grid, str(Path(demo_store).resolve()), tmp_path / "run", resume=False)
+    runner = CliRunner()
+    args = ["tune", "--search", str(grid), "--store", str(demo_store), "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--resume" in result.output
+    other = write_grid(tmp_path / "other.yaml", alpha=[0.25])
+    result = runner.invoke(app, ["tune", "--search", str(other), "--store", str(demo_store),
+                                 "--out", str(tmp_path / "run"), "--resume"])
+    assert result.exit_code == 2 and "different search" in result.output
+    result = runner.invoke(app, ["tune", "--search", str(grid), "--store", str(tmp_path / "nowhere"),
+                                 "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 2 and "nowhere" in result.output
