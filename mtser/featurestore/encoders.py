@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +26,16 @@ WHISPER_SAMPLES_PER_FRAME = 320
 TEXT_BATCH_TOKENS = 8192
 
 
-def select_hidden(hidden_states: Sequence[torch.Tensor], layer: int, mean_last_k: int) -> torch.Tensor:
-    """Hidden-state index `layer` (0 = embeddings, -1 = last layer), or the mean of the last `mean_last_k` layers."""
+def select_hidden(output: Any, layer: int, mean_last_k: int) -> torch.Tensor:
+    """Hidden-state `layer` (0 = embeddings, -1 = last), or the mean of the last `mean_last_k` layers.
+
+    The last entry is the model's `last_hidden_state` (after its final layer norm where it has one: WavLM-large's
+    `hidden_states[-1]` in transformers 5 is taken before that norm), so `layer=-1` is what `model(...)` returns.
+    """
+    states = (*output.hidden_states[:-1], output.last_hidden_state)
     if mean_last_k > 1:
-        return torch.stack(tuple(hidden_states[-mean_last_k:])).mean(dim=0)
-    return hidden_states[layer]
+        return torch.stack(states[-mean_last_k:]).mean(dim=0)
+    return states[layer]
 
 
 def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = False) -> list[list[int]]:
@@ -71,7 +76,7 @@ class SpeechEncoder:
         mask = inputs.get("attention_mask")
         out = self.model(inputs["input_values"].to(self.device),
                          attention_mask=None if mask is None else mask.to(self.device), output_hidden_states=True)
-        states = select_hidden(out.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
         frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
         return [states[j, : int(n)].float().cpu().numpy() for j, n in enumerate(frames)]
 
@@ -104,7 +109,7 @@ class WhisperEncoder:
         pieces = [(i, w[s: s + window]) for i, (w, _) in enumerate(items) for s in range(0, len(w), window)]
         inputs = self.extractor([p for _, p in pieces], sampling_rate=sample_rate, return_tensors="pt")
         enc = self.model.model.encoder(inputs["input_features"].to(self.device), output_hidden_states=True)
-        states = select_hidden(enc.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        states = select_hidden(enc, self.cfg.layer, self.cfg.mean_last_k)
         frames: list[list[np.ndarray]] = [[] for _ in items]
         for j, (i, piece) in enumerate(pieces):
             frames[i].append(states[j, : math.ceil(len(piece) / WHISPER_SAMPLES_PER_FRAME)].float().cpu().numpy())
@@ -148,7 +153,7 @@ class TextEncoder:
     def forward(self, texts: Sequence[str], sample_rate: int) -> list[np.ndarray]:
         inputs = self._tokenize(list(texts), padding=True, return_tensors="pt").to(self.device)
         out = self.model(**inputs, output_hidden_states=True)
-        states = select_hidden(out.hidden_states, self.cfg.layer, self.cfg.mean_last_k)
+        states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
         mask = inputs["attention_mask"].bool()
         return [states[j][mask[j]].float().cpu().numpy() for j in range(len(texts))]
 
