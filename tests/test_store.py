@@ -16,6 +16,7 @@ import zarr
 from mtser.featurestore.store import (
     StoreError, StoreWriter, create_store, open_store, quantize_int8, register_encoder,
 )
+from mtser.featurestore.shards import raw_shard
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
 IDS = [f"MSP-PODCAST_0001_{i:04d}.wav" for i in range(12)]
@@ -62,6 +63,18 @@ def test_plain_zarr_python_reads_identical_values(url: str, compression: str) ->
         np.testing.assert_array_equal(frames[offsets[i]:offsets[i + 1]], store.get(utt_id, "enc"))
     assert root.attrs["mtser"]["schema_version"] == 1
     assert root["encoders/enc"].attrs["mtser_encoder"]["dim"] == 40
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 1], [14], [3, 4]])
+def test_raw_shard_bytes_equal_what_zarr_python_writes(tmp_path: Path, lengths: list[int]) -> None:
+    rng = np.random.default_rng(1)
+    items = [rng.standard_normal((n, 24)).astype(np.float16) for n in lengths]
+    rows, chunk_rows = sum(lengths), 7
+    arr = zarr.create_array(str(tmp_path / "z"), shape=(rows, 24), dtype="float16", chunks=(chunk_rows, 24),
+                            shards=(-(-rows // chunk_rows) * chunk_rows, 24), compressors=None, fill_value=0,
+                            config={"write_empty_chunks": True})
+    arr[...] = np.concatenate(items)
+    assert (tmp_path / "z" / "c" / "0" / "0").read_bytes() == raw_shard(items, chunk_rows).tobytes()
 
 
 def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:
@@ -262,3 +275,15 @@ def test_store_api_imports_without_torch_or_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.stdout.strip() == "[]"
+
+
+def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtser.featurestore import store as store_module
+
+    register_encoder(url, encoder_info("enc"))
+    write_part(url, "p0", IDS, ["enc"])
+    monkeypatch.setattr(store_module.FramesLayout, "parse", staticmethod(lambda key, meta: None))
+    store = open_store(url)
+    assert store._locate(IDS[0], "enc")[0].reader is None
+    for utt_id, frames in zip(IDS, store.get_many(IDS, "enc")):
+        np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))

@@ -41,8 +41,8 @@ from zarr.core.sync import sync
 
 from mtser import __version__
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.shardread import (
-    ByteSource, FramesLayout, FramesReader, FsspecByteSource, LocalByteSource, ShardFormatError,
+from mtser.featurestore.shards import (
+    ByteSource, FramesLayout, FramesReader, FsspecByteSource, LocalByteSource, ShardFormatError, raw_shard,
 )
 
 SCHEMA_VERSION: int = 1
@@ -349,27 +349,29 @@ class StoreWriter:
 
     def _write_encoder(self, group: zarr.Group, info: EncoderInfo, items: list) -> dict[str, Any]:
         prefix = f"features/{info.name}"
-        lengths = np.array([len(frames) for _, frames, _ in items], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        frames = np.concatenate([f for _, f, _ in items])
-        rows = len(frames)
-        row_bytes = info.dim * frames.dtype.itemsize
-        chunk_rows = max(1, min(rows, CHUNK_TARGET_BYTES // row_bytes))
+        frames = [f for _, f, _ in items]
+        offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames])]).astype(np.int64)
+        rows, dtype = int(offsets[-1]), frames[0].dtype
+        chunk_rows = max(1, min(rows, CHUNK_TARGET_BYTES // (info.dim * dtype.itemsize)))
         arr = group.create_array(
-            f"{prefix}/frames", shape=frames.shape, dtype=frames.dtype, chunks=(chunk_rows, info.dim),
+            f"{prefix}/frames", shape=(rows, info.dim), dtype=dtype, chunks=(chunk_rows, info.dim),
             shards=(math.ceil(rows / chunk_rows) * chunk_rows, info.dim), fill_value=0,
             compressors=ZstdCodec(level=ZSTD_LEVEL) if info.compression == "zstd" else None,
             config={"write_empty_chunks": True})
-        arr[...] = frames
+        shard_key = f"{group.path}/{prefix}/frames/c/0/0"
+        if info.compression == "zstd":
+            arr[...] = np.concatenate(frames)
+        else:           # the bytes zarr-python would write, in one pass instead of one codec call per chunk
+            shard = raw_shard(frames, chunk_rows)
+            sync(self._store.set(shard_key, default_buffer_prototype().buffer.from_array_like(shard)))
         _write_small(group, f"{prefix}/ids", np.array([i for i, _, _ in items], dtype=str))
         _write_small(group, f"{prefix}/offsets", offsets)
         _write_small(group, f"{prefix}/crc32",
                      np.array([_stored_checksum(f, s) for _, f, s in items], dtype=np.uint32))
         if info.dtype == "int8":
             _write_small(group, f"{prefix}/scale", np.concatenate([s for _, _, s in items]))
-        stored = sync(self._store.getsize(f"{group.path}/{prefix}/frames/c/0/0"))
-        return {"n": len(items), "frames": int(rows), "dim": info.dim, "dtype": info.dtype,
-                "nbytes": int(frames.nbytes), "stored_bytes": int(stored)}
+        return {"n": len(items), "frames": rows, "dim": info.dim, "dtype": info.dtype,
+                "nbytes": rows * info.dim * dtype.itemsize, "stored_bytes": int(sync(self._store.getsize(shard_key)))}
 
 
 def _writer_id() -> str:
@@ -609,21 +611,30 @@ class FeatureStore:
         return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
 
     def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
-        """Stored frames of each (segment, position): byte ranges through the fast path, batched per call."""
-        requests, plans = [], []
+        """Stored frames of each (segment, position) as new arrays; remote sources fetch a batch concurrently."""
         try:
+            if not self._source.batches or len(hits) == 1:
+                return [self._rows(seg, int(seg.offsets[i]), int(seg.offsets[i + 1])) for seg, i in hits]
+            requests, plans = [], []
             for seg, i in hits:
                 start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
                 pieces = seg.reader.ranges(start, stop) if seg.reader is not None else None
                 plans.append((seg, start, stop, pieces, len(requests)))
                 requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces or []]
             blobs = self._source.read_many(requests)
-            return [self._zarr_rows(seg, start, stop) if pieces is None
+            return [self._rows(seg, start, stop) if pieces is None
                     else seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)])
                     for seg, start, stop, pieces, first in plans]
         except (OSError, ShardFormatError, ValueError, RuntimeError) as exc:
             where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
             raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
+
+    def _rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
+        if seg.reader is not None:
+            return seg.reader.read_rows(start, stop)
+        if seg.array is None:                                  # not mtser's shard layout: plain zarr-python
+            seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
+        return np.asarray(seg.array[start:stop])
 
     # ------------------------------------------------------------------------------------------------ for verify
     def parts(self) -> list[_Part]:
@@ -654,17 +665,10 @@ class FeatureStore:
             seg.scale = self.segment_array(seg, "scale")
         return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
 
-    def _zarr_rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
-        if seg.array is None:
-            seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
-        return np.asarray(seg.array[start:stop])
-
     def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
         if seg.info.dtype == "int8":
             values = raw.astype(np.float32) * self.segment_scales(seg, i)[:, None]
             return values if dtype is None else values.astype(dtype, copy=False)
-        if raw.base is not None and not raw.flags.writeable:   # frombuffer view of bytes: give an owned array
-            raw = raw.copy() if dtype is None else raw
         return raw if dtype is None else raw.astype(dtype)
 
     def iter_split(self, split: str, encoders: list[str], batch: int = 64) -> Iterator[tuple[str, dict[str, np.ndarray]]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtser.featurestore.shardread import ShardFormatError
+from mtser.featurestore.shards import ShardFormatError
 from mtser.featurestore.store import FeatureStore, StoreError, _Part, _Segment
 
 

@@ -1,11 +1,11 @@
-"""The fast read path: an utterance's frames as byte ranges of a standard Zarr v3 shard file.
+"""mtser's shard layout: an utterance's frames as byte ranges of a standard Zarr v3 shard file.
 
 A part's `frames` array is one shard (`sharding_indexed`, index at the end, index codecs bytes + crc32c) whose inner
 chunks hold whole rows. The shard index is read once per array; when inner chunks are uncompressed and laid out
 back to back (mtser writes them so), an utterance's rows are ONE byte range of the shard file, read with `os.pread`
 on a cached descriptor locally or one ranged GET through fsspec. zstd-compressed inner chunks are decoded one by one,
-only those the utterance touches. Anything else falls back to zarr-python slicing. Imports numpy, zarr's own
-dependencies (google_crc32c, numcodecs) and fsspec only.
+only those the utterance touches. Anything else falls back to zarr-python slicing. `raw_shard` writes the same
+bytes zarr-python writes for such an array, in one pass. Imports numpy and zarr's own dependencies only.
 """
 from __future__ import annotations
 
@@ -28,11 +28,17 @@ class ShardFormatError(ValueError):
 class ByteSource:
     """Reads byte ranges of store keys (paths relative to the store root)."""
 
+    batches: bool = False             # True: read_many issues its requests concurrently (worth batching for)
+
     def read(self, key: str, start: int, stop: int) -> bytes:
         raise NotImplementedError
 
     def read_many(self, key_ranges: list[tuple[str, int, int]]) -> list[bytes]:
         return [self.read(k, a, b) for k, a, b in key_ranges]
+
+    def read_into(self, key: str, start: int, out: np.ndarray) -> None:
+        """Fill the C-contiguous array `out` with the bytes of `key` from `start` on."""
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.read(key, start, start + out.nbytes), np.uint8)
 
     def size(self, key: str) -> int:
         raise NotImplementedError
@@ -74,6 +80,16 @@ class LocalByteSource(ByteSource):
             raise ShardFormatError(f"{key}: file ends at byte {start + len(data)}, expected {stop}")
         return data
 
+    def read_into(self, key: str, start: int, out: np.ndarray) -> None:
+        fd, close = self._fd(key)          # one copy, kernel to `out`, as np.load does
+        try:
+            got = os.preadv(fd, [out.reshape(-1).view(np.uint8)], start)
+        finally:
+            if close:
+                os.close(fd)
+        if got != out.nbytes:
+            raise ShardFormatError(f"{key}: file ends at byte {start + got}, expected {start + out.nbytes}")
+
     def size(self, key: str) -> int:
         return os.stat(os.path.join(self.root, key)).st_size
 
@@ -86,6 +102,8 @@ class LocalByteSource(ByteSource):
 
 class FsspecByteSource(ByteSource):
     """Ranged reads through a synchronous fsspec filesystem (s3fs, gcsfs, ...); batches go out concurrently."""
+
+    batches = True
 
     def __init__(self, fs: Any, root: str):
         self.fs = fs
@@ -159,6 +177,22 @@ class FramesLayout:
                             n_chunks=shard_rows // chunk_rows, compressed=len(inner) == 2)
 
 
+def raw_shard(items: list[np.ndarray], chunk_rows: int) -> np.ndarray:
+    """The shard file of an uncompressed (rows, dim) array made of `items` stacked: inner chunks of `chunk_rows`
+    rows back to back (the last one zero-padded), then the index (offset, nbytes per chunk) and its crc32c."""
+    rows, dim, dtype = sum(len(x) for x in items), items[0].shape[1], items[0].dtype
+    n_chunks = -(-rows // chunk_rows)
+    chunk_bytes = chunk_rows * dim * dtype.itemsize
+    data_bytes = n_chunks * chunk_bytes
+    shard = np.zeros(data_bytes + n_chunks * 16 + 4, dtype=np.uint8)
+    np.concatenate(items, out=shard[:rows * dim * dtype.itemsize].view(dtype).reshape(rows, dim))
+    index = shard[data_bytes:data_bytes + n_chunks * 16].view("<u8").reshape(n_chunks, 2)
+    index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_bytes)
+    index[:, 1] = chunk_bytes
+    shard[-4:] = np.frombuffer(np.uint32(google_crc32c.value(index.tobytes())).tobytes(), np.uint8)
+    return shard
+
+
 def parse_shard_index(raw: bytes, n_chunks: int) -> np.ndarray:
     """The (n_chunks, 2) offset/nbytes table at the end of a shard; checks its crc32c."""
     body, stored = raw[:-4], raw[-4:]
@@ -205,9 +239,10 @@ class FramesReader:
 
     def assemble(self, start: int, stop: int, pieces: list[tuple[int, int, int, int]], blobs: list[bytes]) -> np.ndarray:
         lay = self.layout
-        if len(pieces) == 1 and pieces[0][0] == -1:
-            return np.frombuffer(blobs[0], dtype=lay.dtype).reshape(stop - start, lay.dim)
         out = np.empty((stop - start, lay.dim), dtype=lay.dtype)
+        if len(pieces) == 1 and pieces[0][0] == -1:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(blobs[0], np.uint8)
+            return out
         for (k, off, _, row0), blob in zip(pieces, blobs):
             if off == EMPTY_CHUNK:
                 chunk = np.zeros((lay.chunk_rows, lay.dim), dtype=lay.dtype)
@@ -221,8 +256,13 @@ class FramesReader:
         return out
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new writable (rows, dim) array of the stored dtype."""
         pieces = self.ranges(start, stop)
         key = self.layout.shard_key
+        if len(pieces) == 1 and pieces[0][0] == -1:
+            out = np.empty((stop - start, self.layout.dim), dtype=self.layout.dtype)
+            self.source.read_into(key, pieces[0][1], out)
+            return out
         stored = [(key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK]
         blobs = iter(self.source.read_many(stored))
         return self.assemble(start, stop, pieces, [next(blobs) if a != EMPTY_CHUNK else b"" for _, a, _, _ in pieces])
