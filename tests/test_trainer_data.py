@@ -56,7 +56,10 @@ def test_epoch_sampling_is_seeded_and_replaces_only_when_needed():
 
 def test_batches_pad_and_mask_every_encoder(store):
     ids = data.training_ids(store, ["a", "b"], "multi")[:5]
-    batch = data.BatchReader(store, ["a", "b"])(ids)
+    batch = data.BatchReader(store, ["a", "b"], np.float32)(ids)
+    as_stored = data.BatchReader(store, ["a", "b"])(ids)  # the GPU path: float16 on the host, float32 on device
+    assert as_stored.features["a"][0].dtype == torch.float16
+    assert torch.equal(as_stored.to("cpu").features["a"][0], batch.features["a"][0])
     for name in ("a", "b"):
         x, mask = batch.features[name]
         lengths = [store.length(i, name) for i in ids]

@@ -91,45 +91,65 @@ class Batch:
     attributes: torch.Tensor                                 # (B, 3) float32, NaN = unknown
 
     def to(self, device: torch.device | str) -> Batch:
-        blocking = torch.device(device).type != "cuda"
-        return Batch(self.ids,
-                     {k: (x.to(device, non_blocking=not blocking), m.to(device, non_blocking=not blocking))
-                      for k, (x, m) in self.features.items()},
-                     self.classes.to(device), self.attributes.to(device))
+        """On `device`, features as float32 (converted there: a float16 batch crosses to a GPU at half size)."""
+        return Batch(self.ids, features_to(self.features, device), self.classes.to(device),
+                     self.attributes.to(device))
 
 
-def pad(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_i, D) arrays → zero-padded (B, T_max, D) float32 and mask (B, T_max), True on real frames."""
+def features_to(features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {k: (x.to(device).float(), m.to(device)) for k, (x, m) in features.items()}
+
+
+def host_dtype(device: torch.device) -> type | None:
+    """Padded batches stay in the stored dtype for a GPU, and become float32 in the loader threads for the CPU."""
+    return None if device.type == "cuda" else np.float32
+
+
+def pad(arrays: Sequence[np.ndarray], dtype: np.dtype | type | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_i, D) arrays → zero-padded (B, T_max, D) and mask (B, T_max), True on real frames.
+
+    dtype None keeps the arrays' dtype: float16 features stay float16 on the host (half the bytes to copy and
+    transfer, no conversion) and become float32 on the device in `Batch.to`.
+    """
     dim = arrays[0].shape[1]
     longest = max(1, max(len(a) for a in arrays))
-    x = np.zeros((len(arrays), longest, dim), dtype=np.float32)
+    x = np.empty((len(arrays), longest, dim), dtype=dtype or arrays[0].dtype)
     mask = np.zeros((len(arrays), longest), dtype=bool)
     for row, a in enumerate(arrays):
         x[row, : len(a)] = a
+        x[row, len(a) :] = 0
         mask[row, : len(a)] = True
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
-def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name: pad([f[name] for f in per_utterance]) for name in encoders}
+def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Sequence[str],
+                 dtype: np.dtype | type | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: pad([f[name] for f in per_utterance], dtype) for name in encoders}
 
 
-def read_batch(store, ids: Sequence[str], encoders: Sequence[str], labels: LabelArrays) -> Batch:
-    """Read `ids` (whose labels are `labels`) from the store and pad them."""
-    features = {name: pad(store.get_many(list(ids), name)) for name in encoders}
+def read_batch(store, ids: Sequence[str], encoders: Sequence[str], labels: LabelArrays,
+               dtype: np.dtype | type | None = None) -> Batch:
+    """Read `ids` (whose labels are `labels`) from the store and pad them (see `pad` for dtype)."""
+    features = {name: pad(store.get_many(list(ids), name), dtype) for name in encoders}
     return Batch(list(ids), features, torch.from_numpy(labels.classes), torch.from_numpy(labels.attributes))
 
 
 class BatchReader:
-    """Reads batches of a fixed id list; labels are looked up once."""
+    """Reads the batch of a list of ids: features padded per encoder, labels from the store's table.
 
-    def __init__(self, store, encoders: Sequence[str]):
+    dtype: host dtype of the padded features (None: as stored; float32 where the model runs on the CPU, so the
+    conversion happens in the prefetch threads, not in the training step).
+    """
+
+    def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None):
         self.store = store
         self.encoders = list(encoders)
+        self.dtype = dtype
         self._table = store.utterances
 
     def __call__(self, ids: Sequence[str]) -> Batch:
-        return read_batch(self.store, ids, self.encoders, label_arrays(self._table, ids))
+        return read_batch(self.store, ids, self.encoders, label_arrays(self._table, ids), self.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ prefetch

@@ -122,8 +122,7 @@ def run_model(model: FusionModel, batches, device: torch.device, precision: Prec
     precision = precision or Precision(device, enabled=False)
     logits, attrs = [], []
     for batch in batches:
-        features = batch.features if isinstance(batch, data.Batch) else batch
-        features = {k: (x.to(device), m.to(device)) for k, (x, m) in features.items()}
+        features = data.features_to(batch.features if isinstance(batch, data.Batch) else batch, device)
         with precision.autocast():
             out_logits, out_attrs = model(features)
         logits.append(out_logits.float().cpu())
@@ -144,7 +143,7 @@ def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, de
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
     sorted_ids = [ids[k] for k in order]
-    reader = data.BatchReader(store, encoders)
+    reader = data.BatchReader(store, encoders, data.host_dtype(device))
     batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
@@ -156,7 +155,8 @@ def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], 
     device = torch.device(device)
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(len(f[n]) for n in encoders) for f in features], kind="stable")
-    batches = (data.pad_features([features[k] for k in chunk], encoders) for chunk in data.chunks(order, batch_size))
+    batches = (data.pad_features([features[k] for k in chunk], encoders, data.host_dtype(device))
+               for chunk in data.chunks(order, batch_size))
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
 
@@ -215,7 +215,7 @@ class _Stage:
                               f"split of {store.url} lacks the labels ({n} utterances)")
         train_labels = data.label_arrays(store.utterances, self.train_pool)
         self.loss: RecipeLoss = build_loss(self.tc.task, cfg.loss, data.class_counts(train_labels))
-        self.reader = data.BatchReader(store, self.encoders)
+        self.reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device))
         self.precision = Precision(self.device, self.tc.mixed_precision)
 
     def _build_model(self, cfg: Config, store, stage: Stage, init_from: Path | None) -> FusionModel:

@@ -14,7 +14,9 @@ Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B
 class AttentiveStatsPooling(nn.Module):
     """Okabe et al. 2018: softmax attention over frames; attention-weighted mean and standard deviation.
 
-    Padded frames get zero weight and are zeroed, so padding a sequence leaves the output unchanged.
+    Padded frames get exactly zero weight, so (finite) padding leaves the output unchanged. The statistics are two
+    batched matrix products in float32 (also under autocast: E[x²] − E[x]² needs the precision), which costs far
+    less memory traffic than broadcasting the weights over (B, T, D).
     """
 
     def __init__(self, dim: int, attention_dim: int, eps: float = 1e-5):
@@ -24,13 +26,14 @@ class AttentiveStatsPooling(nn.Module):
         self.out_dim = 2 * dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         scores = self.attention(x).squeeze(-1).float()
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # finite: an empty row stays NaN-free
-        weights = torch.softmax(scores, dim=1).unsqueeze(-1).to(x.dtype)
-        mean = (weights * x).sum(dim=1)
-        variance = (weights * (x - mean.unsqueeze(1)) ** 2).sum(dim=1)
-        return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1)
+        weights = torch.softmax(scores, dim=1).unsqueeze(1)                # (B, 1, T)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            mean = torch.bmm(weights, x)
+            variance = torch.bmm(weights, x * x) - mean**2
+        return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1).squeeze(1)
 
 
 class MeanPooling(nn.Module):
@@ -41,8 +44,8 @@ class MeanPooling(nn.Module):
         self.out_dim = dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        m = mask.unsqueeze(1).to(x.dtype)                                   # (B, 1, T)
+        return (torch.bmm(m, x) / m.sum(dim=2, keepdim=True).clamp(min=1.0)).squeeze(1)
 
 
 class EncoderBranch(nn.Module):
