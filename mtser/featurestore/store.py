@@ -29,6 +29,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Iterator
 
 import fsspec
@@ -40,6 +41,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from mtser import __version__
+from mtser.featurestore.arrays import fetch, read_arrays
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.shards import (
     ByteSource, FramesLayout, FramesReader, FsspecByteSource, LocalByteSource, ShardFormatError, raw_shard,
@@ -139,15 +141,6 @@ async def _aget_json(store: Any, key: str) -> dict | None:
 async def _alist_dir(store: Any, prefix: str) -> list[str]:
     names = [name async for name in store.list_dir(prefix)]
     return sorted(n for n in names if n != "zarr.json" and not n.endswith(".partial"))
-
-
-async def _gather(*aws: Any) -> list:
-    return list(await asyncio.gather(*aws))
-
-
-async def _aread_array(store: Any, path: str) -> np.ndarray:
-    arr = await zarr.AsyncArray.open(zarr.storage.StorePath(store, path))
-    return np.asarray(await arr.getitem(slice(None)))
 
 
 def _root_attrs(store: Any, url: str) -> dict:
@@ -473,61 +466,68 @@ class FeatureStore:
         with self._lock:
             self.encoders = _read_encoders(self._store)
             known = self._state.parts
-            new = sync(self._aload_new_parts(set(known)))
+            new = self._load_new_parts(set(known))
             if not new and self._table is not None:
                 return
             parts = dict(sorted({**known, **new}.items(), key=lambda kv: (kv[1].committed_ns, kv[0])))
             index: dict[str, dict[str, tuple[_Segment, int]]] = {name: {} for name in self.encoders}
             for part in parts.values():                      # later commits overwrite earlier rows
                 for name, seg in part.segments.items():
-                    index.setdefault(name, {}).update((str(u), (seg, i)) for i, u in enumerate(seg.ids))
+                    index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
             self._state = _State(parts, index)
             self._table = self._failures = None
 
-    async def _aload_new_parts(self, known: set[str]) -> dict[str, _Part]:
-        names = [n for n in await _alist_dir(self._store, "parts") if n not in known]
-        limit = asyncio.Semaphore(32)
-
-        async def load(name: str) -> _Part | None:
-            async with limit:
+    def _load_new_parts(self, known: set[str]) -> dict[str, _Part]:
+        names = [n for n in sync(_alist_dir(self._store, "parts")) if n not in known]
+        committed = {}
+        for name, raw in zip(names, fetch(self._store, [f"parts/{n}/zarr.json" for n in names])):
+            try:
+                attrs = json.loads(raw)["attributes"].get("mtser_part", {}) if raw is not None else {}
+            except (ValueError, KeyError, AttributeError) as exc:
+                self._part_failed(name, exc)
+                continue
+            if attrs.get("committed") is True:               # else: being written, or left by a killed writer
+                committed[name] = attrs
+        try:
+            return self._load_parts(committed)
+        except Exception:                                     # find the unreadable part(s), load the others
+            loaded = {}
+            for name, attrs in committed.items():
                 try:
-                    meta = await _aget_json(self._store, f"parts/{name}/zarr.json")
-                    attrs = (meta or {}).get("attributes", {}).get("mtser_part", {})
-                    if attrs.get("committed") is not True:
-                        return None                             # being written, or left by a killed writer
-                    segments = {enc: await self._aload_segment(name, enc) for enc in attrs.get("encoders", {})}
-                    return _Part(name, attrs, segments)
+                    loaded.update(self._load_parts({name: attrs}))
                 except Exception as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                    if self._strict:
-                        raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); "
-                                         f"run `mtser features verify`") from exc
-                    self.broken_parts[name] = reason
-                    return None
-        loaded = await asyncio.gather(*(load(n) for n in names))
-        return {p.name: p for p in loaded if p is not None}
+                    self._part_failed(name, exc)
+            return loaded
 
-    async def _aload_segment(self, part: str, encoder: str) -> _Segment:
-        info = self.encoders.get(encoder)
-        if info is None:
-            raise StoreError(f"encoder {encoder!r} has frames in part {part!r} but is not registered")
-        base = f"parts/{part}/features/{encoder}"
-        ids, offsets, meta = await asyncio.gather(_aread_array(self._store, f"{base}/ids"),
-                                                  _aread_array(self._store, f"{base}/offsets"),
-                                                  _aget_json(self._store, f"{base}/frames/zarr.json"))
-        layout = FramesLayout.parse(f"{base}/frames", meta)
-        return _Segment(part, info, ids.astype(object), offsets.astype(np.int64), layout,
-                        FramesReader(self._source, layout, _decompress_zstd) if layout else None)
+    def _part_failed(self, name: str, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._strict:
+            raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); run `mtser features verify`") from exc
+        self.broken_parts[name] = reason
+
+    def _load_parts(self, committed: dict[str, dict]) -> dict[str, _Part]:
+        """Segments of the given committed parts: ids and offsets per encoder, read as one batch."""
+        keys = [(part, enc) for part, attrs in committed.items() for enc in attrs.get("encoders", {})]
+        unknown = [(p, e) for p, e in keys if e not in self.encoders]
+        if unknown:
+            raise StoreError(f"encoder {unknown[0][1]!r} has frames in part {unknown[0][0]!r} but is not registered")
+        bases = [f"parts/{part}/features/{enc}" for part, enc in keys]
+        arrays = read_arrays(self._store, [f"{b}/{a}" for b in bases for a in ("ids", "offsets")])
+        metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
+        parts = {name: _Part(name, attrs, {}) for name, attrs in committed.items()}
+        for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
+            layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
+            parts[part].segments[enc] = _Segment(
+                part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
+                layout, FramesReader(self._source, layout, _decompress_zstd) if layout else None)
+        return parts
 
     # ------------------------------------------------------------------------------------------------ tables
     @property
     def utterances(self) -> pd.DataFrame:
         """The utterance table, index "id"; the row from the latest commit wins; None/NaN where unknown."""
         if self._table is None:
-            parts = list(self._state.parts)
-            frames = sync(_gather(*(self._aread_table(p, "utterances", ("id",) + TABLE_COLUMNS)
-                                           for p in parts)))
-            table = pd.concat(frames, ignore_index=True) if frames else _empty_table(("id",) + TABLE_COLUMNS)
+            table = self._read_tables(list(self._state.parts), "utterances", ("id",) + TABLE_COLUMNS)
             self._table = table.drop_duplicates("id", keep="last").set_index("id").sort_index()
         return self._table
 
@@ -536,18 +536,20 @@ class FeatureStore:
         """Utterances writers could not process: id, path, stage, reason, part."""
         if self._failures is None:
             parts = [p.name for p in self._state.parts.values() if p.n_failures]
-            frames = sync(_gather(*(self._aread_table(p, "failures", FAILURE_COLUMNS) for p in parts)))
-            frames = [f.assign(part=p) for f, p in zip(frames, parts)]
-            self._failures = (pd.concat(frames, ignore_index=True) if frames
-                              else _empty_table(FAILURE_COLUMNS + ("part",)))
+            self._failures = self._read_tables(parts, "failures", FAILURE_COLUMNS)
         return self._failures
 
-    async def _aread_table(self, part: str, table: str, columns: tuple[str, ...]) -> pd.DataFrame:
-        arrays = await asyncio.gather(*(_aread_array(self._store, f"parts/{part}/{table}/{c}") for c in columns))
-        data = {c: (a.astype(np.float64) if c in FLOAT_COLUMNS else
-                    np.array([None if v == "" else str(v) for v in a], dtype=object))
-                for c, a in zip(columns, arrays)}
-        return pd.DataFrame(data, columns=list(columns))
+    def _read_tables(self, parts: list[str], table: str, columns: tuple[str, ...]) -> pd.DataFrame:
+        """One table (utterances or failures) of several parts, rows in part order; failures also get "part"."""
+        extra = ("part",) if table == "failures" else ()
+        if not parts:
+            return _empty_table(columns + extra)
+        arrays = read_arrays(self._store, [f"parts/{p}/{table}/{c}" for p in parts for c in columns])
+        by_column = [arrays[j::len(columns)] for j in range(len(columns))]
+        data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
+        if extra:
+            data["part"] = np.repeat(np.array(parts, dtype=object), [len(a) for a in by_column[0]])
+        return pd.DataFrame(data)
 
     # ------------------------------------------------------------------------------------------------ lookups
     def committed_parts(self) -> set[str]:
@@ -642,12 +644,11 @@ class FeatureStore:
         return list(self._state.parts.values())
 
     def part_table(self, part: str, table: str = "utterances") -> pd.DataFrame:
-        columns = ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS
-        return sync(self._aread_table(part, table, columns))
+        return self._read_tables([part], table, ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS)
 
     def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
         """One of the segment's small arrays ("crc32", "scale", ...), read and checksum-checked by zarr."""
-        return sync(_aread_array(self._store, f"{seg.path}/{name}"))
+        return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
 
     def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
         """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
@@ -691,6 +692,14 @@ class FeatureStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _table_column(name: str, values: np.ndarray) -> np.ndarray:
+    if name in FLOAT_COLUMNS:
+        return values.astype(np.float64)
+    values = values.astype(object)
+    values[values == ""] = None                    # strings are stored with "" for unknown
+    return values
 
 
 def _empty_table(columns: tuple[str, ...]) -> pd.DataFrame:
