@@ -1,0 +1,53 @@
+"""The zarr-python snippet of docs/store-format.md reads what mtser wrote, with mtser blocked from importing."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mtser.featurestore.store import create_store, open_store, register_encoder
+from store_helpers import encoder_info, frames_for, write_part
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
+RUNNER = """
+import importlib.abc, json, sys
+class NoMtser(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "mtser" or name.startswith("mtser."):
+            raise ImportError("mtser is blocked in this test")
+sys.meta_path.insert(0, NoMtser())
+{snippet}
+store, requests = sys.argv[1], json.loads(sys.argv[2])
+out = {{f"{{u}}|{{e}}": read_utterance(store, u, e).astype("float64").tolist() for u, e in requests}}
+assert not any(m == "mtser" or m.startswith("mtser.") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def doc_snippet() -> str:
+    section = DOC.read_text().split("## Reading one utterance with zarr-python alone", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_documented_snippet_reads_identical_values_without_mtser(tmp_path: Path) -> None:
+    url = str(tmp_path / "store.zarr")
+    create_store(url)
+    register_encoder(url, encoder_info("wavlm", dim=16))
+    register_encoder(url, encoder_info("small", dim=16, dtype="int8", compression="zstd"))
+    ids = [f"u{i}.wav" for i in range(6)]
+    write_part(url, "p0", ids, ["wavlm", "small"])
+    write_part(url, "p1", ids[:2], ["wavlm"], version=1)          # re-extracted: the later commit wins
+    requests = [(ids[0], "wavlm"), (ids[4], "wavlm"), (ids[3], "small")]
+    out = subprocess.run([sys.executable, "-c", RUNNER.format(snippet=doc_snippet()), url, json.dumps(requests)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    store = open_store(url)
+    for utt_id, enc in requests:
+        np.testing.assert_array_equal(np.array(got[f"{utt_id}|{enc}"]), store.get(utt_id, enc).astype(np.float64))
+    np.testing.assert_array_equal(np.array(got[f"{ids[0]}|wavlm"]),
+                                  frames_for(ids[0], version=1).astype(np.float16).astype(np.float64))
