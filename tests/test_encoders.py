@@ -48,29 +48,39 @@ def _whisper_reference(model, extractor, wave: np.ndarray, layer: int = -1) -> n
     return out.hidden_states[layer][0, : math.ceil(len(wave) / 320)].numpy()
 
 
+class DirectReference:
+    """The features a user gets from transformers directly, one utterance at a time, as its docs show."""
+
+    def __init__(self, encoders_dir):
+        self.wavlm = AutoModel.from_pretrained(encoders_dir / "wavlm").eval()
+        self.wavlm_fe = AutoFeatureExtractor.from_pretrained(encoders_dir / "wavlm")
+        self.whisper = WhisperForConditionalGeneration.from_pretrained(encoders_dir / "whisper").eval()
+        self.whisper_fe = AutoFeatureExtractor.from_pretrained(encoders_dir / "whisper")
+        self.roberta = AutoModel.from_pretrained(encoders_dir / "roberta").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(encoders_dir / "roberta")
+
+    @torch.no_grad()
+    def features(self, wave: np.ndarray, transcript: str) -> dict[str, np.ndarray]:
+        inputs = self.wavlm_fe(wave, sampling_rate=16000, return_tensors="pt")
+        return {"wavlm": self.wavlm(**inputs).last_hidden_state[0].numpy(),
+                "whisper": _whisper_reference(self.whisper, self.whisper_fe, wave),
+                "roberta": self.roberta(**self.tokenizer(transcript, return_tensors="pt")).last_hidden_state[0].numpy()}
+
+
 def test_each_encoder_matches_a_direct_forward_of_the_utterance_alone(pipeline, utterances, test_encoders_dir):
     result = pipeline.run(utterances)
     assert not result.failures
     written = {u.id: (u, f) for u, f in result.written}
     lengths = {len(load_audio(u.path)) for u in utterances}
     assert len(lengths) == len(utterances)                       # really different lengths, so batches are padded
-    wavlm = AutoModel.from_pretrained(test_encoders_dir / "wavlm").eval()
-    wavlm_fe = AutoFeatureExtractor.from_pretrained(test_encoders_dir / "wavlm")
-    whisper = WhisperForConditionalGeneration.from_pretrained(test_encoders_dir / "whisper").eval()
-    whisper_fe = AutoFeatureExtractor.from_pretrained(test_encoders_dir / "whisper")
-    roberta = AutoModel.from_pretrained(test_encoders_dir / "roberta").eval()
-    tokenizer = AutoTokenizer.from_pretrained(test_encoders_dir / "roberta")
+    reference = DirectReference(test_encoders_dir)
     for utt in utterances:
         stored, feats = written[utt.id]
         wave = load_audio(utt.path)
-        with torch.no_grad():
-            ref_wavlm = wavlm(**wavlm_fe(wave, sampling_rate=16000, return_tensors="pt")).last_hidden_state[0].numpy()
-            ref_text = roberta(**tokenizer(stored.transcript, return_tensors="pt")).last_hidden_state[0].numpy()
-        np.testing.assert_allclose(feats["wavlm"], ref_wavlm, **F16)
-        np.testing.assert_allclose(feats["whisper"], _whisper_reference(whisper, whisper_fe, wave), **F16)
-        np.testing.assert_allclose(feats["roberta"], ref_text, **F16)
+        for name, expected in reference.features(wave, stored.transcript).items():
+            np.testing.assert_allclose(feats[name], expected, **F16, err_msg=f"{utt.id} {name}")
         assert feats["whisper"].shape[0] == math.ceil(len(wave) / 320)
-        assert feats["wavlm"].shape[0] == int(wavlm._get_feat_extract_output_lengths(len(wave)))
+        assert feats["wavlm"].shape[0] == int(reference.wavlm._get_feat_extract_output_lengths(len(wave)))
         assert stored.duration == pytest.approx(len(wave) / 16000)
 
 

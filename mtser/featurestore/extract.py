@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple, Sequence
@@ -58,6 +59,7 @@ class Pipeline:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")  # torch, on WavLM masks
         self.cfg = cfg
         self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens) for e in cfg.encoders}
         self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
@@ -264,7 +266,8 @@ class ExtractSummary:
     wall_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
-    nodes: set[str] = field(default_factory=set)
+    nodes: set[str] = field(default_factory=set)             # Ray node ids that committed shards
+    pids: set[int] = field(default_factory=set)               # worker processes that committed shards
     failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason)
 
     @property
@@ -334,6 +337,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     def record(result: dict[str, Any]) -> None:
         summary.written += result["written"]
         summary.audio_seconds += result["seconds"]
+        summary.pids.add(result["pid"])
         if result["node"]:
             summary.nodes.add(result["node"])
         bar.update(result["written"] + result["failed"])

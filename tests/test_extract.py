@@ -1,0 +1,268 @@
+"""`mtser extract` end to end: Ray workers, stored features equal a direct transformers forward, a killed worker's
+shard is redone, an interrupted run resumes, per-utterance failures are reported, augmentation is recorded."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import yaml
+from typer.testing import CliRunner
+
+from mtser.cli.main import app
+from mtser.config import load_config
+from mtser.featurestore.audio import load_audio
+from mtser.featurestore.corpus import read_corpus
+from mtser.featurestore.extract import extract
+from mtser.featurestore.store import open_store, part_state
+from test_encoders import F16, DirectReference
+
+MTSER = str(Path(sys.executable).with_name("mtser"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("extract")
+
+
+@pytest.fixture(scope="module")
+def config_path(workdir, test_encoders_dir) -> Path:
+    """configs/demo.yaml with the test encoders, small shards (about one utterance each) and short ASR."""
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    for enc in raw["extract"]["encoders"]:
+        enc["model"] = str(test_encoders_dir / enc["name"])
+    raw["extract"].update(shard_seconds=6.0, asr_max_new_tokens=6)
+    path = workdir / "extract.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(workdir, demo_corpus_dir) -> Path:
+    """Ten demo utterances (two without transcript) as a CSV manifest."""
+    utts = sorted(read_corpus(demo_corpus_dir).utterances, key=lambda u: u.id)
+    chosen = [u for u in utts if u.transcript and u.split == "Train"][:4] + \
+             [u for u in utts if u.transcript and u.split == "Development"][:4] + [u for u in utts if not u.transcript][:2]
+    path = workdir / "manifest.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "path", "split", "emo_class", "transcript"])
+        writer.writerows([u.id, u.path, u.split or "", u.emo_class or "", u.transcript or ""] for u in chosen)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean_store(workdir, manifest, config_path):
+    """A clean two-worker run of the manifest."""
+    url = str(workdir / "clean")
+    summary = extract(read_corpus(manifest).utterances, load_config(config_path).extract, url, workers=2,
+                      progress=False)
+    return url, summary
+
+
+def _assert_same_store(url_a: str, url_b: str) -> None:
+    a, b = open_store(url_a), open_store(url_b)
+    assert a.ids() == b.ids() and a.ids()
+    cols = ["split", "emo_class", "transcript", "transcript_source", "augmentation", "source_id"]
+    assert a.utterances[cols].fillna("").equals(b.utterances[cols].fillna(""))
+    np.testing.assert_allclose(a.utterances["duration"], b.utterances["duration"])
+    for name in a.encoders:
+        for utt_id in a.ids():
+            np.testing.assert_allclose(a.get(utt_id, name, np.float32), b.get(utt_id, name, np.float32), **F16)
+
+
+def test_two_workers_store_equals_direct_forward(clean_store, manifest, test_encoders_dir):
+    url, summary = clean_store
+    utts = read_corpus(manifest).utterances
+    assert summary.ok and summary.written == len(utts) == 10 and summary.failed == 0
+    assert summary.workers == 2 and len(summary.pids) == 2           # both actors took shards
+    assert summary.shards >= 4 and summary.shards_skipped == 0
+    store = open_store(url)
+    assert sorted(store.encoders) == ["roberta", "wavlm", "whisper"]
+    assert store.encoders["wavlm"].dtype == "float16" and store.encoders["wavlm"].content_hash
+    table = store.utterances
+    assert (table["transcript_source"] == "asr").sum() == 2 and (table["transcript_source"] == "human").sum() == 8
+    reference = DirectReference(test_encoders_dir)
+    for utt in utts:
+        assert store.get(utt.id, "wavlm").dtype == np.float16
+        expected = reference.features(load_audio(utt.path), table.loc[utt.id, "transcript"])
+        for name, frames in expected.items():
+            np.testing.assert_allclose(store.get(utt.id, name, np.float32), frames, **F16, err_msg=f"{utt.id} {name}")
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::ShardWorker.run"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_killed_worker_has_its_shard_redone_and_store_equals_clean_run(clean_store, workdir, manifest, config_path):
+    url = str(workdir / "killed")
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(summary=extract(
+        read_corpus(manifest).utterances, load_config(config_path).extract, url, workers=2, progress=False)))
+    run.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and run.is_alive() and time.time() < deadline:
+        pids = _worker_pids()
+        if pids:
+            time.sleep(0.3)                                          # let it get into a shard
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    run.join(timeout=180)
+    assert killed is not None, "no ShardWorker process to kill was seen"
+    summary = outcome["summary"]
+    assert summary.retries >= 1 and summary.ok and killed not in summary.pids
+    assert summary.written == 10
+    _assert_same_store(clean_store[0], url)
+
+
+def test_interrupted_driver_resumes_without_recomputing_committed_shards(clean_store, workdir, manifest, config_path):
+    import ray
+
+    url = str(workdir / "resumed")
+    cmd = [MTSER, "extract", str(manifest), "--config", str(config_path), "--store", url, "--workers", "1",
+           "--no-progress", "--address", ray.get_runtime_context().gcs_address]      # joins this module's cluster
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    committed: set[str] = set()
+    deadline = time.time() + 120
+    while not committed and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+        if (Path(url) / "zarr.json").exists():
+            committed = open_store(url).committed_parts()
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+    assert "rerun the same command" in out
+    store = open_store(url)
+    done = store.committed_parts()
+    assert done and len(done) < clean_store[1].shards                # interrupted part-way
+    stamps = {p: part_state(store._store, p)["committed_ns"] for p in done}
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rows = sum(1 for _ in csv.reader(open(manifest))) - 1
+    skipped = int(second.stdout.split("skipped ")[1].split()[0])
+    assert 0 < skipped < rows and f"written {rows - skipped}," in second.stdout
+    store = open_store(url)
+    assert {p: part_state(store._store, p)["committed_ns"] for p in done} == stamps   # not recomputed
+    _assert_same_store(clean_store[0], url)
+
+
+def _bad_corpus(root: Path, demo_corpus_dir: Path) -> Path:
+    """An MSP-Podcast folder with one utterance per failure kind plus good (and stereo 44.1 kHz) ones."""
+    good = sorted(read_corpus(demo_corpus_dir).utterances, key=lambda u: u.id)
+    good = [u for u in good if u.transcript][:2]
+    (root / "Audios").mkdir(parents=True)
+    (root / "Transcripts").mkdir()
+    (root / "Labels").mkdir()
+    names = {"good1": good[0], "good2": good[1]}
+    for name, utt in names.items():
+        shutil.copy(utt.path, root / "Audios" / f"{name}.wav")
+        (root / "Transcripts" / f"{name}.txt").write_text(utt.transcript)
+    wave = load_audio(good[0].path)
+    stereo = np.stack([wave, wave * 0.5], axis=1)
+    import torch
+    import torchaudio.functional as AF
+    stereo44 = AF.resample(torch.from_numpy(stereo.T.copy()), 16000, 44100).numpy().T
+    soundfile.write(root / "Audios" / "stereo44k.wav", stereo44, 44100)
+    (root / "Transcripts" / "stereo44k.txt").write_text("a stereo recording")
+    (root / "Audios" / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 8)
+    soundfile.write(root / "Audios" / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    soundfile.write(root / "Audios" / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    nan = wave.copy()
+    nan[500:510] = np.nan
+    soundfile.write(root / "Audios" / "nan.wav", nan, 16000, subtype="FLOAT")
+    shutil.copy(good[0].path, root / "Audios" / "badtext.wav")
+    (root / "Transcripts" / "badtext.txt").write_bytes(b"caf\xe9 au lait \xff")
+    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing"]
+    with (root / "Labels" / "labels_consensus.csv").open("w") as f:
+        f.write("FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n")
+        f.writelines(f"{r}.wav,N,4.0,4.0,4.0,1,Male,Development\n" for r in rows)
+    return root
+
+
+def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_dir, config_path):
+    corpus = _bad_corpus(workdir / "bad", demo_corpus_dir)
+    url = str(workdir / "bad_store")
+    result = CliRunner().invoke(app, ["extract", str(corpus), "--config", str(config_path), "--store", url,
+                                      "--workers", "0", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "written 4, failed 6," in result.output
+    store = open_store(url)
+    assert sorted(store.ids()) == ["badtext.wav", "good1.wav", "good2.wav", "stereo44k.wav"]
+    reasons = dict(zip(store.failures["id"], store.failures["reason"]))
+    assert "unreadable or corrupt" in reasons["corrupt.wav"]
+    assert "empty audio" in reasons["empty.wav"]
+    assert "all-silent" in reasons["silent.wav"]
+    assert "NaN/Inf" in reasons["nan.wav"]
+    assert "not UTF-8" in reasons["badtext.wav"]
+    assert "not found" in reasons["missing.wav"]
+    table = store.utterances
+    assert table.loc["badtext.wav", "transcript_source"] == "asr"        # kept, transcribed by Whisper instead
+    assert table.loc["stereo44k.wav", "duration"] == pytest.approx(table.loc["good1.wav", "duration"], abs=1e-3)
+    # Rerunning reports the same outcome without recomputing anything.
+    again = CliRunner().invoke(app, ["extract", str(corpus), "--config", str(config_path), "--store", url,
+                                     "--workers", "0", "--no-progress"])
+    assert again.exit_code == 1 and "written 0, failed 6, skipped 8" in again.output
+
+
+def test_usage_errors_exit_2(workdir, manifest, config_path):
+    runner = CliRunner()
+    bad_split = runner.invoke(app, ["extract", str(manifest), "--config", str(config_path), "--store",
+                                    str(workdir / "x"), "--splits", "Train,Dev"])
+    assert bad_split.exit_code == 2 and "unknown split" in bad_split.output
+    missing = runner.invoke(app, ["extract", str(workdir / "nope"), "--config", str(config_path), "--store",
+                                  str(workdir / "x")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_augmented_copies_are_recorded_and_seeded(workdir, manifest, config_path):
+    cfg = load_config(config_path).extract
+    utts = read_corpus(manifest).utterances
+    runs = []
+    for name in ("aug_a", "aug_b"):
+        url = str(workdir / name)
+        summary = extract(utts, cfg, url, workers=0, augment=2, splits=["Train"], progress=False)
+        assert summary.ok and summary.written == 3 * sum(u.split == "Train" for u in utts) == 18
+        runs.append(open_store(url))
+    a, b = runs
+    table = a.utterances
+    copies = table[table["source_id"].notna()]
+    assert len(copies) == 12 and set(table.loc[table["source_id"].isna(), "split"]) == {"Train"}
+    for copy_id, row in copies.iterrows():
+        assert copy_id == f"{row['source_id']}#{row['augmentation'].split(';')[0]}"
+        assert row["augmentation"].startswith(("aug1;snr_db=", "aug2;snr_db="))
+        assert row["transcript"] == table.loc[row["source_id"], "transcript"]
+        assert not np.allclose(a.get(copy_id, "wavlm", np.float32), a.get(row["source_id"], "wavlm", np.float32),
+                               atol=1e-2)
+        np.testing.assert_array_equal(a.get(copy_id, "roberta"), a.get(row["source_id"], "roberta"))
+        np.testing.assert_array_equal(a.get(copy_id, "wavlm"), b.get(copy_id, "wavlm"))   # seeded
+    assert table.loc[copies.index, "augmentation"].tolist() == b.utterances.loc[copies.index, "augmentation"].tolist()
