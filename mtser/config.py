@@ -90,6 +90,7 @@ class TrainConfig:
     mixed_precision: bool = True                # GPU only; CPU always computes in float32
     select_metric: Literal["f1", "ccc_mean", "score"] = "score"  # score = f1 + ccc_mean
     prefetch_batches: int = 4
+    length_buckets: int = 1                     # >1: sort each window of this many batches by length (less padding)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -126,7 +127,8 @@ class Config:
                     raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(tc, name)}")
             if not 0 < tc.lr or tc.min_lr < 0 or tc.min_lr > tc.lr:
                 raise ConfigError(f"{key}.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {tc.lr}/{tc.min_lr}")
-            for name, low in (("warmup_epochs", 0), ("weight_decay", 0), ("prefetch_batches", 1)):
+            for name, low in (("warmup_epochs", 0), ("weight_decay", 0), ("prefetch_batches", 1),
+                              ("length_buckets", 1)):
                 if getattr(tc, name) < low:
                     raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(tc, name)}")
             if tc.grad_clip <= 0:

@@ -98,3 +98,17 @@ def test_prefetch_stops_when_the_consumer_does():
     stream.close()
     time.sleep(0.05)
     assert len(loaded) <= 5 and not [t for t in threading.enumerate() if t.name.startswith("mtser-prefetch")]
+
+
+def test_epoch_batches_sort_by_length_within_windows(store):
+    pool = data.training_ids(store, ["a", "b"], "multi")
+    lengths = data.total_lengths(store, pool, ["a", "b"])
+    batches = data.epoch_batches(pool, lengths, 48, 4, seed=0, epoch=3, buckets=6)
+    plain = data.epoch_batches(pool, lengths, 48, 4, seed=0, epoch=3, buckets=1)
+    # the same utterances as the epoch's sample, only grouped differently
+    assert sorted(sum(batches, [])) == sorted(sum(plain, [])) == sorted(data.epoch_sample(pool, 48, 0, 3))
+    assert batches == data.epoch_batches(pool, lengths, 48, 4, seed=0, epoch=3, buckets=6)
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert padded(batches) < 0.85 * padded(plain)
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest != sorted(longest)  # the batches come in shuffled order, not short to long

@@ -72,10 +72,29 @@ def epoch_sample(pool: Sequence[str], n: int, seed: int, epoch: int) -> list[str
     return [pool[i] for i in picks]
 
 
+def epoch_batches(pool: Sequence[str], lengths: dict[str, int], n: int, batch_size: int, seed: int, epoch: int,
+                  buckets: int = 1) -> list[list[str]]:
+    """One epoch's training batches: `epoch_sample`, then each window of `buckets` batches sorted by length and cut
+    into batches (far less padding), and the batches shuffled. buckets=1: plain random batches."""
+    ids = epoch_sample(pool, n, seed, epoch)
+    if buckets <= 1:
+        return [list(b) for b in chunks(ids, batch_size)]
+    batches: list[list[str]] = []
+    for window in chunks(ids, batch_size * buckets):
+        batches.extend(list(b) for b in chunks(sorted(window, key=lengths.__getitem__), batch_size))
+    order = np.random.default_rng([seed, epoch, buckets]).permutation(len(batches))
+    return [batches[k] for k in order]
+
+
+def total_lengths(store, ids: Sequence[str], encoders: Sequence[str]) -> dict[str, int]:
+    """Frames (or tokens) of each id summed over encoders: the cost measure for length sorting."""
+    return {i: sum(store.length(i, name) for name in encoders) for i in ids}
+
+
 def length_sorted(store, ids: Sequence[str], encoders: Sequence[str]) -> list[str]:
     """Ids ordered by total frame count (evaluation batches then pad little)."""
-    lengths = [sum(store.length(i, name) for name in encoders) for i in ids]
-    return [ids[k] for k in np.argsort(lengths, kind="stable")]
+    lengths = total_lengths(store, ids, encoders)
+    return sorted(ids, key=lengths.__getitem__)
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:

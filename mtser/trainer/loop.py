@@ -205,6 +205,7 @@ class _Stage:
         self.train_pool = data.training_ids(store, self.encoders, self.tc.task)
         if not self.train_pool:
             raise ValueError(f"store {store.url}: no Train utterance with features and labels for task {self.tc.task!r}")
+        self.train_lengths = data.total_lengths(store, self.train_pool, self.encoders)
         dev_ids = data.evaluation_ids(store, self.encoders, "Development")
         self.dev_ids = data.length_sorted(store, dev_ids, self.encoders)
         self.dev_labels = data.label_arrays(store.utterances, self.dev_ids)
@@ -259,8 +260,9 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
     for epoch in range(1, tc.epochs + 1):
         started = time.perf_counter()
         model.train()
-        ids = data.epoch_sample(s.train_pool, tc.samples_per_epoch, tc.seed, epoch)
-        batches = data.WaitClock(data.prefetch(s.reader, data.chunks(ids, tc.batch_size), depth=tc.prefetch_batches))
+        epoch_batches = data.epoch_batches(s.train_pool, s.train_lengths, tc.samples_per_epoch, tc.batch_size,
+                                           tc.seed, epoch, tc.length_buckets)
+        batches = data.WaitClock(data.prefetch(s.reader, epoch_batches, depth=tc.prefetch_batches))
         loss_sum, seen, skipped = 0.0, 0, 0
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False)
         for batch in bar:
