@@ -24,3 +24,20 @@ def demo_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mtser.featurestore.demo import make_demo_corpus
 
     return make_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", size=DEMO_CORPUS_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory, demo_corpus_dir: Path, test_encoders_dir: Path) -> str:
+    """The demo corpus extracted in-process with the test encoders (configs/demo.yaml); a store path, read-only."""
+    from dataclasses import replace
+
+    from mtser.config import load_config
+    from mtser.featurestore.corpus import read_corpus
+    from mtser.featurestore.extract import extract
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml").extract
+    cfg.encoders = [replace(e, model=str(test_encoders_dir / e.name)) for e in cfg.encoders]
+    url = str(tmp_path_factory.mktemp("demo_store") / "store.zarr")
+    summary = extract(read_corpus(demo_corpus_dir).utterances, cfg, url, workers=0, progress=False)
+    assert summary.ok, summary.line()
+    return url
