@@ -164,9 +164,18 @@ def _root_attrs(store: Any, url: str) -> dict:
 def _read_encoders(store: Any) -> dict[str, EncoderInfo]:
     async def load() -> dict[str, EncoderInfo]:
         names = await _alist_dir(store, "encoders")
-        metas = await asyncio.gather(*(_aget_json(store, f"encoders/{n}/zarr.json") for n in names))
-        return {n: EncoderInfo.from_dict(m["attributes"]["mtser_encoder"], f"encoder {n!r}")
-                for n, m in zip(names, metas) if m is not None}
+        metas = await asyncio.gather(*(_aget_json(store, f"encoders/{n}/zarr.json") for n in names),
+                                     return_exceptions=True)
+        found = {}
+        for name, meta in zip(names, metas):
+            try:
+                if isinstance(meta, Exception):
+                    raise meta
+                if meta is not None:
+                    found[name] = EncoderInfo.from_dict(meta["attributes"]["mtser_encoder"], f"encoder {name!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"encoder {name!r}: provenance unreadable ({type(exc).__name__}: {exc})") from exc
+        return found
     return sync(load())
 
 
@@ -274,6 +283,8 @@ class StoreWriter:
             raise StoreError(f"part {self.part_id!r}: writer already committed or aborted")
 
     def _convert(self, utt_id: str, name: str, frames: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if name not in self._encoders:                        # registered after this writer started?
+            self._encoders = _read_encoders(self._store)
         info = self._encoders.get(name)
         if info is None:
             raise StoreError(f"utterance {utt_id!r}: encoder {name!r} is not registered in {self.url} "
@@ -287,7 +298,7 @@ class StoreWriter:
                 raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf")
             return quantize_int8(x)
         with np.errstate(over="ignore"):            # overflow shows up as inf, reported just below
-            stored = np.ascontiguousarray(x, dtype=info.dtype)
+            stored = np.array(x, dtype=info.dtype, order="C")   # a copy: callers may reuse their buffers
         if not np.isfinite(stored).all():
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf "
                              f"(as {info.dtype})")
