@@ -43,8 +43,9 @@ def build(url: str, parts: int, per_part: int) -> float:
     for p in range(parts):
         writer = StoreWriter(url, f"shard-{p:05d}")
         for k in range(per_part):
-            writer.add(Utterance(f"MSP-PODCAST_{p:04d}_{k:04d}.wav", None, "Train", "N", 3.5, 4.0, 3.0, str(k % 900),
-                                 "Female", 4.2, "a short transcript of a few words", "human"),
+            writer.add(Utterance(f"MSP-PODCAST_{p:04d}_{k:04d}.wav", None, "Train", "N", 3.5, 4.0, 3.0,
+                                 speaker=str(k % 900), gender="Female", duration=4.2,
+                                 transcript="a short transcript of a few words", transcript_source="human"),
                        {name: x for name in ENCODERS})
         writer.commit()
     return time.perf_counter() - start

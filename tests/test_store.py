@@ -168,6 +168,10 @@ def test_add_rejects_bad_features_and_keeps_nothing_of_them(url: str) -> None:
     for features, message in bad.values():
         with pytest.raises(StoreError, match=message):
             writer.add(utterance("x.wav"), {"enc": frames_for("x.wav"), **features})
+    with pytest.raises(StoreError, match=r"'y.wav': arousal must be a number or None, got 'high'"):
+        writer.add(utterance("y.wav", arousal="high"), {"enc": frames_for("y.wav")})
+    with pytest.raises(StoreError, match=r"'y.wav': speaker must be a string or None, got 7"):
+        writer.add(utterance("y.wav", speaker=7), {})
     with pytest.raises(StoreError, match="'ok.wav': added twice"):
         writer.add(utterance("ok.wav"), {})
     writer.commit()
@@ -287,3 +291,12 @@ def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, mo
     assert store._locate(IDS[0], "enc")[0].reader is None
     for utt_id, frames in zip(IDS, store.get_many(IDS, "enc")):
         np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))
+
+
+def test_a_pickled_store_reopens_by_url(url: str) -> None:
+    import pickle
+
+    register_encoder(url, encoder_info("enc"))
+    write_part(url, "p0", IDS[:3], ["enc"])
+    copy = pickle.loads(pickle.dumps(open_store(url)))
+    np.testing.assert_array_equal(copy.get(IDS[1], "enc"), frames_for(IDS[1]).astype(np.float16))

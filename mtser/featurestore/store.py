@@ -242,6 +242,17 @@ def quantize_int8(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(q, -127, 127).astype(np.int8), scale
 
 
+def _check_row(utt: Utterance) -> None:
+    """Table values must be None, numbers (float columns) or strings (the others)."""
+    for col in TABLE_COLUMNS:
+        value = getattr(utt, col)
+        ok = (value is None or (isinstance(value, (int, float, np.number)) and not isinstance(value, bool))
+              if col in FLOAT_COLUMNS else value is None or isinstance(value, str))
+        if not ok:
+            kind = "a number" if col in FLOAT_COLUMNS else "a string"
+            raise StoreError(f"utterance {utt.id!r}: {col} must be {kind} or None, got {value!r}")
+
+
 def _stored_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
     crc = zlib.crc32(np.ascontiguousarray(frames).data)
     return crc if scale is None else zlib.crc32(np.ascontiguousarray(scale).data, crc)
@@ -311,6 +322,7 @@ class StoreWriter:
             raise StoreError(f"utterance id {utt.id!r}: must be a non-empty string")
         if utt.id in self._ids:
             raise StoreError(f"utterance {utt.id!r}: added twice to part {self.part_id!r}")
+        _check_row(utt)
         converted = {name: self._convert(utt.id, name, frames) for name, frames in features.items()}
         self._rows.append(utt)
         self._ids.add(utt.id)
@@ -697,6 +709,10 @@ class FeatureStore:
 
     def close(self) -> None:
         self._source.close()
+
+    def __reduce__(self) -> tuple:
+        """Pickles as its URL (e.g. into Ray tasks): the copy reopens the store and reads the current index."""
+        return FeatureStore, (self.url, self.storage_options, self._strict)
 
     def __enter__(self) -> FeatureStore:
         return self
