@@ -157,11 +157,13 @@ class Pipeline:
 
 
 def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
-                      batch_seconds: float = 60.0
+                      batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
     """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D), the utterances with
     transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
-    result = Pipeline(ExtractConfig(encoders=encoders, batch_seconds=batch_seconds), device).run(utts)
+    cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,
+                        asr_max_new_tokens=asr_max_new_tokens)
+    result = Pipeline(cfg, device).run(utts)
     features = {u.id: {k: np.asarray(v, dtype=np.float32) for k, v in f.items()} for u, f in result.written}
     return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}
 
