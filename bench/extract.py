@@ -1,0 +1,163 @@
+"""How fast is `mtser extract` against what a user writes from the transformers docs, and does it scale?
+
+    .venv/bin/python bench/extract.py [--quick] [--utterances N]
+
+One run, same corpus (espeak-ng demo corpus: MSP-Podcast layout, ~10 % audio-only Test3 utterances that need ASR)
+and the same randomly initialised encoders of the real architectures (WavLM-large layout, Whisper, RoBERTa) at a
+size where compute dominates:
+  (a) naive   one utterance at a time, float32, as the transformers docs show: feature extractor + model per
+              encoder, Whisper's generate() for utterances without a transcript (it runs the encoder again),
+              one float16 .npy per utterance and encoder (what peers store)
+  (b) mtser   extract() with 1 Ray worker (all cores' threads)
+  (c) mtser   extract() with 2 Ray workers (cores split between them)
+Wall time per mode covers model loading, every forward pass and writing the outputs; the Ray cluster is started
+once beforehand (like joining one with --address). The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mtser.config import load_config  # noqa: E402
+from mtser.featurestore.corpus import Utterance, read_corpus  # noqa: E402
+
+# Encoder sizes (hidden, layers, heads, ffn): full is WavLM-base / Whisper-base / RoBERTa-base scale.
+SIZES = {
+    "full": {"wavlm": (768, 12, 12, 3072), "whisper": (512, 6, 8, 2048), "roberta": (768, 12, 12, 3072)},
+    "quick": {"wavlm": (192, 3, 4, 768), "whisper": (192, 3, 4, 768), "roberta": (192, 3, 4, 768)},
+}
+ASR_TOKENS = 32
+
+
+def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]]) -> Path:
+    """Random-init models of the real architectures: the demo's tokenizers/processors, resized networks."""
+    import torch
+    from transformers import (
+        AutoConfig, GenerationConfig, RobertaModel, WavLMModel, WhisperForConditionalGeneration,
+    )
+
+    from mtser.featurestore.demo import make_test_encoders
+
+    dirs = make_test_encoders(out, seed=0)
+    torch.manual_seed(0)
+    hidden, layers, heads, ffn = sizes["wavlm"]
+    cfg = AutoConfig.from_pretrained(dirs["wavlm"])
+    cfg.update(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
+                    conv_dim=(512,) * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16))
+    WavLMModel(cfg).eval().save_pretrained(dirs["wavlm"])
+    hidden, layers, heads, ffn = sizes["whisper"]
+    cfg = AutoConfig.from_pretrained(dirs["whisper"])
+    cfg.update(dict(d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                    decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn))
+    model = WhisperForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig.from_pretrained(dirs["whisper"])
+    model.save_pretrained(dirs["whisper"])
+    hidden, layers, heads, ffn = sizes["roberta"]
+    cfg = AutoConfig.from_pretrained(dirs["roberta"])
+    cfg.update(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn))
+    RobertaModel(cfg).eval().save_pretrained(dirs["roberta"])
+    return out
+
+
+def naive_loop(utts: list[Utterance], encoders: Path, out: Path) -> None:
+    """What the transformers docs show, one utterance at a time in float32."""
+    import soundfile
+    import torch
+    import torchaudio.functional as AF
+    from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer, WhisperForConditionalGeneration
+
+    wavlm_fe = AutoFeatureExtractor.from_pretrained(encoders / "wavlm")
+    wavlm = AutoModel.from_pretrained(encoders / "wavlm").eval()
+    processor = AutoProcessor.from_pretrained(encoders / "whisper")
+    whisper = WhisperForConditionalGeneration.from_pretrained(encoders / "whisper").eval()
+    tokenizer = AutoTokenizer.from_pretrained(encoders / "roberta")
+    roberta = AutoModel.from_pretrained(encoders / "roberta").eval()
+    out.mkdir(parents=True)
+    with torch.no_grad():
+        for utt in utts:
+            audio, rate = soundfile.read(utt.path, dtype="float32")
+            if audio.ndim > 1:
+                audio = audio.mean(axis=1)
+            if rate != 16000:
+                audio = AF.resample(torch.from_numpy(audio), rate, 16000).numpy()
+            speech = wavlm(**wavlm_fe(audio, sampling_rate=16000, return_tensors="pt")).last_hidden_state[0]
+            features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+            encoded = whisper.model.encoder(features).last_hidden_state[0, : math.ceil(len(audio) / 320)]
+            text = utt.transcript
+            if not text:
+                ids = whisper.generate(features, language="en", task="transcribe", max_new_tokens=ASR_TOKENS)
+                text = processor.batch_decode(ids, skip_special_tokens=True)[0]
+            tokens = roberta(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            stem = out / Path(utt.id).stem
+            for name, x in (("wavlm", speech), ("whisper", encoded), ("roberta", tokens)):
+                np.save(f"{stem}.{name}.npy", x.numpy().astype(np.float16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
+    parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 48, quick 10)")
+    args = parser.parse_args()
+    n = args.utterances or (10 if args.quick else 48)
+    size = "quick" if args.quick else "full"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from mtser.featurestore.demo import make_demo_corpus
+    from mtser.featurestore.extract import extract
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    work = Path(tempfile.mkdtemp(prefix="mtser-bench-extract-"))
+    try:
+        encoders = build_encoders(work / "encoders", SIZES[size])
+        utts = read_corpus(make_demo_corpus(work / "corpus", size=n, seed=1)).utterances
+        audio_s = sum(__import__("soundfile").info(u.path).duration for u in utts)
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").extract
+        cfg = replace(cfg, encoders=[replace(e, model=str(encoders / e.name)) for e in cfg.encoders],
+                      asr_max_new_tokens=ASR_TOKENS, shard_seconds=audio_s / 8, batch_seconds=60.0)
+        print(f"corpus: {len(utts)} utterances, {audio_s:.0f} s audio, {sum(not u.transcript for u in utts)} "
+              f"without transcript; encoders {SIZES[size]}; torch threads {torch.get_num_threads()}", flush=True)
+        results = {}
+        start = time.perf_counter()
+        naive_loop(utts, encoders, work / "naive")
+        results["naive"] = time.perf_counter() - start
+        print(f"(a) naive loop:     {results['naive']:.1f} s", flush=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        for workers in (1, 2):
+            start = time.perf_counter()
+            summary = extract(utts, cfg, str(work / f"store{workers}"), workers=workers, progress=False)
+            results[f"mtser_{workers}"] = time.perf_counter() - start
+            assert summary.ok and summary.written == len(utts), summary.line()
+            print(f"({'bc'[workers - 1]}) mtser {workers} worker(s): {results[f'mtser_{workers}']:.1f} s  "
+                  f"[{summary.line()}]", flush=True)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rates = {k: len(utts) / v for k, v in results.items()}
+    report = {
+        "speedup_vs_naive": round(rates["mtser_1"] / rates["naive"], 3),
+        "scaling_2_workers": round(rates["mtser_2"] / rates["mtser_1"], 3),
+        **{f"{k}_utt_per_s": round(v, 3) for k, v in rates.items()},
+        **{f"{k}_audio_s_per_s": round(audio_s / t, 3) for k, t in results.items()},
+        "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "cpus": os.cpu_count(),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
