@@ -16,9 +16,11 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from numcodecs import VLenUTF8, Zstd
+from numcodecs import VLenUTF8
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+
+from mtser.featurestore.shards import ZSTD
 
 FAST_CHAINS = (["bytes", "zstd", "crc32c"], ["vlen-utf8", "zstd", "crc32c"])
 
@@ -87,7 +89,7 @@ def _decode(path: str, meta: dict, chunk: bytes | None) -> np.ndarray:
     body, stored = chunk[:-4], chunk[-4:]
     if np.uint32(google_crc32c.value(body)).tobytes() != stored:
         raise ArrayChecksumError(f"array {path!r}: chunk checksum mismatch (corrupt bytes)")
-    raw = Zstd().decode(body)
+    raw = ZSTD.decode(body)
     values = VLenUTF8().decode(raw) if is_str else np.frombuffer(raw, dtype=dtype).copy()
     if len(values) != n:
         raise ArrayChecksumError(f"array {path!r}: chunk holds {len(values)} values, metadata says {n}")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import google_crc32c
 import numpy as np
+from numcodecs import Zstd
+
+ZSTD = Zstd()                 # zarr's own zstd codec; stateless, shared by all threads
 
 EMPTY_CHUNK = 2**64 - 1
 MAX_CACHED_FDS = 512
@@ -204,10 +207,9 @@ def parse_shard_index(raw: bytes, n_chunks: int) -> np.ndarray:
 class FramesReader:
     """Reads row ranges of one frames array; the shard index is loaded on first use and kept."""
 
-    def __init__(self, source: ByteSource, layout: FramesLayout, decompress: Callable[[bytes], bytes]):
+    def __init__(self, source: ByteSource, layout: FramesLayout):
         self.source = source
         self.layout = layout
-        self._decompress = decompress
         self._index: np.ndarray | None = None
         self._base: int | None = None          # byte offset of row 0 when chunks are contiguous and raw
 
@@ -247,7 +249,7 @@ class FramesReader:
             if off == EMPTY_CHUNK:
                 chunk = np.zeros((lay.chunk_rows, lay.dim), dtype=lay.dtype)
             else:
-                raw = self._decompress(blob) if lay.compressed else blob
+                raw = ZSTD.decode(blob) if lay.compressed else blob
                 if len(raw) != lay.chunk_bytes:
                     raise ShardFormatError(f"{lay.shard_key}: inner chunk {k} has {len(raw)} bytes, expected {lay.chunk_bytes}")
                 chunk = np.frombuffer(raw, dtype=lay.dtype).reshape(lay.chunk_rows, lay.dim)

@@ -456,12 +456,6 @@ class _State:
     index: dict[str, dict[str, tuple[_Segment, int]]]        # encoder -> id -> (segment, position)
 
 
-def _decompress_zstd(blob: bytes) -> bytes:
-    from numcodecs import Zstd  # zarr's own zstd implementation
-
-    return Zstd().decode(blob)
-
-
 class FeatureStore:
     """Read access to a store; open with `open_store`. Thread-safe; never writes."""
 
@@ -542,7 +536,7 @@ class FeatureStore:
             layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
             parts[part].segments[enc] = _Segment(
                 part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
-                layout, FramesReader(self._source, layout, _decompress_zstd) if layout else None)
+                layout, FramesReader(self._source, layout) if layout else None)
         return parts
 
     # ------------------------------------------------------------------------------------------------ tables
