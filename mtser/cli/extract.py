@@ -32,7 +32,7 @@ def extract(
     """
     from mtser.config import ConfigError, load_config
     from mtser.featurestore.corpus import CorpusError, read_corpus
-    from mtser.featurestore.extract import extract as run_extract, reader_failures
+    from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_failures
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
 
@@ -50,8 +50,10 @@ def extract(
     try:
         summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
                               splits=wanted or None, problems=reader_failures(read.problems), progress=progress)
-    except (StoreError, OSError, ValueError) as exc:
-        _fail(str(exc), 1 if isinstance(exc, StoreError) else 2)
+    except (StoreError, ExtractError) as exc:
+        _fail(str(exc), 1)
+    except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load
+        _fail(str(exc), 2)
     except KeyboardInterrupt:
         _fail("interrupted; committed shards are kept: rerun the same command to resume", 130)
     for utt_id, stage, reason in summary.failures[:20]:

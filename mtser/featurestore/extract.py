@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from mtser import __version__
-from mtser.config import EncoderConfig, ExtractConfig, to_dict
+from mtser.config import ConfigError, EncoderConfig, ExtractConfig, to_dict
 from mtser.featurestore.audio import AudioError, audio_duration, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, content_hash, encoder_dim_and_rate, load_encoder, run_batched
@@ -33,6 +33,10 @@ from mtser.featurestore.store import (
 )
 
 MAX_SHARD_ATTEMPTS = 3          # a shard whose worker dies this often is reported failed, not retried forever
+
+
+class ExtractError(RuntimeError):
+    """The extraction as a whole cannot go on (workers keep dying before finishing any shard)."""
 
 
 class Failure(NamedTuple):
@@ -287,6 +291,10 @@ class ExtractSummary:
 
 def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
     """Create the store (if needed) and record each encoder's provenance (reads model configs, not weights)."""
+    for enc in cfg.encoders:
+        if enc.kind == "whisper" and not enc.pad_to_30s:
+            raise ConfigError(f"extract.encoders {enc.name}: pad_to_30s=false is not supported (the transformers "
+                              "Whisper encoder requires 3000 mel frames)")
     create_store(url, storage_options)
     for enc in cfg.encoders:
         dim, rate = encoder_dim_and_rate(enc, cfg.sample_rate)
@@ -395,7 +403,8 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         workers = max(1, min(workers, gpus or cpus, len(todo)))
-        threads = None if gpus else max(1, cpus // workers)
+        node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+        threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
         summary.workers, summary.device = workers, "cuda" if gpus else "cpu"
         remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **options)
@@ -404,6 +413,7 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
         queue, idle = deque(todo), list(range(workers))
         inflight: dict[Any, tuple[int, Shard]] = {}
         attempts: Counter[str] = Counter()
+        deaths_in_a_row = 0
         while queue or inflight:
             while idle and queue:
                 slot = idle.pop()
@@ -414,9 +424,14 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
             idle.append(slot)
             try:
                 record(ray.get(ref))
+                deaths_in_a_row = 0
                 continue
             except RayActorError as exc:
                 error = f"worker died: {exc}"
+                deaths_in_a_row += 1
+                if deaths_in_a_row >= workers * MAX_SHARD_ATTEMPTS:
+                    raise ExtractError(f"{deaths_in_a_row} workers died in a row without finishing a shard; "
+                                       f"last: {error}") from None
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = remote.remote(*args)
             except RayError as exc:
