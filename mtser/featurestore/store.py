@@ -685,7 +685,7 @@ class FeatureStore:
 
     def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
         if seg.info.dtype == "int8":
-            values = raw.astype(np.float32) * self.segment_scales(seg, i)[:, None]
+            values = np.multiply(raw, self.segment_scales(seg, i)[:, None], dtype=np.float32)
             return values if dtype is None else values.astype(dtype, copy=False)
         return raw if dtype is None else raw.astype(dtype)
 
