@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mtser.config import Config, ConfigError, from_dict, load_config, to_dict
@@ -15,7 +14,7 @@ from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_chec
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.loop import evaluate, finetune_config, lr_factor, predict, train
 from mtser.trainer.model import FusionModel
-from trainer_store import write_synthetic_store
+from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TIMING = ("train_seconds", "data_wait_fraction")
@@ -37,7 +36,6 @@ def store_url(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def trained(store_url, tmp_path_factory):
-    torch.set_num_threads(1)
     return train(small_config(), store_url, tmp_path_factory.mktemp("run"))
 
 

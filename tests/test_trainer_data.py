@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtser.trainer import data
-from trainer_store import write_synthetic_store
+from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
