@@ -40,6 +40,7 @@ def finished_run(store: str, root: str):
     from mtser.trainer.tune import run_search
 
     root_path = Path(root)
+    root_path.mkdir(parents=True, exist_ok=True)
     grid = write_grid(root_path / "grid.yaml")
     summary = run_search(grid, store, root_path / "run", verbose=0)
     return root_path / "run", summary

@@ -94,7 +94,7 @@ def test_challenge_csvs_have_exact_headers_and_rows(dev_ensemble, demo_store, se
 
 def test_select_members_ranks_per_task_and_skips_unfinished():
     results = pd.DataFrame({
-        "trial": ["a", "b", "c", "d"], "status": ["complete", "stopped", "complete", "failed"],
+        "stage": [1, 2, 2, 1], "trial": ["a", "b", "c", "d"], "status": ["complete", "stopped", "complete", "failed"],
         "checkpoint": ["/a", "/b", "/c", None], "f1": [0.2, 0.4, 0.3, 0.9],
         "ccc_arousal": [0.5, 0.1, 0.4, 0.9], "ccc_valence": [0.1, 0.2, 0.3, 0.9], "ccc_dominance": [0.3, 0.3, 0.1, 0.9]})
     chosen = select_members(results, 2)

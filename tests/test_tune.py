@@ -24,7 +24,7 @@ def _states(run: Path, stage: int = 1) -> dict[str, dict]:
 
 
 def test_interrupted_search_resumed_runs_only_the_rest(demo_store, tmp_path):
-    grid = write_grid(tmp_path / "grid.yaml", max_concurrent=1)
+    grid = write_grid(tmp_path / "grid.yaml")                  # 2 trials at a time: interrupted after the first 2
     run = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "mtser", "tune", "--search", str(grid), "--store", str(demo_store),

@@ -69,6 +69,7 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Audio files and/or directories of audio."),
     ensemble: Path = typer.Option(..., "--ensemble", help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder."),
     out: Path = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it."),
+    transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
@@ -76,7 +77,7 @@ def predict(
     from mtser.trainer.predict import predict_files
 
     try:
-        run = predict_files(inputs, ensemble, device=device)
+        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts)
     except EnsembleError as exc:
         _fail(str(exc), 2)
     if out:

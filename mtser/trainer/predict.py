@@ -21,21 +21,34 @@ class PredictionRun:
     failures: dict[str, str] = field(default_factory=dict)  # file -> reason
 
 
-def collect_inputs(inputs: list[str | Path]) -> tuple[list[Utterance], dict[str, str]]:
-    """Audio files named directly or found in directories (corpus.read_folder); id = the file's path as given."""
+def collect_inputs(inputs: list[str | Path], transcripts: Path | None = None
+                   ) -> tuple[list[Utterance], dict[str, str]]:
+    """Audio files named directly or found in directories (corpus.read_folder); id = the file's path as given.
+    With `transcripts`, `<transcripts>/<audio stem>.txt` is used where it exists; otherwise Whisper
+    transcribes (when the store's Whisper encoder has `asr`)."""
     from mtser.featurestore.corpus import read_folder
 
-    utts, problems = [], {}
+    paths, problems = [], {}
     for item in map(Path, inputs):
         if item.is_dir():
             read = read_folder(item)
             problems.update({str(item): p.reason for p in read.problems})
-            utts += [Utterance(id=u.path, path=u.path) for u in read.utterances]
+            paths += [u.path for u in read.utterances]
         elif item.is_file():
-            utts.append(Utterance(id=str(item), path=str(item)))
+            paths.append(str(item))
         else:
             problems[str(item)] = "no such file or directory"
-    return utts, problems
+    return [_utterance(path, transcripts) for path in paths], problems
+
+
+def _utterance(path: str, transcripts: Path | None) -> Utterance:
+    """As the MSP-Podcast reader does: whitespace-normalised text; empty or undecodable files mean no transcript."""
+    file = transcripts / f"{Path(path).stem}.txt" if transcripts else None
+    try:
+        text = " ".join(file.read_bytes().decode("utf-8").split()) if file is not None and file.is_file() else ""
+    except UnicodeDecodeError:
+        text = ""
+    return Utterance(id=path, path=path, transcript=text or None, transcript_source="human" if text else None)
 
 
 def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
@@ -58,7 +71,8 @@ def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[s
     return out
 
 
-def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu") -> PredictionRun:
+def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
+                  transcripts: Path | None = None) -> PredictionRun:
     """Run the ensemble at `ensemble` (manifest file or its directory) on audio files; bad files are skipped."""
     from mtser.featurestore.extract import encode_utterances
     from mtser.trainer.checkpoint import load_checkpoint
@@ -71,7 +85,7 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
         models[path], _, meta = load_checkpoint(Path(path), device=device)
         metas.append(meta)
     encoders, dtypes = encoder_configs(metas)
-    utts, failures = collect_inputs(inputs)
+    utts, failures = collect_inputs(inputs, transcripts)
     features, _, failed = encode_utterances(encoders, utts, device=device) if utts else ({}, {}, {})
     failures.update(failed)
     ids = [u.id for u in utts if u.id in features and u.id not in failed]
