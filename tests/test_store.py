@@ -282,11 +282,11 @@ def test_store_api_imports_without_torch_or_ray() -> None:
 
 
 def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mtser.featurestore import store as store_module
+    from mtser.featurestore.shards import FramesLayout
 
     register_encoder(url, encoder_info("enc"))
     write_part(url, "p0", IDS, ["enc"])
-    monkeypatch.setattr(store_module.FramesLayout, "parse", staticmethod(lambda key, meta: None))
+    monkeypatch.setattr(FramesLayout, "parse", staticmethod(lambda key, meta: None))
     store = open_store(url)
     assert store._locate(IDS[0], "enc")[0].reader is None
     for utt_id, frames in zip(IDS, store.get_many(IDS, "enc")):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.featurestore import store as store_module
+from mtser.featurestore import writer as writer_module
 from mtser.featurestore.store import create_store, open_store, register_encoder
 from mtser.featurestore.verify import verify_store
 from store_helpers import encoder_info, frames_for, write_part
@@ -20,7 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(store_module, "CHUNK_TARGET_BYTES", 1000)   # many inner chunks even in tiny parts
+    monkeypatch.setattr(writer_module, "CHUNK_TARGET_BYTES", 1000)   # many inner chunks even in tiny parts
     path = str(tmp_path / "store.zarr")
     create_store(path)
     register_encoder(path, encoder_info("wavlm", dim=32))

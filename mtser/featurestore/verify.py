@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mtser.featurestore.shards import ShardFormatError
-from mtser.featurestore.store import FeatureStore, StoreError, _Part, _Segment
+from mtser.featurestore.layout import StoreError
+from mtser.featurestore.reader import FeatureStore, _Part, _Segment
 
 
 @dataclass(frozen=True)

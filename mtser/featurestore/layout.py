@@ -1,0 +1,199 @@
+"""What every part of the store shares: errors, provenance records, constants, store access, store creation.
+
+See docs/store-format.md for the layout. Imports numpy, zarr and fsspec only.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from mtser import __version__
+from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
+
+SCHEMA_VERSION: int = 1
+FORMAT_NAME = "mtser-feature-store"
+DTYPES = ("float16", "float32", "int8")
+COMPRESSIONS = ("none", "zstd")
+ZSTD_LEVEL = 3
+CHUNK_TARGET_BYTES = 64 * 1024          # inner chunk size of frames arrays (the unit zarr-python reads)
+FLOAT_COLUMNS = ("arousal", "valence", "dominance", "duration")
+TABLE_COLUMNS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender", "duration",
+                 "transcript", "transcript_source", "augmentation", "source_id")
+FAILURE_COLUMNS = ("id", "path", "stage", "reason")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StoreError(Exception):
+    """Anything wrong with a store, an utterance or an encoder; the message names the item and the reason."""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Provenance of one encoder's features, stored once per encoder."""
+
+    name: str
+    kind: str                     # "speech" | "whisper" | "text"
+    model: str                    # hub id or local directory
+    revision: str | None
+    content_hash: str | None      # hash of local weights (when no hub revision pins them)
+    layer: int
+    mean_last_k: int
+    dim: int
+    frame_rate: float             # frames per second of audio; 0.0 for text tokens
+    dtype: str                    # "float16" | "float32" | "int8"
+    compression: str              # "none" | "zstd"
+    sample_rate: int
+    mtser_version: str
+    config: dict                  # mtser.config.to_dict(EncoderConfig) the features were extracted with
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "encoder") -> EncoderInfo:
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise StoreError(f"{where}: provenance lacks {missing}")
+        return cls(**{n: data[n] for n in names})
+
+    def validate(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise StoreError(f"encoder {self.name!r}: name must match {NAME_PATTERN.pattern}")
+        if self.dtype not in DTYPES:
+            raise StoreError(f"encoder {self.name!r}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise StoreError(f"encoder {self.name!r}: compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.dim < 1:
+            raise StoreError(f"encoder {self.name!r}: dim must be positive, got {self.dim}")
+
+
+# --------------------------------------------------------------------------------------------------------- store access
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def zarr_store(url: str, storage_options: dict | None, read_only: bool) -> Any:
+    if is_local(url):
+        return zarr.storage.LocalStore(local_path(url), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+
+
+def byte_source(url: str, storage_options: dict | None) -> ByteSource:
+    if is_local(url):
+        return LocalByteSource(local_path(url))
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return FsspecByteSource(fs, root)
+
+
+def get_json(store: Any, key: str) -> dict | None:
+    return sync(aget_json(store, key))
+
+
+async def aget_json(store: Any, key: str) -> dict | None:
+    buf = await store.get(key, prototype=default_buffer_prototype())
+    return None if buf is None else json.loads(buf.to_bytes())
+
+
+async def alist_dir(store: Any, prefix: str) -> list[str]:
+    names = [name async for name in store.list_dir(prefix)]
+    return sorted(n for n in names if n != "zarr.json" and not n.endswith(".partial"))
+
+
+def root_attrs(store: Any, url: str) -> dict:
+    """The root's mtser attributes; StoreError when `url` is not an mtser store or one too new to read."""
+    try:
+        meta = get_json(store, "zarr.json")
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{url}: cannot read the store root: {exc}") from exc
+    if meta is None:
+        raise StoreError(f"{url}: not an mtser feature store (no zarr.json at its root)")
+    attrs = meta.get("attributes", {}).get("mtser") if isinstance(meta, dict) else None
+    if meta.get("zarr_format") != 3 or not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{url}: not an mtser feature store (zarr.json has no mtser attributes)")
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise StoreError(f"{url}: store schema version {version!r} is newer than this mtser {__version__} reads "
+                         f"(up to {SCHEMA_VERSION}); upgrade mtser")
+    return attrs
+
+
+def read_encoders(store: Any) -> dict[str, EncoderInfo]:
+    async def load() -> dict[str, EncoderInfo]:
+        names = await alist_dir(store, "encoders")
+        metas = await asyncio.gather(*(aget_json(store, f"encoders/{n}/zarr.json") for n in names),
+                                     return_exceptions=True)
+        found = {}
+        for name, meta in zip(names, metas):
+            try:
+                if isinstance(meta, Exception):
+                    raise meta
+                if meta is not None:
+                    found[name] = EncoderInfo.from_dict(meta["attributes"]["mtser_encoder"], f"encoder {name!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"encoder {name!r}: provenance unreadable ({type(exc).__name__}: {exc})") from exc
+        return found
+    return sync(load())
+
+
+def create_store(url: str, storage_options: dict | None = None) -> None:
+    """Create an empty store at `url` (local path or fsspec URL); a no-op when one exists already.
+
+    Safe to call from many writers at once: nothing is ever overwritten, concurrent creators write the same bytes.
+    """
+    store = zarr_store(url, storage_options, read_only=False)
+    if get_json(store, "zarr.json") is None:
+        if set(sync(alist_dir(store, ""))) - {"encoders", "parts"}:
+            raise StoreError(f"{url}: exists and is not empty, but is not an mtser feature store")
+        attrs = {"mtser": {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
+                           "created_by": f"mtser {__version__}"}}
+        _create_group_once(store, "", attrs)
+    root_attrs(store, url)
+    for child in ("encoders", "parts"):
+        _create_group_once(store, child, {})
+
+
+def _create_group_once(store: Any, path: str, attributes: dict) -> None:
+    """Create a group unless one exists (never `overwrite=True`: in zarr that deletes everything below)."""
+    if get_json(store, f"{path}/zarr.json" if path else "zarr.json") is not None:
+        return
+    try:
+        zarr.create_group(store, path=path or None, attributes=attributes)
+    except zarr.errors.ContainsGroupError:
+        pass                                                  # another writer created it meanwhile
+
+
+def register_encoder(url: str, info: EncoderInfo, storage_options: dict | None = None) -> None:
+    """Record an encoder's provenance; a no-op if identical, StoreError if the name exists with other provenance."""
+    info.validate()
+    store = zarr_store(url, storage_options, read_only=False)
+    root_attrs(store, url)
+    existing = get_json(store, f"encoders/{info.name}/zarr.json")
+    if existing is None:
+        _create_group_once(store, f"encoders/{info.name}", {"mtser_encoder": info.to_dict()})
+        existing = get_json(store, f"encoders/{info.name}/zarr.json")
+    old = EncoderInfo.from_dict(existing["attributes"]["mtser_encoder"], f"encoder {info.name!r}")
+    diff = [f for f in old.to_dict() if f != "mtser_version" and getattr(old, f) != getattr(info, f)]
+    if diff:
+        raise StoreError(f"{url}: encoder {info.name!r} is already registered with different provenance "
+                         f"(fields {diff} differ); use another encoder name")
+
+
+def part_state(store: Any, part_id: str) -> dict | None:
+    """The part's mtser attributes, or None when the part does not exist (or has no metadata yet)."""
+    meta = get_json(store, f"parts/{part_id}/zarr.json")
+    return None if meta is None else meta.get("attributes", {}).get("mtser_part", {})

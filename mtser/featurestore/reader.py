@@ -1,0 +1,344 @@
+"""FeatureStore: thread-safe, read-only access to a store; the latest commit of an utterance wins."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.core.sync import sync
+
+from mtser.featurestore.arrays import fetch, read_arrays
+from mtser.featurestore.layout import (
+    FAILURE_COLUMNS, FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreError, alist_dir, byte_source, create_store,
+    is_local, local_path, read_encoders, root_attrs, zarr_store,
+)
+from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
+
+
+@dataclass
+class _Segment:
+    """One encoder's frames within one committed part."""
+
+    part: str
+    info: EncoderInfo
+    ids: np.ndarray
+    offsets: np.ndarray
+    layout: FramesLayout | None
+    reader: FramesReader | None = None
+    scale: np.ndarray | None = None
+    array: Any = None                     # zarr array, for the fallback path only
+
+    @property
+    def path(self) -> str:
+        return f"parts/{self.part}/features/{self.info.name}"
+
+
+@dataclass
+class _Part:
+    name: str
+    attrs: dict                           # the part's mtser_part attributes (counts and sizes per encoder)
+    segments: dict[str, _Segment]
+
+    @property
+    def committed_ns(self) -> int:
+        return int(self.attrs["committed_ns"])
+
+    @property
+    def n_utterances(self) -> int:
+        return int(self.attrs.get("n_utterances", 0))
+
+    @property
+    def n_failures(self) -> int:
+        return int(self.attrs.get("n_failures", 0))
+
+
+@dataclass
+class _State:
+    parts: dict[str, _Part]                                  # committed parts, oldest commit first
+    index: dict[str, dict[str, tuple[_Segment, int]]]        # encoder -> id -> (segment, position)
+
+
+class FeatureStore:
+    """Read access to a store; open with `open_store`. Thread-safe; never writes."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, strict: bool = True):
+        """`strict=False` (for verify) records unreadable parts in `broken_parts` instead of raising."""
+        self.url = url
+        self._strict = strict
+        self.broken_parts: dict[str, str] = {}
+        self.storage_options = storage_options
+        self._store = zarr_store(url, storage_options, read_only=True)
+        if is_local(url) and not os.path.isdir(local_path(url)):
+            raise StoreError(f"{url}: no such store (directory does not exist)")
+        self.attrs = root_attrs(self._store, url)
+        self._source = byte_source(url, storage_options)
+        self._lock = threading.Lock()
+        self._table: pd.DataFrame | None = None
+        self._failures: pd.DataFrame | None = None
+        self.encoders: dict[str, EncoderInfo] = {}
+        self._state = _State({}, {})
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def refresh(self) -> None:
+        """Pick up encoders and parts committed since open (committed parts never change)."""
+        with self._lock:
+            self.encoders = read_encoders(self._store)
+            known = self._state.parts
+            new = self._load_new_parts(set(known))
+            if not new and self._table is not None:
+                return
+            parts = dict(sorted({**known, **new}.items(), key=lambda kv: (kv[1].committed_ns, kv[0])))
+            index: dict[str, dict[str, tuple[_Segment, int]]] = {name: {} for name in self.encoders}
+            for part in parts.values():                      # later commits overwrite earlier rows
+                for name, seg in part.segments.items():
+                    index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
+            self._state = _State(parts, index)
+            self._table = self._failures = None
+
+    def _load_new_parts(self, known: set[str]) -> dict[str, _Part]:
+        names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
+        committed = {}
+        for name, raw in zip(names, fetch(self._store, [f"parts/{n}/zarr.json" for n in names])):
+            try:
+                attrs = json.loads(raw)["attributes"].get("mtser_part", {}) if raw is not None else {}
+            except (ValueError, KeyError, AttributeError) as exc:
+                self._part_failed(name, exc)
+                continue
+            if attrs.get("committed") is True:               # else: being written, or left by a killed writer
+                committed[name] = attrs
+        try:
+            return self._load_parts(committed)
+        except Exception:                                     # find the unreadable part(s), load the others
+            loaded = {}
+            for name, attrs in committed.items():
+                try:
+                    loaded.update(self._load_parts({name: attrs}))
+                except Exception as exc:
+                    self._part_failed(name, exc)
+            return loaded
+
+    def _part_failed(self, name: str, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._strict:
+            raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); run `mtser features verify`") from exc
+        self.broken_parts[name] = reason
+
+    def _load_parts(self, committed: dict[str, dict]) -> dict[str, _Part]:
+        """Segments of the given committed parts: ids and offsets per encoder, read as one batch."""
+        keys = [(part, enc) for part, attrs in committed.items() for enc in attrs.get("encoders", {})]
+        unknown = [(p, e) for p, e in keys if e not in self.encoders]
+        if unknown:
+            raise StoreError(f"encoder {unknown[0][1]!r} has frames in part {unknown[0][0]!r} but is not registered")
+        bases = [f"parts/{part}/features/{enc}" for part, enc in keys]
+        arrays = read_arrays(self._store, [f"{b}/{a}" for b in bases for a in ("ids", "offsets")])
+        metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
+        parts = {name: _Part(name, attrs, {}) for name, attrs in committed.items()}
+        for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
+            layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
+            parts[part].segments[enc] = _Segment(
+                part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
+                layout, FramesReader(self._source, layout) if layout else None)
+        return parts
+
+    # ------------------------------------------------------------------------------------------------ tables
+    @property
+    def utterances(self) -> pd.DataFrame:
+        """The utterance table, index "id"; the row from the latest commit wins; None/NaN where unknown."""
+        if self._table is None:
+            table = self._read_tables(list(self._state.parts), "utterances", ("id",) + TABLE_COLUMNS)
+            self._table = table.drop_duplicates("id", keep="last").set_index("id").sort_index()
+        return self._table
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """Utterances writers could not process: id, path, stage, reason, part."""
+        if self._failures is None:
+            parts = [p.name for p in self._state.parts.values() if p.n_failures]
+            self._failures = self._read_tables(parts, "failures", FAILURE_COLUMNS)
+        return self._failures
+
+    def _read_tables(self, parts: list[str], table: str, columns: tuple[str, ...]) -> pd.DataFrame:
+        """One table (utterances or failures) of several parts, rows in part order; failures also get "part"."""
+        extra = ("part",) if table == "failures" else ()
+        if not parts:
+            return _empty_table(columns + extra)
+        arrays = read_arrays(self._store, [f"parts/{p}/{table}/{c}" for p in parts for c in columns])
+        by_column = [arrays[j::len(columns)] for j in range(len(columns))]
+        data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
+        if extra:
+            data["part"] = np.repeat(np.array(parts, dtype=object), [len(a) for a in by_column[0]])
+        return pd.DataFrame(data)
+
+    # ------------------------------------------------------------------------------------------------ lookups
+    def committed_parts(self) -> set[str]:
+        return set(self._state.parts)
+
+    def _encoder_index(self, encoder: str) -> dict[str, tuple[_Segment, int]]:
+        index = self._state.index.get(encoder)
+        if index is None:
+            raise StoreError(f"{self.url}: no encoder {encoder!r} in the store (encoders: {sorted(self.encoders)})")
+        return index
+
+    def _locate(self, utt_id: str, encoder: str) -> tuple[_Segment, int]:
+        hit = self._encoder_index(encoder).get(utt_id)
+        if hit is None:
+            if utt_id in self.utterances.index:
+                raise StoreError(f"{self.url}: utterance {utt_id!r} has no features for encoder {encoder!r}")
+            raise StoreError(f"{self.url}: no utterance {utt_id!r} in the store")
+        return hit
+
+    def ids(self, split: str | None = None, encoder: str | None = None) -> list[str]:
+        """Sorted utterance ids, optionally only those of `split` and/or with features for `encoder`."""
+        ids = set(self._encoder_index(encoder)) if encoder is not None else set(self.utterances.index)
+        if split is not None:
+            table = self.utterances
+            ids &= set(table.index[table["split"] == split])
+        return sorted(ids)
+
+    def has(self, utt_id: str, encoder: str) -> bool:
+        return utt_id in self._encoder_index(encoder)
+
+    def length(self, utt_id: str, encoder: str) -> int:
+        seg, i = self._locate(utt_id, encoder)
+        return int(seg.offsets[i + 1] - seg.offsets[i])
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and sizes for `mtser features ls`: per encoder utterances per split, frames, bytes on storage."""
+        table, parts = self.utterances, self.parts()
+        split_of = table["split"].astype(object).where(table["split"].notna(), "(none)")
+        encoders = {}
+        for name, index in sorted(self._state.index.items()):
+            info = self.encoders[name]
+            encoders[name] = {
+                "kind": info.kind, "model": info.model, "dim": info.dim, "dtype": info.dtype,
+                "compression": info.compression, "utterances": len(index),
+                "per_split": {str(k): int(v) for k, v in split_of.reindex(list(index)).value_counts().items()},
+                "frames": int(sum(int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in index.values())),
+                "stored_bytes": int(sum(p.attrs["encoders"][name].get("stored_bytes", 0)
+                                        for p in parts if name in p.segments))}
+        return {"url": self.url, "schema_version": self.attrs["schema_version"], "parts": len(parts),
+                "utterances": len(table), "per_split": {str(k): int(v) for k, v in split_of.value_counts().items()},
+                "failures": len(self.failures), "encoders": encoders}
+
+    # ------------------------------------------------------------------------------------------------ frames
+    def get(self, utt_id: str, encoder: str, dtype: Any = None) -> np.ndarray:
+        """(T, D) frames in the stored dtype (int8 encoders: dequantised float32), or cast to `dtype`."""
+        return self.get_many([utt_id], encoder, dtype)[0]
+
+    def get_many(self, utt_ids: list[str], encoder: str, dtype: Any = None) -> list[np.ndarray]:
+        hits = [self._locate(u, encoder) for u in utt_ids]
+        raws = self._read_raw(hits, utt_ids)
+        return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
+
+    def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
+        """Stored frames of each (segment, position) as new arrays; remote sources fetch a batch concurrently."""
+        try:
+            if not self._source.batches or len(hits) == 1:
+                return [self._rows(seg, int(seg.offsets[i]), int(seg.offsets[i + 1])) for seg, i in hits]
+            requests, plans = [], []
+            for seg, i in hits:
+                start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
+                pieces = seg.reader.ranges(start, stop) if seg.reader is not None else None
+                plans.append((seg, start, stop, pieces, len(requests)))
+                requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces or []]
+            blobs = self._source.read_many(requests)
+            return [self._rows(seg, start, stop) if pieces is None
+                    else seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)])
+                    for seg, start, stop, pieces, first in plans]
+        except (OSError, ShardFormatError, ValueError, RuntimeError) as exc:
+            where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
+            raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
+
+    def _rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
+        if seg.reader is not None:
+            return seg.reader.read_rows(start, stop)
+        if seg.array is None:                                  # not mtser's shard layout: plain zarr-python
+            seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
+        return np.asarray(seg.array[start:stop])
+
+    # ------------------------------------------------------------------------------------------------ for verify
+    def parts(self) -> list[_Part]:
+        """Committed parts, oldest commit first."""
+        return list(self._state.parts.values())
+
+    def part_table(self, part: str, table: str = "utterances") -> pd.DataFrame:
+        return self._read_tables([part], table, ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS)
+
+    def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
+        """One of the segment's small arrays ("crc32", "scale", ...), read and checksum-checked by zarr."""
+        return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
+
+    def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
+        """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
+        return self._read_raw([(seg, i) for i in positions], [str(seg.ids[i]) for i in positions])
+
+    def shard_padding(self, seg: _Segment) -> np.ndarray | None:
+        """The bytes between the last frame and the shard index (all zero when intact); None if not applicable."""
+        return seg.reader.padding() if seg.reader is not None else None
+
+    def segment_scales(self, seg: _Segment, i: int) -> np.ndarray | None:
+        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
+        if seg.info.dtype != "int8":
+            return None
+        if seg.scale is None:
+            seg.scale = self.segment_array(seg, "scale")
+        return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
+
+    def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
+        if seg.info.dtype == "int8":
+            values = np.multiply(raw, self.segment_scales(seg, i)[:, None], dtype=np.float32)
+            return values if dtype is None else values.astype(dtype, copy=False)
+        return raw if dtype is None else raw.astype(dtype)
+
+    def iter_split(self, split: str, encoders: list[str], batch: int = 64) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """(id, {encoder: frames}) for every utterance of `split` that has all `encoders`, sorted by id."""
+        ids = set(self.ids(split))
+        for enc in encoders:
+            ids &= set(self._encoder_index(enc))
+        ordered = sorted(ids)
+        for lo in range(0, len(ordered), batch):
+            chunk = ordered[lo:lo + batch]
+            frames = {enc: self.get_many(chunk, enc) for enc in encoders}
+            for k, utt in enumerate(chunk):
+                yield utt, {enc: frames[enc][k] for enc in encoders}
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __reduce__(self) -> tuple:
+        """Pickles as its URL (e.g. into Ray tasks): the copy reopens the store and reads the current index."""
+        return FeatureStore, (self.url, self.storage_options, self._strict)
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _table_column(name: str, values: np.ndarray) -> np.ndarray:
+    if name in FLOAT_COLUMNS:
+        return values.astype(np.float64)
+    values = values.astype(object)
+    values[values == ""] = None                    # strings are stored with "" for unknown
+    return values
+
+
+def _empty_table(columns: tuple[str, ...]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=np.float64 if c in FLOAT_COLUMNS else object) for c in columns})
+
+
+def open_store(url: str, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
+    """Open a store for reading. mode "r": the store must exist (opening never writes); "a": create it if missing."""
+    if mode not in ("r", "a"):
+        raise StoreError(f"{url}: mode must be 'r' or 'a', got {mode!r}")
+    if mode == "a":
+        create_store(url, storage_options)
+    return FeatureStore(url, storage_options)
