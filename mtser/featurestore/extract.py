@@ -85,11 +85,10 @@ class Pipeline:
             results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
             for i, out in results.items():
                 if isinstance(enc, WhisperEncoder):
-                    feats[i][name], text = out
+                    out, text = out
                     if text is not None:
                         asr_text[i] = text
-                else:
-                    feats[i][name] = out
+                feats[i][name] = self._as_stored(name, out)
             for i, reason in errors.items():
                 failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
         items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
@@ -104,6 +103,10 @@ class Pipeline:
                 failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
         written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
         return PipelineResult(written, list(failed.values()))
+
+    def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
+        """float16 encoders keep float16 in memory (a shard's features are buffered until commit)."""
+        return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
 
     def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
               ) -> tuple[list[Utterance], list[np.ndarray], list[int]]:
@@ -152,7 +155,7 @@ class Pipeline:
             results, errors = run_batched(lambda b, e=enc: e.forward(b, self.cfg.sample_rate), texts,
                                           enc.batches(texts, self.cfg.batch_seconds, self.cfg.sample_rate))
             for j, out in results.items():
-                feats[rows[j]][name] = out
+                feats[rows[j]][name] = self._as_stored(name, out)
             for j, reason in errors.items():
                 failed.setdefault(items[rows[j]].id, Failure(items[rows[j]], f"encode:{name}", reason))
             for i in range(len(items)):
