@@ -76,6 +76,13 @@ def test_export_npz_and_npy_files(url: str, tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "no encoder 'whisper'" in bad.output
 
 
+def test_bad_store_or_options_give_clear_errors_and_exit_codes(url: str, tmp_path: Path) -> None:
+    not_store = runner.invoke(app, ["features", "ls", str(tmp_path / "nowhere")])
+    assert not_store.exit_code == 1 and "no such store" in not_store.output
+    bad_json = runner.invoke(app, ["features", "verify", url, "--storage-options", "{endpoint"])
+    assert bad_json.exit_code == 2 and "--storage-options is not valid JSON" in bad_json.output
+
+
 def test_verify_passes_on_an_intact_store(url: str) -> None:
     result = runner.invoke(app, ["features", "verify", url])
     assert result.exit_code == 0, result.output
