@@ -103,6 +103,22 @@ def test_finetune_stages_start_from_the_checkpoint(trained, store_url, tmp_path,
             "train_utterances"]  # O rows dropped
 
 
+def test_an_unreadable_utterance_is_skipped_not_fatal(tmp_path):
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreWriter
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=8)
+    writer = StoreWriter(url, "part-bad")
+    writer.add(Utterance("bad.wav", None, "Train", "A", 2.0, 3.0, 4.0), {"a": np.ones((5, 12)), "b": np.ones((4, 8))})
+    writer.commit()
+    (tmp_path / "s.zarr/parts/part-bad/features/a/frames/c/0/0").write_bytes(b"")  # its frames are lost
+    result = train(small_config(train__epochs=2, train__samples_per_epoch=48, train__batch_size=8), url,
+                   tmp_path / "out")
+    assert [row["skipped_utterances"] for row in result.history] == [1, 1]
+    meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
+    assert list(meta["unreadable_utterances"]) == ["bad.wav"] and "bad.wav" in meta["unreadable_utterances"]["bad.wav"]
+
+
 def test_finetune_rejects_a_different_model(trained, store_url, tmp_path):
     cfg = finetune_config(small_config(model__proj_dim=16), "cat")
     with pytest.raises(CheckpointError, match="differs from the config"):

@@ -5,6 +5,7 @@ whole split in length-sorted batches over original utterances only.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,10 +18,12 @@ import pandas as pd
 import torch
 
 from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
+from mtser.featurestore.store import StoreError
 from mtser.trainer.losses import Task
 from mtser.trainer.metrics import LabelArrays
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------ selection
@@ -158,17 +161,45 @@ class BatchReader:
     """Reads the batch of a list of ids: features padded per encoder, labels from the store's table.
 
     dtype: host dtype of the padded features (None: as stored; float32 where the model runs on the CPU, so the
-    conversion happens in the prefetch threads, not in the training step).
+    conversion happens in the prefetch threads, not in the training step). skip_unreadable (training): an utterance
+    the store cannot read is left out of its batch, logged once and kept in `skipped` (id -> reason) instead of
+    ending the run; evaluation keeps the default and fails loudly.
     """
 
-    def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None):
+    def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None,
+                 skip_unreadable: bool = False):
         self.store = store
         self.encoders = list(encoders)
         self.dtype = dtype
+        self.skip_unreadable = skip_unreadable
+        self.skipped: dict[str, str] = {}
         self._table = store.utterances
 
     def __call__(self, ids: Sequence[str]) -> Batch:
+        if not self.skip_unreadable:
+            return self._read(ids)
+        ids = [i for i in ids if i not in self.skipped]
+        try:
+            return self._read(ids)
+        except StoreError:
+            readable = [i for i in ids if self._readable(i)]
+            if not readable:
+                raise StoreError(f"{self.store.url}: none of the {len(ids)} utterances of a batch is readable, "
+                                 f"e.g. {ids[0]!r}: {self.skipped.get(ids[0])}") from None
+            return self._read(readable)
+
+    def _read(self, ids: Sequence[str]) -> Batch:
         return read_batch(self.store, ids, self.encoders, label_arrays(self._table, ids), self.dtype)
+
+    def _readable(self, utt_id: str) -> bool:
+        try:
+            for name in self.encoders:
+                self.store.get(utt_id, name)
+        except StoreError as exc:
+            self.skipped[utt_id] = str(exc)
+            log.warning("skipping unreadable utterance %s: %s", utt_id, exc)
+            return False
+        return True
 
 
 # ------------------------------------------------------------------------------------------------------ prefetch

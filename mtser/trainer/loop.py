@@ -217,6 +217,7 @@ class _Stage:
         train_labels = data.label_arrays(store.utterances, self.train_pool)
         self.loss: RecipeLoss = build_loss(self.tc.task, cfg.loss, data.class_counts(train_labels))
         self.reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device))
+        self.train_reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device), skip_unreadable=True)
         self.precision = Precision(self.device, self.tc.mixed_precision)
 
     def _build_model(self, cfg: Config, store, stage: Stage, init_from: Path | None) -> FusionModel:
@@ -262,7 +263,7 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
         model.train()
         epoch_batches = data.epoch_batches(s.train_pool, s.train_lengths, tc.samples_per_epoch, tc.batch_size,
                                            tc.seed, epoch, tc.length_buckets)
-        batches = data.WaitClock(data.prefetch(s.reader, epoch_batches, depth=tc.prefetch_batches))
+        batches = data.WaitClock(data.prefetch(s.train_reader, epoch_batches, depth=tc.prefetch_batches))
         loss_sum, seen, skipped = 0.0, 0, 0
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False)
         for batch in bar:
@@ -287,7 +288,8 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
         train_seconds = time.perf_counter() - started
         metrics = s.evaluate()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(1, seen),
-               "skipped_steps": skipped, "data_wait_fraction": batches.waited / train_seconds,
+               "skipped_steps": skipped, "skipped_utterances": len(s.train_reader.skipped),
+               "data_wait_fraction": batches.waited / train_seconds,
                "train_seconds": train_seconds, **metrics}
         history.append(row)
         pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
@@ -296,7 +298,8 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
             best_value, best_epoch, best_metrics = metrics[tc.select_metric], epoch, metrics
             save_checkpoint(out_dir / "best", model, cfg, {
                 "stage": stage, "task": tc.task, "epoch": epoch, "metrics": metrics, "store": provenance,
-                "parent": str(init_from) if init_from else None, "train_utterances": len(s.train_pool)})
+                "parent": str(init_from) if init_from else None, "train_utterances": len(s.train_pool),
+                "unreadable_utterances": dict(s.train_reader.skipped)})
         if on_epoch is not None:
             on_epoch(epoch, row, out_dir / "best" if improved else None)
     return TrainResult(out_dir / "best", best_epoch, best_metrics, history)
