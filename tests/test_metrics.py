@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mtser.trainer.metrics import LabelArrays, ccc, macro_f1, summarize
+from mtser.trainer.metrics import LabelArrays, ccc, computable, macro_f1, summarize
 
 
 def numpy_ccc(t: np.ndarray, p: np.ndarray) -> float:
@@ -62,5 +62,9 @@ def test_summarize_skips_unlabelled_rows_and_adds_score():
     assert m["f1"] == pytest.approx(macro_f1(np.array([0, 1, 2]), np.array([0, 1, 3])))
     assert m["ccc_arousal"] == m["ccc_valence"] == m["ccc_dominance"] == pytest.approx(1.0)
     assert m["score"] == pytest.approx(m["f1"] + m["ccc_mean"])
+    assert set(m) == computable(LabelArrays(classes, attributes))
+    no_classes = LabelArrays(np.full(4, -1), attributes)
+    assert set(summarize(probs, attrs, no_classes)) == computable(no_classes) == {
+        "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"}
     only_attrs = summarize(None, attrs, LabelArrays(classes, attributes))
     assert "f1" not in only_attrs and "score" not in only_attrs and only_attrs["ccc_mean"] == pytest.approx(1.0)

@@ -22,7 +22,7 @@ from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mtser.trainer.losses import RecipeLoss, build_loss
-from mtser.trainer.metrics import LabelArrays, summarize
+from mtser.trainer.metrics import LabelArrays, computable, summarize
 from mtser.trainer.model import FusionModel
 
 Stage = Literal["pretrain", "finetune"]
@@ -209,11 +209,10 @@ class _Stage:
         dev_ids = data.evaluation_ids(store, self.encoders, "Development")
         self.dev_ids = data.length_sorted(store, dev_ids, self.encoders)
         self.dev_labels = data.label_arrays(store.utterances, self.dev_ids)
-        n = len(self.dev_ids)
-        if self.tc.select_metric not in summarize(np.eye(8)[np.arange(n) % 8], np.ones((n, 3)), self.dev_labels):
+        if self.tc.select_metric not in computable(self.dev_labels):
             key = "train" if stage == "pretrain" else "finetune"
             raise ConfigError(f"{key}.select_metric: {self.tc.select_metric!r} cannot be computed, the Development "
-                              f"split of {store.url} lacks the labels ({n} utterances)")
+                              f"split of {store.url} lacks the labels ({len(self.dev_ids)} utterances)")
         train_labels = data.label_arrays(store.utterances, self.train_pool)
         self.loss: RecipeLoss = build_loss(self.tc.task, cfg.loss, data.class_counts(train_labels))
         self.reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device))

@@ -52,6 +52,18 @@ def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(2 * covariance / denominator) if denominator > 0 else 0.0
 
 
+def computable(labels: LabelArrays) -> set[str]:
+    """The metric keys `summarize` gives for these labels when both predictions are present."""
+    keys = {"f1"} if (labels.classes >= 0).any() else set()
+    known = np.isfinite(labels.attributes).any(axis=0)
+    keys |= {f"ccc_{name}" for name, k in zip(ATTRIBUTES, known) if k}
+    if known.all():
+        keys.add("ccc_mean")
+    if {"f1", "ccc_mean"} <= keys:
+        keys.add("score")
+    return keys
+
+
 def summarize(probs_or_logits: np.ndarray | None, attrs: np.ndarray | None, labels: LabelArrays) -> dict[str, float]:
     """Challenge metrics of predictions against labels; rows without a label are left out of that metric."""
     metrics: dict[str, float] = {}
