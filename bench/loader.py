@@ -1,7 +1,7 @@
 """Does the trainer's loader keep up? Loader samples/s versus raw store reads, and the share of training step time
 spent waiting for data.
 
-    .venv/bin/python bench/loader.py [--quick] [--store URL] [--model demo|paper]
+    .venv/bin/python bench/loader.py [--quick] [--store URL] [--model demo|paper] [--threads N]
 
 Without --store it writes a synthetic store of realistic shapes through StoreWriter (WavLM-large 1024-d and
 Whisper-large 1280-d frames at 50 frames/s, RoBERTa-large 1024-d tokens at ~3 tokens/s, float16). Both readers
@@ -91,8 +91,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for the training run (1: the loader threads get the other core)")
     args = parser.parse_args()
-    n, samples, epochs = (256, 96, 2) if args.quick else (2048, 1024, 3)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    n, samples, epochs = (192, 96, 2) if args.quick else (2048, 1024, 3)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.store or f"{tmp}/bench.zarr"
         if not args.store:
@@ -123,7 +128,8 @@ def main() -> None:
                       "loader_float32_vs_raw": round(loader32_sps / raw_sps, 3),
                       "raw_samples_per_s": round(raw_sps, 1), "loader_samples_per_s": round(loader_sps, 1),
                       "train_samples_per_s": round(train_sps, 1), "model": args.model, "quick": args.quick,
-                      "batch_size": args.batch_size, "prefetch_batches": args.prefetch}))
+                      "batch_size": args.batch_size, "prefetch_batches": args.prefetch,
+                      "torch_threads": args.threads}))
 
 
 if __name__ == "__main__":

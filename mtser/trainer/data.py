@@ -37,10 +37,9 @@ def label_arrays(table: pd.DataFrame, ids: Sequence[str]) -> LabelArrays:
 
 def with_features(store, split: str, encoders: Sequence[str]) -> list[str]:
     """Ids of `split` that have features for every encoder, in the store's order."""
-    common = set(store.ids(split=split, encoder=encoders[0]))
-    for name in encoders[1:]:
-        common &= set(store.ids(split=split, encoder=name))
-    return [i for i in store.ids(split=split, encoder=encoders[0]) if i in common]
+    first = store.ids(split=split, encoder=encoders[0])
+    common = set(first).intersection(*(store.ids(split=split, encoder=name) for name in encoders[1:]))
+    return [i for i in first if i in common]
 
 
 def training_ids(store, encoders: Sequence[str], task: Task, split: str = "Train") -> list[str]:
