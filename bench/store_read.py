@@ -1,6 +1,6 @@
 """Is reading one utterance from the store as fast as np.load of its own .npy file? Random reads side by side.
 
-    .venv/bin/python bench/store_read.py [--quick] [--gb 1.0] [--reads 3000] [--workdir /tmp]
+    .venv/bin/python bench/store_read.py [--quick] [--cold] [--gb 1.0] [--reads 2000] [--workdir /tmp]
 
 Builds a synthetic store (float16, 1024-d, 100-600 frames per utterance, 8 parts as 8 writers would) through
 StoreWriter, timing the write, and the same frames as one .npy file per utterance on the same disk. Then reads the
@@ -9,13 +9,16 @@ same random utterance sequence, in alternating order over several rounds, throug
   zarr     plain zarr-python slicing of the very same arrays: frames[offsets[i]:offsets[i+1]]
   npy      np.load(<id>.npy)
   memcpy   a copy of the same bytes already in memory (the ceiling)
-Reads hit the page cache (the files were just written); this measures per-read overhead, not the disk.
+By default reads hit the page cache (the files were just written): per-read overhead, not the disk. With --cold,
+every file of the store and every .npy file is evicted from the page cache (posix_fadvise DONTNEED) before each
+reader's pass, so mtser, zarr and npy read from the disk itself.
 Reported: median MB/s and utterances/s per reader; the last line is one JSON object with the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -91,6 +94,17 @@ def readers(workdir: Path, frames: dict[str, np.ndarray]) -> dict:
     }
 
 
+def evict(workdir: Path) -> None:
+    """Drop every file under `workdir` from the page cache."""
+    for path in workdir.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def check_identical(fns: dict, ids: list[str], frames: dict[str, np.ndarray]) -> None:
     for utt_id in ids:
         for name, fn in fns.items():
@@ -104,6 +118,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=None, help="store size in GB (default 1.0, quick 0.15)")
     parser.add_argument("--reads", type=int, default=None, help="random reads per reader per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cold", action="store_true", help="evict the files from the page cache before each pass")
     parser.add_argument("--workdir", default=None, help="directory on the disk to measure (default: system temp)")
     args = parser.parse_args()
     gb = args.gb or (0.15 if args.quick else 1.0)
@@ -123,6 +138,8 @@ def main() -> None:
             order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
             for name in order:
                 fn = fns[name]
+                if args.cold:
+                    evict(workdir)
                 start = time.perf_counter()
                 for utt_id in sample:
                     fn(utt_id)
@@ -138,7 +155,7 @@ def main() -> None:
             result[f"mtser_vs_{other}"] = round(result["mtser_MBps"] / result[f"{other}_MBps"], 3)
         result.update(write_MBps=round(write_mbps, 1), npy_write_MBps=round(npy_write_mbps, 1),
                       store_GB=round(sum(f.nbytes for f in frames.values()) / 1e9, 3), utterances=len(ids),
-                      reads_per_round=n_reads, rounds=args.rounds, quick=args.quick)
+                      reads_per_round=n_reads, rounds=args.rounds, cold=args.cold, quick=args.quick)
         print(f"write: store {write_mbps:.1f} MB/s, npy files {npy_write_mbps:.1f} MB/s")
         print(json.dumps(result))
     finally:
