@@ -227,6 +227,7 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
         trainable,
         param_space={"spec": tune.grid_search([to_dict_spec(s) for s in pending])},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=search.max_concurrent or None,
+                                    reuse_actors=True,      # later trials skip process start and imports
                                     trial_name_creator=lambda t: t.config["spec"]["name"],
                                     trial_dirname_creator=lambda t: t.config["spec"]["name"]),
         run_config=tune.RunConfig(name=f"stage{stage}-{attempt}", storage_path=str(ray_dir.resolve()),
