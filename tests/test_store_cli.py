@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.featurestore import writer as writer_module
-from mtser.featurestore.store import create_store, open_store, register_encoder
+from mtser.featurestore.store import StoreError, create_store, open_store, register_encoder
 from mtser.featurestore.verify import verify_store
 from store_helpers import encoder_info, frames_for, write_part
 
@@ -118,6 +118,16 @@ def test_verify_reports_corrupt_index_arrays_padding_and_shard_index(url: str) -
     assert any(m.startswith("part 'p1': unreadable part") for m in messages), messages
     with pytest.raises(Exception, match="part 'p1' is unreadable"):
         open_store(url)
+
+
+def test_verify_and_get_report_a_corrupt_int8_scale_array(url: str) -> None:
+    scale_chunk = Path(url) / "parts/p3/features/q/scale/c/0"
+    flip_byte(scale_chunk, scale_chunk.stat().st_size // 2)
+    problems = [str(p) for p in verify_store(url).problems]
+    assert problems and all(p.startswith("part 'p3', encoder 'q', utterance ") for p in problems), problems
+    assert "chunk checksum mismatch" in problems[0]
+    with pytest.raises(StoreError, match=r"cannot read parts/p3/features/q/scale"):
+        open_store(url).get(IDS[6], "q")
 
 
 def test_verify_reports_a_flipped_padding_byte(url: str) -> None:

@@ -272,8 +272,11 @@ class FeatureStore:
         return self._read_tables([part], table, ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS)
 
     def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
-        """One of the segment's small arrays ("crc32", "scale", ...), read and checksum-checked by zarr."""
-        return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
+        """One of the segment's small arrays ("crc32", "scale", ...), its chunk checksum verified."""
+        try:
+            return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
+        except (KeyError, ValueError, OSError) as exc:
+            raise StoreError(f"{self.url}: cannot read {seg.path}/{name}: {exc}") from exc
 
     def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
         """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
