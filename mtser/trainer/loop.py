@@ -264,7 +264,8 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
                                            tc.seed, epoch, tc.length_buckets)
         batches = data.WaitClock(data.prefetch(s.train_reader, epoch_batches, depth=tc.prefetch_batches))
         loss_sum, seen, skipped = 0.0, 0, 0
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", leave=False,
+                   disable=None if progress else True)  # None: shown on a terminal only
         for batch in bar:
             batch = batch.to(s.device)
             with s.precision.autocast():
