@@ -227,6 +227,7 @@ def test_register_encoder_is_idempotent_and_refuses_other_provenance(url: str) -
         register_encoder(url, encoder_info("e2", dtype="bfloat16"))
     store = open_store(url)
     assert store.encoders["enc"] == encoder_info("enc")
+    assert store.ids(encoder="enc") == [] and not store.has("x.wav", "enc")     # registered, nothing written yet
 
 
 def test_uncommitted_parts_are_invisible_and_a_rerun_replaces_them(url: str) -> None:

@@ -92,7 +92,7 @@ class FeatureStore:
             self.encoders = read_encoders(self._store)
             known = self._state.parts
             new = self._load_new_parts(set(known))
-            if not new and self._table is not None:
+            if not new:
                 return
             parts = dict(sorted({**known, **new}.items(), key=lambda kv: (kv[1].committed_ns, kv[0])))
             index: dict[str, dict[str, tuple[_Segment, int]]] = {name: {} for name in self.encoders}
@@ -183,6 +183,8 @@ class FeatureStore:
     def _encoder_index(self, encoder: str) -> dict[str, tuple[_Segment, int]]:
         index = self._state.index.get(encoder)
         if index is None:
+            if encoder in self.encoders:                      # registered, no committed frames yet
+                return {}
             raise StoreError(f"{self.url}: no encoder {encoder!r} in the store (encoders: {sorted(self.encoders)})")
         return index
 
