@@ -71,6 +71,7 @@ def time_streams(store_url: str, g: int, steps: int, batch_size: int, shared: bo
     from mtser.trainer.losses import build_loss
     from mtser.trainer.model import FusionModel
 
+    torch.set_num_threads(1)                # as in a trial with resources.cpu = 1
     store = open_store(store_url)
     cfg = load_config(DEMO, {"model.encoders": None})
     encoders = sorted(store.encoders)
