@@ -103,7 +103,8 @@ class WhisperEncoder:
         return length_batches(windows, max(1.0, batch_seconds / WHISPER_WINDOW_S))
 
     @torch.inference_mode()
-    def forward(self, items: Sequence[tuple[np.ndarray, bool]], sample_rate: int) -> list[tuple[np.ndarray, str | None]]:
+    def forward(self, items: Sequence[tuple[np.ndarray, bool]], sample_rate: int
+                ) -> list[tuple[np.ndarray, str | None]]:
         """items: (wave, transcribe?) → (frames, transcript or None) per item."""
         window = WHISPER_WINDOW_S * sample_rate
         pieces = [(i, w[s: s + window]) for i, (w, _) in enumerate(items) for s in range(0, len(w), window)]
@@ -169,9 +170,10 @@ def load_encoder(cfg: EncoderConfig, device: str = "cpu", language: str = "en", 
     return TextEncoder(cfg, device)
 
 
-def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list[list[int]]) -> tuple[dict[int, object], dict[int, str]]:
+def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list[list[int]]
+                ) -> tuple[dict[int, Any], dict[int, str]]:
     """Run `forward` per batch; when a batch fails, retry its items one by one so only the bad ones fail."""
-    results: dict[int, object] = {}
+    results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     for batch in batches:
         try:

@@ -27,7 +27,9 @@ from mtser import __version__
 from mtser.config import ConfigError, EncoderConfig, ExtractConfig, to_dict
 from mtser.featurestore.audio import AudioError, audio_duration, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, content_hash, encoder_dim_and_rate, load_encoder, run_batched
+from mtser.featurestore.encoders import (
+    TextEncoder, WhisperEncoder, content_hash, encoder_dim_and_rate, load_encoder, run_batched,
+)
 from mtser.featurestore.store import (
     EncoderInfo, StoreError, StoreWriter, create_store, open_store, register_encoder,
 )
@@ -65,7 +67,8 @@ class Pipeline:
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")  # torch, on WavLM masks
         self.cfg = cfg
-        self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens) for e in cfg.encoders}
+        self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens)
+                         for e in cfg.encoders}
         self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
 
     def run(self, utts: Sequence[Utterance], augment: int = 0) -> PipelineResult:
