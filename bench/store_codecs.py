@@ -5,7 +5,8 @@
 Frames come from a real WavLM architecture (transformers `WavLMModel`, randomly initialised: hub weights are
 unreachable here; 768-d, 4 layers) run on synthetic voiced audio (harmonics with a moving pitch plus noise), last
 hidden layer, 50 frames/s. The same frames are written through StoreWriter once per storage setting
-(float16 / float32 / int8 per-frame scale, each raw and zstd level 3) and read back in one random order.
+(float16 / float32 / int8 per-frame scale, each raw and zstd level 3), then read back in one random order, the
+settings alternating over 5 rounds (median).
 Reported per setting: bytes on disk (frames, plus scales for int8), ratio to the same dtype uncompressed, write
 MB/s and random-read MB/s (both of the stored dtype's bytes), and the reconstruction error against float32.
 The last line is one JSON object.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -54,45 +56,40 @@ def wavlm_frames(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
-def measure(workdir: Path, frames: list[np.ndarray], dtype: str, compression: str, order: list[int]) -> dict:
+def write(workdir: Path, frames: list[np.ndarray], dtype: str, compression: str) -> tuple[str, dict]:
+    """One store per setting; its URL and size / write speed."""
     url = str(workdir / f"{dtype}-{compression}.zarr")
     dim = frames[0].shape[1]
     create_store(url)
     register_encoder(url, EncoderInfo("wavlm", "speech", "bench/random-wavlm", None, None, -1, 1, dim, 50.0, dtype,
                                       compression, SAMPLE_RATE, "bench", {}))
-    stored_mb = sum(len(f) for f in frames) * dim * np.dtype(dtype).itemsize / 1e6
     start = time.perf_counter()
     writer = StoreWriter(url, "p0")
     for i, x in enumerate(frames):
         writer.add(Utterance(f"u{i:05d}", None, "Train"), {"wavlm": x})
     writer.commit()
     write_s = time.perf_counter() - start
-    store = open_store(url)
-    ids = [f"u{i:05d}" for i in order]
-    start = time.perf_counter()
-    got = [store.get(u, "wavlm") for u in ids]
-    read_s = time.perf_counter() - start
     feats = Path(url) / "parts" / "p0" / "features" / "wavlm"
     disk = sum(p.stat().st_size for name in ("frames", "scale") for p in (feats / name).rglob("*") if p.is_file())
-    result = {"disk_MB": round(disk / 1e6, 3), "write_MBps": round(stored_mb / write_s, 1),
-              "read_MBps": round(stored_mb / read_s, 1)}
-    if dtype == "int8":
-        x = np.concatenate([frames[i] for i in order])
-        y = np.concatenate(got)
-        result["rel_rmse"] = float(np.sqrt(np.mean((x - y) ** 2) / np.mean(x ** 2)))
-        result["max_abs_err"] = float(np.abs(x - y).max())
-        cos = np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-        result["min_frame_cosine"] = float(cos.min())
-    elif dtype == "float16":
-        x = np.concatenate([frames[i] for i in order])
-        result["rel_rmse"] = float(np.sqrt(np.mean((x - np.concatenate(got).astype(np.float32)) ** 2) / np.mean(x ** 2)))
-    return result
+    return url, {"disk_MB": round(disk / 1e6, 3), "write_MBps": round(stored_mb(frames, dtype) / write_s, 1)}
+
+
+def stored_mb(frames: list[np.ndarray], dtype: str) -> float:
+    return sum(len(f) for f in frames) * frames[0].shape[1] * np.dtype(dtype).itemsize / 1e6
+
+
+def errors(frames: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    x, y = np.concatenate(frames), np.concatenate(got).astype(np.float32)
+    cos = np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    return {"rel_rmse": float(np.sqrt(np.mean((x - y) ** 2) / np.mean(x ** 2))),
+            "max_abs_err": float(np.abs(x - y).max()), "min_frame_cosine": float(cos.min())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 utterances (< 60 s)")
     parser.add_argument("--utterances", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     n = args.utterances or (8 if args.quick else 160)
@@ -101,7 +98,21 @@ def main() -> None:
     order = [int(i) for i in rng.permutation(n)]
     workdir = Path(tempfile.mkdtemp(prefix="mtser-codecs-", dir=args.workdir))
     try:
-        results = {f"{d}-{c}": measure(workdir, frames, d, c, order) for d, c in SETTINGS}
+        results, stores = {}, {}
+        for dtype, compression in SETTINGS:
+            url, results[f"{dtype}-{compression}"] = write(workdir, frames, dtype, compression)
+            stores[f"{dtype}-{compression}"] = open_store(url)
+        ids = [f"u{i:05d}" for i in order]
+        times: dict[str, list[float]] = {name: [] for name in stores}
+        for r in range(args.rounds):                 # settings alternate; median per setting
+            for name in list(stores)[r % len(stores):] + list(stores)[:r % len(stores)]:
+                start = time.perf_counter()
+                got = [stores[name].get(u, "wavlm") for u in ids]
+                times[name].append(time.perf_counter() - start)
+                if r == 0:
+                    results[name].update(errors([frames[i] for i in order], got))
+        for (dtype, _), name in zip(SETTINGS, stores):
+            results[name]["read_MBps"] = round(stored_mb(frames, dtype) / statistics.median(times[name]), 1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for name, r in results.items():

@@ -95,11 +95,12 @@ def readers(workdir: Path, frames: dict[str, np.ndarray]) -> dict:
 
 
 def evict(workdir: Path) -> None:
-    """Drop every file under `workdir` from the page cache."""
+    """Drop every file under `workdir` from the page cache (flushed first: dirty pages cannot be dropped)."""
     for path in workdir.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
+                os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
