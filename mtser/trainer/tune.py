@@ -13,6 +13,7 @@ Layout of a run directory::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -225,7 +226,7 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     attempt = len(list(ray_dir.glob(f"stage{stage}-*"))) if ray_dir.exists() else 0
     tuner = tune.Tuner(
         trainable,
-        param_space={"spec": tune.grid_search([to_dict_spec(s) for s in pending])},
+        param_space={"spec": tune.grid_search([dataclasses.asdict(s) for s in pending])},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=search.max_concurrent or None,
                                     reuse_actors=True,      # later trials skip process start and imports
                                     trial_name_creator=lambda t: t.config["spec"]["name"],
@@ -247,10 +248,6 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     if unfinished:
         raise SearchError(f"stage {stage} interrupted; unfinished trials {unfinished} (finish with --resume)")
     return [s.name for s in pending], failed
-
-
-def to_dict_spec(spec: TrialSpec) -> dict[str, Any]:
-    return {k: getattr(spec, k) for k in TrialSpec.__dataclass_fields__}
 
 
 def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) -> tuple[SearchConfig, Path]:
