@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.trainer.checkpoint import read_sidecar
-from mtser.trainer.tune import RESULT_COLUMNS, prepare_run, run_search, stage2_specs
+from mtser.config import TrialResources
+from mtser.trainer.tune import RESULT_COLUMNS, prepare_run, run_search, stage2_specs, trial_resources
 from search_support import REPO, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
 
 
@@ -134,3 +135,8 @@ def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):
     result = runner.invoke(app, ["tune", "--search", str(grid), "--store", str(tmp_path / "nowhere"),
                                  "--out", str(tmp_path / "run2")])
     assert result.exit_code == 2 and "nowhere" in result.output
+
+
+def test_gpu_share_is_requested_only_where_gpus_exist():
+    assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=0.0) == {"cpu": 0.5, "gpu": 0.0}
+    assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=2.0) == {"cpu": 0.5, "gpu": 0.25}

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from mtser.config import Config, SearchConfig, from_dict, load_config, load_yaml_as, to_dict
+from mtser.config import Config, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
 
 METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"]
 RESULT_COLUMNS = ["stage", "trial", "alpha", "beta", "pooling", "sigma", "task", "parent", "status", "best_epoch",
@@ -193,6 +193,11 @@ def available_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def trial_resources(wanted: TrialResources, cluster_gpus: float) -> dict[str, float]:
+    """Per-trial Ray resources; the GPU share is dropped where the cluster has no GPU (Ray would wait forever)."""
+    return {"cpu": wanted.cpu, "gpu": wanted.gpu if cluster_gpus > 0 else 0.0}
+
+
 def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir: Path, store_url: str,
               verbose: int = 1) -> tuple[list[str], list[str]]:
     """Run the unfinished `specs` as one Ray Tune experiment; returns (names run, names failed)."""
@@ -202,11 +207,10 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     pending = [s for s in specs if not is_finished(run_dir, s)]
     if not pending:
         return [], []
-    gpu = search.resources.gpu if available_gpus() > 0 else 0.0
-    threads = max(1, int(round(search.resources.cpu)))
+    resources = trial_resources(search.resources, available_gpus())
+    threads = max(1, int(round(resources["cpu"])))
     trainable = tune.with_resources(tune.with_parameters(run_trial, run_dir=str(run_dir), store_url=store_url,
-                                                         threads=threads),
-                                    {"cpu": search.resources.cpu, "gpu": gpu})
+                                                         threads=threads), resources)
     scheduler = None
     if search.asha is not None:
         epochs = max(s.config["train" if stage == 1 else "finetune"]["epochs"] for s in pending)
@@ -289,7 +293,7 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     search, base = prepare_run(Path(search_file), store_url, run_dir, resume)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
-    device = "cuda" if available_gpus() > 0 and search.resources.gpu > 0 else "cpu"
+    device = "cuda" if trial_resources(search.resources, available_gpus())["gpu"] > 0 else "cpu"
     ran: list[str] = []
     failed: list[str] = []
     specs = stage1_specs(search, base, device)
