@@ -32,6 +32,6 @@ def test_report_writes_figures_and_self_contained_html(search_run, demo_store):
     assert "ensemble metrics" in result.output and f"{dev['f1']:.4f}" in result.output
 
 
-def test_report_without_ensemble_says_what_is_missing(tmp_path):
+def test_report_of_a_folder_without_results_names_what_is_missing(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "results.csv" in result.output

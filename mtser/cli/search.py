@@ -47,6 +47,8 @@ def ensemble(
 ) -> None:
     """Average the top-k checkpoints per task / attribute; print metrics; write challenge CSVs and a manifest."""
     from mtser.featurestore.labels import SPLITS
+    from mtser.featurestore.store import StoreError
+    from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table
     from mtser.trainer.tune import SearchError
 
@@ -54,7 +56,7 @@ def ensemble(
         _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
     try:
         manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out)
-    except (EnsembleError, SearchError) as exc:
+    except (EnsembleError, SearchError, StoreError, CheckpointError) as exc:
         _fail(str(exc))
     table = metrics_table(manifest, split)
     if table[split].notna().any():
@@ -73,6 +75,7 @@ def predict(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
+    from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError
     from mtser.trainer.predict import predict_files
 
@@ -80,6 +83,8 @@ def predict(
         run = predict_files(inputs, ensemble, device=device, transcripts=transcripts)
     except EnsembleError as exc:
         _fail(str(exc), 2)
+    except CheckpointError as exc:
+        _fail(f"ensemble member: {exc}")
     if out:
         run.table.to_csv(out, index=False, float_format="%.6f")
         typer.echo(f"wrote {len(run.table)} rows to {out}")
