@@ -60,8 +60,15 @@ def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
 
 def _check_part(store: FeatureStore, part: _Part, report: VerifyReport) -> None:
     try:
+        failures = store.part_table(part.name, "failures")
+        if len(failures) != part.n_failures:
+            report.problems.append(Problem(part.name, None, None, f"failure table has {len(failures)} rows, "
+                                           f"commit recorded {part.n_failures}"))
+    except (KeyError, ValueError, OSError) as exc:
+        report.problems.append(Problem(part.name, None, None, f"failure table unreadable: {exc}"))
+    try:
         table = store.part_table(part.name, "utterances")
-    except Exception as exc:
+    except (KeyError, ValueError, OSError) as exc:
         report.problems.append(Problem(part.name, None, None, f"utterance table unreadable: {exc}"))
         return
     table_ids = set(table["id"])
