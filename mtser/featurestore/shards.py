@@ -2,10 +2,11 @@
 
 A part's `frames` array is one shard (`sharding_indexed`, index at the end, index codecs bytes + crc32c) whose inner
 chunks hold whole rows. The shard index is read once per array; when inner chunks are uncompressed and laid out
-back to back (mtser writes them so), an utterance's rows are ONE byte range of the shard file, read with `os.pread`
-on a cached descriptor locally or one ranged GET through fsspec. zstd-compressed inner chunks are decoded one by one,
-only those the utterance touches. Anything else falls back to zarr-python slicing. `raw_shard` writes the same
-bytes zarr-python writes for such an array, in one pass. Imports numpy and zarr's own dependencies only.
+back to back (mtser writes them so), an utterance's rows are ONE byte range of the shard file, read with `os.preadv`
+straight into the result array on a cached descriptor locally, or one ranged GET through fsspec. zstd-compressed
+inner chunks are decoded one by one, only those the utterance touches. Anything else falls back to zarr-python
+slicing. `raw_shard` writes the same bytes zarr-python writes for such an array, in one pass. Imports numpy and
+zarr's own dependencies only.
 """
 from __future__ import annotations
 
