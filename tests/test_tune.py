@@ -140,3 +140,38 @@ def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):
 def test_gpu_share_is_requested_only_where_gpus_exist():
     assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=0.0) == {"cpu": 0.5, "gpu": 0.0}
     assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=2.0) == {"cpu": 0.5, "gpu": 0.25}
+
+
+@pytest.fixture
+def s3_store(demo_store):
+    """The demo store uploaded to moto's S3 server on 127.0.0.1; (url, storage options)."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.mkdir("features")
+    fs.put(str(demo_store), "features/demo.zarr", recursive=True)
+    yield "s3://features/demo.zarr", options
+    server.stop()
+
+
+def test_remote_store_is_mirrored_once_and_trials_read_the_mirror(s3_store, demo_store, tmp_path, ray_module):
+    from mtser.featurestore.store import open_store
+
+    url, options = s3_store
+    grid = write_grid(tmp_path / "grid.yaml", alpha=[1.0], pooling=["mean"])
+    summary = run_search(grid, url, tmp_path / "run", stages=(1,), verbose=0, storage_options=options)
+    assert summary.failed == [] and summary.table["status"].tolist() == ["complete"]
+    mirror, original = open_store(str(tmp_path / "run" / "store")), open_store(str(demo_store))
+    assert mirror.ids() == original.ids()
+    some = original.ids(split="Development")[0]
+    for name in original.encoders:
+        assert (mirror.get(some, name) == original.get(some, name)).all()
+    assert read_sidecar(Path(summary.table["checkpoint"][0]))["store"]["url"] == str(tmp_path / "run" / "store")
+    files = sorted(p for p in (tmp_path / "run" / "store").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = run_search(grid, url, tmp_path / "run", resume=True, stages=(1,), verbose=0, storage_options=options)
+    assert again.ran == [] and [p.stat().st_mtime_ns for p in files] == stamps      # nothing copied twice

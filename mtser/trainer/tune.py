@@ -277,8 +277,12 @@ def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) 
 
 
 def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, resume: bool = False,
-               stages: tuple[int, ...] = (1, 2), verbose: int = 1) -> SearchSummary:
-    """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed trials)."""
+               stages: tuple[int, ...] = (1, 2), verbose: int = 1,
+               storage_options: dict | None = None) -> SearchSummary:
+    """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed trials).
+
+    A remote store (s3://...) is mirrored once to RUN/store, and the trials read the mirror: one download instead of
+    one per trial, and concurrent trials share the mirror's pages in the OS cache."""
     import ray
 
     from mtser.featurestore.store import StoreError, open_store
@@ -287,10 +291,11 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     if "://" not in store_url:              # trials run in Ray workers with another working directory
         store_url = str(Path(store_url).resolve())
     try:
-        open_store(store_url)
+        open_store(store_url, storage_options=storage_options)
     except StoreError as exc:
         raise SearchError(f"cannot open the store: {exc}", usage=True) from None
     search, base = prepare_run(Path(search_file), store_url, run_dir, resume)
+    trial_store = mirror_store(store_url, run_dir / "store", storage_options) if "://" in store_url else store_url
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
     device = "cuda" if trial_resources(search.resources, available_gpus())["gpu"] > 0 else "cpu"
@@ -298,18 +303,36 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     failed: list[str] = []
     specs = stage1_specs(search, base, device)
     if 1 in stages:
-        r, f = run_stage(1, specs, search, run_dir, store_url, verbose)
+        r, f = run_stage(1, specs, search, run_dir, trial_store, verbose)
         ran += r
         failed += f
     if 2 in stages:
         stage2 = stage2_specs(search, base, device, results_table(run_dir, specs))
-        r, f = run_stage(2, stage2, search, run_dir, store_url, verbose)
+        r, f = run_stage(2, stage2, search, run_dir, trial_store, verbose)
         ran += r
         failed += f
         specs += stage2
     table = results_table(run_dir, specs)
     write_table(table, run_dir / "results.csv")
     return SearchSummary(table, failed, ran)
+
+
+def mirror_store(url: str, dest: Path, storage_options: dict | None = None) -> str:
+    """Copy a remote store's files to `dest` (each through a temporary name); files already there with the same size
+    are kept, so an interrupted copy resumes. Mirror a store nobody is writing to. Returns the local path."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    root = root.rstrip("/")
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        target = dest / path[len(root) + 1:]
+        if target.is_file() and target.stat().st_size == info["size"]:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        fs.get_file(path, str(partial))
+        os.replace(partial, target)
+    return str(dest)
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
