@@ -38,16 +38,19 @@ def select_hidden(output: Any, layer: int, mean_last_k: int) -> torch.Tensor:
     return states[layer]
 
 
-def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = False) -> list[list[int]]:
-    """Indices in length order, grouped so each batch's padded size (longest × count) stays within `budget`.
+MAX_PADDING = 0.15               # a batch's longest item is at most 15 % longer than its shortest
 
-    A single item longer than the budget gets a batch of its own. `equal_only` groups identical lengths only.
-    """
+
+def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = False) -> list[list[int]]:
+    """Indices in length order, grouped so each batch's padded size (longest × count) stays within `budget` and
+    padding stays under MAX_PADDING. A single item longer than the budget gets a batch of its own.
+    `equal_only` groups identical lengths only."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
         current = batches[-1] if batches else None
         if (current is None or (len(current) + 1) * lengths[i] > budget
+                or lengths[i] > lengths[current[0]] * (1 + MAX_PADDING)
                 or (equal_only and lengths[i] != lengths[current[0]])):
             batches.append([i])
         else:
