@@ -170,6 +170,6 @@ def test_group_norm_speech_model_batches_equal_lengths_only(tmp_path):
 
 
 def test_length_batches_respect_budget_and_sort():
-    batches = length_batches([50, 10, 30, 90, 11, 12], budget=60)
-    assert batches == [[1, 4, 5], [2], [0], [3]]                # 3*12 <= 60; 30 > 1.15*10; 50 and 90 alone
+    batches = length_batches([50, 10, 30, 90, 11, 11], budget=60)
+    assert batches == [[1, 4, 5], [2], [0], [3]]                # 3*11 <= 60; 30 > 1.15*10; 50 and 90 alone
     assert length_batches([4, 4, 5], budget=100, equal_only=True) == [[0, 1], [2]]
