@@ -41,3 +41,27 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory, demo_corpus_dir: Path, 
     summary = extract(read_corpus(demo_corpus_dir).utterances, cfg, url, workers=0, progress=False)
     assert summary.ok, summary.line()
     return url
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> dict:
+    """One moto S3 server on 127.0.0.1 for the session (moto keeps one backend per process); s3fs options."""
+    import moto.server
+
+    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: dict) -> str:
+    """A fresh, empty bucket on the session's moto server; its name."""
+    import uuid
+
+    import s3fs
+
+    name = f"features-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True).mkdir(name)
+    return name

@@ -9,25 +9,12 @@ from mtser.featurestore.store import StoreError, StoreWriter, create_store, open
 from mtser.featurestore.verify import verify_store
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
-
 IDS = [f"MSP-PODCAST_0002_{i:04d}.wav" for i in range(10)]
 
 
-@pytest.fixture(scope="module")
-def s3_options():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("features")
-    yield options
-    server.stop()
-
-
-def test_write_read_refresh_and_verify_on_s3(s3_options: dict) -> None:
-    url = "s3://features/msp.zarr"
+def test_write_read_refresh_and_verify_on_s3(moto_s3: dict, s3_bucket: str) -> None:
+    s3_options = moto_s3
+    url = f"s3://{s3_bucket}/msp.zarr"
     create_store(url, s3_options)
     register_encoder(url, encoder_info("raw"), s3_options)
     register_encoder(url, encoder_info("packed", compression="zstd"), s3_options)
@@ -63,7 +50,8 @@ def test_write_read_refresh_and_verify_on_s3(s3_options: dict) -> None:
         store.get("missing.wav", "raw")
 
 
-def test_opening_an_s3_prefix_that_is_not_a_store_fails_clearly(s3_options: dict) -> None:
+def test_opening_an_s3_prefix_that_is_not_a_store_fails_clearly(moto_s3: dict, s3_bucket: str) -> None:
+    s3_options = moto_s3
     with pytest.raises(StoreError, match="not an mtser feature store"):
-        open_store("s3://features/nothing-here.zarr", storage_options=s3_options)
+        open_store(f"s3://{s3_bucket}/nothing-here.zarr", storage_options=s3_options)
 

@@ -143,19 +143,12 @@ def test_gpu_share_is_requested_only_where_gpus_exist():
 
 
 @pytest.fixture
-def s3_store(demo_store):
+def s3_store(demo_store, moto_s3, s3_bucket):
     """The demo store uploaded to moto's S3 server on 127.0.0.1; (url, storage options)."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-    fs.mkdir("features")
-    fs.put(str(demo_store), "features/demo.zarr", recursive=True)
-    yield "s3://features/demo.zarr", options
-    server.stop()
+    import s3fs
+
+    s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True).put(str(demo_store), f"{s3_bucket}/demo.zarr", recursive=True)
+    return f"s3://{s3_bucket}/demo.zarr", moto_s3
 
 
 def test_remote_store_is_mirrored_once_and_trials_read_the_mirror(s3_store, demo_store, tmp_path, ray_module):
