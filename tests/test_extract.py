@@ -134,6 +134,8 @@ def test_killed_worker_has_its_shard_redone_and_store_equals_clean_run(clean_sto
         if pids:
             time.sleep(0.3)                                          # let it get into a shard
             killed = pids[0]
+            # Ray renices workers to 15 by default, which starves them beside any busy process
+            assert os.getpriority(os.PRIO_PROCESS, killed) == os.getpriority(os.PRIO_PROCESS, 0)
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
     run.join(timeout=180)

@@ -413,7 +413,11 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
         threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
         summary.workers, summary.device = workers, "cuda" if gpus else "cpu"
-        remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **options)
+        # Ray renices its workers to 15: beside any other busy process (the driver included) an encoder actor then
+        # gets a few percent of a core. Actors run at the driver's priority instead, as Ray's job supervisor does.
+        priority = {"env_vars": {"RAY_worker_niceness": str(os.getpriority(os.PRIO_PROCESS, 0))}}
+        remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", runtime_env=priority,
+                                                 **options)
         args = (to_dict(cfg), url, storage_options, threads, augment)
         actors = [remote.remote(*args) for _ in range(workers)]
         queue, idle = deque(todo), list(range(workers))
