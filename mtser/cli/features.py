@@ -7,31 +7,18 @@ from typing import Optional
 
 import typer
 
+from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+
 features_app = typer.Typer(help="Inspect, export and verify a feature store.", no_args_is_help=True)
-
-STORAGE_OPTIONS = typer.Option(None, "--storage-options", help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'.')
-
 
 def register(app: typer.Typer) -> None:
     app.add_typer(features_app, name="features")
 
 
-def _options(storage_options: str | None) -> dict | None:
-    try:
-        options = json.loads(storage_options) if storage_options else None
-    except json.JSONDecodeError as exc:
-        typer.echo(f"error: --storage-options is not valid JSON: {exc}", err=True)
-        raise typer.Exit(2)
-    if options is not None and not isinstance(options, dict):
-        typer.echo("error: --storage-options must be a JSON object", err=True)
-        raise typer.Exit(2)
-    return options
-
-
 def _open(store: str, storage_options: str | None):
     from mtser.featurestore.store import StoreError, open_store
 
-    options = _options(storage_options)
+    options = parse_storage_options(storage_options)
     try:
         return open_store(store, storage_options=options)
     except StoreError as exc:
@@ -129,7 +116,7 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."), storage_
     from mtser.featurestore.verify import verify_store
 
     try:
-        report = verify_store(store, _options(storage_options))
+        report = verify_store(store, parse_storage_options(storage_options))
     except StoreError as exc:
         _fail(exc)
     for problem in report.problems:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+
 
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -18,23 +20,17 @@ def tune(
     out: Path = typer.Option(..., "--out", help="Run directory (trials, checkpoints, Ray logs, results.csv)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted search: run only unfinished trials."),
     stage: list[int] = typer.Option([1, 2], "--stage", help="Stages to run (repeat the option); default both."),
-    storage_options: str = typer.Option(None, "--storage-options",
-                                        help='fsspec options of a remote store as JSON, e.g. \'{"endpoint_url": "..."}\'.'),
+    storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
 
     A remote store is mirrored once to OUT/store; the trials read the mirror (use it for `mtser ensemble` too)."""
-    import json
-
     import pandas as pd
 
     from mtser.config import ConfigError
     from mtser.trainer.tune import SearchError, run_search
 
-    try:
-        options = json.loads(storage_options) if storage_options else None
-    except ValueError as exc:
-        _fail(f"--storage-options: not valid JSON: {exc}", 2)
+    options = parse_storage_options(storage_options)
     try:
         summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options)
     except ConfigError as exc:
