@@ -39,6 +39,11 @@ class EncoderConfig:
     pad_to_30s: bool = True                     # whisper only: pad to the 30 s the model was trained on
     max_tokens: int = 512                       # text only: truncate transcripts to this many tokens
 
+    def __post_init__(self) -> None:
+        if self.kind == "whisper" and not self.pad_to_30s:
+            raise ConfigError(f"{self.name}.pad_to_30s: false is not supported (the transformers Whisper encoder "
+                              "requires 3000 mel frames, i.e. 30 s)")
+
 
 @dataclass
 class ExtractConfig:

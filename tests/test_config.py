@@ -42,6 +42,10 @@ def test_encoder_entries_are_validated(tmp_path):
     bad.write_text("extract:\n  encoders:\n    - {name: w, kind: speach, model: x}\n")
     with pytest.raises(ConfigError, match=r"extract.encoders\[0\].kind: expected one of"):
         load_config(bad)
+    unpadded = tmp_path / "unpadded.yaml"
+    unpadded.write_text("extract:\n  encoders:\n    - {name: w, kind: whisper, model: x, pad_to_30s: false}\n")
+    with pytest.raises(ConfigError, match=r"extract.encoders\[0\]: w.pad_to_30s: false is not supported"):
+        load_config(unpadded)
     missing = tmp_path / "missing.yaml"
     missing.write_text("model: {pooling: mean}\n")
     with pytest.raises(ConfigError, match="extract: required key is missing"):

@@ -90,9 +90,6 @@ class WhisperEncoder:
     def __init__(self, cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128):
         from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
 
-        if not cfg.pad_to_30s:
-            raise ValueError(f"encoder {cfg.name}: pad_to_30s=false is not supported (the transformers Whisper "
-                             "encoder requires 3000 mel frames)")
         self.cfg, self.device, self.max_new_tokens = cfg, device, max_new_tokens
         self.model = WhisperForConditionalGeneration.from_pretrained(cfg.model, revision=cfg.revision)
         self.model.to(device).eval()

@@ -297,10 +297,6 @@ class ExtractSummary:
 
 def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
     """Create the store (if needed) and record each encoder's provenance (reads model configs, not weights)."""
-    for enc in cfg.encoders:
-        if enc.kind == "whisper" and not enc.pad_to_30s:
-            raise ConfigError(f"extract.encoders {enc.name}: pad_to_30s=false is not supported (the transformers "
-                              "Whisper encoder requires 3000 mel frames)")
     create_store(url, storage_options)
     for enc in cfg.encoders:
         dim, rate = encoder_dim_and_rate(enc, cfg.sample_rate)
