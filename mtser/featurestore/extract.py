@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from mtser import __version__
-from mtser.config import ConfigError, EncoderConfig, ExtractConfig, to_dict
+from mtser.config import EncoderConfig, ExtractConfig, to_dict
 from mtser.featurestore.audio import AudioError, audio_duration, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import (
