@@ -96,6 +96,7 @@ class TrainConfig:
     select_metric: Literal["f1", "ccc_mean", "score"] = "score"  # score = f1 + ccc_mean
     prefetch_batches: int = 4
     length_buckets: int = 1                     # >1: sort each window of this many batches by length (less padding)
+    nonfinite_patience: int = 10                # consecutive non-finite training losses before a model is dropped
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -133,7 +134,7 @@ class Config:
             if not 0 < tc.lr or tc.min_lr < 0 or tc.min_lr > tc.lr:
                 raise ConfigError(f"{key}.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {tc.lr}/{tc.min_lr}")
             for name, low in (("warmup_epochs", 0), ("weight_decay", 0), ("prefetch_batches", 1),
-                              ("length_buckets", 1)):
+                              ("length_buckets", 1), ("nonfinite_patience", 1)):
                 if getattr(tc, name) < low:
                     raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(tc, name)}")
             if tc.grad_clip <= 0:

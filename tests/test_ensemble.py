@@ -14,7 +14,7 @@ from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.featurestore.store import open_store
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.ensemble import EnsembleError, select_members
-from mtser.trainer.loop import evaluate
+from mtser.trainer.infer import evaluate
 from search_support import ray_module, search_run  # noqa: F401 (fixtures)
 
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from mtser.config import Config, ConfigError, from_dict, load_config, to_dict
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mtser.trainer.data import evaluation_ids
-from mtser.trainer.loop import evaluate, finetune_config, lr_factor, predict, train
+from mtser.trainer.infer import evaluate, predict
+from mtser.trainer.loop import finetune_config, lr_factor, train
 from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

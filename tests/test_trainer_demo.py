@@ -5,7 +5,8 @@ import numpy as np
 
 from mtser.config import load_config
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
-from mtser.trainer.loop import evaluate, train
+from mtser.trainer.infer import evaluate
+from mtser.trainer.loop import train
 from mtser.trainer.metrics import LabelArrays, summarize
 from trainer_store import one_torch_thread  # noqa: F401  (autouse)
 

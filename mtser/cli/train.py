@@ -1,4 +1,4 @@
-"""`mtser train` (stage 1), `mtser finetune` (stage 2) and `mtser evaluate`: parse, call mtser.trainer.loop, print."""
+"""`mtser train` (stage 1), `mtser finetune` (stage 2) and `mtser evaluate`: parse, call mtser.trainer.loop (and infer), print."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
         from mtser.featurestore.labels import SPLITS
         from mtser.featurestore.store import StoreError
         from mtser.trainer.checkpoint import CheckpointError
-        from mtser.trainer.loop import evaluate
+        from mtser.trainer.infer import evaluate
 
         if split not in SPLITS:
             raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)

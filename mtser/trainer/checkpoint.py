@@ -86,8 +86,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Fus
     model = FusionModel(meta["input_dims"], cfg.model)
     if not (path / WEIGHTS).exists():
         raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    weights = load_file(str(path / WEIGHTS))
+    for key in [k for k in weights if k.endswith(".pool.attention.2.bias")]:
+        del weights[key]        # earlier checkpoints had a score bias, which softmax ignores (model.py): exact to drop
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model in its config: {exc}") from None
     return model.to(device).eval(), cfg, meta

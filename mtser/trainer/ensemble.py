@@ -72,7 +72,7 @@ def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str,
     """Predictions of each distinct checkpoint on `split`, plus each checkpoint's sidecar meta."""
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.data import evaluation_ids
-    from mtser.trainer.loop import check_store_matches, predict
+    from mtser.trainer.infer import check_store_matches, predict
 
     outputs, metas = {}, {}
     ids: list[str] | None = None
@@ -91,8 +91,8 @@ def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str,
 
 
 def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
-    """loop.prediction_table with FileName for id, attributes clipped to 1..7, sorted by FileName."""
-    from mtser.trainer.loop import prediction_table as per_utterance
+    """infer.prediction_table with FileName for id, attributes clipped to 1..7, sorted by FileName."""
+    from mtser.trainer.infer import prediction_table as per_utterance
 
     table = per_utterance(pred.ids, pred.probs, np.clip(pred.attrs, *ATTRIBUTE_RANGE), labels)
     return table.rename(columns={"id": "FileName"}).sort_values("FileName", kind="stable").reset_index(drop=True)

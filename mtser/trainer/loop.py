@@ -1,4 +1,12 @@
-"""Training (stage 1 multi-task, stage 2 task fine-tuning), prediction and evaluation over a feature store."""
+"""Training: one model or a cohort of models that share one batch stream (stage 1 multi-task, stage 2 fine-tuning).
+
+A cohort is G members of one architecture and schedule, trained as one fused `CohortModel`: each batch is read
+once and used by every member; each member has its own loss (α, β, σ, task), learning rate, clipping and AdamW
+state, so it follows the trajectory it would follow alone. Each epoch the Development split is read once and
+scored for all members. A member ends as `complete` (all epochs), `stopped` (successive halving, `halving`) or
+`failed` (`nonfinite_patience` consecutive non-finite losses); ended members leave the fused tensors. Every member
+writes what a model trained alone writes: <out>/best (its best Development checkpoint) and <out>/history.csv.
+"""
 from __future__ import annotations
 
 import copy
@@ -7,8 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,47 +24,71 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mtser.config import Config, ConfigError, TrainConfig
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.config import AshaConfig, Config, ConfigError, TrainConfig
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
+from mtser.trainer.infer import Precision, check_store_matches, open_if_url, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
-from mtser.trainer.metrics import LabelArrays, computable, summarize
+from mtser.trainer.metrics import computable, summarize
 from mtser.trainer.model import FusionModel
 
 Stage = Literal["pretrain", "finetune"]
-EpochCallback = Callable[[int, dict[str, float], Path | None], None]
-PROVENANCE_FIELDS = ("kind", "model", "revision", "content_hash", "layer", "mean_last_k", "dim")
+Status = Literal["running", "complete", "stopped", "failed"]
+# Schedule fields every member of a cohort shares: they decide the batch stream (and the initial weights).
+SHARED_FIELDS = ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size", "seed", "length_buckets",
+                 "prefetch_batches", "device", "mixed_precision")
+
+
+class DivergedError(ValueError):
+    """A model trained alone produced non-finite losses `nonfinite_patience` steps in a row."""
+
+
+@dataclass
+class Member:
+    """One model of a cohort: a name, its full recipe, its stage, its output folder and (stage 2) its parent."""
+
+    name: str
+    cfg: Config
+    out_dir: Path
+    stage: Stage = "pretrain"
+    init_from: Path | None = None
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train if self.stage == "pretrain" else self.cfg.finetune
 
 
 @dataclass
 class TrainResult:
-    best_checkpoint: Path                 # <out>/best
+    best_checkpoint: Path | None          # <out>/best; None if the member never finished an epoch
     best_epoch: int
     best_metrics: dict[str, float]        # development metrics at the best epoch
     history: list[dict[str, float]]       # per epoch: epoch, lr, train_loss, data_wait_fraction, dev metrics
+    status: Status = "complete"
+    error: str | None = None              # why a member failed
+
+
+@dataclass
+class MemberEpoch:
+    """What `on_epoch` receives per member after each epoch (and once more for a member that failed mid-epoch)."""
+
+    name: str
+    epoch: int
+    row: dict[str, float] | None          # the history row (None: failed before the epoch's evaluation)
+    best_dir: Path | None                 # set when this epoch wrote a new best checkpoint
+    status: Status
+    error: str | None = None
+
+
+EpochCallback = Callable[[int, list[MemberEpoch]], None]
 
 
 # ------------------------------------------------------------------------------------------------------ set-up
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def open_if_url(store):
-    """An open FeatureStore as given, or one opened read-only from its URL."""
-    if not isinstance(store, (str, Path)):
-        return store
-    from mtser.featurestore.store import open_store
-
-    return open_store(str(store))
 
 
 def model_encoders(cfg: Config, store) -> list[str]:
@@ -67,19 +98,6 @@ def model_encoders(cfg: Config, store) -> list[str]:
     if missing:
         raise ConfigError(f"model.encoders: {missing} not in store {store.url} (has {sorted(store.encoders)})")
     return names
-
-
-def check_store_matches(meta: dict, store) -> None:
-    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...)."""
-    for name, trained in meta["store"]["encoders"].items():
-        info = store.encoders.get(name)
-        if info is None:
-            raise CheckpointError(f"store {store.url} lacks encoder {name!r} the checkpoint was trained on")
-        current = dataclasses.asdict(info)
-        differing = [f for f in PROVENANCE_FIELDS if current.get(f) != trained.get(f)]
-        if differing:
-            raise CheckpointError(f"store {store.url}: encoder {name!r} differs from the checkpoint's in "
-                                  + ", ".join(f"{f} ({current.get(f)!r} vs {trained.get(f)!r})" for f in differing))
 
 
 def finetune_config(cfg: Config, task: Literal["cat", "dim"], sigma: float | None = None) -> Config:
@@ -100,206 +118,264 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Precision:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling); float32 on CPU."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device_type = device.type
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
-
-    def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+def halving_milestones(asha: AshaConfig | None, epochs: int) -> set[int]:
+    """Epochs at which successive halving ranks the members: grace·rf^k below the last epoch."""
+    if asha is None:
+        return set()
+    milestones, m = set(), asha.grace_period
+    while m < epochs:
+        milestones.add(m)
+        m *= asha.reduction_factor
+    return milestones
 
 
-# ------------------------------------------------------------------------------------------------------ inference
-@torch.no_grad()
-def run_model(model: FusionModel, batches, device: torch.device, precision: Precision | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated (logits, attributes) of `batches` (each a Batch or a features dict), float32 on CPU."""
-    model.eval()
-    precision = precision or Precision(device, enabled=False)
-    logits, attrs = [], []
-    for batch in batches:
-        features = data.features_to(batch.features if isinstance(batch, data.Batch) else batch, device)
-        with precision.autocast():
-            out_logits, out_attrs = model(features)
-        logits.append(out_logits.float().cpu())
-        attrs.append(out_attrs.float().cpu())
-    return torch.cat(logits), torch.cat(attrs)
+def check_cohort(members: Sequence[Member]) -> None:
+    """Members must share the architecture and the schedule fields that decide the batch stream."""
+    if not members:
+        raise ValueError("a cohort needs at least one member")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cohort member names must be unique, got {names}")
+    first = members[0]
+    for m in members[1:]:
+        if m.cfg.model != first.cfg.model:
+            raise ConfigError(f"cohort member {m.name!r}: model {m.cfg.model} differs from {first.name!r}'s "
+                              f"{first.cfg.model} (one architecture per cohort)")
+        differing = [f for f in SHARED_FIELDS if getattr(m.tc, f) != getattr(first.tc, f)]
+        if differing:
+            raise ConfigError(f"cohort member {m.name!r}: schedule differs from {first.name!r}'s in {differing}")
 
 
-def _unsorted(order: np.ndarray, *arrays: torch.Tensor) -> list[np.ndarray]:
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return [a.numpy()[inverse] for a in arrays]
+class _Cohort:
+    """Everything a cohort needs, resolved from the members' configs and the store before the first epoch."""
 
-
-def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
-            prefetch_batches: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, 8) and attributes (N, 3) in 1..7 for `ids`, in that order."""
-    device = torch.device(device)
-    encoders = list(model.encoder_dims)
-    order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
-    sorted_ids = [ids[k] for k in order]
-    reader = data.BatchReader(store, encoders, data.host_dtype(device))
-    batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
-    logits, attrs = run_model(model.to(device), batches, device)
-    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
-
-
-def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], batch_size: int = 256,
-                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Like `predict`, for in-memory features (encoder name -> (T, D) array per utterance)."""
-    device = torch.device(device)
-    encoders = list(model.encoder_dims)
-    order = np.argsort([sum(len(f[n]) for n in encoders) for f in features], kind="stable")
-    batches = (data.pad_features([features[k] for k in chunk], encoders, data.host_dtype(device))
-               for chunk in data.chunks(order, batch_size))
-    logits, attrs = run_model(model.to(device), batches, device)
-    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
-
-
-def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None
-                     ) -> pd.DataFrame:
-    """One row per utterance: id, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom, true_* labels."""
-    table = pd.DataFrame({"id": list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
-    for k, c in enumerate(CLASSES):
-        table[f"prob_{c}"] = probs[:, k]
-    for k, name in enumerate(ATTRIBUTES):
-        table[ATTRIBUTE_COLUMNS[name]] = attrs[:, k]
-    if labels is not None:
-        table["true_EmoClass"] = [CLASSES[k] if k >= 0 else None for k in labels.classes]
-        for k, name in enumerate(ATTRIBUTES):
-            table[f"true_{ATTRIBUTE_COLUMNS[name]}"] = labels.attributes[:, k]
-    return table
-
-
-def evaluate(checkpoint: Path, store, split: str = "Development", device: str = "auto"
-             ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of a checkpoint on `split` (original utterances, X dropped) and the per-utterance prediction table."""
-    store = open_if_url(store)
-    torch_device = resolve_device(device)
-    model, cfg, meta = load_checkpoint(checkpoint, torch_device)
-    check_store_matches(meta, store)
-    ids = data.evaluation_ids(store, list(model.encoder_dims), split)
-    if not ids:
-        raise ValueError(f"store {store.url}: split {split!r} has no utterances with features for "
-                         f"{list(model.encoder_dims)}")
-    probs, attrs = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
-    labels = data.label_arrays(store.utterances, ids)
-    return summarize(probs, attrs, labels), prediction_table(ids, probs, attrs, labels)
-
-
-# ------------------------------------------------------------------------------------------------------ training
-class _Stage:
-    """Everything one stage needs, resolved from config and store before the first epoch."""
-
-    def __init__(self, cfg: Config, store, stage: Stage, init_from: Path | None):
-        self.tc: TrainConfig = cfg.train if stage == "pretrain" else cfg.finetune
+    def __init__(self, members: Sequence[Member], store):
+        check_cohort(members)
+        self.members = list(members)
+        self.tc = members[0].tc                                   # the shared schedule fields
         self.device = resolve_device(self.tc.device)
-        seed_everything(self.tc.seed)
-        self.encoders = model_encoders(cfg, store)
-        self.model = self._build_model(cfg, store, stage, init_from).to(self.device)
-        self.train_pool = data.training_ids(store, self.encoders, self.tc.task)
-        if not self.train_pool:
-            raise ValueError(f"store {store.url}: no Train utterance with features and labels for task {self.tc.task!r}")
+        self.encoders = model_encoders(members[0].cfg, store)
+        dims = {n: store.encoders[n].dim for n in self.encoders}
+        self.provenance = {"url": store.url,
+                           "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in self.encoders}}
+        pools = {task: data.training_ids(store, self.encoders, task) for task in {m.tc.task for m in members}}
+        for task, pool in pools.items():
+            if not pool:
+                raise ValueError(f"store {store.url}: no Train utterance with features and labels for task {task!r}")
+        self.train_pool = _union(pools.values())
+        self.task_rows = None if len(pools) == 1 else {t: set(p) for t, p in pools.items()}
         self.train_lengths = data.total_lengths(store, self.train_pool, self.encoders)
-        dev_ids = data.evaluation_ids(store, self.encoders, "Development")
-        self.dev_ids = data.length_sorted(store, dev_ids, self.encoders)
+        self.dev_ids = data.length_sorted(store, data.evaluation_ids(store, self.encoders, "Development"),
+                                          self.encoders)
         self.dev_labels = data.label_arrays(store.utterances, self.dev_ids)
-        if self.tc.select_metric not in computable(self.dev_labels):
-            key = "train" if stage == "pretrain" else "finetune"
-            raise ConfigError(f"{key}.select_metric: {self.tc.select_metric!r} cannot be computed, the Development "
-                              f"split of {store.url} lacks the labels ({len(self.dev_ids)} utterances)")
-        train_labels = data.label_arrays(store.utterances, self.train_pool)
-        self.loss: RecipeLoss = build_loss(self.tc.task, cfg.loss, data.class_counts(train_labels))
+        self.losses: list[RecipeLoss] = []
+        for m in members:
+            if m.tc.select_metric not in computable(self.dev_labels):
+                key = "train" if m.stage == "pretrain" else "finetune"
+                raise ConfigError(f"{key}.select_metric: {m.tc.select_metric!r} cannot be computed, the Development "
+                                  f"split of {store.url} lacks the labels ({len(self.dev_ids)} utterances)")
+            counts = data.class_counts(data.label_arrays(store.utterances, pools[m.tc.task]))
+            self.losses.append(build_loss(m.tc.task, m.cfg.loss, counts))
+        self.model = CohortModel([self._initial_model(m, dims, store) for m in members]).to(self.device)
         self.reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device))
         self.train_reader = data.BatchReader(store, self.encoders, data.host_dtype(self.device), skip_unreadable=True)
         self.precision = Precision(self.device, self.tc.mixed_precision)
 
-    def _build_model(self, cfg: Config, store, stage: Stage, init_from: Path | None) -> FusionModel:
-        dims = {n: store.encoders[n].dim for n in self.encoders}
-        if stage == "pretrain":
-            return FusionModel(dims, cfg.model)
-        if init_from is None:
-            raise ValueError("finetune: init_from (the stage-1 checkpoint) is required")
-        parent, parent_cfg, meta = load_checkpoint(init_from)
+    def _initial_model(self, member: Member, dims: dict[str, int], store) -> FusionModel:
+        if member.stage == "pretrain":
+            seed_everything(member.tc.seed)
+            return FusionModel(dims, member.cfg.model)
+        if member.init_from is None:
+            raise ValueError(f"{member.name}: finetune needs init_from (the stage-1 checkpoint)")
+        parent, parent_cfg, meta = load_checkpoint(member.init_from)
         check_store_matches(meta, store)
-        if parent.encoder_dims != dims or parent_cfg.model != cfg.model:
-            raise CheckpointError(f"{init_from}: its model (encoders {parent.encoder_dims}, {parent_cfg.model}) "
-                                  f"differs from the config's (encoders {dims}, {cfg.model})")
+        if parent.encoder_dims != dims or parent_cfg.model != member.cfg.model:
+            raise CheckpointError(f"{member.init_from}: its model (encoders {parent.encoder_dims}, {parent_cfg.model}) "
+                                  f"differs from the config's (encoders {dims}, {member.cfg.model})")
+        seed_everything(member.tc.seed)
         return parent
 
-    def evaluate(self) -> dict[str, float]:
-        batches = data.prefetch(self.reader, data.chunks(self.dev_ids, self.tc.eval_batch_size),
-                                depth=self.tc.prefetch_batches)
-        logits, attrs = run_model(self.model, batches, self.device, self.precision)
-        metrics = summarize(logits.numpy(), attrs.numpy(), self.dev_labels)
-        loss = self.loss(logits, attrs, torch.from_numpy(self.dev_labels.classes),
-                         torch.from_numpy(self.dev_labels.attributes))
-        return {**metrics, "loss": float(loss)}
+    def member_targets(self, k: int, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's targets for member k: rows outside its task's pool carry no target (mixed-task cohorts)."""
+        if self.task_rows is None:
+            return batch.classes, batch.attributes
+        rows = self.task_rows[self.members[k].tc.task]
+        keep = torch.tensor([i in rows for i in batch.ids], device=batch.classes.device)
+        return (torch.where(keep, batch.classes, -1),
+                torch.where(keep[:, None], batch.attributes, torch.nan))
 
 
-def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_from: Path | None = None,
-          on_epoch: EpochCallback | None = None, progress: bool = False) -> TrainResult:
-    """Train one stage; writes <out>/best (best Development checkpoint by select_metric) and <out>/history.csv."""
+def _union(pools) -> list[str]:
+    return list(dict.fromkeys(i for pool in pools for i in pool))
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None = None,
+                 on_epoch: EpochCallback | None = None, progress: bool = False) -> dict[str, TrainResult]:
+    """Train `members` as one fused cohort on one batch stream; returns each member's result by name."""
     store = open_if_url(store)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    s = _Stage(cfg, store, stage, init_from)
-    tc, model = s.tc, s.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    c = _Cohort(members, store)
+    tc, device = c.tc, c.device
     steps_per_epoch = math.ceil(tc.samples_per_epoch / tc.batch_size)
-    total, warmup = tc.epochs * steps_per_epoch, round(tc.warmup_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, tc.lr, tc.min_lr))
-    provenance = {"url": store.url, "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in s.encoders}}
-    history: list[dict[str, float]] = []
-    best_value, best_epoch, best_metrics = -math.inf, 0, {}
+    total = tc.epochs * steps_per_epoch
+    warmups = [round(m.tc.warmup_epochs * steps_per_epoch) for m in members]
+    optimizer = CohortAdamW(c.model, torch.tensor([m.tc.lr for m in members]),
+                            torch.tensor([m.tc.weight_decay for m in members]))
+    clip = torch.tensor([m.tc.grad_clip for m in members], device=device)
+    alive = list(range(len(members)))                  # fused position -> member index
+    status: list[Status] = ["running"] * len(members)
+    errors: list[str | None] = [None] * len(members)
+    histories: list[list[dict]] = [[] for _ in members]
+    best = [(-math.inf, 0, {}) for _ in members]       # (value, epoch, metrics)
+    nonfinite = [0] * len(members)
+    exports = [FusionModel(c.model.encoder_dims, c.model.cfg) for _ in members]
+    milestones = halving_milestones(halving, tc.epochs)
+    for m in members:
+        m.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def lrs(step: int) -> list[float]:
+        return [members[k].tc.lr * lr_factor(step, total, warmups[k], members[k].tc.lr, members[k].tc.min_lr)
+                for k in alive]
+
+    step = 0
     for epoch in range(1, tc.epochs + 1):
+        if not alive:
+            break
         started = time.perf_counter()
-        model.train()
-        epoch_batches = data.epoch_batches(s.train_pool, s.train_lengths, tc.samples_per_epoch, tc.batch_size,
+        c.model.train()
+        epoch_batches = data.epoch_batches(c.train_pool, c.train_lengths, tc.samples_per_epoch, tc.batch_size,
                                            tc.seed, epoch, tc.length_buckets)
-        batches = data.WaitClock(data.prefetch(s.train_reader, epoch_batches, depth=tc.prefetch_batches))
-        loss_sum, seen, skipped = 0.0, 0, 0
+        batches = data.WaitClock(data.prefetch(c.train_reader, epoch_batches, depth=tc.prefetch_batches))
+        loss_sums, seen, skipped = [0.0] * len(members), [0] * len(members), [0] * len(members)
+        ended: list[MemberEpoch] = []
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", leave=False,
                    disable=None if progress else True)  # None: shown on a terminal only
         for batch in bar:
-            batch = batch.to(s.device)
-            with s.precision.autocast():
-                logits, attrs = model(batch.features)
-            loss = s.loss(logits, attrs, batch.classes, batch.attributes)
-            if not torch.isfinite(loss):  # a bad feature must not poison the weights
-                skipped += 1
-                schedule.step()
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            s.precision.scaler.scale(loss).backward()
-            s.precision.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            s.precision.scaler.step(optimizer)
-            s.precision.scaler.update()
-            schedule.step()
-            loss_sum += loss.item() * len(batch.ids)
-            seen += len(batch.ids)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            batch = batch.to(device)
+            with c.precision.autocast():
+                logits, attrs = c.model(batch.features)
+            losses = torch.stack([c.losses[k](logits[g], attrs[g], *c.member_targets(k, batch))
+                                  for g, k in enumerate(alive)])
+            finite = torch.isfinite(losses)
+            optimizer.lr = torch.tensor(lrs(step), dtype=torch.float64, device=device)
+            if finite.any():            # a bad feature or a diverging member must not poison the others
+                optimizer.zero_grad(set_to_none=True)
+                c.precision.scaler.scale(torch.where(finite, losses, 0.0).sum()).backward()
+                c.precision.scaler.unscale_(optimizer)
+                clip_member_grads(c.model, clip)
+                c.precision.scaler.step(optimizer, active=finite)
+                c.precision.scaler.update()
+            step += 1
+            values, ok = losses.detach().cpu().tolist(), finite.cpu().tolist()
+            diverged = []
+            for g, k in enumerate(alive):
+                if ok[g]:
+                    nonfinite[k] = 0
+                    loss_sums[k] += values[g] * len(batch.ids)
+                    seen[k] += len(batch.ids)
+                    continue
+                skipped[k] += 1
+                nonfinite[k] += 1
+                if nonfinite[k] >= members[k].tc.nonfinite_patience:
+                    diverged.append(g)
+                    status[k] = "failed"
+                    errors[k] = (f"diverged: non-finite training loss in {nonfinite[k]} consecutive steps "
+                                 f"(epoch {epoch}, step {step})")
+                    ended.append(MemberEpoch(members[k].name, epoch, None, None, "failed", errors[k]))
+            if diverged:
+                keep = [g for g in range(len(alive)) if g not in diverged]
+                alive = [alive[g] for g in keep]
+                if not alive:
+                    break
+                optimizer, clip = _select(c.model, optimizer, keep), clip[keep]
+            if seen[alive[0]]:
+                bar.set_postfix(loss=f"{loss_sums[alive[0]] / seen[alive[0]]:.4f}")
         train_seconds = time.perf_counter() - started
-        metrics = s.evaluate()
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(1, seen),
-               "skipped_steps": skipped, "skipped_utterances": len(s.train_reader.skipped),
-               "data_wait_fraction": batches.waited / train_seconds,
-               "train_seconds": train_seconds, **metrics}
-        history.append(row)
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-        improved = best_epoch == 0 or metrics[tc.select_metric] > best_value  # NaN never wins after epoch 1
-        if improved:
-            best_value, best_epoch, best_metrics = metrics[tc.select_metric], epoch, metrics
-            save_checkpoint(out_dir / "best", model, cfg, {
-                "stage": stage, "task": tc.task, "epoch": epoch, "metrics": metrics, "store": provenance,
-                "parent": str(init_from) if init_from else None, "train_utterances": len(s.train_pool),
-                "unreadable_utterances": dict(s.train_reader.skipped)})
+        reports = list(ended)
+        if alive:
+            evaluation = _evaluate(c, alive)
+            next_lrs = lrs(step)
+            for g, k in enumerate(alive):
+                member = members[k]
+                row = {"epoch": epoch, "lr": next_lrs[g], "train_loss": loss_sums[k] / max(1, seen[k]),
+                       "skipped_steps": skipped[k], "skipped_utterances": len(c.train_reader.skipped),
+                       "data_wait_fraction": batches.waited / train_seconds, "train_seconds": train_seconds,
+                       **evaluation[g]}
+                histories[k].append(row)
+                pd.DataFrame(histories[k]).to_csv(member.out_dir / "history.csv", index=False)
+                value = row[member.tc.select_metric]
+                improved = best[k][1] == 0 or value > best[k][0]     # NaN never wins after epoch 1
+                if improved:
+                    best[k] = (value, epoch, evaluation[g])
+                    exports[k].load_state_dict(c.model.member_state(g))
+                    save_checkpoint(member.out_dir / "best", exports[k], member.cfg, {
+                        "stage": member.stage, "task": member.tc.task, "epoch": epoch, "metrics": evaluation[g],
+                        "store": c.provenance, "parent": str(member.init_from) if member.init_from else None,
+                        "train_utterances": len(c.train_pool), "unreadable_utterances": dict(c.train_reader.skipped),
+                        "cohort": {"members": len(members), "name": member.name}})
+                if epoch == tc.epochs:
+                    status[k] = "complete"
+                reports.append(MemberEpoch(member.name, epoch, row, member.out_dir / "best" if improved else None,
+                                           status[k]))
+            if epoch in milestones and len(alive) > 1:
+                keep = _halve(alive, evaluation, members, halving.reduction_factor)
+                for g, k in enumerate(alive):
+                    if g not in keep:
+                        status[k] = "stopped"
+                        reports = [r if r.name != members[k].name else dataclasses.replace(r, status="stopped")
+                                   for r in reports]
+                alive = [alive[g] for g in keep]
+                optimizer, clip = _select(c.model, optimizer, keep), clip[keep]
         if on_epoch is not None:
-            on_epoch(epoch, row, out_dir / "best" if improved else None)
-    return TrainResult(out_dir / "best", best_epoch, best_metrics, history)
+            on_epoch(epoch, reports)
+    results = {}
+    for k, m in enumerate(members):
+        value, best_epoch, metrics = best[k]
+        results[m.name] = TrainResult(m.out_dir / "best" if best_epoch else None, best_epoch, metrics, histories[k],
+                                      status[k] if status[k] != "running" else "complete", errors[k])
+    return results
+
+
+def _select(model: CohortModel, optimizer: CohortAdamW, keep: list[int]) -> CohortAdamW:
+    model.select(keep)
+    return optimizer.select(model, keep)
+
+
+def _halve(alive: list[int], evaluation: list[dict[str, float]], members: Sequence[Member], factor: int) -> list[int]:
+    """Fused positions kept by successive halving: the best ceil(n / factor) members by their own objective."""
+    def objective(g: int) -> float:
+        value = evaluation[g].get(members[alive[g]].tc.select_metric, math.nan)
+        return -math.inf if not math.isfinite(value) else value
+
+    ranked = sorted(range(len(alive)), key=lambda g: (-objective(g), members[alive[g]].name))
+    return sorted(ranked[:math.ceil(len(alive) / factor)])
+
+
+def _evaluate(c: _Cohort, alive: list[int]) -> list[dict[str, float]]:
+    """Development metrics and loss of every alive member, from one read of the development batches."""
+    batches = data.prefetch(c.reader, data.chunks(c.dev_ids, c.tc.eval_batch_size), depth=c.tc.prefetch_batches)
+    logits, attrs = run_model(c.model, batches, c.device, c.precision)
+    classes, attributes = torch.from_numpy(c.dev_labels.classes), torch.from_numpy(c.dev_labels.attributes)
+    out = []
+    for g, k in enumerate(alive):
+        metrics = summarize(logits[g].numpy(), attrs[g].numpy(), c.dev_labels)
+        out.append({**metrics, "loss": float(c.losses[k](logits[g], attrs[g], classes, attributes))})
+    return out
+
+
+def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_from: Path | None = None,
+          on_epoch: Callable[[int, dict[str, float], Path | None], None] | None = None,
+          progress: bool = False) -> TrainResult:
+    """Train one model (a cohort of one); writes <out>/best (best Development checkpoint by select_metric) and
+    <out>/history.csv. Raises DivergedError when the loss stays non-finite."""
+    member = Member("model", cfg, Path(out_dir), stage, Path(init_from) if init_from else None)
+
+    def report(epoch: int, reports: list[MemberEpoch]) -> None:
+        for r in reports:
+            if r.row is not None and on_epoch is not None:
+                on_epoch(epoch, r.row, r.best_dir)
+
+    result = train_cohort([member], store, on_epoch=report, progress=progress)["model"]
+    if result.status == "failed":
+        raise DivergedError(f"{out_dir}: training {result.error}")
+    return result

@@ -21,7 +21,9 @@ class AttentiveStatsPooling(nn.Module):
 
     def __init__(self, dim: int, attention_dim: int, eps: float = 1e-5):
         super().__init__()
-        self.attention = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, 1))
+        # The score layer has no bias: softmax over frames is shift-invariant, so a bias there cannot change the
+        # output, its true gradient is zero and AdamW would only random-walk it on rounding noise.
+        self.attention = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, 1, bias=False))
         self.eps = eps
         self.out_dim = 2 * dim
 
@@ -70,6 +72,7 @@ class FusionModel(nn.Module):
         if not encoder_dims:
             raise ValueError("FusionModel: needs at least one encoder")
         self.encoder_dims = dict(encoder_dims)
+        self.cfg = cfg
         self.branches = nn.ModuleDict({name: EncoderBranch(dim, cfg) for name, dim in encoder_dims.items()})
         self.lstm = nn.LSTM(cfg.proj_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0)

@@ -76,7 +76,7 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
     """Run the ensemble at `ensemble` (manifest file or its directory) on audio files; bad files are skipped."""
     from mtser.featurestore.extract import encode_utterances
     from mtser.trainer.checkpoint import load_checkpoint
-    from mtser.trainer.loop import predict_features
+    from mtser.trainer.infer import predict_features
 
     manifest = load_manifest(ensemble)
     paths = list(dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members))

@@ -1,0 +1,212 @@
+"""The cohort: G fusion models of one architecture trained as ONE fused model on one shared batch stream (HFTA).
+
+Every parameter carries a leading member dimension and is named like the `FusionModel` state-dict entry it stacks
+(`branches.wavlm.project.weight` of shape (G, P, 2D)), so a member exports to an ordinary `FusionModel` by
+indexing. All members see the same batch: the first layer of each encoder branch is one GEMM for all members (the
+ASP attention's first linear; with mean pooling, the projection), the rest are batched matmuls over the member
+dimension. The 2-layer LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap`
+has no batching rule for `aten::lstm`), in PyTorch's gate order (i, f, g, o).
+
+`CohortAdamW` is AdamW with a learning rate, weight decay and step count per member, and per-member gradient-norm
+clipping (`clip_member_grads`): elementwise, so each member follows exactly the trajectory it would follow alone.
+Members are independent in the backward pass as well: no operation mixes two members' values.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtser.config import ModelConfig
+from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
+from mtser.trainer.model import Features, FusionModel
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")          # nn.Module attribute names cannot hold dots
+
+
+class CohortModel(nn.Module):
+    """G `FusionModel`s of one architecture as one module; `forward` returns logits (G, B, 8) and attributes
+    (G, B, 3) in 1..7 for a batch every member shares."""
+
+    def __init__(self, members: Sequence[FusionModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("CohortModel: needs at least one member")
+        first = members[0]
+        self.encoder_dims = dict(first.encoder_dims)
+        self.cfg: ModelConfig = first.cfg
+        shapes = {k: v.shape for k, v in first.state_dict().items()}
+        for m in members[1:]:
+            if m.encoder_dims != self.encoder_dims or m.cfg != self.cfg:
+                raise ValueError("CohortModel: members must share encoders and model config "
+                                 f"({m.encoder_dims}, {m.cfg} vs {self.encoder_dims}, {self.cfg})")
+        self.names = list(shapes)
+        states = [m.state_dict() for m in members]
+        for name in self.names:
+            stacked = torch.stack([s[name].detach() for s in states]).clone()
+            self.register_parameter(_key(name), nn.Parameter(stacked))
+
+    @property
+    def size(self) -> int:
+        return self.p("head.bias").shape[0]
+
+    def p(self, name: str) -> torch.Tensor:
+        return getattr(self, _key(name))
+
+    def named_member_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, self.p(name)) for name in self.names]
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def _branch(self, name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooling → projection → LayerNorm (→ dropout) of one encoder for all members: (G, B, P)."""
+        g, pre = self.size, f"branches.{name}."
+        if self.cfg.pooling == "asp":
+            w1 = self.p(pre + "pool.attention.0.weight")                      # (G, A, D)
+            hidden = torch.tanh(F.linear(x, w1.reshape(-1, w1.shape[-1]),     # one GEMM for all members
+                                         self.p(pre + "pool.attention.0.bias").reshape(-1)))
+            hidden = hidden.view(*x.shape[:2], g, -1)                          # (B, T, G, A)
+            scores = torch.einsum("btga,ga->bgt", hidden, self.p(pre + "pool.attention.2.weight")[:, 0])
+            scores = scores.float().masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=2)                             # (B, G, T)
+            with torch.autocast(x.device.type, enabled=False):
+                xf = x.float()
+                mean = torch.bmm(weights, xf)
+                variance = torch.bmm(weights, xf * xf) - mean**2
+            pooled = torch.cat([mean, torch.sqrt(variance.clamp(min=1e-5))], dim=-1).transpose(0, 1)  # (G, B, 2D)
+            w = self.p(pre + "project.weight")                                 # (G, P, 2D)
+            projected = torch.baddbmm(self.p(pre + "project.bias")[:, None, :], pooled.to(w.dtype), w.transpose(1, 2))
+        else:
+            m = mask.unsqueeze(1).to(x.dtype)                                   # (B, 1, T)
+            pooled = (torch.bmm(m, x) / m.sum(dim=2, keepdim=True).clamp(min=1.0)).squeeze(1)  # (B, D), shared
+            w = self.p(pre + "project.weight")                                 # (G, P, D): one GEMM for all members
+            projected = F.linear(pooled, w.reshape(-1, w.shape[-1]), self.p(pre + "project.bias").reshape(-1))
+            projected = projected.view(len(pooled), g, -1).transpose(0, 1)      # (G, B, P)
+        normed = F.layer_norm(projected, projected.shape[-1:])
+        normed = normed * self.p(pre + "norm.weight")[:, None, :] + self.p(pre + "norm.bias")[:, None, :]
+        return F.dropout(normed, self.cfg.dropout, self.training)
+
+    def _lstm(self, sequence: torch.Tensor) -> torch.Tensor:
+        """PyTorch's multi-layer LSTM (batch_first, zero initial state) per member; last output (G, B, H)."""
+        g, b, steps, _ = sequence.shape
+        layer_in = sequence
+        for layer in range(self.cfg.lstm_layers):
+            w_ih, w_hh = self.p(f"lstm.weight_ih_l{layer}"), self.p(f"lstm.weight_hh_l{layer}")
+            bias = (self.p(f"lstm.bias_ih_l{layer}") + self.p(f"lstm.bias_hh_l{layer}"))[:, None, :]
+            projected = torch.baddbmm(bias, layer_in.reshape(g, b * steps, -1), w_ih.transpose(1, 2))
+            projected = projected.view(g, b, steps, -1)                          # (G, B, steps, 4H)
+            h = c = None
+            outputs = []
+            for t in range(steps):
+                gates = projected[:, :, t] if h is None else torch.baddbmm(projected[:, :, t], h, w_hh.transpose(1, 2))
+                i, f, cell, o = gates.chunk(4, dim=-1)
+                i, f, cell, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(cell), torch.sigmoid(o)
+                c = i * cell if c is None else f * c + i * cell
+                h = o * torch.tanh(c)
+                outputs.append(h)
+            layer_in = torch.stack(outputs, dim=2)
+            if layer < self.cfg.lstm_layers - 1:
+                layer_in = F.dropout(layer_in, self.cfg.dropout, self.training)
+        return layer_in[:, :, -1]
+
+    def forward(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [name for name in self.encoder_dims if name not in features]
+        if missing:
+            raise KeyError(f"CohortModel: features of encoder(s) {missing} are missing")
+        sequence = torch.stack([self._branch(name, *features[name]) for name in self.encoder_dims], dim=2)
+        last = self._lstm(sequence)
+        w = self.p("head.weight")
+        out = torch.baddbmm(self.p("head.bias")[:, None, :], last.to(w.dtype), w.transpose(1, 2))
+        low, high = ATTRIBUTE_RANGE
+        n = len(CLASSES)
+        return out[..., :n], low + (high - low) * torch.sigmoid(out[..., n:])
+
+    # -------------------------------------------------------------------------------------------------- members
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Member `index` as a `FusionModel` state dict (CPU copies)."""
+        return {name: self.p(name)[index].detach().to("cpu", copy=True) for name in self.names}
+
+    def export(self, index: int) -> FusionModel:
+        model = FusionModel(self.encoder_dims, self.cfg)
+        model.load_state_dict(self.member_state(index))
+        return model
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the members at `keep` (in that order): the others leave the fused tensors and stop costing."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.p("head.bias").device)
+        for name in self.names:
+            setattr(self, _key(name), nn.Parameter(self.p(name).detach().index_select(0, index).clone()))
+
+
+def member_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (G,) per-member tensor shaped to broadcast over a (G, ...) parameter."""
+    return t.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+@torch.no_grad()
+def clip_member_grads(model: CohortModel, max_norm: torch.Tensor) -> torch.Tensor:
+    """Scale each member's gradients to at most its `max_norm` (G,) as `torch.nn.utils.clip_grad_norm_` does for a
+    model alone; returns the members' total gradient norms (G,)."""
+    grads = [p.grad for _, p in model.named_member_parameters() if p.grad is not None]
+    squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
+    norms = squares.sqrt()
+    coef = (max_norm.to(norms) / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(member_view(coef, g))
+    return norms
+
+
+class CohortAdamW(torch.optim.Optimizer):
+    """AdamW (PyTorch's decoupled formulation) over a CohortModel's parameters with per-member lr (G,), weight
+    decay (G,) and step counts. `step(active=mask)` updates only the active members: an inactive member's weights,
+    moments and step count stay exactly as they were, as if its optimiser had not been called."""
+
+    def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__([p for _, p in model.named_member_parameters()], {"betas": betas, "eps": eps})
+        device = model.p("head.bias").device
+        self.lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
+        self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64, device=device).clone()
+        self.steps = torch.zeros(model.size, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def step(self, closure=None, active: torch.Tensor | None = None):  # noqa: ANN001 (Optimizer's signature)
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        active = torch.ones_like(self.steps, dtype=torch.bool) if active is None else active.to(self.steps.device)
+        on = active.to(torch.float64)
+        self.steps += on
+        steps = self.steps.clamp(min=1.0)
+        step_size = on * self.lr / (1 - beta1**steps)
+        bias2_sqrt = (1 - beta2**steps).sqrt()
+        decay = 1 - on * self.lr * self.weight_decay
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            grad = torch.where(member_view(active, p).bool(), p.grad, 0.0)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            p.mul_(member_view(decay, p))
+            exp_avg.lerp_(grad, member_view(on * (1 - beta1), p))
+            exp_avg_sq.mul_(member_view(torch.where(active, beta2, 1.0), p)).add_(grad * grad * member_view(on * (1 - beta2), p))
+            denom = (exp_avg_sq.sqrt() / member_view(bias2_sqrt, p)).add_(group["eps"])
+            p.sub_(member_view(step_size, p) * exp_avg / denom)
+        return None
+
+    def select(self, model: CohortModel, keep: Sequence[int]) -> CohortAdamW:
+        """The optimiser of `model` after `model.select(keep)`: the kept members' moments, steps and settings."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.steps.device)
+        group = self.param_groups[0]
+        new = CohortAdamW(model, self.lr[index], self.weight_decay[index], group["betas"], group["eps"])
+        new.steps = self.steps[index].clone()
+        for old_p, new_p in zip(group["params"], new.param_groups[0]["params"]):
+            if self.state[old_p]:
+                new.state[new_p] = {k: v.index_select(0, index.to(v.device)).clone()
+                                    for k, v in self.state[old_p].items()}
+        return new

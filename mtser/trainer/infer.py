@@ -1,0 +1,141 @@
+"""Inference: one predict path for store ids and for in-memory features, the prediction table, `evaluate`, and the
+check that a store holds the features a checkpoint was trained on."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtser.config import ConfigError
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.trainer import data
+from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
+from mtser.trainer.metrics import LabelArrays, summarize
+from mtser.trainer.model import FusionModel
+
+PROVENANCE_FIELDS = ("kind", "model", "revision", "content_hash", "layer", "mean_last_k", "dim")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def open_if_url(store, storage_options: dict | None = None):
+    """An open FeatureStore as given, or one opened read-only from its URL."""
+    if not isinstance(store, (str, Path)):
+        return store
+    from mtser.featurestore.store import open_store
+
+    return open_store(str(store), storage_options=storage_options)
+
+
+def check_store_matches(meta: dict, store) -> None:
+    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...)."""
+    for name, trained in meta["store"]["encoders"].items():
+        info = store.encoders.get(name)
+        if info is None:
+            raise CheckpointError(f"store {store.url} lacks encoder {name!r} the checkpoint was trained on")
+        current = dataclasses.asdict(info)
+        differing = [f for f in PROVENANCE_FIELDS if current.get(f) != trained.get(f)]
+        if differing:
+            raise CheckpointError(f"store {store.url}: encoder {name!r} differs from the checkpoint's in "
+                                  + ", ".join(f"{f} ({current.get(f)!r} vs {trained.get(f)!r})" for f in differing))
+
+
+class Precision:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling); float32 on CPU."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device_type = device.type
+        self.enabled = enabled and device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, batches, device: torch.device, precision: Precision | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated (logits, attributes) of `batches` (each a Batch or a features dict), float32 on CPU.
+
+    A FusionModel gives (N, 8) and (N, 3); a CohortModel (G, N, 8) and (G, N, 3), all members from one read."""
+    model.eval()
+    precision = precision or Precision(device, enabled=False)
+    logits, attrs = [], []
+    for batch in batches:
+        features = data.features_to(batch.features if isinstance(batch, data.Batch) else batch, device)
+        with precision.autocast():
+            out_logits, out_attrs = model(features)
+        logits.append(out_logits.float().cpu())
+        attrs.append(out_attrs.float().cpu())
+    return torch.cat(logits, dim=-2), torch.cat(attrs, dim=-2)
+
+
+def _unsorted(order: np.ndarray, *arrays: torch.Tensor) -> list[np.ndarray]:
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return [a.numpy()[inverse] for a in arrays]
+
+
+def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
+            prefetch_batches: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, 8) and attributes (N, 3) in 1..7 for store `ids`, in that order."""
+    device = torch.device(device)
+    encoders = list(model.encoder_dims)
+    order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
+    sorted_ids = [ids[k] for k in order]
+    reader = data.BatchReader(store, encoders, data.host_dtype(device))
+    batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
+    logits, attrs = run_model(model.to(device), batches, device)
+    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
+
+
+def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Like `predict`, for in-memory features (encoder name -> (T, D) array per utterance)."""
+    device = torch.device(device)
+    encoders = list(model.encoder_dims)
+    order = np.argsort([sum(len(f[n]) for n in encoders) for f in features], kind="stable")
+    batches = (data.pad_features([features[k] for k in chunk], encoders, data.host_dtype(device))
+               for chunk in data.chunks(order, batch_size))
+    logits, attrs = run_model(model.to(device), batches, device)
+    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
+
+
+def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None
+                     ) -> pd.DataFrame:
+    """One row per utterance: id, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom, true_* labels."""
+    table = pd.DataFrame({"id": list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
+    for k, c in enumerate(CLASSES):
+        table[f"prob_{c}"] = probs[:, k]
+    for k, name in enumerate(ATTRIBUTES):
+        table[ATTRIBUTE_COLUMNS[name]] = attrs[:, k]
+    if labels is not None:
+        table["true_EmoClass"] = [CLASSES[k] if k >= 0 else None for k in labels.classes]
+        for k, name in enumerate(ATTRIBUTES):
+            table[f"true_{ATTRIBUTE_COLUMNS[name]}"] = labels.attributes[:, k]
+    return table
+
+
+def evaluate(checkpoint: Path, store, split: str = "Development", device: str = "auto"
+             ) -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of a checkpoint on `split` (original utterances, X dropped) and the per-utterance prediction table."""
+    store = open_if_url(store)
+    torch_device = resolve_device(device)
+    model, cfg, meta = load_checkpoint(checkpoint, torch_device)
+    check_store_matches(meta, store)
+    ids = data.evaluation_ids(store, list(model.encoder_dims), split)
+    if not ids:
+        raise ValueError(f"store {store.url}: split {split!r} has no utterances with features for "
+                         f"{list(model.encoder_dims)}")
+    probs, attrs = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
+    labels = data.label_arrays(store.utterances, ids)
+    return summarize(probs, attrs, labels), prediction_table(ids, probs, attrs, labels)
