@@ -171,8 +171,13 @@ class TrialResources:
 
 @dataclass
 class AshaConfig:
-    grace_period: int = 1                       # epochs before a trial may be stopped
-    reduction_factor: int = 2
+    grace_period: int = 1                       # epochs before a member may be stopped (the first milestone)
+    reduction_factor: int = 2                   # at each milestone (grace·rf^k epochs) the best 1/rf go on
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError(f"asha: need grace_period >= 1 and reduction_factor >= 2, got "
+                              f"{self.grace_period}/{self.reduction_factor}")
 
 
 @dataclass
@@ -187,8 +192,10 @@ class SearchConfig:
     cat_parents: int = 1                        # best stage-1 trials (by dev macro-F1) fine-tuned for classes
     dim_parents: int = 2                        # best stage-1 trials (by dev mean CCC) fine-tuned per sigma
     resources: TrialResources = field(default_factory=TrialResources)
-    max_concurrent: int = 0                     # 0: as many as the resources allow
-    asha: AshaConfig | None = None              # optional early stopping
+    max_concurrent: int = 0                     # 0: as many as the resources allow (trials = cohorts)
+    cohort_size: int | None = None              # grid points per cohort (one fused model); null: by memory
+    cohort_memory_gb: float = 16.0              # cohort_size null: members whose estimated training memory fits
+    asha: AshaConfig | None = None              # optional successive halving of the members inside each cohort
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe keys applied to every trial
 
     def __post_init__(self) -> None:
@@ -201,6 +208,10 @@ class SearchConfig:
                 raise ConfigError(f"{key}: weights must be non-negative, got {bad}")
         if not any(a + b > 0 for a in self.alpha for b in self.beta):
             raise ConfigError("alpha/beta: every combination has both weights 0")
+        if self.cohort_size is not None and self.cohort_size < 1:
+            raise ConfigError(f"cohort_size: must be >= 1 or null, got {self.cohort_size}")
+        if self.cohort_memory_gb <= 0:
+            raise ConfigError(f"cohort_memory_gb: must be positive, got {self.cohort_memory_gb}")
         bad_sigma = [s for s in self.sigma if s is not None and s <= 0]
         if bad_sigma:
             raise ConfigError(f"sigma: must be positive or null, got {bad_sigma}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 from mtser.cli.main import app
 from mtser.trainer.checkpoint import read_sidecar
 from mtser.config import TrialResources
-from mtser.trainer.tune import RESULT_COLUMNS, prepare_run, run_search, stage2_specs, trial_resources
+from mtser.trainer.runs import RESULT_COLUMNS
+from mtser.trainer.tune import prepare_run, run_search, stage2_specs, trial_resources
 from search_support import REPO, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
 
 
@@ -24,8 +26,9 @@ def _states(run: Path, stage: int = 1) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((run / f"stage{stage}").glob("*/state.json"))}
 
 
-def test_interrupted_search_resumed_runs_only_the_rest(demo_store, tmp_path):
-    grid = write_grid(tmp_path / "grid.yaml")                  # 2 trials at a time: interrupted after the first 2
+def test_interrupted_search_resumed_runs_only_the_unfinished_cohorts(demo_store, tmp_path):
+    alphas = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]                  # 3 cohorts of 2, one at a time
+    grid = write_grid(tmp_path / "grid.yaml", alpha=alphas, pooling=["asp"], cohort_size=2, max_concurrent=1)
     run = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "mtser", "tune", "--search", str(grid), "--store", str(demo_store),
@@ -44,16 +47,18 @@ def test_interrupted_search_resumed_runs_only_the_rest(demo_store, tmp_path):
 
     before = _states(run)
     finished = {name for name, s in before.items() if s["status"] == "complete"}
+    cohorts = {before[name]["cohort"] for name in finished}
+    assert 2 <= len(finished) < 6 and len(finished) == 2 * len(cohorts)      # whole cohorts finish together
     mtimes = {name: (run / "stage1" / name / "state.json").stat().st_mtime_ns for name in finished}
-    assert 2 <= len(finished) < 4
 
     ray_init()
     summary = run_search(grid, str(demo_store), run, resume=True, stages=(1,), verbose=0)
-    all_trials = {"a0.5_b1_asp", "a1_b1_asp", "a0.5_b1_mean", "a1_b1_mean"}
-    assert set(summary.ran) == all_trials - finished
+    all_points = {f"a{a:g}_b1_asp" for a in alphas}
+    assert set(summary.ran) == all_points - finished
+    assert len(summary.cohorts) == math.ceil(len(summary.ran) / 2)
     assert summary.failed == []
     assert {name: (run / "stage1" / name / "state.json").stat().st_mtime_ns for name in finished} == mtimes
-    assert (summary.table["status"] == "complete").all() and len(summary.table) == 4
+    assert (summary.table["status"] == "complete").all() and len(summary.table) == 6
 
     again = run_search(grid, str(demo_store), run, resume=True, stages=(1,), verbose=0)
     assert again.ran == []
@@ -88,8 +93,10 @@ def test_two_stage_search_keeps_each_trials_best_checkpoint(search_run):
     on_disk = pd.read_csv(run / "results.csv")
     assert on_disk["trial"].tolist() == table["trial"].tolist()
     assert on_disk["f1"].tolist() == pytest.approx(table["f1"].tolist())
+    assert table["cohort"].tolist() == ["asp-c0", "asp-c0", "mean-c0", "mean-c0",
+                                        f"cat__{cat['parent']}-c0", f"dim__{dim['parent']}-c0"]
     events = {p.parent.name for p in (run / "ray").glob("stage*-*/*/events.out.tfevents*")}
-    assert events == set(table["trial"])                     # Ray Tune's TensorBoard logs, one per trial
+    assert events == set(table["cohort"])                    # Ray Tune's TensorBoard logs, one per cohort (trial)
 
 
 def test_asha_stopped_trials_count_as_finished(demo_store, tmp_path, ray_module):
@@ -119,6 +126,32 @@ def test_stage2_specs_pick_parents_by_task_metric(tmp_path):
     assert specs[0].config["finetune"]["select_metric"] == "f1" and specs[0].config["model"]["pooling"] == "asp"
     assert specs[2].config["loss"]["sigma"] == 5.0 and specs[2].config["finetune"]["select_metric"] == "ccc_mean"
     assert specs[1].config["model"]["pooling"] == "mean" and specs[1].config["finetune"]["task"] == "dim"
+
+
+def test_grid_points_group_into_cohorts_by_architecture_schedule_and_parent(demo_store, tmp_path):
+    from mtser.config import SearchConfig, load_yaml_as
+    from mtser.featurestore.store import open_store
+    from mtser.trainer.tune import auto_cohort_size, group_cohorts, stage1_specs
+
+    search = load_yaml_as(write_grid(tmp_path / "grid.yaml", alpha=[0.25, 0.5, 1.0], beta=[0.5, 1.0]), SearchConfig)
+    base = REPO / "configs" / "demo.yaml"
+    specs = stage1_specs(search, base, "cpu")
+    cohorts = group_cohorts(specs, lambda s: 4)
+    assert [(c.name, [m.name for m in c.members]) for c in cohorts] == [
+        ("asp-c0", ["a0.25_b0.5_asp", "a0.25_b1_asp", "a0.5_b0.5_asp", "a0.5_b1_asp"]),
+        ("asp-c1", ["a1_b0.5_asp", "a1_b1_asp"]),
+        ("mean-c0", ["a0.25_b0.5_mean", "a0.25_b1_mean", "a0.5_b0.5_mean", "a0.5_b1_mean"]),
+        ("mean-c1", ["a1_b0.5_mean", "a1_b1_mean"])]
+    stage1 = pd.DataFrame({"trial": ["p", "q"], "alpha": [1.0, 0.5], "beta": [1.0, 1.0], "pooling": ["asp", "mean"],
+                           "status": ["complete", "complete"], "f1": [0.3, 0.2], "ccc_mean": [0.1, 0.5],
+                           "checkpoint": ["/c/p", "/c/q"]})
+    search.sigma, search.dim_parents = [None, 3.0, 5.0], 2
+    stage2 = group_cohorts(stage2_specs(search, base, "cpu", stage1), lambda s: 8)
+    assert [(c.name, len(c.members)) for c in stage2] == [("cat__p-c0", 1), ("dim__q-c0", 3), ("dim__p-c0", 3)]
+    store = open_store(demo_store)
+    one = auto_cohort_size(specs[0], store, memory_gb=1.0)
+    assert auto_cohort_size(specs[0], store, memory_gb=4.0) in (4 * one, 4 * one + 1, 4 * one + 2, 4 * one + 3)
+    assert auto_cohort_size(specs[0], store, memory_gb=1e-6) == 1
 
 
 def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):

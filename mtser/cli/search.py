@@ -56,13 +56,13 @@ def ensemble(
     from mtser.featurestore.store import StoreError
     from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table
-    from mtser.trainer.tune import SearchError
+    from mtser.trainer.runs import RunError
 
     if split not in SPLITS:
         _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
     try:
         manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out)
-    except (EnsembleError, SearchError, StoreError, CheckpointError) as exc:
+    except (EnsembleError, RunError, StoreError, CheckpointError) as exc:
         _fail(str(exc))
     table = metrics_table(manifest, split)
     if table[split].notna().any():
@@ -108,11 +108,11 @@ def report(
 ) -> None:
     """PNG figures and one self-contained HTML page for a search run."""
     from mtser.trainer.report import ensemble_summary, write_report
-    from mtser.trainer.tune import SearchError
+    from mtser.trainer.runs import RunError
 
     try:
         page = write_report(run, out)
-    except SearchError as exc:
+    except RunError as exc:
         _fail(str(exc))
     summary = ensemble_summary(run)
     if summary is not None:

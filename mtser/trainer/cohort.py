@@ -210,3 +210,25 @@ class CohortAdamW(torch.optim.Optimizer):
                 new.state[new_p] = {k: v.index_select(0, index.to(v.device)).clone()
                                     for k, v in self.state[old_p].items()}
         return new
+
+
+def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int, frames: dict[str, int]) -> int:
+    """Estimated training memory of one cohort member, in bytes (float32):
+
+    - parameters × 16: weights, gradients and AdamW's two moments;
+    - activations kept for the backward pass, per sample: for each encoder with ASP the attention's pre- and
+      post-tanh hidden states (2·T·attention_dim) and the pooled mean/std (4·D), with mean pooling only the
+      projection; per encoder the projection and LayerNorm outputs (3·proj_dim); per LSTM layer and step the four
+      gates, cell and hidden states (≈ 10·lstm_hidden).
+
+    `frames` is a typical padded length per encoder (the trainer uses the 95th percentile of the Train split). The
+    shared batch itself (B·T·D per encoder) is paid once per cohort, not per member, and is not included."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in FusionModel(encoder_dims, cfg).parameters())
+    per_sample = 0
+    for name, dim in encoder_dims.items():
+        if cfg.pooling == "asp":
+            per_sample += 2 * frames[name] * cfg.attention_dim + 4 * dim
+        per_sample += 3 * cfg.proj_dim
+    per_sample += cfg.lstm_layers * len(encoder_dims) * 10 * cfg.lstm_hidden
+    return 16 * parameters + 4 * batch_size * per_sample

@@ -18,7 +18,7 @@ import pandas as pd
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
-from mtser.trainer.tune import FINISHED, load_results, write_json_atomic
+from mtser.trainer.runs import FINISHED, load_results, load_search_record, write_csv_atomic, write_json_atomic
 
 MANIFEST = "ensemble.json"
 TASKS: tuple[str, ...] = ("class", *ATTRIBUTES)          # "class" uses f1; each attribute its own ccc_<attribute>
@@ -98,12 +98,6 @@ def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
     return table.rename(columns={"id": "FileName"}).sort_values("FileName", kind="stable").reset_index(drop=True)
 
 
-def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False, float_format="%.6f")
-    tmp.replace(path)
-
-
 def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Development", k: int | None = None,
                    out_dir: str | Path | None = None) -> dict[str, Any]:
     """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest."""
@@ -123,9 +117,9 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
     table = prediction_table(ensemble, labels)
-    write_csv_atomic(table[["FileName", "EmoClass"]], split_dir / "categorical.csv")
-    write_csv_atomic(table[["FileName", *ATTRIBUTE_COLUMNS.values()]], split_dir / "attributes.csv")
-    write_csv_atomic(table, split_dir / "predictions.csv")
+    write_csv_atomic(table[["FileName", "EmoClass"]], split_dir / "categorical.csv", "%.6f")
+    write_csv_atomic(table[["FileName", *ATTRIBUTE_COLUMNS.values()]], split_dir / "attributes.csv", "%.6f")
+    write_csv_atomic(table, split_dir / "predictions.csv", "%.6f")
 
     checkpoint_trial = dict(zip(results["checkpoint"].astype(str), results["trial"]))
     manifest = _merge_previous(out_dir / MANIFEST, {
@@ -153,7 +147,7 @@ def _merge_previous(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def _configured_top_k(run_dir: Path) -> int:
     from mtser.config import load_config
 
-    record = json.loads((run_dir / "search.json").read_text())
+    record = load_search_record(run_dir)
     return load_config(record["base"]).ensemble.top_k
 
 

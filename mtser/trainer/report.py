@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
-from mtser.trainer.tune import METRIC_COLUMNS, load_results
+from mtser.trainer.runs import METRIC_COLUMNS, load_results
 
 
 def _pyplot():
@@ -153,7 +153,8 @@ def _html(run_dir: Path, results: pd.DataFrame, figures: dict[str, Path | None],
     parts = [f"<h1>mtser search report: {html.escape(str(run_dir))}</h1>"]
     if ensemble is not None:
         parts += ["<h2>Ensemble</h2>", ensemble.to_html(float_format="%.4f", na_rep="")]
-    shown = results[["stage", "trial", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS]]
+    shown = results[[c for c in ("stage", "trial", "cohort", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS)
+                     if c in results]]
     parts += ["<h2>Trials</h2>", shown.to_html(index=False, float_format="%.4f", na_rep="")]
     for title, path in figures.items():
         parts.append(f"<h2>{html.escape(title)}</h2>")

@@ -1,36 +1,32 @@
-"""Ray Tune search: stage 1 (α × β × pooling, multi-task) then stage 2 (task fine-tuning from the best stage-1 trials).
+"""Ray Tune search: stage 1 (α × β × pooling, multi-task) then stage 2 (task fine-tuning from the best stage-1 models).
 
-Layout of a run directory::
-
-    RUN/search.json              the search, the resolved base config and the store it ran on
-    RUN/stage1/<trial>/          the trainer's output (best/, history.csv) and state.json (this module's bookkeeping)
-    RUN/stage2/<trial>/          likewise
-    RUN/ray/stage<k>-<n>/        Ray Tune's own experiment folders (TensorBoard event files, progress.csv)
-    RUN/results.csv              one row per trial (RESULT_COLUMNS)
-
-`state.json` is written atomically after every epoch; a trial counts as finished once its status is `complete`
-(training returned) or `stopped` (ASHA stopped it). `--resume` re-runs only unfinished trials, from scratch.
+Grid points that share an architecture and a schedule are trained together as one cohort (`loop.train_cohort`):
+stage 1 groups the α × β points of one pooling, stage 2 the variants of one parent and task. A cohort holds at most
+`cohort_size` members (default: as many as `cohort_memory_gb` holds, by `cohort.member_bytes`) and is one Ray Tune
+trial with the search's per-trial `resources`, so cohorts spread over GPUs and nodes. Each grid point keeps its own
+folder, checkpoint, history and state in the run folder (`runs.py`); `--resume` regroups the unfinished grid points
+into cohorts and trains only those. `cohort_size: 1` trains one grid point per trial.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mtser.config import Config, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
+from mtser.trainer.runs import (
+    FINISHED, is_finished, mark_state, read_state, results_table, trial_dir, write_atomic, write_csv_atomic,
+    write_json_atomic,
+)
 
-METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"]
-RESULT_COLUMNS = ["stage", "trial", "alpha", "beta", "pooling", "sigma", "task", "parent", "status", "best_epoch",
-                  *METRIC_COLUMNS, "checkpoint"]
-FINISHED = ("complete", "stopped")
-OBJECTIVE = "objective"        # reported each epoch: the trial's own selection metric (f1, ccc_mean or score)
+OBJECTIVE = "objective"        # reported each epoch: the best member's own selection metric (f1, ccc_mean or score)
 
 
 class SearchError(RuntimeError):
@@ -43,7 +39,7 @@ class SearchError(RuntimeError):
 
 @dataclass
 class TrialSpec:
-    """One trial of either stage; `config` is the full recipe (to_dict form) the trainer receives."""
+    """One grid point of either stage; `config` is the full recipe (to_dict form) the trainer receives."""
 
     stage: int
     name: str
@@ -56,12 +52,26 @@ class TrialSpec:
     parent: str | None = None
     init_from: str | None = None
 
+    @property
+    def schedule(self) -> dict[str, Any]:
+        return self.config["train" if self.stage == 1 else "finetune"]
+
+
+@dataclass
+class CohortSpec:
+    """Grid points trained together as one fused model in one Ray Tune trial."""
+
+    stage: int
+    name: str
+    members: list[TrialSpec]
+
 
 @dataclass
 class SearchSummary:
     table: pd.DataFrame
-    failed: list[str] = field(default_factory=list)      # trial names that raised
-    ran: list[str] = field(default_factory=list)         # trial names run by this call (not skipped as finished)
+    failed: list[str] = field(default_factory=list)      # grid points that failed (trial error or divergence)
+    ran: list[str] = field(default_factory=list)         # grid points run by this call (not skipped as finished)
+    cohorts: list[str] = field(default_factory=list)     # cohorts (Ray Tune trials) run by this call
 
 
 # ------------------------------------------------------------------------------------------------------------ trial specs
@@ -101,89 +111,86 @@ def stage2_specs(search: SearchConfig, base: Path, device: str, stage1: pd.DataF
     return specs
 
 
-# ----------------------------------------------------------------------------------------------------------- bookkeeping
-def trial_dir(run_dir: Path, spec: TrialSpec | dict) -> Path:
-    stage, name = (spec.stage, spec.name) if isinstance(spec, TrialSpec) else (spec["stage"], spec["name"])
-    return Path(run_dir) / f"stage{stage}" / name
+# ---------------------------------------------------------------------------------------------------------------- cohorts
+def cohort_key(spec: TrialSpec) -> str:
+    """Grid points with equal keys can share a cohort: one architecture, one batch stream, one parent, one task."""
+    from mtser.trainer.loop import SHARED_FIELDS
+
+    return json.dumps({"model": spec.config["model"], "schedule": {f: spec.schedule[f] for f in SHARED_FIELDS},
+                       "stage": spec.stage, "task": spec.task, "init_from": spec.init_from}, sort_keys=True)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
-    os.replace(tmp, path)
+def auto_cohort_size(spec: TrialSpec, store, memory_gb: float) -> int:
+    """Members of `spec`'s architecture that fit `memory_gb` by `cohort.member_bytes` (at least 1)."""
+    from mtser.trainer.cohort import member_bytes
+    from mtser.trainer.data import training_ids
+
+    cfg = from_dict(Config, spec.config)
+    encoders = list(cfg.model.encoders) if cfg.model.encoders else sorted(store.encoders)
+    ids = training_ids(store, encoders, spec.task)
+    frames = {n: int(np.percentile([store.length(i, n) for i in ids], 95)) if ids else 1 for n in encoders}
+    per_member = member_bytes({n: store.encoders[n].dim for n in encoders}, cfg.model, spec.schedule["batch_size"],
+                              frames)
+    return max(1, int(memory_gb * 2**30 // per_member))
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
-def read_state(run_dir: Path, spec: TrialSpec | dict) -> dict[str, Any]:
-    path = trial_dir(run_dir, spec) / "state.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"status": "pending"}
-
-
-def mark_state(path_dir: Path, **changes: Any) -> None:
-    path_dir.mkdir(parents=True, exist_ok=True)
-    state_path = path_dir / "state.json"
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, ValueError):
-        state = {}
-    state.update(changes)
-    write_json_atomic(state_path, state)
-
-
-def is_finished(run_dir: Path, spec: TrialSpec) -> bool:
-    return read_state(run_dir, spec).get("status") in FINISHED
-
-
-def results_table(run_dir: Path, specs: list[TrialSpec]) -> pd.DataFrame:
-    rows = []
+def group_cohorts(specs: list[TrialSpec], size_of: Any) -> list[CohortSpec]:
+    """Cohorts of `specs` in grid order: grouped by `cohort_key`, split into chunks of `size_of(first spec)`."""
+    groups: dict[str, list[TrialSpec]] = {}
     for spec in specs:
-        state = read_state(run_dir, spec)
-        metrics = state.get("best_metrics") or {}
-        rows.append({"stage": spec.stage, "trial": spec.name, "alpha": spec.alpha, "beta": spec.beta,
-                     "pooling": spec.pooling, "sigma": spec.sigma, "task": spec.task, "parent": spec.parent,
-                     "status": state.get("status", "pending"), "best_epoch": state.get("best_epoch"),
-                     **{m: metrics.get(m, math.nan) for m in METRIC_COLUMNS},
-                     "checkpoint": state.get("checkpoint")})
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        groups.setdefault(cohort_key(spec), []).append(spec)
+    cohorts, labels = [], {}
+    for members in groups.values():
+        first = members[0]
+        label = first.pooling if first.stage == 1 else f"{first.task}__{first.parent}"
+        size = size_of(first)
+        for k in range(0, len(members), size):
+            n = labels[label] = labels.get(label, -1) + 1
+            cohorts.append(CohortSpec(first.stage, f"{label}-c{n}", members[k:k + size]))
+    return cohorts
 
 
 # -------------------------------------------------------------------------------------------------------------- trainable
-def run_trial(config: dict[str, Any], run_dir: str, store_url: str, threads: int) -> None:
-    """The Ray Tune function trainable: train one spec, report each epoch, keep the best checkpoint in RUN."""
+def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: int, halving: dict | None) -> None:
+    """The Ray Tune function trainable: train one cohort; each grid point's state follows every epoch."""
     import torch
     from ray import tune
 
-    from mtser.trainer.loop import train
+    from mtser.config import AshaConfig
+    from mtser.trainer.loop import Member, MemberEpoch, train_cohort
 
     torch.set_num_threads(threads)
-    spec = config["spec"]
-    out = trial_dir(Path(run_dir), spec)
-    shutil.rmtree(out, ignore_errors=True)          # an unfinished earlier attempt restarts from scratch
-    out.mkdir(parents=True)
-    mark_state(out, status="running", best_epoch=None, best_metrics=None, checkpoint=None)
-    cfg = from_dict(Config, spec["config"])
-    metric = spec["config"]["train" if spec["stage"] == 1 else "finetune"]["select_metric"]
+    cohort = config["cohort"]
+    members, dirs = [], {}
+    for spec in cohort["members"]:
+        out = dirs[spec["name"]] = trial_dir(Path(run_dir), spec["stage"], spec["name"])
+        shutil.rmtree(out, ignore_errors=True)          # an unfinished earlier attempt restarts from scratch
+        mark_state(out, status="running", cohort=cohort["name"], best_epoch=None, best_metrics=None, checkpoint=None)
+        members.append(Member(spec["name"], from_dict(Config, spec["config"]), out,
+                              "pretrain" if spec["stage"] == 1 else "finetune",
+                              Path(spec["init_from"]) if spec.get("init_from") else None))
+    select = {m.name: m.tc.select_metric for m in members}
 
-    def on_epoch(epoch: int, metrics: dict[str, float], best_dir: Path | None) -> None:
-        checkpoint = None
-        if best_dir is not None:
-            mark_state(out, best_epoch=epoch, best_metrics=dict(metrics), checkpoint=str(best_dir))
-            checkpoint = tune.Checkpoint.from_directory(str(best_dir))
-        tune.report({**metrics, "epoch": epoch, OBJECTIVE: metrics[metric]}, checkpoint=checkpoint)
+    def on_epoch(epoch: int, reports: list[MemberEpoch]) -> None:
+        objectives = {}
+        for r in reports:
+            changes: dict[str, Any] = {"status": r.status}
+            if r.row is not None:
+                changes["epochs_run"] = epoch
+                objectives[f"{r.name}/{OBJECTIVE}"] = r.row[select[r.name]]
+            if r.best_dir is not None:
+                changes.update(best_epoch=epoch, best_metrics=dict(r.row), checkpoint=str(r.best_dir))
+            if r.error is not None:
+                changes["error"] = r.error
+            mark_state(dirs[r.name], **changes)
+        finite = [v for v in objectives.values() if math.isfinite(v)]
+        tune.report({"epoch": epoch, "members": len(objectives), OBJECTIVE: max(finite, default=math.nan),
+                     **objectives})
 
-    stage = "pretrain" if spec["stage"] == 1 else "finetune"
-    init_from = Path(spec["init_from"]) if spec.get("init_from") else None
-    result = train(cfg, store_url, out, stage=stage, init_from=init_from, on_epoch=on_epoch)
-    mark_state(out, status="complete", best_epoch=result.best_epoch, best_metrics=dict(result.best_metrics),
-               checkpoint=str(result.best_checkpoint), epochs_run=len(result.history))
+    asha = AshaConfig(**halving) if halving else None
+    results = train_cohort(members, store_url, halving=asha, on_epoch=on_epoch)
+    for name, result in results.items():
+        mark_state(dirs[name], status=result.status, epochs_run=len(result.history), error=result.error)
 
 
 # ---------------------------------------------------------------------------------------------------------------- driver
@@ -199,59 +206,60 @@ def trial_resources(wanted: TrialResources, cluster_gpus: float) -> dict[str, fl
 
 
 def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir: Path, store_url: str,
-              verbose: int = 1) -> tuple[list[str], list[str]]:
-    """Run the unfinished `specs` as one Ray Tune experiment; returns (names run, names failed)."""
+              verbose: int = 1) -> tuple[list[str], list[str], list[str]]:
+    """Train the unfinished grid points of `specs` in cohorts, one Ray Tune experiment; returns (grid points run,
+    grid points failed, cohorts run)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    pending = [s for s in specs if not is_finished(run_dir, s)]
+    from mtser.featurestore.store import open_store
+
+    pending = [s for s in specs if not is_finished(run_dir, s.stage, s.name)]
     if not pending:
-        return [], []
+        return [], [], []
+    if search.cohort_size is None:
+        store = open_store(store_url)
+        sizes: dict[str, int] = {}
+        cohorts = group_cohorts(pending, lambda s: sizes.setdefault(
+            cohort_key(s), auto_cohort_size(s, store, search.cohort_memory_gb)))
+    else:
+        cohorts = group_cohorts(pending, lambda s: search.cohort_size)
     resources = trial_resources(search.resources, available_gpus())
     threads = max(1, int(round(resources["cpu"])))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, run_dir=str(run_dir), store_url=store_url,
-                                                         threads=threads), resources)
-    scheduler = None
-    if search.asha is not None:
-        epochs = max(s.config["train" if stage == 1 else "finetune"]["epochs"] for s in pending)
-
-        class RecordingASHA(ASHAScheduler):
-            """ASHA that marks the trials it stops as finished (`stopped`), so --resume leaves them alone."""
-
-            def on_trial_result(self, tune_controller, trial, result):  # noqa: ANN001
-                decision = super().on_trial_result(tune_controller, trial, result)
-                if decision == TrialScheduler.STOP:
-                    mark_state(trial_dir(run_dir, trial.config["spec"]), status="stopped")
-                return decision
-
-        scheduler = RecordingASHA(time_attr="training_iteration", metric=OBJECTIVE, mode="max", max_t=epochs,
-                                  grace_period=search.asha.grace_period, reduction_factor=search.asha.reduction_factor)
+    halving = dataclasses.asdict(search.asha) if search.asha is not None else None
+    trainable = tune.with_resources(tune.with_parameters(run_cohort, run_dir=str(run_dir), store_url=store_url,
+                                                         threads=threads, halving=halving), resources)
     ray_dir = run_dir / "ray"
     attempt = len(list(ray_dir.glob(f"stage{stage}-*"))) if ray_dir.exists() else 0
     tuner = tune.Tuner(
         trainable,
-        param_space={"spec": tune.grid_search([dataclasses.asdict(s) for s in pending])},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=search.max_concurrent or None,
-                                    reuse_actors=True,      # later trials skip process start and imports
-                                    trial_name_creator=lambda t: t.config["spec"]["name"],
-                                    trial_dirname_creator=lambda t: t.config["spec"]["name"]),
+        param_space={"cohort": tune.grid_search([dataclasses.asdict(c) for c in cohorts])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=search.max_concurrent or None,
+                                    reuse_actors=True,      # later cohorts skip process start and imports
+                                    trial_name_creator=lambda t: t.config["cohort"]["name"],
+                                    trial_dirname_creator=lambda t: t.config["cohort"]["name"]),
         run_config=tune.RunConfig(name=f"stage{stage}-{attempt}", storage_path=str(ray_dir.resolve()),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
-                                                                          checkpoint_score_attribute=OBJECTIVE),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   verbose=verbose),
     )
     grid = tuner.fit()
-    failed = []
     for result in grid:
-        spec = (result.config or {}).get("spec")    # trials an interruption left unstarted have no config
-        if spec is not None and result.error is not None:
-            failed.append(spec["name"])
-            mark_state(trial_dir(run_dir, spec), status="failed", error=str(result.error).strip().splitlines()[-1][:500])
-    unfinished = [s.name for s in pending if not is_finished(run_dir, s) and s.name not in failed]
+        cohort = (result.config or {}).get("cohort")    # cohorts an interruption left unstarted have no config
+        if cohort is not None and result.error is not None:
+            error = str(result.error).strip().splitlines()[-1][:500]
+            for spec in cohort["members"]:
+                if not is_finished(run_dir, spec["stage"], spec["name"]):
+                    mark_state(trial_dir(run_dir, spec["stage"], spec["name"]), status="failed", cohort=cohort["name"],
+                               error=error)
+    states = {s.name: _status(run_dir, s) for s in pending}
+    failed = [name for name, status in states.items() if status == "failed"]
+    unfinished = [name for name, status in states.items() if status not in FINISHED and status != "failed"]
     if unfinished:
-        raise SearchError(f"stage {stage} interrupted; unfinished trials {unfinished} (finish with --resume)")
-    return [s.name for s in pending], failed
+        raise SearchError(f"stage {stage} interrupted; unfinished grid points {unfinished} (finish with --resume)")
+    return [s.name for s in pending], failed, [c.name for c in cohorts]
+
+
+def _status(run_dir: Path, spec: TrialSpec) -> str:
+    return read_state(run_dir, spec.stage, spec.name).get("status", "pending")
 
 
 def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) -> tuple[SearchConfig, Path]:
@@ -279,9 +287,9 @@ def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) 
 def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, resume: bool = False,
                stages: tuple[int, ...] = (1, 2), verbose: int = 1,
                storage_options: dict | None = None) -> SearchSummary:
-    """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed trials).
+    """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed grid points).
 
-    A remote store (s3://...) is mirrored once to RUN/store, and the trials read the mirror: one download instead of
+    A remote store (s3://...) is mirrored once to RUN/store, and the cohorts read the mirror: one download instead of
     one per trial, and concurrent trials share the mirror's pages in the OS cache."""
     import ray
 
@@ -299,22 +307,28 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
     device = "cuda" if trial_resources(search.resources, available_gpus())["gpu"] > 0 else "cpu"
-    ran: list[str] = []
-    failed: list[str] = []
+    summary = SearchSummary(pd.DataFrame())
     specs = stage1_specs(search, base, device)
+
+    def run(stage: int, stage_specs: list[TrialSpec]) -> None:
+        ran, failed, cohorts = run_stage(stage, stage_specs, search, run_dir, trial_store, verbose)
+        summary.ran += ran
+        summary.failed += failed
+        summary.cohorts += cohorts
+
     if 1 in stages:
-        r, f = run_stage(1, specs, search, run_dir, trial_store, verbose)
-        ran += r
-        failed += f
+        run(1, specs)
     if 2 in stages:
-        stage2 = stage2_specs(search, base, device, results_table(run_dir, specs))
-        r, f = run_stage(2, stage2, search, run_dir, trial_store, verbose)
-        ran += r
-        failed += f
+        stage2 = stage2_specs(search, base, device, results_table(run_dir, _points(specs)))
+        run(2, stage2)
         specs += stage2
-    table = results_table(run_dir, specs)
-    write_table(table, run_dir / "results.csv")
-    return SearchSummary(table, failed, ran)
+    summary.table = results_table(run_dir, _points(specs))
+    write_csv_atomic(summary.table, run_dir / "results.csv")
+    return summary
+
+
+def _points(specs: list[TrialSpec]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in dataclasses.asdict(s).items() if k != "config"} for s in specs]
 
 
 def mirror_store(url: str, dest: Path, storage_options: dict | None = None) -> str:
@@ -329,20 +343,5 @@ def mirror_store(url: str, dest: Path, storage_options: dict | None = None) -> s
         if target.is_file() and target.stat().st_size == info["size"]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        fs.get_file(path, str(partial))
-        os.replace(partial, target)
+        write_atomic(target, lambda tmp: fs.get_file(path, str(tmp)))
     return str(dest)
-
-
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def load_results(run_dir: str | Path) -> pd.DataFrame:
-    path = Path(run_dir) / "results.csv"
-    if not path.exists():
-        raise SearchError(f"{run_dir}: no results.csv (run `mtser tune ... --out {run_dir}` first)")
-    return pd.read_csv(path)

@@ -1,0 +1,141 @@
+"""Cohort training: G models as one fused model on one batch stream, each member exactly as if trained alone."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtser.config import AshaConfig, load_config
+from mtser.trainer import data
+from mtser.trainer.checkpoint import load_checkpoint
+from mtser.trainer.infer import evaluate
+from mtser.trainer.loop import Member, lr_factor, seed_everything, train_cohort
+from mtser.trainer.losses import build_loss
+from mtser.trainer.model import FusionModel
+from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SMALL = {"extract.encoders": [{"name": "a", "kind": "speech", "model": "synthetic/a"},
+                              {"name": "b", "kind": "speech", "model": "synthetic/b"}],
+         "model.encoders": ["a", "b"], "model.attention_dim": 16, "model.proj_dim": 32, "model.lstm_hidden": 32,
+         "train.epochs": 1, "train.samples_per_epoch": 704, "train.batch_size": 32, "train.warmup_epochs": 0.3}
+
+
+def config(**overrides):
+    return load_config(CONFIGS / "demo.yaml", {**SMALL, **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr")
+
+
+def train_alone(cfg, store_url: str) -> dict[str, torch.Tensor]:
+    """The reference: one FusionModel, torch's AdamW, clip_grad_norm_ and LambdaLR on the same batches."""
+    from mtser.featurestore.store import open_store
+
+    store, tc = open_store(store_url), cfg.train
+    encoders = list(cfg.model.encoders)
+    pool = data.training_ids(store, encoders, tc.task)
+    loss_fn = build_loss(tc.task, cfg.loss, data.class_counts(data.label_arrays(store.utterances, pool)))
+    seed_everything(tc.seed)
+    model = FusionModel({n: store.encoders[n].dim for n in encoders}, cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps = math.ceil(tc.samples_per_epoch / tc.batch_size)
+    total, warmup = tc.epochs * steps, round(tc.warmup_epochs * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, tc.lr, tc.min_lr))
+    reader = data.BatchReader(store, encoders, np.float32)
+    lengths = data.total_lengths(store, pool, encoders)
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        for ids in data.epoch_batches(pool, lengths, tc.samples_per_epoch, tc.batch_size, tc.seed, epoch):
+            batch = reader(ids)
+            logits, attrs = model(batch.features)
+            loss = loss_fn(logits, attrs, batch.classes, batch.attributes)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            schedule.step()
+    return model.state_dict()
+
+
+def assert_states_close(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rtol: float) -> None:
+    assert state.keys() == reference.keys()
+    for key, ref in reference.items():
+        error = float((state[key] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        assert error <= rtol, f"{key}: relative difference {error:.2e}"
+
+
+@pytest.mark.parametrize("pooling", ["asp", "mean"])
+def test_members_equal_models_trained_alone(store_url, tmp_path, pooling):
+    variants = {"m0": config(loss__alpha=1.0, loss__beta=0.25, model__pooling=pooling),
+                "m1": config(loss__alpha=0.25, loss__beta=1.0, train__lr=5e-4, model__pooling=pooling),
+                "m2": config(loss__alpha=0.5, loss__beta=0.5, train__grad_clip=0.05, train__weight_decay=0.1,
+                             train__min_lr=1e-3, model__pooling=pooling)}
+    members = [Member(name, cfg, tmp_path / name) for name, cfg in variants.items()]
+    results = train_cohort(members, store_url)
+    assert {r.status for r in results.values()} == {"complete"}
+    steps = math.ceil(704 / 32)
+    assert steps >= 20
+    for name, cfg in variants.items():
+        exported, _, meta = load_checkpoint(results[name].best_checkpoint)
+        assert meta["cohort"] == {"members": 3, "name": name}
+        assert_states_close(exported.state_dict(), train_alone(cfg, store_url), rtol=1e-4)
+
+
+def test_a_diverging_member_is_dropped_and_the_others_are_unaffected(store_url, tmp_path):
+    good = {"m0": config(loss__alpha=1.0), "m1": config(loss__beta=0.5, train__lr=1e-3)}
+    diverging = config(train__lr=1e38, train__nonfinite_patience=3)     # weights overflow within a few steps
+    with_it = train_cohort([Member(n, c, tmp_path / "with" / n) for n, c in good.items()]
+                           + [Member("bad", diverging, tmp_path / "with" / "bad")], store_url)
+    without = train_cohort([Member(n, c, tmp_path / "without" / n) for n, c in good.items()], store_url)
+    assert with_it["bad"].status == "failed" and "3 consecutive steps" in with_it["bad"].error
+    assert with_it["bad"].best_checkpoint is None and with_it["bad"].history == []
+    for name in good:
+        assert with_it[name].status == without[name].status == "complete"
+        a, _, _ = load_checkpoint(with_it[name].best_checkpoint)
+        b, _, _ = load_checkpoint(without[name].best_checkpoint)
+        assert_states_close(a.state_dict(), b.state_dict(), rtol=1e-5)
+
+
+def test_successive_halving_inside_a_cohort(store_url, tmp_path):
+    lrs = [1e-5, 3e-3, 1e-4, 1e-3]
+    members = [Member(f"lr{k}", config(train__lr=lr, train__epochs=3, train__samples_per_epoch=128), tmp_path / str(k))
+               for k, lr in enumerate(lrs)]
+    seen = []
+    results = train_cohort(members, store_url, halving=AshaConfig(grace_period=1, reduction_factor=2),
+                           on_epoch=lambda epoch, reports: seen.append((epoch, {r.name: r.status for r in reports})))
+    statuses = {name: r.status for name, r in results.items()}
+    assert sorted(statuses.values()) == ["complete", "stopped", "stopped", "stopped"]
+    assert [len(s) for _, s in seen] == [4, 2, 1]                 # members evaluated at epochs 1, 2, 3
+    epoch1 = {name: results[name].history[0]["score"] for name in statuses}
+    kept = [n for n, s in seen[0][1].items() if s == "running"]
+    assert sorted(kept) == sorted(sorted(epoch1, key=epoch1.get)[-2:])   # the better half by the objective
+    for name, result in results.items():                          # stopped members keep their best checkpoint
+        assert result.best_checkpoint is not None and len(result.history) == {"complete": 3}.get(result.status,
+                                                                                                 len(result.history))
+
+
+def test_member_checkpoints_evaluate_to_the_recorded_metrics(store_url, tmp_path):
+    members = [Member("asp", config(train__epochs=2, train__samples_per_epoch=128), tmp_path / "asp"),
+               Member("other", config(train__epochs=2, train__samples_per_epoch=128, loss__beta=0.1), tmp_path / "o")]
+    for name, result in train_cohort(members, store_url).items():
+        metrics, _ = evaluate(result.best_checkpoint, store_url, device="cpu")
+        assert metrics == pytest.approx({k: result.best_metrics[k] for k in metrics}, abs=1e-5)
+        history = (tmp_path / ("asp" if name == "asp" else "o") / "history.csv").read_text().splitlines()
+        assert history[0].startswith("epoch,lr,train_loss,skipped_steps") and len(history) == 3
+
+
+def test_members_must_share_architecture_and_batch_stream(store_url, tmp_path):
+    from mtser.config import ConfigError
+
+    with pytest.raises(ConfigError, match="one architecture per cohort"):
+        train_cohort([Member("a", config(), tmp_path / "a"),
+                      Member("b", config(model__pooling="mean"), tmp_path / "b")], store_url)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_cohort([Member("a", config(), tmp_path / "a"),
+                      Member("b", config(train__batch_size=16), tmp_path / "b")], store_url)
