@@ -112,3 +112,39 @@ def test_epoch_batches_sort_by_length_within_windows(store):
     assert padded(batches) < 0.85 * padded(plain)
     longest = [max(lengths[i] for i in b) for b in batches]
     assert longest != sorted(longest)  # the batches come in shuffled order, not short to long
+
+
+def reference_batch(store, ids, encoders, dtype=None):
+    """The loader before it read into padded buffers: one array per utterance (get_many), then `pad`."""
+    return {name: data.pad(store.get_many(list(ids), name), dtype) for name in encoders}
+
+
+def assert_same_batches(reader, reference_store, batches, dtype):
+    for ids in batches:
+        batch = reader(ids)
+        expected = reference_batch(reference_store, ids, ["a", "b"], dtype)
+        for name, (x, mask) in expected.items():
+            assert batch.features[name][0].dtype == x.dtype
+            assert torch.equal(batch.features[name][0], x) and torch.equal(batch.features[name][1], mask)
+        labels = data.label_arrays(reference_store.utterances, ids)
+        assert torch.equal(batch.classes, torch.from_numpy(labels.classes))
+        assert torch.equal(batch.attributes.isnan(), torch.from_numpy(np.isnan(labels.attributes)))
+        assert torch.equal(batch.attributes.nan_to_num(), torch.from_numpy(np.nan_to_num(labels.attributes)))
+
+
+def test_loader_batches_equal_per_utterance_reads_and_padding(store):
+    pool = data.training_ids(store, ["a", "b"], "multi")
+    batches = data.epoch_batches(pool, data.total_lengths(store, pool, ["a", "b"]), 64, 16, seed=3, epoch=1)
+    for dtype in (np.float32, None):
+        assert_same_batches(data.BatchReader(store, ["a", "b"], dtype), store, batches, dtype)
+
+
+def test_loader_on_object_storage_equals_local(store, moto_s3, s3_bucket):
+    import s3fs
+
+    from mtser.featurestore.store import open_store
+
+    s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True).put(store.url, f"{s3_bucket}/s.zarr", recursive=True)
+    remote = open_store(f"s3://{s3_bucket}/s.zarr", storage_options=moto_s3)
+    ids = data.evaluation_ids(store, ["a", "b"], "Development")[:12]
+    assert_same_batches(data.BatchReader(remote, ["a", "b"], np.float32), store, [ids[:5], ids[5:]], np.float32)

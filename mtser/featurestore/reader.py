@@ -239,6 +239,29 @@ class FeatureStore:
         raws = self._read_raw(hits, utt_ids)
         return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
 
+    def read_into(self, utt_ids: list[str], encoder: str, out: np.ndarray) -> np.ndarray:
+        """Frames of `utt_ids` into the rows of a (B, T_max, D) buffer, zero after each utterance's last frame;
+        returns the lengths (B,). Where the stored bytes are `out`'s dtype in a local uncompressed shard, the kernel
+        copies them straight into the row (one preadv); otherwise the frames are decoded and cast into the row."""
+        hits = [self._locate(u, encoder) for u in utt_ids]
+        lengths = np.array([int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in hits], dtype=np.int64)
+        decode = []
+        try:
+            for row, ((seg, i), n) in enumerate(zip(hits, lengths)):
+                out[row, n:] = 0
+                pieces = (seg.reader.ranges(int(seg.offsets[i]), int(seg.offsets[i + 1]))
+                          if not self._source.batches and seg.reader is not None and seg.info.dtype != "int8"
+                          and seg.layout.dtype == out.dtype else None)
+                if pieces is not None and len(pieces) == 1 and pieces[0][0] == -1:
+                    self._source.read_into(seg.layout.shard_key, pieces[0][1], out[row, :n])
+                else:
+                    decode.append(row)
+        except (OSError, ShardFormatError, ValueError) as exc:
+            raise StoreError(f"{self.url}: cannot read frames of {utt_ids[row]!r} ({hits[row][0].path}): {exc}") from exc
+        for row, frames in zip(decode, self.get_many([utt_ids[r] for r in decode], encoder)):
+            out[row, :len(frames)] = frames
+        return lengths
+
     def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
         """Stored frames of each (segment, position) as new arrays; remote sources fetch a batch concurrently."""
         try:

@@ -107,19 +107,21 @@ def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 @dataclass
 class Batch:
     ids: list[str]
-    features: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder -> (x (B, T, D) float32, mask (B, T) bool)
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder -> (x (B, T, D), mask (B, T) bool)
     classes: torch.Tensor                                    # (B,) int64, -1 = no class target
     attributes: torch.Tensor                                 # (B, 3) float32, NaN = unknown
 
     def to(self, device: torch.device | str) -> Batch:
-        """On `device`, features as float32 (converted there: a float16 batch crosses to a GPU at half size)."""
-        return Batch(self.ids, features_to(self.features, device), self.classes.to(device),
-                     self.attributes.to(device))
+        """On `device`, features as float32 (converted there: a float16 batch crosses to a GPU at half size; from
+        pinned host memory the copies are asynchronous)."""
+        return Batch(self.ids, features_to(self.features, device), self.classes.to(device, non_blocking=True),
+                     self.attributes.to(device, non_blocking=True))
 
 
 def features_to(features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {k: (x.to(device).float(), m.to(device)) for k, (x, m) in features.items()}
+    return {k: (x.to(device, non_blocking=True).float(), m.to(device, non_blocking=True))
+            for k, (x, m) in features.items()}
 
 
 def host_dtype(device: torch.device) -> type | None:
@@ -128,11 +130,8 @@ def host_dtype(device: torch.device) -> type | None:
 
 
 def pad(arrays: Sequence[np.ndarray], dtype: np.dtype | type | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_i, D) arrays → zero-padded (B, T_max, D) and mask (B, T_max), True on real frames.
-
-    dtype None keeps the arrays' dtype: float16 features stay float16 on the host (half the bytes to copy and
-    transfer, no conversion) and become float32 on the device in `Batch.to`.
-    """
+    """(T_i, D) arrays → zero-padded (B, T_max, D) and mask (B, T_max), True on real frames (in-memory features;
+    store batches are read straight into their padded buffer by `BatchReader`). dtype None keeps the arrays'."""
     dim = arrays[0].shape[1]
     longest = max(1, max(len(a) for a in arrays))
     x = np.empty((len(arrays), longest, dim), dtype=dtype or arrays[0].dtype)
@@ -149,30 +148,32 @@ def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Seque
     return {name: pad([f[name] for f in per_utterance], dtype) for name in encoders}
 
 
-def read_batch(store, ids: Sequence[str], encoders: Sequence[str], labels: LabelArrays,
-               dtype: np.dtype | type | None = None) -> Batch:
-    """Read `ids` (whose labels are `labels`) from the store and pad them (see `pad` for dtype)."""
-    features = {name: pad(store.get_many(list(ids), name), dtype) for name in encoders}
-    return Batch(list(ids), features, torch.from_numpy(labels.classes), torch.from_numpy(labels.attributes))
+READ_DTYPE = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32}  # int8: dequantised
 
 
 class BatchReader:
-    """Reads the batch of a list of ids: features padded per encoder, labels from the store's table.
+    """Reads the batch of a list of ids: each utterance's frames straight into its row of the padded (B, T, D)
+    buffer (pinned host memory when `pin_memory`, for asynchronous copies to a GPU), masks, and labels indexed
+    from arrays built once from the store's table.
 
-    dtype: host dtype of the padded features (None: as stored; float32 where the model runs on the CPU, so the
-    conversion happens in the prefetch threads, not in the training step). skip_unreadable (training): an utterance
-    the store cannot read is left out of its batch, logged once and kept in `skipped` (id -> reason) instead of
-    ending the run; evaluation keeps the default and fails loudly.
+    dtype: host dtype of the features (None: as read; float32 where the model runs on the CPU, converted once per
+    batch in the prefetch threads, not in the training step). skip_unreadable (training): an utterance the store
+    cannot read is left out of its batch, logged once and kept in `skipped` (id -> reason) instead of ending the
+    run; evaluation keeps the default and fails loudly.
     """
 
     def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None,
-                 skip_unreadable: bool = False):
+                 skip_unreadable: bool = False, pin_memory: bool = False):
         self.store = store
         self.encoders = list(encoders)
-        self.dtype = dtype
+        self.dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         self.skip_unreadable = skip_unreadable
+        self.pin_memory = pin_memory
         self.skipped: dict[str, str] = {}
-        self._table = store.utterances
+        table = store.utterances
+        labels = label_arrays(table, table.index)
+        self._row = {utt_id: k for k, utt_id in enumerate(table.index)}
+        self._classes, self._attributes = labels.classes, labels.attributes
 
     def __call__(self, ids: Sequence[str]) -> Batch:
         if not self.skip_unreadable:
@@ -188,7 +189,21 @@ class BatchReader:
             return self._read(readable)
 
     def _read(self, ids: Sequence[str]) -> Batch:
-        return read_batch(self.store, ids, self.encoders, label_arrays(self._table, ids), self.dtype)
+        ids = list(ids)
+        rows = np.fromiter((self._row[i] for i in ids), dtype=np.int64, count=len(ids))
+        features = {name: self._padded(ids, name) for name in self.encoders}
+        return Batch(ids, features, torch.from_numpy(self._classes[rows]), torch.from_numpy(self._attributes[rows]))
+
+    def _padded(self, ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = np.fromiter((self.store.length(i, name) for i in ids), dtype=np.int64, count=len(ids))
+        info = self.store.encoders[name]
+        buffer = torch.empty((len(ids), max(1, int(lengths.max())), info.dim), dtype=READ_DTYPE[info.dtype],
+                             pin_memory=self.pin_memory)
+        self.store.read_into(ids, name, buffer.numpy())
+        mask = torch.from_numpy(np.arange(buffer.shape[1])[None, :] < lengths[:, None])
+        if self.dtype is not None and buffer.dtype != self.dtype:
+            buffer = buffer.to(self.dtype)
+        return buffer, mask
 
     def _readable(self, utt_id: str) -> bool:
         try:
