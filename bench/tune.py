@@ -1,16 +1,20 @@
-"""Search throughput: trials per hour with N concurrent Ray Tune trials versus one at a time, and what training
-several grid points on one shared batch stream would save over one stream per grid point.
+"""What does cohort training buy? Whole `mtser tune` searches with cohorts versus one trial per grid point, the fused
+model's step versus the same models stepped one after another, and the store bytes read per member-sample.
 
-    .venv/bin/python bench/tune.py [--quick] [--store URL] [--trials K] [--grid G]
+    .venv/bin/python bench/tune.py [--quick] [--store URL] [--points K] [--epochs E] [--samples N]
 
 Without --store it writes a synthetic store of realistic shapes (bench/loader.py's writer: WavLM-large 1024-d,
-Whisper-large 1280-d, RoBERTa-large 1024-d, float16). Measured in one run, side by side:
-  serial    `mtser.trainer.tune.run_search` stage 1 over K grid points, max_concurrent 1
-  parallel  the same K grid points, as many concurrent trials as CPUs (1 CPU each)
-  separate  G demo-size models (different α/β), each trained on its own prefetched batch stream (G × the reads)
-  shared    the same G models stepped on one batch stream (each batch read once, used G times)
-parallel_speedup = serial wall / parallel wall (same trials). shared_stream_speedup = separate /
-shared. The last line printed is one JSON object.
+Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured in one run, side by side:
+  search   `run_search` stage 1 over K grid points (α values, ASP, demo-size model), E epochs of N samples each:
+           `cohort_size: 1` with as many concurrent 1-CPU trials as CPUs, then cohorts of K / CPUs members, one 1-CPU
+           trial per CPU. cohort_speedup = (grid points × epochs per hour) with cohorts / without.
+  step     the same K demo-size models on the same in-memory batches, 1 torch thread: each model's forward,
+           backward, clipping and AdamW step one after another (torch's AdamW), versus one CohortModel step;
+           alternated, median of rounds. fused_step_speedup = member-steps/s fused / one after another.
+  reads    bytes the process read (/proc/self/io rchar) while `train_cohort` trained K members for one epoch, over
+           the bytes of the samples the members consumed (training draws and development passes):
+           store_reads_per_member_sample ≈ 1/K for a cohort (and ≈ 1 for a cohort of one, also reported).
+The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,93 +35,146 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from loader import write_store  # noqa: E402  (bench/loader.py: the synthetic store of realistic shapes)
+from loader import ENCODERS, write_store  # noqa: E402  (bench/loader.py: the synthetic store of realistic shapes)
 
 from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.store import open_store  # noqa: E402
 from mtser.trainer import data  # noqa: E402
 
 DEMO = BENCH.parent / "configs" / "demo.yaml"
+RECIPE = {"extract.encoders": [{"name": n, "kind": "speech", "model": f"bench/{n}"} for n in ENCODERS],
+          "model.encoders": list(ENCODERS), "train.device": "cpu"}
 
 
-def search_file(path: Path, k: int, concurrent: int, epochs: int, samples: int) -> Path:
-    alphas = [round(0.25 * (i + 1), 2) for i in range(k)]
+def alphas(k: int) -> list[float]:
+    return [round(0.125 * (i + 1), 3) for i in range(k)]
+
+
+def search_file(path: Path, k: int, cohort_size: int, concurrent: int, epochs: int, samples: int) -> Path:
+    recipe = {**RECIPE, "train.epochs": epochs, "train.samples_per_epoch": samples}
     path.write_text(yaml.safe_dump({
-        "base": str(DEMO), "alpha": alphas, "beta": [1.0], "pooling": ["asp"], "sigma": [None],
-        "resources": {"cpu": 1.0, "gpu": 0.0}, "max_concurrent": concurrent,
-        "overrides": {"train.epochs": epochs, "train.samples_per_epoch": samples, "train.device": "cpu"}}))
+        "base": str(DEMO), "alpha": alphas(k), "beta": [1.0], "pooling": ["asp"], "sigma": [None],
+        "resources": {"cpu": 1.0, "gpu": 0.0}, "max_concurrent": concurrent, "cohort_size": cohort_size,
+        "overrides": recipe}))
     return path
 
 
-def time_search(store: str, work: Path, k: int, concurrent: int, epochs: int, samples: int) -> tuple[float, float]:
-    """(wall seconds, mean data-wait fraction) of a stage-1 search over k grid points."""
+def time_search(store: str, work: Path, k: int, cohort_size: int, concurrent: int, epochs: int, samples: int
+                ) -> tuple[float, float, int]:
+    """(wall seconds, mean data-wait fraction, cohorts) of a stage-1 search over k grid points."""
     from mtser.trainer.tune import run_search
 
-    name = f"c{concurrent}"
+    name = f"cohorts-of-{cohort_size}"
     start = time.perf_counter()
-    summary = run_search(search_file(work / f"{name}.yaml", k, concurrent, epochs, samples), store, work / name,
-                         stages=(1,), verbose=0)
+    summary = run_search(search_file(work / f"{name}.yaml", k, cohort_size, concurrent, epochs, samples), store,
+                         work / name, stages=(1,), verbose=0)
     wall = time.perf_counter() - start
-    if summary.failed or len(summary.table) != k:
+    if summary.failed or len(summary.table) != k or not (summary.table["status"] == "complete").all():
         raise SystemExit(f"bench: search {name} failed: {summary.failed}")
     waits = [pd.read_csv(work / name / "stage1" / t / "history.csv")["data_wait_fraction"].mean()
              for t in summary.table["trial"]]
-    return wall, float(np.mean(waits))
+    return wall, float(np.mean(waits)), len(summary.cohorts)
 
 
-def time_streams(store_url: str, g: int, steps: int, batch_size: int, shared: bool) -> float:
-    """Seconds to take `steps` optimiser steps on each of g models: one shared batch stream or one stream each."""
+def member_configs(k: int):
+    return [load_config(DEMO, {**RECIPE, "loss.alpha": a}) for a in alphas(k)]
+
+
+def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, float]:
+    """(median seconds of `steps` steps of k models one after another, of one fused cohort), same batches."""
     import torch
 
+    from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
     from mtser.trainer.losses import build_loss
     from mtser.trainer.model import FusionModel
 
-    torch.set_num_threads(1)                # as in a trial with resources.cpu = 1
+    torch.set_num_threads(1)
     store = open_store(store_url)
-    cfg = load_config(DEMO, {"model.encoders": None})
-    encoders = sorted(store.encoders)
+    encoders = list(ENCODERS)
     pool = data.training_ids(store, encoders, "multi")
     counts = data.class_counts(data.label_arrays(store.utterances, pool))
+    reader = data.BatchReader(store, encoders, np.float32)
+    batches = [reader(ids) for ids in data.chunks(data.epoch_sample(pool, steps * 32, 0, 1), 32)]
+    cfgs = member_configs(k)
+    losses = [build_loss("multi", c.loss, counts) for c in cfgs]
     dims = {n: store.encoders[n].dim for n in encoders}
     torch.manual_seed(0)
-    models, optims, losses = [], [], []
-    for i in range(g):
-        cfg.loss.alpha, cfg.loss.beta = 1.0, 0.25 * (i + 1)
-        models.append(FusionModel(dims, cfg.model))
-        optims.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-3))
-        losses.append(build_loss("multi", cfg.loss, counts))
-    reader = data.BatchReader(store, encoders, np.float32)
-    batches = data.chunks(data.epoch_sample(pool, steps * batch_size, 0, 1), batch_size)
+    models = [FusionModel(dims, c.model) for c in cfgs]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    cohort = CohortModel(models)
+    fused_optimizer = CohortAdamW(cohort, torch.full((k,), 1e-3), torch.full((k,), 0.01))
+    clip = torch.ones(k)
 
-    def step(i: int, batch: data.Batch) -> None:
-        logits, attrs = models[i](batch.features)
-        loss = losses[i](logits, attrs, batch.classes, batch.attributes)
-        optims[i].zero_grad()
-        loss.backward()
-        optims[i].step()
+    def one_after_another() -> None:
+        for batch in batches:
+            for model, optimizer, loss_fn in zip(models, optimizers, losses):
+                logits, attrs = model(batch.features)
+                loss = loss_fn(logits, attrs, batch.classes, batch.attributes)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
 
-    start = time.perf_counter()
-    if shared:
-        for batch in data.prefetch(reader, batches):
-            for i in range(g):
-                step(i, batch)
-    else:
-        for i in range(g):
-            for batch in data.prefetch(reader, batches):
-                step(i, batch)
-    return time.perf_counter() - start
+    def fused() -> None:
+        for batch in batches:
+            logits, attrs = cohort(batch.features)
+            loss = torch.stack([f(logits[g], attrs[g], batch.classes, batch.attributes) for g, f in enumerate(losses)])
+            fused_optimizer.zero_grad()
+            loss.sum().backward()
+            clip_member_grads(cohort, clip)
+            fused_optimizer.step()
+
+    separate, together = [], []
+    for _ in range(rounds):                 # alternate, so drift and other load hit both alike
+        for runner, times in ((one_after_another, separate), (fused, together)):
+            start = time.perf_counter()
+            runner()
+            times.append(time.perf_counter() - start)
+    return statistics.median(separate), statistics.median(together)
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def reads_per_member_sample(store_url: str, k: int, samples: int, out: Path) -> float:
+    """Bytes read while a cohort of k trains one epoch, over the bytes of the samples its members consumed."""
+    import torch
+
+    from mtser.trainer.loop import Member, train_cohort
+
+    torch.set_num_threads(1)
+    cfgs = member_configs(k)
+    for c in cfgs:
+        c.train.epochs, c.train.samples_per_epoch, c.train.prefetch_batches = 1, samples, 4
+    store = open_store(store_url)
+    encoders = list(ENCODERS)
+    pool = data.training_ids(store, encoders, "multi")
+    lengths = data.total_lengths(store, pool, encoders)
+    drawn = [i for b in data.epoch_batches(pool, lengths, samples, cfgs[0].train.batch_size, cfgs[0].train.seed, 1)
+             for i in b]
+    dev = data.evaluation_ids(store, encoders, "Development")
+    row_bytes = {n: store.encoders[n].dim * 2 for n in encoders}             # float16
+    sample_bytes = sum(store.length(i, n) * row_bytes[n] for i in drawn + dev for n in encoders)
+    before = read_bytes()
+    train_cohort([Member(f"m{g}", c, out / f"m{g}") for g, c in enumerate(cfgs)], store)
+    return (read_bytes() - before) / (k * sample_bytes)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small store and trials (finishes within 60 s)")
-    parser.add_argument("--store", help="existing store (default: a synthetic store in a temporary folder)")
-    parser.add_argument("--trials", type=int, help="grid points per search (default 2 quick, 4 full)")
-    parser.add_argument("--grid", type=int, help="models sharing one stream in the stream comparison (2 quick, 4)")
+    parser.add_argument("--quick", action="store_true", help="small store and searches (finishes within 60 s)")
+    parser.add_argument("--store", help="existing store with bench/loader.py's encoders (default: a synthetic one)")
+    parser.add_argument("--points", type=int, help="grid points (default 4 quick, 8 full)")
+    parser.add_argument("--epochs", type=int, help="epochs per grid point (default 1 quick, 4 full)")
+    parser.add_argument("--samples", type=int, help="samples per epoch (default 64 quick, 1024 full)")
     args = parser.parse_args()
-    k = args.trials or (2 if args.quick else 4)
-    g = args.grid or (2 if args.quick else 4)
-    epochs, samples, n = (1, 64, 64) if args.quick else (2, 256, 800)
+    k = args.points or (4 if args.quick else 8)
+    epochs = args.epochs or (1 if args.quick else 4)
+    samples = args.samples or (64 if args.quick else 1024)
+    n, steps, rounds = (64, 2, 2) if args.quick else (800, 8, 5)
+    cpus = os.cpu_count() or 1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -125,26 +183,31 @@ def main() -> None:
         store = args.store or str(work / "store")
         if not args.store:
             write_store(store, n)
-        cpus = os.cpu_count() or 1
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        serial, serial_wait = time_search(store, work, k, 1, epochs, samples)
-        parallel, parallel_wait = time_search(store, work, k, cpus, epochs, samples)
+        single, single_wait, single_trials = time_search(store, work, k, 1, cpus, epochs, samples)
+        fused, fused_wait, cohorts = time_search(store, work, k, math.ceil(k / cpus), cpus, epochs, samples)
         ray.shutdown()
-        steps = 4 if args.quick else 16
-        separate, shared = math.inf, math.inf
-        for _ in range(2):                  # alternate, keep each side's best: warm-up and noise hit both alike
-            separate = min(separate, time_streams(store, g, steps, 32, shared=False))
-            shared = min(shared, time_streams(store, g, steps, 32, shared=True))
+        separate_s, fused_s = time_steps(store, k, steps, rounds)
+        reads = reads_per_member_sample(store, k, samples, work / "reads")
+        reads_single = reads_per_member_sample(store, 1, samples, work / "reads-single")
+    per_hour = {name: round(3600 * k * epochs / wall, 1) for name, wall in (("single", single), ("cohorts", fused))}
     result = {
-        "trials": k, "concurrent": cpus, "epochs": epochs, "samples_per_epoch": samples,
-        "serial_trials_per_hour": round(3600 * k / serial, 1), "parallel_trials_per_hour": round(3600 * k / parallel, 1),
-        "parallel_speedup": round(serial / parallel, 3),
-        "data_wait_fraction_serial": round(serial_wait, 3), "data_wait_fraction_parallel": round(parallel_wait, 3),
-        "grid_models": g, "steps": steps, "separate_streams_s": round(separate, 2),
-        "shared_stream_s": round(shared, 2), "shared_stream_speedup": round(separate / shared, 3),
+        "cohort_speedup": round(single / fused, 3),
+        "fused_step_speedup": round(separate_s / fused_s, 3),
+        "store_reads_per_member_sample": round(reads, 4),
+        "store_reads_per_member_sample_single": round(reads_single, 4),
+        "grid_points": k, "epochs": epochs, "samples_per_epoch": samples, "cpus": cpus,
+        "trials_single": single_trials, "trials_cohorts": cohorts,
+        "point_epochs_per_hour_single": per_hour["single"], "point_epochs_per_hour_cohorts": per_hour["cohorts"],
+        "search_s_single": round(single, 1), "search_s_cohorts": round(fused, 1),
+        "data_wait_fraction_single": round(single_wait, 3), "data_wait_fraction_cohorts": round(fused_wait, 3),
+        "member_steps_per_s_one_after_another": round(k * steps / separate_s, 2),
+        "member_steps_per_s_fused": round(k * steps / fused_s, 2),
     }
-    print(f"serial {serial:.1f} s, parallel ({cpus} at once) {parallel:.1f} s for {k} trials; "
-          f"{g} models: separate streams {separate:.1f} s, one shared stream {shared:.1f} s")
+    print(f"search over {k} grid points x {epochs} epochs x {samples}: {single:.1f} s with one trial per point, "
+          f"{fused:.1f} s in {cohorts} cohorts; {k} models x {steps} steps: {separate_s:.2f} s one after another, "
+          f"{fused_s:.2f} s fused; store reads per member-sample {reads:.3f} (cohort of {k}), "
+          f"{reads_single:.3f} (alone)")
     print(json.dumps(result))
 
 

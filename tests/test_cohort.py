@@ -139,3 +139,26 @@ def test_members_must_share_architecture_and_batch_stream(store_url, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         train_cohort([Member("a", config(), tmp_path / "a"),
                       Member("b", config(train__batch_size=16), tmp_path / "b")], store_url)
+
+
+def test_a_mixed_task_cohort_gives_each_member_only_its_tasks_targets(tmp_path):
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreWriter, open_store
+    from mtser.trainer.loop import _Cohort
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=40, n_dev=24)
+    writer = StoreWriter(url, "part-partial")          # arousal known, valence unknown: multi trains on it, dim not
+    rng = np.random.default_rng(0)
+    writer.add(Utterance(id="partial.wav", path=None, split="Train", emo_class="H", arousal=5.0, valence=None,
+                         dominance=4.0), {"a": rng.normal(size=(5, 12)), "b": rng.normal(size=(5, 8))})
+    writer.commit()
+    store = open_store(url)
+    cohort = _Cohort([Member("multi", config(), tmp_path / "m"),
+                      Member("dim", config(train__task="dim", train__select_metric="ccc_mean"), tmp_path / "d")], store)
+    assert "partial.wav" in cohort.train_pool
+    batch = data.BatchReader(store, ["a", "b"], np.float32)(["partial.wav", "Train_0001.wav"])
+    classes, attributes = cohort.member_targets(0, batch)
+    assert classes[0] == batch.classes[0] >= 0 and attributes[0, 0] == 5.0
+    classes, attributes = cohort.member_targets(1, batch)
+    assert classes[0] == -1 and torch.isnan(attributes[0]).all()
+    assert torch.equal(attributes[1], batch.attributes[1])

@@ -104,3 +104,13 @@ def test_select_members_ranks_per_task_and_skips_unfinished():
     assert [m["trial"] for m in chosen["dominance"]] == ["a", "b"]    # tie broken by trial name
     with pytest.raises(EnsembleError, match="top-k"):
         select_members(results, 0)
+
+
+def test_ensemble_and_report_read_the_run_folder_without_the_tune_driver():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtser.trainer.ensemble, mtser.trainer.report, mtser.trainer.predict; "
+            "print(sorted(m for m in ('mtser.trainer.tune', 'ray', 'ray.tune') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
