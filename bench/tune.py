@@ -5,10 +5,12 @@ model's step versus the same models stepped one after another, and the store byt
 
 Without --store it writes a synthetic store of realistic shapes (bench/loader.py's writer: WavLM-large 1024-d,
 Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured in one run, side by side:
-  search   `run_search` stage 1 over K grid points (α values, ASP, demo-size model), E epochs of N samples each:
-           `cohort_size: 1` with as many concurrent 1-CPU trials as CPUs, then cohorts of K / CPUs members, one 1-CPU
-           trial per CPU. cohort_speedup = (grid points × epochs per hour) with cohorts / without.
-  step     the same K demo-size models on the same in-memory batches, 1 torch thread: each model's forward,
+  search   `run_search` stage 1 over K grid points shaped like the paper's (α × β × pooling asp/mean, demo-size
+           model), E epochs of N samples each: `cohort_size: 1` with as many concurrent 1-CPU trials as CPUs
+           (1 torch thread each: the fastest way to run many tiny trials here), then the default cohorts
+           (`cohort_size: null`: one per pooling here), each trial given all CPUs (torch threads = CPUs).
+           cohort_speedup = (grid points × epochs per hour) with cohorts / without.
+  step     K demo-size ASP models (α values) on the same in-memory batches, 1 torch thread: each model's forward,
            backward, clipping and AdamW step one after another (torch's AdamW), versus one CohortModel step;
            alternated, median of rounds. fused_step_speedup = member-steps/s fused / one after another.
   reads    bytes the process read (/proc/self/io rchar) while `train_cohort` trained K members for one epoch, over
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -50,23 +51,29 @@ def alphas(k: int) -> list[float]:
     return [round(0.125 * (i + 1), 3) for i in range(k)]
 
 
-def search_file(path: Path, k: int, cohort_size: int, concurrent: int, epochs: int, samples: int) -> Path:
+def grid(k: int) -> dict[str, list]:
+    """k grid points shaped like the paper's stage 1: α × β × pooling (asp, mean), k/2 points per pooling."""
+    per_pooling = k // 2
+    betas = [0.5, 1.0] if per_pooling % 2 == 0 else [1.0]
+    return {"alpha": alphas(per_pooling // len(betas)), "beta": betas, "pooling": ["asp", "mean"]}
+
+
+def search_file(path: Path, k: int, cohort_size: int | None, cpus: int, epochs: int, samples: int) -> Path:
     recipe = {**RECIPE, "train.epochs": epochs, "train.samples_per_epoch": samples}
     path.write_text(yaml.safe_dump({
-        "base": str(DEMO), "alpha": alphas(k), "beta": [1.0], "pooling": ["asp"], "sigma": [None],
-        "resources": {"cpu": 1.0, "gpu": 0.0}, "max_concurrent": concurrent, "cohort_size": cohort_size,
-        "overrides": recipe}))
+        "base": str(DEMO), **grid(k), "sigma": [None], "resources": {"cpu": float(cpus), "gpu": 0.0},
+        "max_concurrent": 0, "cohort_size": cohort_size, "overrides": recipe}))
     return path
 
 
-def time_search(store: str, work: Path, k: int, cohort_size: int, concurrent: int, epochs: int, samples: int
-                ) -> tuple[float, float, int]:
-    """(wall seconds, mean data-wait fraction, cohorts) of a stage-1 search over k grid points."""
+def time_search(store: str, work: Path, k: int, cohort_size: int | None, cpus: int, epochs: int,
+                samples: int) -> tuple[float, float, int]:
+    """(wall seconds, mean data-wait fraction, cohorts) of a stage-1 search over k grid points, `cpus` per trial."""
     from mtser.trainer.tune import run_search
 
-    name = f"cohorts-of-{cohort_size}"
+    name = f"cohorts-of-{cohort_size or 'auto'}"
     start = time.perf_counter()
-    summary = run_search(search_file(work / f"{name}.yaml", k, cohort_size, concurrent, epochs, samples), store,
+    summary = run_search(search_file(work / f"{name}.yaml", k, cohort_size, cpus, epochs, samples), store,
                          work / name, stages=(1,), verbose=0)
     wall = time.perf_counter() - start
     if summary.failed or len(summary.table) != k or not (summary.table["status"] == "complete").all():
@@ -184,8 +191,8 @@ def main() -> None:
         if not args.store:
             write_store(store, n)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        single, single_wait, single_trials = time_search(store, work, k, 1, cpus, epochs, samples)
-        fused, fused_wait, cohorts = time_search(store, work, k, math.ceil(k / cpus), cpus, epochs, samples)
+        single, single_wait, single_trials = time_search(store, work, k, 1, 1, epochs, samples)
+        fused, fused_wait, cohorts = time_search(store, work, k, None, cpus, epochs, samples)
         ray.shutdown()
         separate_s, fused_s = time_steps(store, k, steps, rounds)
         reads = reads_per_member_sample(store, k, samples, work / "reads")

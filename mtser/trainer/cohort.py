@@ -66,11 +66,14 @@ class CohortModel(nn.Module):
         g, pre = self.size, f"branches.{name}."
         if self.cfg.pooling == "asp":
             w1 = self.p(pre + "pool.attention.0.weight")                      # (G, A, D)
-            hidden = torch.tanh(F.linear(x, w1.reshape(-1, w1.shape[-1]),     # one GEMM for all members
+            frames = mask.reshape(-1).nonzero().squeeze(1)                     # real frames only: padding has
+            real = x.reshape(-1, x.shape[-1]).index_select(0, frames)          # zero weight, skip its FLOPs
+            hidden = torch.tanh(F.linear(real, w1.reshape(-1, w1.shape[-1]),  # one GEMM for all members
                                          self.p(pre + "pool.attention.0.bias").reshape(-1)))
-            hidden = hidden.view(*x.shape[:2], g, -1)                          # (B, T, G, A)
-            scores = torch.einsum("btga,ga->bgt", hidden, self.p(pre + "pool.attention.2.weight")[:, 0])
-            scores = scores.float().masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+            real_scores = torch.einsum("nga,ga->ng", hidden.view(len(frames), g, -1),
+                                       self.p(pre + "pool.attention.2.weight")[:, 0]).float()
+            scores = real_scores.new_full((mask.numel(), g), torch.finfo(torch.float32).min)
+            scores = scores.index_copy(0, frames, real_scores).view(*mask.shape, g).transpose(1, 2)
             weights = torch.softmax(scores, dim=2)                             # (B, G, T)
             with torch.autocast(x.device.type, enabled=False):
                 xf = x.float()
