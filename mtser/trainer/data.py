@@ -6,7 +6,10 @@ whole split in length-sorted batches over original utterances only.
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -149,6 +152,39 @@ def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Seque
 
 
 READ_DTYPE = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32}  # int8: dequantised
+TORCH_TO_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+class BufferPool:
+    """Reused host buffers for padded batches. A buffer goes back to the pool only when the last tensor using it
+    is freed (a finalizer on the numpy view that `torch.from_numpy` keeps alive, also through views and tensors
+    autograd saved), so a buffer in use is never overwritten.
+
+    A padded batch is tens of MB per encoder; glibc serves each fresh block of that size with a new mmap, so every
+    batch paid a page fault per 4 KiB (measured here: twice the loader's time, four times the float32
+    conversion's; docs/benchmarks.md, Loader). At most `keep` free buffers per dtype are kept.
+    """
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep
+        self._free: dict[np.dtype, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dtype, size = np.dtype(dtype), math.prod(shape)
+        with self._lock:
+            free = self._free.setdefault(dtype, [])
+            fits = [k for k, b in enumerate(free) if b.size >= size]
+            base = free.pop(min(fits, key=lambda k: free[k].size)) if fits else None
+        if base is None:
+            base = np.empty(size + size // 4, dtype=dtype)      # room for a somewhat longer batch next time
+        view = base[:size].reshape(shape)
+        weakref.finalize(view, self._give_back, base)
+        return view
+
+    def _give_back(self, base: np.ndarray) -> None:
+        with self._lock:
+            free = self._free.setdefault(base.dtype, [])
+            if len(free) < self.keep:
+                free.append(base)
 
 
 class BatchReader:
@@ -170,6 +206,7 @@ class BatchReader:
         self.skip_unreadable = skip_unreadable
         self.pin_memory = pin_memory
         self.skipped: dict[str, str] = {}
+        self._buffers = BufferPool()
         table = store.utterances
         labels = label_arrays(table, table.index)
         self._row = {utt_id: k for k, utt_id in enumerate(table.index)}
@@ -197,13 +234,21 @@ class BatchReader:
     def _padded(self, ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = np.fromiter((self.store.length(i, name) for i in ids), dtype=np.int64, count=len(ids))
         info = self.store.encoders[name]
-        buffer = torch.empty((len(ids), max(1, int(lengths.max())), info.dim), dtype=READ_DTYPE[info.dtype],
-                             pin_memory=self.pin_memory)
-        self.store.read_into(ids, name, buffer.numpy())
-        mask = torch.from_numpy(np.arange(buffer.shape[1])[None, :] < lengths[:, None])
+        shape = (len(ids), max(1, int(lengths.max())), info.dim)
+        if self.pin_memory:                     # torch's caching host allocator reuses pinned blocks itself
+            buffer = torch.empty(shape, dtype=READ_DTYPE[info.dtype], pin_memory=True)
+            self.store.read_into(ids, name, buffer.numpy())
+        else:
+            buffer = torch.from_numpy(self.store_read(ids, name, shape, READ_DTYPE[info.dtype]))
+        mask = torch.from_numpy(np.arange(shape[1])[None, :] < lengths[:, None])
         if self.dtype is not None and buffer.dtype != self.dtype:
-            buffer = buffer.to(self.dtype)
+            buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[self.dtype])).copy_(buffer)
         return buffer, mask
+
+    def store_read(self, ids: list[str], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        out = self._buffers.take(shape, TORCH_TO_NUMPY[dtype])
+        self.store.read_into(ids, name, out)
+        return out
 
     def _readable(self, utt_id: str) -> bool:
         try:
