@@ -111,7 +111,7 @@ def test_verify_reports_corrupt_index_arrays_padding_and_shard_index(url: str) -
     flip_byte(shard, size - 10)                                             # the shard index
     offsets = next((Path(url) / "parts/p1/features/wavlm/offsets/c").rglob("*"))
     flip_byte(offsets, offsets.stat().st_size // 2)                          # a small index array
-    column = Path(url) / "parts/p2/utterances/split/c/0"
+    column = Path(url) / "parts/p2/utterances/split/utf8/c/0"
     flip_byte(column, column.stat().st_size // 2)                          # a table column
     report = verify_store(url)
     messages = [str(p) for p in report.problems]

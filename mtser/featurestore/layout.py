@@ -20,7 +20,7 @@ from zarr.core.sync import sync
 from mtser import __version__
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
 FORMAT_NAME = "mtser-feature-store"
 DTYPES = ("float16", "float32", "int8")
 COMPRESSIONS = ("none", "zstd")
@@ -130,6 +130,20 @@ def root_attrs(store: Any, url: str) -> dict:
         raise StoreError(f"{url}: store schema version {version!r} is newer than this mtser {__version__} reads "
                          f"(up to {SCHEMA_VERSION}); upgrade mtser")
     return attrs
+
+
+def part_schema(attrs: dict) -> int:
+    """The schema version a part was written in (its commit record says so since schema 2)."""
+    return int(attrs.get("schema_version", 1))
+
+
+def upgrade_root(store: Any, url: str) -> None:
+    """Raise the root's schema version to this mtser's before a part of that version is written, so an older
+    mtser refuses the store clearly instead of misreading the new part. Idempotent; concurrent writers write the
+    same bytes. Parts of older versions stay as they are and keep reading."""
+    attrs = root_attrs(store, url)
+    if attrs["schema_version"] < SCHEMA_VERSION:
+        zarr.open_group(store, mode="r+").update_attributes({"mtser": {**attrs, "schema_version": SCHEMA_VERSION}})
 
 
 def read_encoders(store: Any) -> dict[str, EncoderInfo]:

@@ -13,10 +13,10 @@ import pandas as pd
 import zarr
 from zarr.core.sync import sync
 
-from mtser.featurestore.arrays import fetch, read_arrays
+from mtser.featurestore.arrays import fetch, read_arrays, read_columns
 from mtser.featurestore.layout import (
     FAILURE_COLUMNS, FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreError, alist_dir, byte_source, create_store,
-    is_local, local_path, read_encoders, root_attrs, zarr_store,
+    is_local, local_path, part_schema, read_encoders, root_attrs, zarr_store,
 )
 from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
 
@@ -137,7 +137,8 @@ class FeatureStore:
         if unknown:
             raise StoreError(f"encoder {unknown[0][1]!r} has frames in part {unknown[0][0]!r} but is not registered")
         bases = [f"parts/{part}/features/{enc}" for part, enc in keys]
-        arrays = read_arrays(self._store, [f"{b}/{a}" for b in bases for a in ("ids", "offsets")])
+        arrays = read_columns(self._store, [(f"{b}/{a}", a == "ids", part_schema(committed[part]))
+                                            for (part, _), b in zip(keys, bases) for a in ("ids", "offsets")])
         metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
         parts = {name: _Part(name, attrs, {}) for name, attrs in committed.items()}
         for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
@@ -169,7 +170,8 @@ class FeatureStore:
         extra = ("part",) if table == "failures" else ()
         if not parts:
             return _empty_table(columns + extra)
-        arrays = read_arrays(self._store, [f"parts/{p}/{table}/{c}" for p in parts for c in columns])
+        arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
+                                             part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
         by_column = [arrays[j::len(columns)] for j in range(len(columns))]
         data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
         if extra:

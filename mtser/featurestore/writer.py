@@ -17,9 +17,10 @@ from zarr.core.sync import sync
 from mtser import __version__
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.layout import (
-    CHUNK_TARGET_BYTES, FAILURE_COLUMNS, FLOAT_COLUMNS, NAME_PATTERN, TABLE_COLUMNS, ZSTD_LEVEL, EncoderInfo,
-    StoreError, part_state, read_encoders, root_attrs, zarr_store,
+    CHUNK_TARGET_BYTES, FAILURE_COLUMNS, FLOAT_COLUMNS, NAME_PATTERN, SCHEMA_VERSION, TABLE_COLUMNS, ZSTD_LEVEL,
+    EncoderInfo, StoreError, part_state, read_encoders, root_attrs, upgrade_root, zarr_store,
 )
+from mtser.featurestore.arrays import encode_strings, string_arrays
 from mtser.featurestore.shards import raw_shard
 
 
@@ -140,6 +141,7 @@ class StoreWriter:
         state = part_state(self._store, self.part_id)
         if state and state.get("committed"):
             raise StoreError(f"{self.url}: part {self.part_id!r} was committed by another writer meanwhile")
+        upgrade_root(self._store, self.url)
         sync(self._store.delete_dir(path))        # leftovers of a killed writer of this part id
         group = zarr.create_group(self._store, path=path,
                                   attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
@@ -151,7 +153,7 @@ class StoreWriter:
                    for name, items in sorted(self._features.items())}
         now = time.time_ns()
         group.update_attributes({"mtser_part": {
-            "committed": True, "committed_ns": now,
+            "committed": True, "committed_ns": now, "schema_version": SCHEMA_VERSION,
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
             "writer": _writer_id(), "mtser_version": __version__, "n_utterances": len(self._rows),
             "n_failures": len(self._failures), "encoders": summary}})
@@ -174,7 +176,7 @@ class StoreWriter:
         else:           # the bytes zarr-python would write, in one pass instead of one codec call per chunk
             shard = raw_shard(frames, chunk_rows)
             sync(self._store.set(shard_key, default_buffer_prototype().buffer.from_array_like(shard)))
-        _write_small(group, f"{prefix}/ids", np.array([i for i, _, _ in items], dtype=str))
+        _write_strings(group, f"{prefix}/ids", [i for i, _, _ in items])
         _write_small(group, f"{prefix}/offsets", offsets)
         _write_small(group, f"{prefix}/crc32",
                      np.array([_stored_checksum(f, s) for _, f, s in items], dtype=np.uint32))
@@ -189,18 +191,24 @@ def _writer_id() -> str:
 
 
 def _write_small(group: zarr.Group, name: str, values: np.ndarray) -> None:
-    """A one-chunk index array, zstd-compressed and crc32c-checked (zarr verifies the checksum on every read)."""
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-                             chunks=values.shape if values.size else (1,), compressors=[ZstdCodec(level=ZSTD_LEVEL),
-                                                                                        Crc32cCodec()])
+    """A one-chunk numeric index array, zstd-compressed and crc32c-checked (zarr verifies the checksum on every
+    read)."""
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape if values.size else (1,),
+                             compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()])
     if values.size:
         arr[...] = values
+
+
+def _write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
+    """A string column in core types: `<name>/utf8` (uint8) and `<name>/offsets` (int64, n+1)."""
+    for path, array in zip(string_arrays(name), encode_strings(values)):
+        _write_small(group, path, array)
 
 
 def _write_table(group: zarr.Group, name: str, columns: dict[str, list]) -> None:
     for col, values in columns.items():
         if col in FLOAT_COLUMNS:
             array = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+            _write_small(group, f"{name}/{col}", array)
         else:
-            array = np.array(["" if v is None else str(v) for v in values], dtype=str)
-        _write_small(group, f"{name}/{col}", array)
+            _write_strings(group, f"{name}/{col}", ["" if v is None else str(v) for v in values])
