@@ -307,3 +307,26 @@ def test_a_pickled_store_reopens_by_url(url: str) -> None:
     write_part(url, "p0", IDS[:3], ["enc"])
     copy = pickle.loads(pickle.dumps(open_store(url)))
     np.testing.assert_array_equal(copy.get(IDS[1], "enc"), frames_for(IDS[1]).astype(np.float16))
+
+
+def test_warnings_are_apart_from_failures_and_a_later_write_clears_a_failure(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    writer = StoreWriter(url, "p0")
+    writer.add(utterance("a.wav"), {"enc": frames_for("a.wav")})
+    writer.add_warning("a.wav", "/t/a.txt", "read", "transcript not UTF-8; kept without transcript")
+    writer.add_failure("b.wav", "/audio/b.wav", "audio", "cannot decode")
+    writer.add_failure("c.wav", "/audio/c.wav", "audio", "cannot decode")
+    writer.commit()
+    store = open_store(url)
+    assert store.warnings[["id", "stage", "part"]].values.tolist() == [["a.wav", "read", "p0"]]
+    assert store.failures["id"].tolist() == ["b.wav", "c.wav"] and store.ids() == ["a.wav"]
+    write_part(url, "p1", ["b.wav"], ["enc"])                    # a later run wrote b.wav
+    store.refresh()
+    assert store.failures["id"].tolist() == ["c.wav"]
+    assert store.failure_history["id"].tolist() == ["b.wav", "c.wav"]       # history kept
+    assert store.summary()["failures"] == 1 and store.summary()["warnings"] == 1
+    writer = StoreWriter(url, "p2")
+    writer.add_failure("b.wav", "/audio/b.wav", "audio", "cannot decode")   # failing again after the write
+    writer.commit()
+    store.refresh()
+    assert store.failures[["id", "part"]].values.tolist() == [["c.wav", "p0"], ["b.wav", "p2"]]   # commit order

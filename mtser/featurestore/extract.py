@@ -75,6 +75,8 @@ class Pipeline:
         sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
         failed: dict[str, Failure] = {}
         items, waves, source = self._load(utts, augment, failed)
+        if not items:                                   # nothing decoded: tokenizers refuse an empty batch
+            return PipelineResult([], list(failed.values()))
         feats: list[dict[str, np.ndarray]] = [{} for _ in items]
         asr_text: dict[int, str] = {}
         for name, enc in self.encoders.items():
@@ -119,18 +121,22 @@ class Pipeline:
         waves: list[np.ndarray] = []
         source: list[int] = []
         for utt in utts:
+            copies = range(1, augment + 1 if utt.split == "Train" else 1)
             try:
                 if not utt.path:
                     raise AudioError("no audio path")
                 wave = load_audio(utt.path, sr)
             except AudioError as exc:
                 failed[utt.id] = Failure(utt, "audio", str(exc))
+                for copy in copies:                       # planned rows too: each is written or failed
+                    aug = replace(utt, id=f"{utt.id}#aug{copy}", source_id=utt.id)
+                    failed[aug.id] = Failure(aug, "audio", f"source utterance {utt.id} failed")
                 continue
             origin = len(items)
             items.append(replace(utt, duration=len(wave) / sr))
             waves.append(wave)
             source.append(origin)
-            for copy in range(1, augment + 1 if utt.split == "Train" else 1):
+            for copy in copies:
                 rng = augmentation_rng(cfg.seed, utt.id, copy)
                 noisy, draw = augment_wave(wave, sr, rng, copy, cfg.augment_snr_db, cfg.augment_rt60_s, cfg.augment_gain_db)
                 items.append(replace(utt, id=f"{utt.id}#aug{copy}", augmentation=draw.label, source_id=utt.id,
@@ -266,33 +272,34 @@ def _extract_config(data: dict) -> ExtractConfig:
 # ----------------------------------------------------------------------------------------------------------- driver
 @dataclass
 class ExtractSummary:
-    planned: int = 0                          # rows (utterances + augmented copies) in the plan
-    written: int = 0
-    failed: int = 0                           # failure rows of this plan in the store (reader problems included)
+    planned: int = 0                          # rows (utterances + augmented copies + unreadable corpus rows)
+    written: int = 0                          # rows of the plan in the store, earlier runs included
+    failed: int = 0                           # rows of the plan not written (failure rows, rows of failed shards)
     skipped: int = 0                          # rows of shards already committed by an earlier run
     shards: int = 0
     shards_skipped: int = 0
     shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
     retries: int = 0                          # shard re-submissions after a worker died or a shard raised
-    audio_seconds: float = 0.0
+    audio_seconds: float = 0.0                # audio written by this run
     wall_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
     nodes: set[str] = field(default_factory=set)             # Ray node ids that committed shards
     pids: set[int] = field(default_factory=set)               # worker processes that committed shards
-    failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): not written
+    warnings: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): written anyway
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and not self.shards_failed
 
     def line(self) -> str:
-        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        text = (f"written {self.written}, failed {self.failed}, skipped {self.skipped} (already committed) "
-                f"of {self.planned} planned; shards {self.shards - self.shards_skipped}/{self.shards} run")
+        text = (f"written {self.written}, failed {self.failed} of {self.planned} planned "
+                f"({self.skipped} from earlier runs); {len(self.warnings)} warnings; "
+                f"shards {self.shards - self.shards_skipped}/{self.shards} run")
         if self.shards_failed:
             text += f", {len(self.shards_failed)} shards FAILED"
-        return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s ({rate:.2f} utt/s)"
+        return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s"
 
 
 def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
@@ -307,47 +314,57 @@ def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None
         ), storage_options)
 
 
-def reader_failures(problems: Sequence[Any]) -> list[Failure]:
-    """Corpus-reader problems (`CorpusProblem`) as failure rows of stage "read"."""
-    return [Failure(Utterance(id=p.item or p.source, path=p.source), "read", str(p)) for p in problems]
+def reader_problems(problems: Sequence[Any], kept: Sequence[Utterance]) -> tuple[list[Failure], list[Failure]]:
+    """Corpus-reader problems (`CorpusProblem`) as (failures, warnings) rows of stage "read": a problem about an
+    utterance the reader kept (a duplicate row whose first occurrence was read, a transcript it could not use) is a
+    warning; one about a row it skipped is a failure (nothing of it is written)."""
+    kept_ids = {u.id for u in kept}
+    rows = [(p, Failure(Utterance(id=p.item or p.source, path=p.source), "read", str(p))) for p in problems]
+    return ([f for p, f in rows if p.item not in kept_ids], [f for p, f in rows if p.item in kept_ids])
 
 
-def write_reader_problems(url: str, problems: Sequence[Failure], storage_options: dict | None = None) -> str | None:
+def write_reader_problems(url: str, failures: Sequence[Failure], warnings: Sequence[Failure],
+                          storage_options: dict | None = None) -> str | None:
     """Reader problems as one part whose id hashes its content (a rerun does not add it twice); its part id."""
-    if not problems:
+    if not failures and not warnings:
         return None
-    digest = hashlib.sha256(json.dumps([(p.utt.id, p.stage, p.reason) for p in problems]).encode()).hexdigest()[:12]
-    part = f"reader-{digest}"
+    content = [[(p.utt.id, p.stage, p.reason) for p in rows] for rows in (failures, warnings)]
+    part = f"reader-{hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]}"
     if part not in open_store(url, storage_options=storage_options).committed_parts():
         writer = StoreWriter(url, part, storage_options)
-        for p in problems:
+        for p in failures:
             writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
+        for p in warnings:
+            writer.add_warning(p.utt.id, p.utt.path, p.stage, p.reason)
         writer.commit()
     return part
 
 
 def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
             augment: int | None = None, splits: Sequence[str] | None = None, problems: Sequence[Failure] = (),
-            storage_options: dict | None = None, progress: bool = True) -> ExtractSummary:
-    """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). The summary's failures are every
-    failure row of this plan's parts, earlier runs' included, so a resumed run reports the same outcome."""
+            warnings: Sequence[Failure] = (), storage_options: dict | None = None,
+            progress: bool = True) -> ExtractSummary:
+    """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). `problems` are corpus rows the
+    reader could not read (planned, failed), `warnings` notes on utterances it kept (see `reader_problems`).
+
+    The summary describes the plan as it stands in the store, earlier runs' parts included, so a resumed run
+    reports the same outcome: every planned row is written or failed (written + failed = planned)."""
     start = time.perf_counter()
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
     register_encoders(url, cfg, storage_options)
     summary = ExtractSummary()
-    reader_part = write_reader_problems(url, problems, storage_options)
+    reader_part = write_reader_problems(url, problems, warnings, storage_options)
     shards = plan_shards(utts, cfg, augment)
     committed = open_store(url, storage_options=storage_options).committed_parts()
     todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
-    summary.planned, summary.shards = sum(s.rows for s in shards), len(shards)
+    summary.planned, summary.shards = sum(s.rows for s in shards) + len(problems), len(shards)
     summary.skipped = sum(s.rows for s in shards if s.id in committed)
     summary.shards_skipped = len(shards) - len(todo)
     bar = _progress_bar(sum(s.rows for s in todo), progress)
 
     def record(result: dict[str, Any]) -> None:
-        summary.written += result["written"]
         summary.audio_seconds += result["seconds"]
         summary.pids.add(result["pid"])
         if result["node"]:
@@ -364,11 +381,21 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     finally:
         bar.close()
         summary.wall_seconds = time.perf_counter() - start
-    table = open_store(url, storage_options=storage_options).failures
-    mine = table[table["part"].isin({s.id for s in shards} | {reader_part})]
-    summary.failures = list(mine[["id", "stage", "reason"]].itertuples(index=False, name=None))
-    summary.failed = len(summary.failures)
+    _outcome(summary, open_store(url, storage_options=storage_options), shards, reader_part)
     return summary
+
+
+def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
+    """Written, failed and warnings of the plan's parts as the store has them now."""
+    mine = {s.id for s in shards} | {reader_part}
+    summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
+    failures, warnings = store.failures, store.warnings
+    summary.failures = list(failures[failures["part"].isin(mine)][["id", "stage", "reason"]]
+                            .itertuples(index=False, name=None))
+    summary.warnings = list(warnings[warnings["part"].isin(mine)][["id", "stage", "reason"]]
+                            .itertuples(index=False, name=None))
+    lost = sum(s.rows for s in shards if s.id in summary.shards_failed)      # shards that never committed
+    summary.failed = len(summary.failures) + lost
 
 
 def _progress_bar(total: int, enabled: bool):

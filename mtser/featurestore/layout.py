@@ -29,7 +29,7 @@ CHUNK_TARGET_BYTES = 64 * 1024          # inner chunk size of frames arrays (the
 FLOAT_COLUMNS = ("arousal", "valence", "dominance", "duration")
 TABLE_COLUMNS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender", "duration",
                  "transcript", "transcript_source", "augmentation", "source_id")
-FAILURE_COLUMNS = ("id", "path", "stage", "reason")
+FAILURE_COLUMNS = ("id", "path", "stage", "reason")          # columns of the failures and the warnings tables
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

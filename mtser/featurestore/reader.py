@@ -57,6 +57,10 @@ class _Part:
     def n_failures(self) -> int:
         return int(self.attrs.get("n_failures", 0))
 
+    @property
+    def n_warnings(self) -> int:
+        return int(self.attrs.get("n_warnings", 0))          # schema-1 parts have no warnings table
+
 
 @dataclass
 class _State:
@@ -81,6 +85,7 @@ class FeatureStore:
         self._lock = threading.Lock()
         self._table: pd.DataFrame | None = None
         self._failures: pd.DataFrame | None = None
+        self._warnings: pd.DataFrame | None = None
         self.encoders: dict[str, EncoderInfo] = {}
         self._state = _State({}, {})
         self.refresh()
@@ -100,7 +105,7 @@ class FeatureStore:
                 for name, seg in part.segments.items():
                     index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
             self._state = _State(parts, index)
-            self._table = self._failures = None
+            self._table = self._failures = self._warnings = None
 
     def _load_new_parts(self, known: set[str]) -> dict[str, _Part]:
         names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
@@ -158,16 +163,45 @@ class FeatureStore:
         return self._table
 
     @property
-    def failures(self) -> pd.DataFrame:
-        """Utterances writers could not process: id, path, stage, reason, part."""
+    def failure_history(self) -> pd.DataFrame:
+        """Every failure row ever committed (nothing of these utterances was written by that part): id, path,
+        stage, reason, part; in commit order."""
         if self._failures is None:
             parts = [p.name for p in self._state.parts.values() if p.n_failures]
             self._failures = self._read_tables(parts, "failures", FAILURE_COLUMNS)
         return self._failures
 
+    @property
+    def failures(self) -> pd.DataFrame:
+        """The effective failures: failure rows of utterances that no later commit wrote (the history keeps all)."""
+        history = self.failure_history
+        if history.empty:
+            return history
+        order = {name: k for k, name in enumerate(self._state.parts)}
+        last_written = self._last_written(order)
+        failed_at = history["part"].map(order)
+        written_after = history["id"].map(last_written).fillna(-1) > failed_at
+        return history[~written_after.to_numpy()].reset_index(drop=True)
+
+    def _last_written(self, order: dict[str, int]) -> dict[str, int]:
+        """id -> commit position of the last part whose utterance table has it."""
+        parts = [p for p in self._state.parts if self._state.parts[p].n_utterances]
+        ids = self._read_tables(parts, "utterances", ("id",)).assign(
+            part=np.repeat(parts, [self._state.parts[p].n_utterances for p in parts]))
+        return dict(zip(ids["id"], ids["part"].map(order)))
+
+    @property
+    def warnings(self) -> pd.DataFrame:
+        """Things worth knowing about utterances that were kept and written: id, path, stage, reason, part."""
+        if self._warnings is None:
+            parts = [p.name for p in self._state.parts.values() if p.n_warnings]
+            self._warnings = self._read_tables(parts, "warnings", FAILURE_COLUMNS)
+        return self._warnings
+
     def _read_tables(self, parts: list[str], table: str, columns: tuple[str, ...]) -> pd.DataFrame:
-        """One table (utterances or failures) of several parts, rows in part order; failures also get "part"."""
-        extra = ("part",) if table == "failures" else ()
+        """One table (utterances, failures or warnings) of several parts, rows in part order; failures and warnings
+        also get "part"."""
+        extra = () if table == "utterances" else ("part",)
         if not parts:
             return _empty_table(columns + extra)
         arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
@@ -229,7 +263,7 @@ class FeatureStore:
                                         for p in parts if name in p.segments))}
         return {"url": self.url, "schema_version": self.attrs["schema_version"], "parts": len(parts),
                 "utterances": len(table), "per_split": {str(k): int(v) for k, v in split_of.value_counts().items()},
-                "failures": len(self.failures), "encoders": encoders}
+                "failures": len(self.failures), "warnings": len(self.warnings), "encoders": encoders}
 
     # ------------------------------------------------------------------------------------------------ frames
     def get(self, utt_id: str, encoder: str, dtype: Any = None) -> np.ndarray:

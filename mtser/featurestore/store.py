@@ -6,7 +6,8 @@ Layout (every node is standard Zarr v3 in core data types only; zarr-python and 
     encoders/<name>/zarr.json              attributes.mtser_encoder = EncoderInfo (provenance)
     parts/<part>/zarr.json                 attributes.mtser_part = {committed, committed_at, encoders, ...}
     parts/<part>/utterances/<column>       the table rows this part adds (id, split, emo_class, ...)
-    parts/<part>/failures/<column>         id, path, stage, reason
+    parts/<part>/failures/<column>         id, path, stage, reason (nothing of the utterance written)
+    parts/<part>/warnings/<column>         id, path, stage, reason (the utterance was written)
     parts/<part>/features/<enc>/ids        utterance ids with frames for <enc>, in frame order
                                            (string columns: <column>/utf8 uint8 + <column>/offsets int64)
     parts/<part>/features/<enc>/offsets    int64 (n+1): utterance i is frames[offsets[i]:offsets[i+1]]

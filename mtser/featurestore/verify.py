@@ -59,13 +59,16 @@ def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
 
 
 def _check_part(store: FeatureStore, part: _Part, report: VerifyReport) -> None:
-    try:
-        failures = store.part_table(part.name, "failures")
-        if len(failures) != part.n_failures:
-            report.problems.append(Problem(part.name, None, None, f"failure table has {len(failures)} rows, "
-                                           f"commit recorded {part.n_failures}"))
-    except (KeyError, ValueError, OSError) as exc:
-        report.problems.append(Problem(part.name, None, None, f"failure table unreadable: {exc}"))
+    for name, recorded in (("failures", part.n_failures), ("warnings", part.n_warnings)):
+        if name == "warnings" and "n_warnings" not in part.attrs:          # schema 1: no warnings table
+            continue
+        try:
+            rows = len(store.part_table(part.name, name))
+            if rows != recorded:
+                report.problems.append(Problem(part.name, None, None, f"{name} table has {rows} rows, "
+                                               f"commit recorded {recorded}"))
+        except (KeyError, ValueError, OSError) as exc:
+            report.problems.append(Problem(part.name, None, None, f"{name} table unreadable: {exc}"))
     try:
         table = store.part_table(part.name, "utterances")
     except (KeyError, ValueError, OSError) as exc:

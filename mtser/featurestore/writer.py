@@ -75,6 +75,7 @@ class StoreWriter:
         self._ids: set[str] = set()
         self._features: dict[str, list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
         self._failures: list[tuple[str, str, str, str]] = []
+        self._warnings: list[tuple[str, str, str, str]] = []
         self._closed = False
 
     def __enter__(self) -> StoreWriter:
@@ -125,13 +126,18 @@ class StoreWriter:
             self._features.setdefault(name, []).append((utt.id, stored, scale))
 
     def add_failure(self, utt_id: str, path: str | None, stage: str, reason: str) -> None:
-        """Record an utterance that could not be processed (kept in the part's `failures` table)."""
+        """Record an utterance that could not be processed: nothing of it is written (the part's `failures`)."""
         self._check_open()
         self._failures.append((str(utt_id), path or "", str(stage), str(reason)))
 
+    def add_warning(self, utt_id: str, path: str | None, stage: str, reason: str) -> None:
+        """Record something worth knowing about an utterance that is kept and written (the part's `warnings`)."""
+        self._check_open()
+        self._warnings.append((str(utt_id), path or "", str(stage), str(reason)))
+
     def abort(self) -> None:
         """Drop everything buffered; nothing is written."""
-        self._rows, self._ids, self._features, self._failures = [], set(), {}, []
+        self._rows, self._ids, self._features, self._failures, self._warnings = [], set(), {}, [], []
         self._closed = True
 
     def commit(self) -> None:
@@ -147,8 +153,8 @@ class StoreWriter:
                                   attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
         _write_table(group, "utterances", {"id": [u.id for u in self._rows],
                                            **{c: [getattr(u, c) for u in self._rows] for c in TABLE_COLUMNS}})
-        _write_table(group, "failures", dict(zip(FAILURE_COLUMNS, map(list, zip(*self._failures))))
-                     if self._failures else {c: [] for c in FAILURE_COLUMNS})
+        for table, rows in (("failures", self._failures), ("warnings", self._warnings)):
+            _write_table(group, table, {c: [r[j] for r in rows] for j, c in enumerate(FAILURE_COLUMNS)})
         summary = {name: self._write_encoder(group, self._encoders[name], items)
                    for name, items in sorted(self._features.items())}
         now = time.time_ns()
@@ -156,7 +162,7 @@ class StoreWriter:
             "committed": True, "committed_ns": now, "schema_version": SCHEMA_VERSION,
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
             "writer": _writer_id(), "mtser_version": __version__, "n_utterances": len(self._rows),
-            "n_failures": len(self._failures), "encoders": summary}})
+            "n_failures": len(self._failures), "n_warnings": len(self._warnings), "encoders": summary}})
         self._closed = True
 
     def _write_encoder(self, group: zarr.Group, info: EncoderInfo, items: list) -> dict[str, Any]:
