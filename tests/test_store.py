@@ -88,8 +88,8 @@ def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:
     register_encoder(url, encoder_info("packed", compression="zstd"))
     write_part(url, "p0", IDS, ["raw", "packed"])
     store = open_store(url)
-    raw_seg, i = store._locate(IDS[3], "raw")
-    packed_seg, _ = store._locate(IDS[3], "packed")
+    raw_seg, i = store.locate(IDS[3], "raw")
+    packed_seg, _ = store.locate(IDS[3], "packed")
     assert len(raw_seg.reader.ranges(int(raw_seg.offsets[i]), int(raw_seg.offsets[i + 1]))) == 1
     assert packed_seg.reader is not None and packed_seg.layout.compressed
 
@@ -295,7 +295,7 @@ def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, mo
     write_part(url, "p0", IDS, ["enc"])
     monkeypatch.setattr(FramesLayout, "parse", staticmethod(lambda key, meta: None))
     store = open_store(url)
-    assert store._locate(IDS[0], "enc")[0].reader is None
+    assert store.locate(IDS[0], "enc")[0].reader is None
     for utt_id, frames in zip(IDS, store.get_many(IDS, "enc")):
         np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))
 

@@ -10,40 +10,24 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import zarr
 from zarr.core.sync import sync
 
-from mtser.featurestore.arrays import fetch, read_arrays, read_columns
+from mtser.featurestore.arrays import fetch, read_columns
 from mtser.featurestore.layout import (
     FAILURE_COLUMNS, FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreError, alist_dir, byte_source, create_store,
     is_local, local_path, part_schema, read_encoders, root_attrs, zarr_store,
 )
+from mtser.featurestore.segment import Segment, read_segments
 from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
 
 
 @dataclass
-class _Segment:
-    """One encoder's frames within one committed part."""
+class Part:
+    """One committed part: its commit record and its frames per encoder."""
 
-    part: str
-    info: EncoderInfo
-    ids: np.ndarray
-    offsets: np.ndarray
-    layout: FramesLayout | None
-    reader: FramesReader | None = None
-    scale: np.ndarray | None = None
-    array: Any = None                     # zarr array, for the fallback path only
-
-    @property
-    def path(self) -> str:
-        return f"parts/{self.part}/features/{self.info.name}"
-
-
-@dataclass
-class _Part:
     name: str
     attrs: dict                           # the part's mtser_part attributes (counts and sizes per encoder)
-    segments: dict[str, _Segment]
+    segments: dict[str, Segment]
 
     @property
     def committed_ns(self) -> int:
@@ -64,8 +48,8 @@ class _Part:
 
 @dataclass
 class _State:
-    parts: dict[str, _Part]                                  # committed parts, oldest commit first
-    index: dict[str, dict[str, tuple[_Segment, int]]]        # encoder -> id -> (segment, position)
+    parts: dict[str, Part]                                   # committed parts, oldest commit first
+    index: dict[str, dict[str, tuple[Segment, int]]]         # encoder -> id -> (segment, position)
 
 
 class FeatureStore:
@@ -100,14 +84,14 @@ class FeatureStore:
             if not new:
                 return
             parts = dict(sorted({**known, **new}.items(), key=lambda kv: (kv[1].committed_ns, kv[0])))
-            index: dict[str, dict[str, tuple[_Segment, int]]] = {name: {} for name in self.encoders}
+            index: dict[str, dict[str, tuple[Segment, int]]] = {name: {} for name in self.encoders}
             for part in parts.values():                      # later commits overwrite earlier rows
                 for name, seg in part.segments.items():
                     index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
             self._state = _State(parts, index)
             self._table = self._failures = self._warnings = None
 
-    def _load_new_parts(self, known: set[str]) -> dict[str, _Part]:
+    def _load_new_parts(self, known: set[str]) -> dict[str, Part]:
         names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
         committed = {}
         for name, raw in zip(names, fetch(self._store, [f"parts/{n}/zarr.json" for n in names])):
@@ -135,7 +119,7 @@ class FeatureStore:
             raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); run `mtser features verify`") from exc
         self.broken_parts[name] = reason
 
-    def _load_parts(self, committed: dict[str, dict]) -> dict[str, _Part]:
+    def _load_parts(self, committed: dict[str, dict]) -> dict[str, Part]:
         """Segments of the given committed parts: ids and offsets per encoder, read as one batch."""
         keys = [(part, enc) for part, attrs in committed.items() for enc in attrs.get("encoders", {})]
         unknown = [(p, e) for p, e in keys if e not in self.encoders]
@@ -145,12 +129,12 @@ class FeatureStore:
         arrays = read_columns(self._store, [(f"{b}/{a}", a == "ids", part_schema(committed[part]))
                                             for (part, _), b in zip(keys, bases) for a in ("ids", "offsets")])
         metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
-        parts = {name: _Part(name, attrs, {}) for name, attrs in committed.items()}
+        parts = {name: Part(name, attrs, {}) for name, attrs in committed.items()}
         for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
             layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
-            parts[part].segments[enc] = _Segment(
+            parts[part].segments[enc] = Segment(
                 part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
-                layout, FramesReader(self._source, layout) if layout else None)
+                layout, self._store, FramesReader(self._source, layout) if layout else None)
         return parts
 
     # ------------------------------------------------------------------------------------------------ tables
@@ -216,7 +200,7 @@ class FeatureStore:
     def committed_parts(self) -> set[str]:
         return set(self._state.parts)
 
-    def _encoder_index(self, encoder: str) -> dict[str, tuple[_Segment, int]]:
+    def _encoder_index(self, encoder: str) -> dict[str, tuple[Segment, int]]:
         index = self._state.index.get(encoder)
         if index is None:
             if encoder in self.encoders:                      # registered, no committed frames yet
@@ -224,7 +208,8 @@ class FeatureStore:
             raise StoreError(f"{self.url}: no encoder {encoder!r} in the store (encoders: {sorted(self.encoders)})")
         return index
 
-    def _locate(self, utt_id: str, encoder: str) -> tuple[_Segment, int]:
+    def locate(self, utt_id: str, encoder: str) -> tuple[Segment, int]:
+        """The segment holding the utterance's frames for `encoder` (the latest commit's) and its position there."""
         hit = self._encoder_index(encoder).get(utt_id)
         if hit is None:
             if utt_id in self.utterances.index:
@@ -244,7 +229,7 @@ class FeatureStore:
         return utt_id in self._encoder_index(encoder)
 
     def length(self, utt_id: str, encoder: str) -> int:
-        seg, i = self._locate(utt_id, encoder)
+        seg, i = self.locate(utt_id, encoder)
         return int(seg.offsets[i + 1] - seg.offsets[i])
 
     def summary(self) -> dict[str, Any]:
@@ -271,72 +256,21 @@ class FeatureStore:
         return self.get_many([utt_id], encoder, dtype)[0]
 
     def get_many(self, utt_ids: list[str], encoder: str, dtype: Any = None) -> list[np.ndarray]:
-        hits = [self._locate(u, encoder) for u in utt_ids]
-        raws = self._read_raw(hits, utt_ids)
-        return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
-
-    def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
-        """Stored frames of each (segment, position) as new arrays; remote sources fetch a batch concurrently."""
+        hits = [self.locate(u, encoder) for u in utt_ids]
         try:
-            if not self._source.batches or len(hits) == 1:
-                return [self._rows(seg, int(seg.offsets[i]), int(seg.offsets[i + 1])) for seg, i in hits]
-            requests, plans = [], []
-            for seg, i in hits:
-                start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
-                pieces = seg.reader.ranges(start, stop) if seg.reader is not None else None
-                plans.append((seg, start, stop, pieces, len(requests)))
-                requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces or []]
-            blobs = self._source.read_many(requests)
-            return [self._rows(seg, start, stop) if pieces is None
-                    else seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)])
-                    for seg, start, stop, pieces, first in plans]
-        except (OSError, ShardFormatError, ValueError, RuntimeError) as exc:
+            raws = read_segments(hits)
+            return [seg.decode(i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
+        except (OSError, ShardFormatError, ValueError, RuntimeError, StoreError) as exc:
             where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
             raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
 
-    def _rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
-        if seg.reader is not None:
-            return seg.reader.read_rows(start, stop)
-        if seg.array is None:                                  # not mtser's shard layout: plain zarr-python
-            seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
-        return np.asarray(seg.array[start:stop])
-
     # ------------------------------------------------------------------------------------------------ for verify
-    def parts(self) -> list[_Part]:
+    def parts(self) -> list[Part]:
         """Committed parts, oldest commit first."""
         return list(self._state.parts.values())
 
     def part_table(self, part: str, table: str = "utterances") -> pd.DataFrame:
         return self._read_tables([part], table, ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS)
-
-    def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
-        """One of the segment's small arrays ("crc32", "scale", ...), its chunk checksum verified."""
-        try:
-            return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
-        except (KeyError, ValueError, OSError) as exc:
-            raise StoreError(f"{self.url}: cannot read {seg.path}/{name}: {exc}") from exc
-
-    def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
-        """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
-        return self._read_raw([(seg, i) for i in positions], [str(seg.ids[i]) for i in positions])
-
-    def shard_padding(self, seg: _Segment) -> np.ndarray | None:
-        """The bytes between the last frame and the shard index (all zero when intact); None if not applicable."""
-        return seg.reader.padding() if seg.reader is not None else None
-
-    def segment_scales(self, seg: _Segment, i: int) -> np.ndarray | None:
-        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
-        if seg.info.dtype != "int8":
-            return None
-        if seg.scale is None:
-            seg.scale = self.segment_array(seg, "scale")
-        return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
-
-    def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
-        if seg.info.dtype == "int8":
-            values = np.multiply(raw, self.segment_scales(seg, i)[:, None], dtype=np.float32)
-            return values if dtype is None else values.astype(dtype, copy=False)
-        return raw if dtype is None else raw.astype(dtype)
 
     def iter_split(self, split: str, encoders: list[str], batch: int = 64) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """(id, {encoder: frames}) for every utterance of `split` that has all `encoders`, sorted by id."""

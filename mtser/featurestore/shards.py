@@ -250,6 +250,7 @@ class FramesReader:
                 for k in range(first, last + 1)]
 
     def assemble(self, start: int, stop: int, pieces: list[tuple[int, int, int, int]], blobs: list[bytes]) -> np.ndarray:
+        """Rows [start, stop) from the bytes of `pieces` (b"" for a chunk the index marks as not written)."""
         lay = self.layout
         out = np.empty((stop - start, lay.dim), dtype=lay.dtype)
         if len(pieces) == 1 and pieces[0][0] == -1:
@@ -266,18 +267,6 @@ class FramesReader:
             a, b = max(start, row0), min(stop, row0 + lay.chunk_rows)
             out[a - start:b - start] = chunk[a - row0:b - row0]
         return out
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a new writable (rows, dim) array of the stored dtype."""
-        pieces = self.ranges(start, stop)
-        key = self.layout.shard_key
-        if len(pieces) == 1 and pieces[0][0] == -1:
-            out = np.empty((stop - start, self.layout.dim), dtype=self.layout.dtype)
-            self.source.read_into(key, pieces[0][1], out)
-            return out
-        stored = [(key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK]
-        blobs = iter(self.source.read_many(stored))
-        return self.assemble(start, stop, pieces, [next(blobs) if a != EMPTY_CHUNK else b"" for _, a, _, _ in pieces])
 
     def padding(self) -> np.ndarray | None:
         """Bytes between the last row and the end of the last inner chunk (contiguous raw layout only)."""

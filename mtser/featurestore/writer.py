@@ -5,7 +5,6 @@ import math
 import os
 import socket
 import time
-import zlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from mtser.featurestore.layout import (
     EncoderInfo, StoreError, part_state, read_encoders, root_attrs, upgrade_root, zarr_store,
 )
 from mtser.featurestore.arrays import encode_strings, string_arrays
+from mtser.featurestore.segment import frames_checksum
 from mtser.featurestore.shards import raw_shard
 
 
@@ -46,11 +46,6 @@ def _check_row(utt: Utterance) -> None:
         if not ok:
             kind = "a number" if col in FLOAT_COLUMNS else "a string"
             raise StoreError(f"utterance {utt.id!r}: {col} must be {kind} or None, got {value!r}")
-
-
-def _stored_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
-    crc = zlib.crc32(np.ascontiguousarray(frames).data)
-    return crc if scale is None else zlib.crc32(np.ascontiguousarray(scale).data, crc)
 
 
 class StoreWriter:
@@ -185,7 +180,7 @@ class StoreWriter:
         _write_strings(group, f"{prefix}/ids", [i for i, _, _ in items])
         _write_small(group, f"{prefix}/offsets", offsets)
         _write_small(group, f"{prefix}/crc32",
-                     np.array([_stored_checksum(f, s) for _, f, s in items], dtype=np.uint32))
+                     np.array([frames_checksum(f, s) for _, f, s in items], dtype=np.uint32))
         if info.dtype == "int8":
             _write_small(group, f"{prefix}/scale", np.concatenate([s for _, _, s in items]))
         return {"n": len(items), "frames": rows, "dim": info.dim, "dtype": info.dtype,
