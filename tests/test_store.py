@@ -16,7 +16,7 @@ import zarr
 from mtser.featurestore.store import (
     StoreError, StoreWriter, create_store, open_store, quantize_int8, register_encoder,
 )
-from mtser.featurestore.shards import raw_shard
+from mtser.featurestore.shards import ShardSpool
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
 IDS = [f"MSP-PODCAST_0001_{i:04d}.wav" for i in range(12)]
@@ -71,16 +71,24 @@ def test_plain_zarr_python_reads_identical_values(url: str, compression: str) ->
     assert root["encoders/enc"].attrs["mtser_encoder"]["dim"] == 40
 
 
+@pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("lengths", [[5, 9, 1], [14], [3, 4]])
-def test_raw_shard_bytes_equal_what_zarr_python_writes(tmp_path: Path, lengths: list[int]) -> None:
+def test_streamed_shard_bytes_equal_what_zarr_python_writes(tmp_path: Path, lengths: list[int], compressed: bool) -> None:
+    from zarr.codecs import ZstdCodec
+
     rng = np.random.default_rng(1)
     items = [rng.standard_normal((n, 24)).astype(np.float16) for n in lengths]
     rows, chunk_rows = sum(lengths), 7
     arr = zarr.create_array(str(tmp_path / "z"), shape=(rows, 24), dtype="float16", chunks=(chunk_rows, 24),
-                            shards=(-(-rows // chunk_rows) * chunk_rows, 24), compressors=None, fill_value=0,
-                            config={"write_empty_chunks": True})
+                            shards=(-(-rows // chunk_rows) * chunk_rows, 24), fill_value=0,
+                            compressors=ZstdCodec(level=3) if compressed else None, config={"write_empty_chunks": True})
     arr[...] = np.concatenate(items)
-    assert (tmp_path / "z" / "c" / "0" / "0").read_bytes() == raw_shard(items, chunk_rows).tobytes()
+    spool = ShardSpool(str(tmp_path / "spool" / "0"), 24, np.dtype("float16"), chunk_rows, compressed, level=3)
+    for item in items:
+        spool.append(item)
+    size = spool.finish()
+    expected = (tmp_path / "z" / "c" / "0" / "0").read_bytes()
+    assert (tmp_path / "spool" / "0").read_bytes() == expected and size == len(expected)
 
 
 def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:

@@ -35,6 +35,7 @@ from mtser.featurestore.store import (
 )
 
 MAX_SHARD_ATTEMPTS = 3          # a shard whose worker dies this often is reported failed, not retried forever
+GROUP_BATCHES = 4               # a shard is decoded and encoded this many batches (batch_seconds) at a time
 
 
 class ExtractError(RuntimeError):
@@ -110,7 +111,7 @@ class Pipeline:
         return PipelineResult(written, list(failed.values()))
 
     def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
-        """float16 encoders keep float16 in memory (a shard's features are buffered until commit)."""
+        """float16 encoders keep float16 in memory (a group's features are held until written)."""
         return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
 
     def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
@@ -222,21 +223,43 @@ def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int) -> 
 
 
 def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dict | None, augment: int) -> dict[str, Any]:
-    """Encode one shard and commit it as one store part; returns counts for the driver."""
-    result = pipeline.run(shard.utterances, augment)
+    """Encode one shard and commit it as one store part; returns counts for the driver.
+
+    The shard is encoded in groups of about GROUP_BATCHES batches of audio, each group's features streamed to the
+    part before the next is decoded, so a worker's memory is bounded by a group, not by its shard."""
     writer = StoreWriter(url, shard.id, storage_options)
-    failures = list(result.failures)
-    for utt, feats in result.written:
-        try:
-            writer.add(utt, feats)
-        except StoreError as exc:
-            failures.append(Failure(utt, "store", str(exc)))
+    failures: list[Failure] = []
+    written, seconds = 0, 0.0
+    for group in _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES):
+        result = pipeline.run(group, augment)
+        failures += result.failures
+        for utt, feats in result.written:
+            try:
+                writer.add(utt, feats)
+            except StoreError as exc:
+                failures.append(Failure(utt, "store", str(exc)))
+                continue
+            written += 1
+            seconds += utt.duration or 0.0
     for f in failures:
         writer.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
     writer.commit()
-    return {"shard": shard.id, "written": len(result.written) - (len(failures) - len(result.failures)),
-            "failed": len(failures), "seconds": float(sum(u.duration or 0.0 for u, _ in result.written)),
+    return {"shard": shard.id, "written": written, "failed": len(failures), "seconds": seconds,
             "failures": [(f.utt.id, f.stage, f.reason) for f in failures], "pid": os.getpid(), "node": _node_id()}
+
+
+def _groups(utts: Sequence[Utterance], seconds: float) -> list[list[Utterance]]:
+    """Consecutive groups of about `seconds` of audio each (durations from the corpus or the file header)."""
+    groups: list[list[Utterance]] = [[]]
+    total = 0.0
+    for utt in utts:
+        duration = utt.duration or (audio_duration(utt.path) if utt.path else 0.0)
+        if groups[-1] and total + duration > seconds:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(utt)
+        total += duration
+    return groups
 
 
 def _node_id() -> str | None:

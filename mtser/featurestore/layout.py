@@ -100,6 +100,12 @@ def byte_source(url: str, storage_options: dict | None) -> ByteSource:
     return FsspecByteSource(fs, root)
 
 
+def upload(url: str, storage_options: dict | None, key: str, local_file: str) -> None:
+    """Copy a local file to `key` of a remote store, streamed (multipart where the filesystem supports it)."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.put_file(local_file, f"{root.rstrip('/')}/{key}")
+
+
 def get_json(store: Any, key: str) -> dict | None:
     return sync(aget_json(store, key))
 
