@@ -296,6 +296,15 @@ def test_store_api_imports_without_torch_or_ray() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_per_utterance_pipeline_imports_apart_from_the_ray_driver_and_the_store_apart_from_demo_tooling() -> None:
+    code = ("import sys, mtser.featurestore.pipeline, mtser.featurestore.store; "
+            "print(sorted(m for m in ('ray', 'mtser.featurestore.extract', 'mtser.demo', 'mtser.trainer', 'mtser.cli') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "[]"
+
+
 def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from mtser.featurestore.shards import FramesLayout
 
