@@ -69,6 +69,7 @@ class FeatureStore:
         self._lock = threading.Lock()
         self._table: pd.DataFrame | None = None
         self._failures: pd.DataFrame | None = None
+        self._effective: pd.DataFrame | None = None
         self._warnings: pd.DataFrame | None = None
         self.encoders: dict[str, EncoderInfo] = {}
         self._state = _State({}, {})
@@ -89,7 +90,7 @@ class FeatureStore:
                 for name, seg in part.segments.items():
                     index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
             self._state = _State(parts, index)
-            self._table = self._failures = self._warnings = None
+            self._table = self._failures = self._effective = self._warnings = None
 
     def _load_new_parts(self, known: set[str]) -> dict[str, Part]:
         names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
@@ -158,14 +159,14 @@ class FeatureStore:
     @property
     def failures(self) -> pd.DataFrame:
         """The effective failures: failure rows of utterances that no later commit wrote (the history keeps all)."""
-        history = self.failure_history
-        if history.empty:
-            return history
-        order = {name: k for k, name in enumerate(self._state.parts)}
-        last_written = self._last_written(order)
-        failed_at = history["part"].map(order)
-        written_after = history["id"].map(last_written).fillna(-1) > failed_at
-        return history[~written_after.to_numpy()].reset_index(drop=True)
+        if self._effective is None:
+            history = self.failure_history
+            if not history.empty:
+                order = {name: k for k, name in enumerate(self._state.parts)}
+                written_after = history["id"].map(self._last_written(order)).fillna(-1) > history["part"].map(order)
+                history = history[~written_after.to_numpy()].reset_index(drop=True)
+            self._effective = history
+        return self._effective
 
     def _last_written(self, order: dict[str, int]) -> dict[str, int]:
         """id -> commit position of the last part whose utterance table has it."""
