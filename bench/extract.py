@@ -48,7 +48,7 @@ def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]]) -> Pa
         AutoConfig, GenerationConfig, RobertaModel, WavLMModel, WhisperForConditionalGeneration,
     )
 
-    from mtser.featurestore.demo import make_test_encoders
+    from mtser.demo import make_test_encoders
 
     dirs = make_test_encoders(out, seed=0)
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mtser.featurestore.demo import make_demo_corpus
+    from mtser.demo import make_demo_corpus
     from mtser.featurestore.extract import extract
 
     hf_logging.set_verbosity_error()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtser.featurestore.corpus import Utterance  # noqa: E402
 from mtser.featurestore.store import (  # noqa: E402
-    TABLE_COLUMNS, EncoderInfo, StoreWriter, create_store, open_store, register_encoder,
+    FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreWriter, create_store, open_store, register_encoder,
 )
 
 ENCODERS = ("wavlm", "whisper", "roberta")
@@ -63,9 +63,16 @@ def open_zarr(url: str) -> int:
         if not part.attrs.get("mtser_part", {}).get("committed"):
             continue
         for name in ENCODERS:
-            n += len(part[f"features/{name}/ids"][:]) + len(part[f"features/{name}/offsets"][:]) - 1
-        n += sum(len(part[f"utterances/{c}"][:]) for c in ("id",) + TABLE_COLUMNS)
+            n += len(_strings(part, f"features/{name}/ids")) + len(part[f"features/{name}/offsets"][:]) - 1
+        n += sum(len(part[f"utterances/{c}"][:]) if c in FLOAT_COLUMNS else len(_strings(part, f"utterances/{c}"))
+                 for c in ("id",) + TABLE_COLUMNS)
     return n
+
+
+def _strings(group: zarr.Group, name: str) -> list[str]:
+    """A string column (schema 2: utf8 bytes + int64 offsets), decoded as a zarr-python user would."""
+    data, offsets = group[f"{name}/utf8"][:].tobytes(), group[f"{name}/offsets"][:]
+    return [data[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ DEMO_CORPUS_SIZE = 80
 @pytest.fixture(scope="session")
 def test_encoders_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with wavlm/, whisper/ and roberta/ random-init models (as `mtser make-test-encoders` writes)."""
-    from mtser.featurestore.demo import make_test_encoders
+    from mtser.demo import make_test_encoders
 
     out = tmp_path_factory.mktemp("encoders")
     make_test_encoders(out, seed=0)
@@ -21,7 +21,7 @@ def test_encoders_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An 80-utterance demo corpus (seed 0) in the MSP-Podcast layout; treat it as read-only."""
-    from mtser.featurestore.demo import make_demo_corpus
+    from mtser.demo import make_demo_corpus
 
     return make_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", size=DEMO_CORPUS_SIZE, seed=0)
 

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.featurestore.demo import CLASS_WORDS, LABEL_COLUMNS, make_demo_corpus
+from mtser.demo import CLASS_WORDS, LABEL_COLUMNS, make_demo_corpus
 from mtser.featurestore.labels import CLASSES
 
 from conftest import DEMO_CORPUS_SIZE
@@ -119,7 +119,7 @@ def test_demo_corpus_refuses_to_replace_an_existing_folder_unless_asked(tmp_path
 
 def test_demo_corpus_synthesis_failure_names_the_utterance_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mtser.featurestore import demo
+    from mtser import demo
 
     broken = dataclasses.replace(demo.TRAIN_SPEAKERS[0], voice="nosuchvoice")
     monkeypatch.setattr(demo, "TRAIN_SPEAKERS", (broken,))

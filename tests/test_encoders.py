@@ -13,7 +13,7 @@ from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import load_audio
 from mtser.featurestore.corpus import Utterance, read_corpus
 from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder, length_batches
-from mtser.featurestore.extract import Pipeline, encode_utterances
+from mtser.featurestore.pipeline import Pipeline, encode_utterances
 
 F16 = dict(rtol=2e-3, atol=2e-3)      # float16 storage tolerance
 ASR_TOKENS = 6

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,8 +172,8 @@ def test_interrupted_driver_resumes_without_recomputing_committed_shards(clean_s
     second = CliRunner().invoke(app, cmd[1:])                          # the same command, in this process
     assert second.exit_code == 0, second.output
     rows = sum(1 for _ in csv.reader(open(manifest))) - 1
-    skipped = int(second.output.split("skipped ")[1].split()[0])
-    assert 0 < skipped < rows and f"written {rows - skipped}," in second.output
+    skipped = int(second.output.split(" planned (")[1].split()[0])
+    assert 0 < skipped < rows and f"written {rows}, failed 0 of {rows} planned ({skipped} from earlier runs)" in second.output
     store = open_store(url)
     assert {p: part_state(store._store, p)["committed_ns"] for p in done} == stamps   # not recomputed
     _assert_same_store(clean_store[0], url)
@@ -204,7 +205,7 @@ def _bad_corpus(root: Path, demo_corpus_dir: Path) -> Path:
     soundfile.write(root / "Audios" / "nan.wav", nan, 16000, subtype="FLOAT")
     shutil.copy(good[0].path, root / "Audios" / "badtext.wav")
     (root / "Transcripts" / "badtext.txt").write_bytes(b"caf\xe9 au lait \xff")
-    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing"]
+    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing", "good1"]
     with (root / "Labels" / "labels_consensus.csv").open("w") as f:
         f.write("FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n")
         f.writelines(f"{r}.wav,N,4.0,4.0,4.0,1,Male,Development\n" for r in rows)
@@ -214,26 +215,32 @@ def _bad_corpus(root: Path, demo_corpus_dir: Path) -> Path:
 def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_dir, config_path):
     corpus = _bad_corpus(workdir / "bad", demo_corpus_dir)
     url = str(workdir / "bad_store")
-    result = CliRunner().invoke(app, ["extract", str(corpus), "--config", str(config_path), "--store", url,
-                                      "--workers", "0", "--no-progress"])
+    command = ["extract", str(corpus), "--config", str(config_path), "--store", url, "--workers", "0", "--no-progress"]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 1, result.output
-    assert "written 4, failed 6," in result.output
+    # 8 rows read (badtext kept without transcript, the duplicate good1 row skipped) + 1 row unreadable (missing)
+    assert "written 4, failed 5 of 9 planned (0 from earlier runs); 2 warnings;" in result.output
     store = open_store(url)
     assert sorted(store.ids()) == ["badtext.wav", "good1.wav", "good2.wav", "stereo44k.wav"]
     reasons = dict(zip(store.failures["id"], store.failures["reason"]))
+    assert sorted(reasons) == ["corrupt.wav", "empty.wav", "missing.wav", "nan.wav", "silent.wav"]
     assert "unreadable or corrupt" in reasons["corrupt.wav"]
     assert "empty audio" in reasons["empty.wav"]
     assert "all-silent" in reasons["silent.wav"]
     assert "NaN/Inf" in reasons["nan.wav"]
-    assert "not UTF-8" in reasons["badtext.wav"]
     assert "not found" in reasons["missing.wav"]
+    warnings = dict(zip(store.warnings["id"], store.warnings["reason"]))
+    assert sorted(warnings) == ["badtext.wav", "good1.wav"]
+    assert "not UTF-8" in warnings["badtext.wav"] and "duplicate FileName (first on line 2)" in warnings["good1.wav"]
+    assert "extract: warning: badtext.wav [read]" in result.output
+    assert "extract: failed: corrupt.wav [audio]" in result.output and "extract: failed: badtext" not in result.output
     table = store.utterances
     assert table.loc["badtext.wav", "transcript_source"] == "asr"        # kept, transcribed by Whisper instead
     assert table.loc["stereo44k.wav", "duration"] == pytest.approx(table.loc["good1.wav", "duration"], abs=1e-3)
     # Rerunning reports the same outcome without recomputing anything.
-    again = CliRunner().invoke(app, ["extract", str(corpus), "--config", str(config_path), "--store", url,
-                                     "--workers", "0", "--no-progress"])
-    assert again.exit_code == 1 and "written 0, failed 6, skipped 8" in again.output
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 1 and "written 4, failed 5 of 9 planned (8 from earlier runs); 2 warnings" in again.output
+    assert "shards 0/" in again.output
 
 
 def test_usage_errors_exit_2(workdir, manifest, config_path):
@@ -269,3 +276,16 @@ def test_augmented_copies_are_recorded_and_seeded(workdir, manifest, config_path
         np.testing.assert_array_equal(a.get(copy_id, "roberta"), a.get(row["source_id"], "roberta"))
         np.testing.assert_array_equal(a.get(copy_id, "wavlm"), b.get(copy_id, "wavlm"))   # seeded
     assert table.loc[copies.index, "augmentation"].tolist() == b.utterances.loc[copies.index, "augmentation"].tolist()
+
+
+def test_an_unreadable_train_utterance_fails_with_its_augmented_copies(workdir, manifest, config_path):
+    good = next(u for u in read_corpus(manifest).utterances if u.split == "Train")
+    corrupt = workdir / "corrupt_train.wav"
+    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 8)
+    bad = replace(good, id="corrupt_train.wav", path=str(corrupt))
+    summary = extract([good, bad], load_config(config_path).extract, str(workdir / "aug_fail"), workers=0,
+                      augment=2, progress=False)
+    assert (summary.planned, summary.written, summary.failed) == (6, 3, 3) and not summary.shards_failed, summary
+    assert sorted(f[0] for f in summary.failures) == ["corrupt_train.wav", "corrupt_train.wav#aug1",
+                                                      "corrupt_train.wav#aug2"]
+    assert {f[1] for f in summary.failures} == {"audio"}

@@ -7,7 +7,8 @@ import numpy as np
 
 from mtser.config import load_config
 from mtser.featurestore.corpus import read_corpus
-from mtser.featurestore.extract import encode_utterances, extract
+from mtser.featurestore.extract import extract
+from mtser.featurestore.pipeline import encode_utterances
 from mtser.featurestore.store import open_store
 from test_encoders import F16
 

@@ -16,10 +16,16 @@ import zarr
 from mtser.featurestore.store import (
     StoreError, StoreWriter, create_store, open_store, quantize_int8, register_encoder,
 )
-from mtser.featurestore.shards import raw_shard
+from mtser.featurestore.shards import ShardSpool
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
 IDS = [f"MSP-PODCAST_0001_{i:04d}.wav" for i in range(12)]
+
+
+def _strings(group: zarr.Group, name: str) -> list[str]:
+    """A schema-2 string column read with zarr-python alone: utf8 bytes + int64 offsets."""
+    data, offsets = group[f"{name}/utf8"][:].tobytes(), group[f"{name}/offsets"][:]
+    return [data[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 @pytest.fixture
@@ -48,6 +54,13 @@ def test_round_trip_is_exact_for_each_dtype(url: str, dtype: str, compression: s
             np.testing.assert_array_equal(got, x.astype(dtype))
         assert store.length(utt_id, "enc") == len(x)
         assert store.get(utt_id, "enc", dtype=np.float64).dtype == np.float64
+    for out_dtype in (np.float16, np.float32):            # rows of a padded batch: the same values, zero after
+        out = np.full((len(IDS), 300, 24), np.nan, dtype=out_dtype)
+        lengths = store.read_into(IDS, "enc", out)
+        assert lengths.tolist() == [store.length(i, "enc") for i in IDS]
+        for row, utt_id in enumerate(IDS):
+            np.testing.assert_array_equal(out[row, :lengths[row]], store.get(utt_id, "enc").astype(out_dtype))
+            assert (out[row, lengths[row]:] == 0).all()
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -57,24 +70,32 @@ def test_plain_zarr_python_reads_identical_values(url: str, compression: str) ->
     store = open_store(url)
     root = zarr.open_group(url, mode="r")
     feats = root["parts/p0/features/enc"]
-    ids, offsets, frames = list(feats["ids"][:]), feats["offsets"][:], feats["frames"]
+    ids, offsets, frames = _strings(feats, "ids"), feats["offsets"][:], feats["frames"]
     assert ids == IDS
     for i, utt_id in enumerate(ids):
         np.testing.assert_array_equal(frames[offsets[i]:offsets[i + 1]], store.get(utt_id, "enc"))
-    assert root.attrs["mtser"]["schema_version"] == 1
+    assert root.attrs["mtser"]["schema_version"] == 2
     assert root["encoders/enc"].attrs["mtser_encoder"]["dim"] == 40
 
 
+@pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("lengths", [[5, 9, 1], [14], [3, 4]])
-def test_raw_shard_bytes_equal_what_zarr_python_writes(tmp_path: Path, lengths: list[int]) -> None:
+def test_streamed_shard_bytes_equal_what_zarr_python_writes(tmp_path: Path, lengths: list[int], compressed: bool) -> None:
+    from zarr.codecs import ZstdCodec
+
     rng = np.random.default_rng(1)
     items = [rng.standard_normal((n, 24)).astype(np.float16) for n in lengths]
     rows, chunk_rows = sum(lengths), 7
     arr = zarr.create_array(str(tmp_path / "z"), shape=(rows, 24), dtype="float16", chunks=(chunk_rows, 24),
-                            shards=(-(-rows // chunk_rows) * chunk_rows, 24), compressors=None, fill_value=0,
-                            config={"write_empty_chunks": True})
+                            shards=(-(-rows // chunk_rows) * chunk_rows, 24), fill_value=0,
+                            compressors=ZstdCodec(level=3) if compressed else None, config={"write_empty_chunks": True})
     arr[...] = np.concatenate(items)
-    assert (tmp_path / "z" / "c" / "0" / "0").read_bytes() == raw_shard(items, chunk_rows).tobytes()
+    spool = ShardSpool(str(tmp_path / "spool" / "0"), 24, np.dtype("float16"), chunk_rows, compressed, level=3)
+    for item in items:
+        spool.append(item)
+    size = spool.finish()
+    expected = (tmp_path / "z" / "c" / "0" / "0").read_bytes()
+    assert (tmp_path / "spool" / "0").read_bytes() == expected and size == len(expected)
 
 
 def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:
@@ -82,8 +103,8 @@ def test_fast_path_is_one_contiguous_range_for_raw_frames(url: str) -> None:
     register_encoder(url, encoder_info("packed", compression="zstd"))
     write_part(url, "p0", IDS, ["raw", "packed"])
     store = open_store(url)
-    raw_seg, i = store._locate(IDS[3], "raw")
-    packed_seg, _ = store._locate(IDS[3], "packed")
+    raw_seg, i = store.locate(IDS[3], "raw")
+    packed_seg, _ = store.locate(IDS[3], "packed")
     assert len(raw_seg.reader.ranges(int(raw_seg.offsets[i]), int(raw_seg.offsets[i + 1]))) == 1
     assert packed_seg.reader is not None and packed_seg.layout.compressed
 
@@ -210,11 +231,11 @@ def test_opening_something_that_is_not_a_store_is_a_clear_error(tmp_path: Path) 
 def test_a_newer_schema_version_is_refused(url: str) -> None:
     meta_path = Path(url) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["mtser"]["schema_version"] = 2
+    meta["attributes"]["mtser"]["schema_version"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="schema version 2 is newer than this mtser"):
+    with pytest.raises(StoreError, match="schema version 3 is newer than this mtser"):
         open_store(url)
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match="schema version 3"):
         StoreWriter(url, "p0")
 
 
@@ -282,6 +303,15 @@ def test_store_api_imports_without_torch_or_ray() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_per_utterance_pipeline_imports_apart_from_the_ray_driver_and_the_store_apart_from_demo_tooling() -> None:
+    code = ("import sys, mtser.featurestore.pipeline, mtser.featurestore.store; "
+            "print(sorted(m for m in ('ray', 'mtser.featurestore.extract', 'mtser.demo', 'mtser.trainer', 'mtser.cli') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "[]"
+
+
 def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from mtser.featurestore.shards import FramesLayout
 
@@ -289,7 +319,7 @@ def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, mo
     write_part(url, "p0", IDS, ["enc"])
     monkeypatch.setattr(FramesLayout, "parse", staticmethod(lambda key, meta: None))
     store = open_store(url)
-    assert store._locate(IDS[0], "enc")[0].reader is None
+    assert store.locate(IDS[0], "enc")[0].reader is None
     for utt_id, frames in zip(IDS, store.get_many(IDS, "enc")):
         np.testing.assert_array_equal(frames, frames_for(utt_id).astype(np.float16))
 
@@ -301,3 +331,52 @@ def test_a_pickled_store_reopens_by_url(url: str) -> None:
     write_part(url, "p0", IDS[:3], ["enc"])
     copy = pickle.loads(pickle.dumps(open_store(url)))
     np.testing.assert_array_equal(copy.get(IDS[1], "enc"), frames_for(IDS[1]).astype(np.float16))
+
+
+def test_warnings_are_apart_from_failures_and_a_later_write_clears_a_failure(url: str) -> None:
+    register_encoder(url, encoder_info("enc"))
+    writer = StoreWriter(url, "p0")
+    writer.add(utterance("a.wav"), {"enc": frames_for("a.wav")})
+    writer.add_warning("a.wav", "/t/a.txt", "read", "transcript not UTF-8; kept without transcript")
+    writer.add_failure("b.wav", "/audio/b.wav", "audio", "cannot decode")
+    writer.add_failure("c.wav", "/audio/c.wav", "audio", "cannot decode")
+    writer.commit()
+    store = open_store(url)
+    assert store.warnings[["id", "stage", "part"]].values.tolist() == [["a.wav", "read", "p0"]]
+    assert store.failures["id"].tolist() == ["b.wav", "c.wav"] and store.ids() == ["a.wav"]
+    write_part(url, "p1", ["b.wav"], ["enc"])                    # a later run wrote b.wav
+    store.refresh()
+    assert store.failures["id"].tolist() == ["c.wav"]
+    assert store.failure_history["id"].tolist() == ["b.wav", "c.wav"]       # history kept
+    assert store.summary()["failures"] == 1 and store.summary()["warnings"] == 1
+    writer = StoreWriter(url, "p2")
+    writer.add_failure("b.wav", "/audio/b.wav", "audio", "cannot decode")   # failing again after the write
+    writer.commit()
+    store.refresh()
+    assert store.failures[["id", "part"]].values.tolist() == [["c.wav", "p0"], ["b.wav", "p2"]]   # commit order
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_local_reads_of_frames_with_unwritten_chunks(url: str, compression: str) -> None:
+    """Frames rewritten by plain zarr-python (all-fill inner chunks left unwritten) read back exactly and verify."""
+    from mtser.featurestore.verify import verify_store
+
+    register_encoder(url, encoder_info("enc", dim=256, compression=compression))
+    rng = np.random.default_rng(0)
+    frames = {"a.wav": rng.standard_normal((100, 256)).astype(np.float32), "silence.wav": np.zeros((600, 256), np.float32),
+              "b.wav": rng.standard_normal((50, 256)).astype(np.float32)}
+    writer = StoreWriter(url, "p0")
+    for utt_id, x in frames.items():
+        writer.add(utterance(utt_id), {"enc": x})
+    writer.commit()
+    old = zarr.open_array(url, path="parts/p0/features/enc/frames", mode="r")
+    values = old[...]
+    zarr.create_array(url, name="parts/p0/features/enc/frames", shape=old.shape, dtype=old.dtype, chunks=old.chunks,
+                      shards=old.shards, compressors=old.compressors, fill_value=0, overwrite=True)[...] = values
+    store = open_store(url)
+    seg, i = store.locate("silence.wav", "enc")
+    assert len(seg.reader.ranges(*seg.rows(i))) > 1                   # no longer one contiguous range
+    ids = ["silence.wav", "b.wav", "a.wav"]
+    for utt_id, got in zip(ids, store.get_many(ids, "enc")):
+        np.testing.assert_array_equal(got, frames[utt_id].astype(np.float16))
+    assert verify_store(url).ok

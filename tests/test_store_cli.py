@@ -92,7 +92,7 @@ def test_verify_passes_on_an_intact_store(url: str) -> None:
 @pytest.mark.parametrize("encoder", ["wavlm", "text", "q"])
 def test_verify_names_the_utterance_a_flipped_frame_byte_hits(url: str, encoder: str) -> None:
     store = open_store(url)
-    seg, i = store._locate(IDS[6], encoder)
+    seg, i = store.locate(IDS[6], encoder)
     shard = Path(url) / seg.layout.shard_key
     pieces = seg.reader.ranges(int(seg.offsets[i]), int(seg.offsets[i + 1]))
     flip_byte(shard, pieces[-1][1] + 5)         # zstd: the frame header of an inner chunk the utterance spans
@@ -105,13 +105,13 @@ def test_verify_names_the_utterance_a_flipped_frame_byte_hits(url: str, encoder:
 
 def test_verify_reports_corrupt_index_arrays_padding_and_shard_index(url: str) -> None:
     store = open_store(url)
-    seg, _ = store._locate(IDS[0], "wavlm")
+    seg, _ = store.locate(IDS[0], "wavlm")
     shard = Path(url) / seg.layout.shard_key
     size = shard.stat().st_size
     flip_byte(shard, size - 10)                                             # the shard index
     offsets = next((Path(url) / "parts/p1/features/wavlm/offsets/c").rglob("*"))
     flip_byte(offsets, offsets.stat().st_size // 2)                          # a small index array
-    column = Path(url) / "parts/p2/utterances/split/c/0"
+    column = Path(url) / "parts/p2/utterances/split/utf8/c/0"
     flip_byte(column, column.stat().st_size // 2)                          # a table column
     report = verify_store(url)
     messages = [str(p) for p in report.problems]
@@ -136,7 +136,7 @@ def test_verify_and_get_report_a_corrupt_int8_scale_array(url: str) -> None:
 
 def test_verify_reports_a_flipped_padding_byte(url: str) -> None:
     store = open_store(url)
-    seg, _ = store._locate(IDS[1], "wavlm")
+    seg, _ = store.locate(IDS[1], "wavlm")
     lay = seg.layout
     padding = lay.n_chunks * lay.chunk_bytes - lay.rows * lay.row_bytes
     assert padding > 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mtser.featurestore.store import create_store, open_store, register_encoder
+from mtser.featurestore.verify import verify_store
 from store_helpers import encoder_info, frames_for, write_part
 
 TESTS = Path(__file__).parent
@@ -94,3 +95,41 @@ def test_writer_killed_mid_commit_leaves_no_partial_utterance_and_a_rerun_commit
     ids = [f"w1-p0-u{k:03d}" for k in range(400)]
     check_whole(store, ids[:20] + ids[-20:], dim)
     assert not list(part.rglob("*.partial"))
+
+
+KILLED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from mtser.featurestore.store import StoreWriter
+from store_helpers import frames_for, utterance
+writer = StoreWriter(sys.argv[1], "p0")
+for i in range(8):
+    writer.add(utterance(f"u{i}.wav"), {"enc": frames_for(f"u{i}.wav"), "z": frames_for(f"u{i}.wav")})
+sys.stdout.write("streamed\\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)                 # mid-part: frames streamed, nothing committed
+"""
+
+
+def test_a_streaming_writer_killed_mid_part_leaves_nothing_visible_and_a_rerun_completes(tmp_path: Path) -> None:
+    url = str(tmp_path / "store.zarr")
+    create_store(url)
+    register_encoder(url, encoder_info("enc"))
+    register_encoder(url, encoder_info("z", compression="zstd"))
+    out = subprocess.run([sys.executable, "-c", KILLED_WRITER, url, str(Path(__file__).parent)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == -signal.SIGKILL and out.stdout == "streamed\n", out.stderr
+    shard = Path(url) / "parts/p0/features/enc/frames/c/0/0"
+    assert shard.stat().st_size > 0                                    # the frames really were streamed
+    store = open_store(url)
+    assert store.committed_parts() == set() and store.ids() == [] and store.ids(encoder="enc") == []
+    assert verify_store(url).ok
+    ids = [f"u{i}.wav" for i in range(10)]
+    write_part(url, "p0", ids, ["enc", "z"])                           # the rerun of the same part
+    store.refresh()
+    assert store.ids(encoder="enc") == sorted(ids) and store.ids(encoder="z") == sorted(ids)
+    for utt_id in ids:
+        np.testing.assert_array_equal(store.get(utt_id, "enc"), frames_for(utt_id).astype(np.float16))
+        np.testing.assert_array_equal(store.get(utt_id, "z"), frames_for(utt_id).astype(np.float16))
+    report = verify_store(url)
+    assert report.ok and report.utterances == 20

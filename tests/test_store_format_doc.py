@@ -1,4 +1,5 @@
-"""The zarr-python snippet of docs/store-format.md reads what mtser wrote, with mtser blocked from importing."""
+"""The zarr-python and tensorstore snippets of docs/store-format.md read what mtser wrote, with mtser blocked from
+importing."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mtser.featurestore.store import create_store, open_store, register_encoder
 from store_helpers import encoder_info, frames_for, write_part
@@ -28,12 +30,13 @@ print(json.dumps(out))
 """
 
 
-def doc_snippet() -> str:
-    section = DOC.read_text().split("## Reading one utterance with zarr-python alone", 1)[1]
+def doc_snippet(reader: str) -> str:
+    section = DOC.read_text().split(f"## Reading one utterance with {reader} alone", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_documented_snippet_reads_identical_values_without_mtser(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["zarr-python", "tensorstore"])
+def test_documented_snippet_reads_identical_values_without_mtser(tmp_path: Path, reader: str) -> None:
     url = str(tmp_path / "store.zarr")
     create_store(url)
     register_encoder(url, encoder_info("wavlm", dim=16))
@@ -42,7 +45,7 @@ def test_documented_snippet_reads_identical_values_without_mtser(tmp_path: Path)
     write_part(url, "p0", ids, ["wavlm", "small"])
     write_part(url, "p1", ids[:2], ["wavlm"], version=1)          # re-extracted: the later commit wins
     requests = [(ids[0], "wavlm"), (ids[4], "wavlm"), (ids[3], "small")]
-    out = subprocess.run([sys.executable, "-c", RUNNER.format(snippet=doc_snippet()), url, json.dumps(requests)],
+    out = subprocess.run([sys.executable, "-c", RUNNER.format(snippet=doc_snippet(reader)), url, json.dumps(requests)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)

@@ -18,7 +18,7 @@ def demo_corpus(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it already exists."),
 ) -> None:
     """Synthesise a small MSP-Podcast-style corpus with espeak-ng (emotion in wording and prosody)."""
-    from mtser.featurestore.demo import make_demo_corpus
+    from mtser.demo import make_demo_corpus
 
     try:
         make_demo_corpus(out, size, seed, overwrite=overwrite)
@@ -33,7 +33,7 @@ def make_test_encoders(
     seed: int = typer.Option(0, "--seed", help="torch seed of the random initialisation."),
 ) -> None:
     """Save small randomly initialised WavLM, Whisper and RoBERTa models (loadable with from_pretrained)."""
-    from mtser.featurestore.demo import make_test_encoders as build
+    from mtser.demo import make_test_encoders as build
 
     try:
         paths = build(out, seed=seed)

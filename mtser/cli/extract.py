@@ -32,7 +32,7 @@ def extract(
     """
     from mtser.config import ConfigError, load_config
     from mtser.featurestore.corpus import CorpusError, read_corpus
-    from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_failures
+    from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
 
@@ -45,17 +45,18 @@ def extract(
         read = read_corpus(corpus)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
-    for problem in read.problems:
-        typer.echo(f"extract: corpus: {problem}", err=True)
+    failed, warned = reader_problems(read.problems, read.utterances)
     try:
         summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
-                              splits=wanted or None, problems=reader_failures(read.problems), progress=progress)
+                              splits=wanted or None, problems=failed, warnings=warned, progress=progress)
     except (StoreError, ExtractError) as exc:
         _fail(str(exc), 1)
     except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load
         _fail(str(exc), 2)
     except KeyboardInterrupt:
         _fail("interrupted; committed shards are kept: rerun the same command to resume", 130)
+    for utt_id, stage, reason in summary.warnings[:20]:
+        typer.echo(f"extract: warning: {utt_id} [{stage}] {reason}", err=True)
     for utt_id, stage, reason in summary.failures[:20]:
         typer.echo(f"extract: failed: {utt_id} [{stage}] {reason}", err=True)
     if len(summary.failures) > 20:

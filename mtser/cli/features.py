@@ -47,7 +47,7 @@ def ls(store: str = typer.Argument(..., help="Store path or URL."), storage_opti
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"{summary['url']}: schema {summary['schema_version']}, {summary['parts']} committed parts, "
-               f"{summary['utterances']} utterances, {summary['failures']} failures")
+               f"{summary['utterances']} utterances, {summary['failures']} failures, {summary['warnings']} warnings")
     typer.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["per_split"].items())))
     for name, enc in summary["encoders"].items():
         splits = ", ".join(f"{k} {v}" for k, v in sorted(enc["per_split"].items()))

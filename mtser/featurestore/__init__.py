@@ -1,7 +1,9 @@
-"""Feature store: corpus readers, the Zarr v3 store, encoders and Ray extraction.
+"""Feature store: corpus readers, the Zarr v3 store, encoders, the per-utterance pipeline and Ray extraction.
 
-The store core (`open_store`, `StoreWriter`) imports only numpy, zarr and fsspec, so other projects can query
-features without torch or Ray. `encoders`, `audio` and `extract` import torch / Ray and are never imported here.
+Importing this package (the store core: `open_store`, `StoreWriter`, corpus records and label map) imports numpy,
+pandas, zarr (with numcodecs and google-crc32c) and fsspec, so other projects can query features without torch or
+Ray (tested). `audio`, `encoders` and `pipeline` import torch and transformers, `extract` also Ray; none of them is
+imported here. Demo data tooling lives outside this package (`mtser.demo`).
 """
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES, SPLITS

@@ -1,10 +1,16 @@
-"""Batched reads of the store's small one-chunk index arrays (ids, offsets, checksums, table columns).
+"""Batched reads of the store's small one-chunk index arrays (ids, offsets, checksums, table columns), and the
+string encoding of schema 2.
 
 Opening a store reads thousands of such arrays (a few per part and encoder); zarr-python spends about a
 millisecond on each. These arrays are standard Zarr v3 with one chunk and the codec chain
 `bytes|vlen-utf8 → zstd → crc32c`, so `read_arrays` fetches all metadata and chunk objects of a batch at once
 (plain file reads locally, concurrent GETs remotely) and decodes them directly, checking the crc32c exactly as
 zarr does. Any other chain is read through zarr-python. Imports numpy, zarr and zarr's own codec libraries only.
+
+Strings (ids, string table columns) use Zarr v3 core types only since schema 2: a string column `<name>` is the
+UTF-8 bytes of all values concatenated in `<name>/utf8` (uint8) plus `<name>/offsets` (int64, n+1), the same ragged
+layout as frames, so every Zarr v3 implementation reads it. Schema-1 parts stored them in zarr-python's `string`
+extension type (`vlen-utf8` codec); `read_columns` reads both.
 """
 from __future__ import annotations
 
@@ -63,6 +69,48 @@ def read_arrays(store: Any, paths: list[str]) -> list[np.ndarray]:
             out.append(_decode(path, meta, next(pending)))
         else:
             out.append(np.asarray(zarr.open_array(store, path=path, mode="r")[...]))
+    return out
+
+
+def encode_strings(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(utf8 uint8 bytes of all values concatenated, int64 offsets of n+1 entries)."""
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def decode_strings(path: str, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The object array of str encoded by `encode_strings`; ArrayChecksumError when the pair is inconsistent."""
+    bounds = offsets.astype(np.int64).tolist()
+    if not bounds or bounds[0] != 0 or bounds[-1] != len(data) or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ArrayChecksumError(f"string column {path!r}: offsets do not cover its {len(data)} utf8 bytes")
+    raw = data.tobytes()
+    out = np.empty(len(bounds) - 1, dtype=object)
+    try:
+        out[:] = [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]
+    except UnicodeDecodeError as exc:
+        raise ArrayChecksumError(f"string column {path!r}: not UTF-8 ({exc.reason})") from exc
+    return out
+
+
+def string_arrays(path: str) -> tuple[str, str]:
+    """The two arrays of a schema-2 string column."""
+    return f"{path}/utf8", f"{path}/offsets"
+
+
+def read_columns(store: Any, columns: list[tuple[str, bool, int]]) -> list[np.ndarray]:
+    """Whole columns, each given as (path, is_string, schema version of its part), read as one batch; string
+    columns come back as object arrays of str."""
+    paths: list[str] = []
+    for path, is_string, schema in columns:
+        paths += string_arrays(path) if is_string and schema >= 2 else [path]
+    arrays, out = iter(read_arrays(store, paths)), []
+    for path, is_string, schema in columns:
+        if is_string and schema >= 2:
+            out.append(decode_strings(path, next(arrays), next(arrays)))
+        else:
+            out.append(np.asarray(next(arrays), dtype=object) if is_string else next(arrays))
     return out
 
 

@@ -6,7 +6,7 @@
   shards from the driver one at a time, so fast workers take more. A dead worker is replaced and its shard redone.
 - Per-utterance problems (unreadable audio, silent audio, a failing encoder, ...) become failure rows in the shard's
   part; everything else is written.
-`Pipeline` is the per-utterance computation; `encode_utterances` runs it in-process (for `mtser predict`).
+The per-utterance computation is `pipeline.Pipeline` (also what `mtser predict` runs, without this driver).
 """
 from __future__ import annotations
 
@@ -16,166 +16,26 @@ import json
 import math
 import os
 import time
-import warnings
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple, Sequence
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from mtser import __version__
-from mtser.config import EncoderConfig, ExtractConfig, to_dict
-from mtser.featurestore.audio import AudioError, audio_duration, augment as augment_wave, augmentation_rng, load_audio
+from mtser.config import ExtractConfig, to_dict
+from mtser.featurestore.audio import audio_duration
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.encoders import (
-    TextEncoder, WhisperEncoder, content_hash, encoder_dim_and_rate, load_encoder, run_batched,
-)
+from mtser.featurestore.encoders import content_hash, encoder_dim_and_rate
+from mtser.featurestore.pipeline import Failure, Pipeline
 from mtser.featurestore.store import (
     EncoderInfo, StoreError, StoreWriter, create_store, open_store, register_encoder,
 )
 
 MAX_SHARD_ATTEMPTS = 3          # a shard whose worker dies this often is reported failed, not retried forever
+GROUP_BATCHES = 4               # a shard is decoded and encoded this many batches (batch_seconds) at a time
 
 
 class ExtractError(RuntimeError):
     """The extraction as a whole cannot go on (workers keep dying before finishing any shard)."""
-
-
-class Failure(NamedTuple):
-    utt: Utterance
-    stage: str                  # "read", "audio", "transcript", "encode:<encoder>", "store"
-    reason: str
-
-
-@dataclass
-class PipelineResult:
-    written: list[tuple[Utterance, dict[str, np.ndarray]]]
-    failures: list[Failure]
-
-
-def has_transcript(utt: Utterance) -> bool:
-    return bool(utt.transcript and utt.transcript.strip())
-
-
-class Pipeline:
-    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances."""
-
-    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")  # torch, on WavLM masks
-        self.cfg = cfg
-        self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens)
-                         for e in cfg.encoders}
-        self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
-
-    def run(self, utts: Sequence[Utterance], augment: int = 0) -> PipelineResult:
-        sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
-        failed: dict[str, Failure] = {}
-        items, waves, source = self._load(utts, augment, failed)
-        feats: list[dict[str, np.ndarray]] = [{} for _ in items]
-        asr_text: dict[int, str] = {}
-        for name, enc in self.encoders.items():
-            if isinstance(enc, TextEncoder):
-                continue
-            if isinstance(enc, WhisperEncoder):
-                inputs: list = [(w, name == self.asr and source[i] == i and not has_transcript(items[i]))
-                                for i, w in enumerate(waves)]
-            else:
-                inputs = waves
-            results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
-            for i, out in results.items():
-                if isinstance(enc, WhisperEncoder):
-                    out, text = out
-                    if text is not None:
-                        asr_text[i] = text
-                feats[i][name] = self._as_stored(name, out)
-            for i, reason in errors.items():
-                failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
-        items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
-        self._encode_texts(items, source, feats, failed)
-        for i, u in enumerate(items):
-            origin = items[source[i]]
-            if u.id in failed:
-                continue
-            if origin.id in failed:
-                failed[u.id] = Failure(u, failed[origin.id].stage, f"source utterance {origin.id} failed")
-            elif u.transcript is None and any(isinstance(e, TextEncoder) for e in self.encoders.values()):
-                failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
-        written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
-        return PipelineResult(written, list(failed.values()))
-
-    def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
-        """float16 encoders keep float16 in memory (a shard's features are buffered until commit)."""
-        return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
-
-    def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
-              ) -> tuple[list[Utterance], list[np.ndarray], list[int]]:
-        """Decoded audio per utterance, then its augmented copies; source[i] is the index of item i's original."""
-        cfg, sr = self.cfg, self.cfg.sample_rate
-        items: list[Utterance] = []
-        waves: list[np.ndarray] = []
-        source: list[int] = []
-        for utt in utts:
-            try:
-                if not utt.path:
-                    raise AudioError("no audio path")
-                wave = load_audio(utt.path, sr)
-            except AudioError as exc:
-                failed[utt.id] = Failure(utt, "audio", str(exc))
-                continue
-            origin = len(items)
-            items.append(replace(utt, duration=len(wave) / sr))
-            waves.append(wave)
-            source.append(origin)
-            for copy in range(1, augment + 1 if utt.split == "Train" else 1):
-                rng = augmentation_rng(cfg.seed, utt.id, copy)
-                noisy, draw = augment_wave(wave, sr, rng, copy, cfg.augment_snr_db, cfg.augment_rt60_s, cfg.augment_gain_db)
-                items.append(replace(utt, id=f"{utt.id}#aug{copy}", augmentation=draw.label, source_id=utt.id,
-                                     duration=len(noisy) / sr))
-                waves.append(noisy)
-                source.append(origin)
-        return items, waves, source
-
-    @staticmethod
-    def _with_transcript(utt: Utterance, origin: Utterance, asr: str | None) -> Utterance:
-        if has_transcript(origin):
-            return replace(utt, transcript=origin.transcript.strip(), transcript_source=origin.transcript_source or "human")
-        if asr is not None:
-            return replace(utt, transcript=asr, transcript_source="asr")
-        return replace(utt, transcript=None, transcript_source=None)
-
-    def _encode_texts(self, items: list[Utterance], source: list[int], feats: list[dict[str, np.ndarray]],
-                      failed: dict[str, Failure]) -> None:
-        """Text features for originals with a transcript; augmented copies share their original's."""
-        rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
-        texts = [items[i].transcript for i in rows]
-        for name, enc in self.encoders.items():
-            if not isinstance(enc, TextEncoder):
-                continue
-            results, errors = run_batched(lambda b, e=enc: e.forward(b, self.cfg.sample_rate), texts,
-                                          enc.batches(texts, self.cfg.batch_seconds, self.cfg.sample_rate))
-            for j, out in results.items():
-                feats[rows[j]][name] = self._as_stored(name, out)
-            for j, reason in errors.items():
-                failed.setdefault(items[rows[j]].id, Failure(items[rows[j]], f"encode:{name}", reason))
-            for i in range(len(items)):
-                if source[i] != i and name in feats[source[i]]:
-                    feats[i][name] = feats[source[i]][name]
-
-
-def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
-                      batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128
-                      ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
-    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D), the utterances with
-    transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
-    cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,
-                        asr_max_new_tokens=asr_max_new_tokens)
-    result = Pipeline(cfg, device).run(utts)
-    features = {u.id: {k: np.asarray(v, dtype=np.float32) for k, v in f.items()} for u, f in result.written}
-    return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}
 
 
 # ----------------------------------------------------------------------------------------------------------- shards
@@ -216,21 +76,43 @@ def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int) -> 
 
 
 def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dict | None, augment: int) -> dict[str, Any]:
-    """Encode one shard and commit it as one store part; returns counts for the driver."""
-    result = pipeline.run(shard.utterances, augment)
+    """Encode one shard and commit it as one store part; returns counts for the driver.
+
+    The shard is encoded in groups of about GROUP_BATCHES batches of audio, each group's features streamed to the
+    part before the next is decoded, so a worker's memory is bounded by a group, not by its shard."""
     writer = StoreWriter(url, shard.id, storage_options)
-    failures = list(result.failures)
-    for utt, feats in result.written:
-        try:
-            writer.add(utt, feats)
-        except StoreError as exc:
-            failures.append(Failure(utt, "store", str(exc)))
+    failures: list[Failure] = []
+    written, seconds = 0, 0.0
+    for group in _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES):
+        result = pipeline.run(group, augment)
+        failures += result.failures
+        for utt, feats in result.written:
+            try:
+                writer.add(utt, feats)
+            except StoreError as exc:
+                failures.append(Failure(utt, "store", str(exc)))
+                continue
+            written += 1
+            seconds += utt.duration or 0.0
     for f in failures:
         writer.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
     writer.commit()
-    return {"shard": shard.id, "written": len(result.written) - (len(failures) - len(result.failures)),
-            "failed": len(failures), "seconds": float(sum(u.duration or 0.0 for u, _ in result.written)),
+    return {"shard": shard.id, "written": written, "failed": len(failures), "seconds": seconds,
             "failures": [(f.utt.id, f.stage, f.reason) for f in failures], "pid": os.getpid(), "node": _node_id()}
+
+
+def _groups(utts: Sequence[Utterance], seconds: float) -> list[list[Utterance]]:
+    """Consecutive groups of about `seconds` of audio each (durations from the corpus or the file header)."""
+    groups: list[list[Utterance]] = [[]]
+    total = 0.0
+    for utt in utts:
+        duration = utt.duration or (audio_duration(utt.path) if utt.path else 0.0)
+        if groups[-1] and total + duration > seconds:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(utt)
+        total += duration
+    return groups
 
 
 def _node_id() -> str | None:
@@ -266,33 +148,34 @@ def _extract_config(data: dict) -> ExtractConfig:
 # ----------------------------------------------------------------------------------------------------------- driver
 @dataclass
 class ExtractSummary:
-    planned: int = 0                          # rows (utterances + augmented copies) in the plan
-    written: int = 0
-    failed: int = 0                           # failure rows of this plan in the store (reader problems included)
+    planned: int = 0                          # rows (utterances + augmented copies + unreadable corpus rows)
+    written: int = 0                          # rows of the plan in the store, earlier runs included
+    failed: int = 0                           # rows of the plan not written (failure rows, rows of failed shards)
     skipped: int = 0                          # rows of shards already committed by an earlier run
     shards: int = 0
     shards_skipped: int = 0
     shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
     retries: int = 0                          # shard re-submissions after a worker died or a shard raised
-    audio_seconds: float = 0.0
+    audio_seconds: float = 0.0                # audio written by this run
     wall_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
     nodes: set[str] = field(default_factory=set)             # Ray node ids that committed shards
     pids: set[int] = field(default_factory=set)               # worker processes that committed shards
-    failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): not written
+    warnings: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): written anyway
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and not self.shards_failed
 
     def line(self) -> str:
-        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        text = (f"written {self.written}, failed {self.failed}, skipped {self.skipped} (already committed) "
-                f"of {self.planned} planned; shards {self.shards - self.shards_skipped}/{self.shards} run")
+        text = (f"written {self.written}, failed {self.failed} of {self.planned} planned "
+                f"({self.skipped} from earlier runs); {len(self.warnings)} warnings; "
+                f"shards {self.shards - self.shards_skipped}/{self.shards} run")
         if self.shards_failed:
             text += f", {len(self.shards_failed)} shards FAILED"
-        return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s ({rate:.2f} utt/s)"
+        return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s"
 
 
 def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
@@ -307,47 +190,57 @@ def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None
         ), storage_options)
 
 
-def reader_failures(problems: Sequence[Any]) -> list[Failure]:
-    """Corpus-reader problems (`CorpusProblem`) as failure rows of stage "read"."""
-    return [Failure(Utterance(id=p.item or p.source, path=p.source), "read", str(p)) for p in problems]
+def reader_problems(problems: Sequence[Any], kept: Sequence[Utterance]) -> tuple[list[Failure], list[Failure]]:
+    """Corpus-reader problems (`CorpusProblem`) as (failures, warnings) rows of stage "read": a problem about an
+    utterance the reader kept (a duplicate row whose first occurrence was read, a transcript it could not use) is a
+    warning; one about a row it skipped is a failure (nothing of it is written)."""
+    kept_ids = {u.id for u in kept}
+    rows = [(p, Failure(Utterance(id=p.item or p.source, path=p.source), "read", str(p))) for p in problems]
+    return ([f for p, f in rows if p.item not in kept_ids], [f for p, f in rows if p.item in kept_ids])
 
 
-def write_reader_problems(url: str, problems: Sequence[Failure], storage_options: dict | None = None) -> str | None:
+def write_reader_problems(url: str, failures: Sequence[Failure], warnings: Sequence[Failure],
+                          storage_options: dict | None = None) -> str | None:
     """Reader problems as one part whose id hashes its content (a rerun does not add it twice); its part id."""
-    if not problems:
+    if not failures and not warnings:
         return None
-    digest = hashlib.sha256(json.dumps([(p.utt.id, p.stage, p.reason) for p in problems]).encode()).hexdigest()[:12]
-    part = f"reader-{digest}"
+    content = [[(p.utt.id, p.stage, p.reason) for p in rows] for rows in (failures, warnings)]
+    part = f"reader-{hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]}"
     if part not in open_store(url, storage_options=storage_options).committed_parts():
         writer = StoreWriter(url, part, storage_options)
-        for p in problems:
+        for p in failures:
             writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
+        for p in warnings:
+            writer.add_warning(p.utt.id, p.utt.path, p.stage, p.reason)
         writer.commit()
     return part
 
 
 def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
             augment: int | None = None, splits: Sequence[str] | None = None, problems: Sequence[Failure] = (),
-            storage_options: dict | None = None, progress: bool = True) -> ExtractSummary:
-    """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). The summary's failures are every
-    failure row of this plan's parts, earlier runs' included, so a resumed run reports the same outcome."""
+            warnings: Sequence[Failure] = (), storage_options: dict | None = None,
+            progress: bool = True) -> ExtractSummary:
+    """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). `problems` are corpus rows the
+    reader could not read (planned, failed), `warnings` notes on utterances it kept (see `reader_problems`).
+
+    The summary describes the plan as it stands in the store, earlier runs' parts included, so a resumed run
+    reports the same outcome: every planned row is written or failed (written + failed = planned)."""
     start = time.perf_counter()
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
     register_encoders(url, cfg, storage_options)
     summary = ExtractSummary()
-    reader_part = write_reader_problems(url, problems, storage_options)
+    reader_part = write_reader_problems(url, problems, warnings, storage_options)
     shards = plan_shards(utts, cfg, augment)
     committed = open_store(url, storage_options=storage_options).committed_parts()
     todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
-    summary.planned, summary.shards = sum(s.rows for s in shards), len(shards)
+    summary.planned, summary.shards = sum(s.rows for s in shards) + len(problems), len(shards)
     summary.skipped = sum(s.rows for s in shards if s.id in committed)
     summary.shards_skipped = len(shards) - len(todo)
     bar = _progress_bar(sum(s.rows for s in todo), progress)
 
     def record(result: dict[str, Any]) -> None:
-        summary.written += result["written"]
         summary.audio_seconds += result["seconds"]
         summary.pids.add(result["pid"])
         if result["node"]:
@@ -364,11 +257,21 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     finally:
         bar.close()
         summary.wall_seconds = time.perf_counter() - start
-    table = open_store(url, storage_options=storage_options).failures
-    mine = table[table["part"].isin({s.id for s in shards} | {reader_part})]
-    summary.failures = list(mine[["id", "stage", "reason"]].itertuples(index=False, name=None))
-    summary.failed = len(summary.failures)
+    _outcome(summary, open_store(url, storage_options=storage_options), shards, reader_part)
     return summary
+
+
+def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
+    """Written, failed and warnings of the plan's parts as the store has them now."""
+    mine = {s.id for s in shards} | {reader_part}
+    summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
+    failures, warnings = store.failures, store.warnings
+    summary.failures = list(failures[failures["part"].isin(mine)][["id", "stage", "reason"]]
+                            .itertuples(index=False, name=None))
+    summary.warnings = list(warnings[warnings["part"].isin(mine)][["id", "stage", "reason"]]
+                            .itertuples(index=False, name=None))
+    lost = sum(s.rows for s in shards if s.id in summary.shards_failed)      # shards that never committed
+    summary.failed = len(summary.failures) + lost
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -20,7 +20,7 @@ from zarr.core.sync import sync
 from mtser import __version__
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
 FORMAT_NAME = "mtser-feature-store"
 DTYPES = ("float16", "float32", "int8")
 COMPRESSIONS = ("none", "zstd")
@@ -29,7 +29,7 @@ CHUNK_TARGET_BYTES = 64 * 1024          # inner chunk size of frames arrays (the
 FLOAT_COLUMNS = ("arousal", "valence", "dominance", "duration")
 TABLE_COLUMNS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender", "duration",
                  "transcript", "transcript_source", "augmentation", "source_id")
-FAILURE_COLUMNS = ("id", "path", "stage", "reason")
+FAILURE_COLUMNS = ("id", "path", "stage", "reason")          # columns of the failures and the warnings tables
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -100,6 +100,12 @@ def byte_source(url: str, storage_options: dict | None) -> ByteSource:
     return FsspecByteSource(fs, root)
 
 
+def upload(url: str, storage_options: dict | None, key: str, local_file: str) -> None:
+    """Copy a local file to `key` of a remote store, streamed (multipart where the filesystem supports it)."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.put_file(local_file, f"{root.rstrip('/')}/{key}")
+
+
 def get_json(store: Any, key: str) -> dict | None:
     return sync(aget_json(store, key))
 
@@ -130,6 +136,20 @@ def root_attrs(store: Any, url: str) -> dict:
         raise StoreError(f"{url}: store schema version {version!r} is newer than this mtser {__version__} reads "
                          f"(up to {SCHEMA_VERSION}); upgrade mtser")
     return attrs
+
+
+def part_schema(attrs: dict) -> int:
+    """The schema version a part was written in (its commit record says so since schema 2)."""
+    return int(attrs.get("schema_version", 1))
+
+
+def upgrade_root(store: Any, url: str) -> None:
+    """Raise the root's schema version to this mtser's before a part of that version is written, so an older
+    mtser refuses the store clearly instead of misreading the new part. Idempotent; concurrent writers write the
+    same bytes. Parts of older versions stay as they are and keep reading."""
+    attrs = root_attrs(store, url)
+    if attrs["schema_version"] < SCHEMA_VERSION:
+        zarr.open_group(store, mode="r+").update_attributes({"mtser": {**attrs, "schema_version": SCHEMA_VERSION}})
 
 
 def read_encoders(store: Any) -> dict[str, EncoderInfo]:

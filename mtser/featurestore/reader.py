@@ -4,46 +4,31 @@ from __future__ import annotations
 import json
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import zarr
 from zarr.core.sync import sync
 
-from mtser.featurestore.arrays import fetch, read_arrays
+from mtser.featurestore.arrays import fetch, read_columns
 from mtser.featurestore.layout import (
     FAILURE_COLUMNS, FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreError, alist_dir, byte_source, create_store,
-    is_local, local_path, read_encoders, root_attrs, zarr_store,
+    is_local, local_path, part_schema, read_encoders, root_attrs, zarr_store,
 )
+from mtser.featurestore.segment import Segment, read_segments
 from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
 
 
 @dataclass
-class _Segment:
-    """One encoder's frames within one committed part."""
+class Part:
+    """One committed part: its commit record and its frames per encoder."""
 
-    part: str
-    info: EncoderInfo
-    ids: np.ndarray
-    offsets: np.ndarray
-    layout: FramesLayout | None
-    reader: FramesReader | None = None
-    scale: np.ndarray | None = None
-    array: Any = None                     # zarr array, for the fallback path only
-
-    @property
-    def path(self) -> str:
-        return f"parts/{self.part}/features/{self.info.name}"
-
-
-@dataclass
-class _Part:
     name: str
     attrs: dict                           # the part's mtser_part attributes (counts and sizes per encoder)
-    segments: dict[str, _Segment]
+    segments: dict[str, Segment]
 
     @property
     def committed_ns(self) -> int:
@@ -57,11 +42,15 @@ class _Part:
     def n_failures(self) -> int:
         return int(self.attrs.get("n_failures", 0))
 
+    @property
+    def n_warnings(self) -> int:
+        return int(self.attrs.get("n_warnings", 0))          # schema-1 parts have no warnings table
+
 
 @dataclass
 class _State:
-    parts: dict[str, _Part]                                  # committed parts, oldest commit first
-    index: dict[str, dict[str, tuple[_Segment, int]]]        # encoder -> id -> (segment, position)
+    parts: dict[str, Part]                                   # committed parts, oldest commit first
+    index: dict[str, dict[str, tuple[Segment, int]]]         # encoder -> id -> (segment, position)
 
 
 class FeatureStore:
@@ -81,6 +70,8 @@ class FeatureStore:
         self._lock = threading.Lock()
         self._table: pd.DataFrame | None = None
         self._failures: pd.DataFrame | None = None
+        self._effective: pd.DataFrame | None = None
+        self._warnings: pd.DataFrame | None = None
         self.encoders: dict[str, EncoderInfo] = {}
         self._state = _State({}, {})
         self.refresh()
@@ -95,14 +86,14 @@ class FeatureStore:
             if not new:
                 return
             parts = dict(sorted({**known, **new}.items(), key=lambda kv: (kv[1].committed_ns, kv[0])))
-            index: dict[str, dict[str, tuple[_Segment, int]]] = {name: {} for name in self.encoders}
+            index: dict[str, dict[str, tuple[Segment, int]]] = {name: {} for name in self.encoders}
             for part in parts.values():                      # later commits overwrite earlier rows
                 for name, seg in part.segments.items():
                     index.setdefault(name, {}).update(zip(seg.ids, zip(repeat(seg), range(len(seg.ids)))))
             self._state = _State(parts, index)
-            self._table = self._failures = None
+            self._table = self._failures = self._effective = self._warnings = None
 
-    def _load_new_parts(self, known: set[str]) -> dict[str, _Part]:
+    def _load_new_parts(self, known: set[str]) -> dict[str, Part]:
         names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
         committed = {}
         for name, raw in zip(names, fetch(self._store, [f"parts/{n}/zarr.json" for n in names])):
@@ -130,21 +121,22 @@ class FeatureStore:
             raise StoreError(f"{self.url}: part {name!r} is unreadable ({reason}); run `mtser features verify`") from exc
         self.broken_parts[name] = reason
 
-    def _load_parts(self, committed: dict[str, dict]) -> dict[str, _Part]:
+    def _load_parts(self, committed: dict[str, dict]) -> dict[str, Part]:
         """Segments of the given committed parts: ids and offsets per encoder, read as one batch."""
         keys = [(part, enc) for part, attrs in committed.items() for enc in attrs.get("encoders", {})]
         unknown = [(p, e) for p, e in keys if e not in self.encoders]
         if unknown:
             raise StoreError(f"encoder {unknown[0][1]!r} has frames in part {unknown[0][0]!r} but is not registered")
         bases = [f"parts/{part}/features/{enc}" for part, enc in keys]
-        arrays = read_arrays(self._store, [f"{b}/{a}" for b in bases for a in ("ids", "offsets")])
+        arrays = read_columns(self._store, [(f"{b}/{a}", a == "ids", part_schema(committed[part]))
+                                            for (part, _), b in zip(keys, bases) for a in ("ids", "offsets")])
         metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
-        parts = {name: _Part(name, attrs, {}) for name, attrs in committed.items()}
+        parts = {name: Part(name, attrs, {}) for name, attrs in committed.items()}
         for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
             layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
-            parts[part].segments[enc] = _Segment(
+            parts[part].segments[enc] = Segment(
                 part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
-                layout, FramesReader(self._source, layout) if layout else None)
+                layout, self._store, FramesReader(self._source, layout) if layout else None)
         return parts
 
     # ------------------------------------------------------------------------------------------------ tables
@@ -157,19 +149,49 @@ class FeatureStore:
         return self._table
 
     @property
-    def failures(self) -> pd.DataFrame:
-        """Utterances writers could not process: id, path, stage, reason, part."""
+    def failure_history(self) -> pd.DataFrame:
+        """Every failure row ever committed (nothing of these utterances was written by that part): id, path,
+        stage, reason, part; in commit order."""
         if self._failures is None:
             parts = [p.name for p in self._state.parts.values() if p.n_failures]
             self._failures = self._read_tables(parts, "failures", FAILURE_COLUMNS)
         return self._failures
 
+    @property
+    def failures(self) -> pd.DataFrame:
+        """The effective failures: failure rows of utterances that no later commit wrote (the history keeps all)."""
+        if self._effective is None:
+            history = self.failure_history
+            if not history.empty:
+                order = {name: k for k, name in enumerate(self._state.parts)}
+                written_after = history["id"].map(self._last_written(order)).fillna(-1) > history["part"].map(order)
+                history = history[~written_after.to_numpy()].reset_index(drop=True)
+            self._effective = history
+        return self._effective
+
+    def _last_written(self, order: dict[str, int]) -> dict[str, int]:
+        """id -> commit position of the last part whose utterance table has it."""
+        parts = [p for p in self._state.parts if self._state.parts[p].n_utterances]
+        ids = self._read_tables(parts, "utterances", ("id",)).assign(
+            part=np.repeat(parts, [self._state.parts[p].n_utterances for p in parts]))
+        return dict(zip(ids["id"], ids["part"].map(order)))
+
+    @property
+    def warnings(self) -> pd.DataFrame:
+        """Things worth knowing about utterances that were kept and written: id, path, stage, reason, part."""
+        if self._warnings is None:
+            parts = [p.name for p in self._state.parts.values() if p.n_warnings]
+            self._warnings = self._read_tables(parts, "warnings", FAILURE_COLUMNS)
+        return self._warnings
+
     def _read_tables(self, parts: list[str], table: str, columns: tuple[str, ...]) -> pd.DataFrame:
-        """One table (utterances or failures) of several parts, rows in part order; failures also get "part"."""
-        extra = ("part",) if table == "failures" else ()
+        """One table (utterances, failures or warnings) of several parts, rows in part order; failures and warnings
+        also get "part"."""
+        extra = () if table == "utterances" else ("part",)
         if not parts:
             return _empty_table(columns + extra)
-        arrays = read_arrays(self._store, [f"parts/{p}/{table}/{c}" for p in parts for c in columns])
+        arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
+                                             part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
         by_column = [arrays[j::len(columns)] for j in range(len(columns))]
         data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
         if extra:
@@ -180,7 +202,7 @@ class FeatureStore:
     def committed_parts(self) -> set[str]:
         return set(self._state.parts)
 
-    def _encoder_index(self, encoder: str) -> dict[str, tuple[_Segment, int]]:
+    def _encoder_index(self, encoder: str) -> dict[str, tuple[Segment, int]]:
         index = self._state.index.get(encoder)
         if index is None:
             if encoder in self.encoders:                      # registered, no committed frames yet
@@ -188,7 +210,8 @@ class FeatureStore:
             raise StoreError(f"{self.url}: no encoder {encoder!r} in the store (encoders: {sorted(self.encoders)})")
         return index
 
-    def _locate(self, utt_id: str, encoder: str) -> tuple[_Segment, int]:
+    def locate(self, utt_id: str, encoder: str) -> tuple[Segment, int]:
+        """The segment holding the utterance's frames for `encoder` (the latest commit's) and its position there."""
         hit = self._encoder_index(encoder).get(utt_id)
         if hit is None:
             if utt_id in self.utterances.index:
@@ -208,7 +231,7 @@ class FeatureStore:
         return utt_id in self._encoder_index(encoder)
 
     def length(self, utt_id: str, encoder: str) -> int:
-        seg, i = self._locate(utt_id, encoder)
+        seg, i = self.locate(utt_id, encoder)
         return int(seg.offsets[i + 1] - seg.offsets[i])
 
     def summary(self) -> dict[str, Any]:
@@ -227,7 +250,7 @@ class FeatureStore:
                                         for p in parts if name in p.segments))}
         return {"url": self.url, "schema_version": self.attrs["schema_version"], "parts": len(parts),
                 "utterances": len(table), "per_split": {str(k): int(v) for k, v in split_of.value_counts().items()},
-                "failures": len(self.failures), "encoders": encoders}
+                "failures": len(self.failures), "warnings": len(self.warnings), "encoders": encoders}
 
     # ------------------------------------------------------------------------------------------------ frames
     def get(self, utt_id: str, encoder: str, dtype: Any = None) -> np.ndarray:
@@ -235,95 +258,39 @@ class FeatureStore:
         return self.get_many([utt_id], encoder, dtype)[0]
 
     def get_many(self, utt_ids: list[str], encoder: str, dtype: Any = None) -> list[np.ndarray]:
-        hits = [self._locate(u, encoder) for u in utt_ids]
-        raws = self._read_raw(hits, utt_ids)
-        return [self._decode(seg, i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
+        hits = [self.locate(u, encoder) for u in utt_ids]
+        with self._naming_failures(utt_ids, hits):
+            raws = read_segments(hits)
+            return [seg.decode(i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
 
     def read_into(self, utt_ids: list[str], encoder: str, out: np.ndarray) -> np.ndarray:
         """Frames of `utt_ids` into the rows of a (B, T_max, D) buffer, zero after each utterance's last frame;
-        returns the lengths (B,). Where the stored bytes are `out`'s dtype in a local uncompressed shard, the kernel
-        copies them straight into the row (one preadv); otherwise the frames are decoded and cast into the row."""
-        hits = [self._locate(u, encoder) for u in utt_ids]
+        returns the lengths (B,). Local raw shards of `out`'s dtype are read by the kernel straight into each row
+        (`read_segments` with `into`); anything else is decoded and cast into the row."""
+        hits = [self.locate(u, encoder) for u in utt_ids]
         lengths = np.array([int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in hits], dtype=np.int64)
-        decode = []
-        try:
-            for row, ((seg, i), n) in enumerate(zip(hits, lengths)):
-                out[row, n:] = 0
-                pieces = (seg.reader.ranges(int(seg.offsets[i]), int(seg.offsets[i + 1]))
-                          if not self._source.batches and seg.reader is not None and seg.info.dtype != "int8"
-                          and seg.layout.dtype == out.dtype else None)
-                if pieces is not None and len(pieces) == 1 and pieces[0][0] == -1:
-                    self._source.read_into(seg.layout.shard_key, pieces[0][1], out[row, :n])
-                else:
-                    decode.append(row)
-        except (OSError, ShardFormatError, ValueError) as exc:
-            raise StoreError(f"{self.url}: cannot read frames of {utt_ids[row]!r} ({hits[row][0].path}): {exc}") from exc
-        for row, frames in zip(decode, self.get_many([utt_ids[r] for r in decode], encoder)):
-            out[row, :len(frames)] = frames
+        for row, n in enumerate(lengths):
+            out[row, n:] = 0
+        with self._naming_failures(utt_ids, hits):
+            read_segments(hits, into=[out[row, :n] for row, n in enumerate(lengths)])
         return lengths
 
-    def _read_raw(self, hits: list[tuple[_Segment, int]], utt_ids: list[str]) -> list[np.ndarray]:
-        """Stored frames of each (segment, position) as new arrays; remote sources fetch a batch concurrently."""
+    @contextmanager
+    def _naming_failures(self, utt_ids: list[str], hits: list[tuple[Segment, int]]) -> Iterator[None]:
+        """A failed frames read becomes a StoreError naming the (first few) utterances and their segments."""
         try:
-            if not self._source.batches or len(hits) == 1:
-                return [self._rows(seg, int(seg.offsets[i]), int(seg.offsets[i + 1])) for seg, i in hits]
-            requests, plans = [], []
-            for seg, i in hits:
-                start, stop = int(seg.offsets[i]), int(seg.offsets[i + 1])
-                pieces = seg.reader.ranges(start, stop) if seg.reader is not None else None
-                plans.append((seg, start, stop, pieces, len(requests)))
-                requests += [(seg.layout.shard_key, a, b) for _, a, b, _ in pieces or []]
-            blobs = self._source.read_many(requests)
-            return [self._rows(seg, start, stop) if pieces is None
-                    else seg.reader.assemble(start, stop, pieces, blobs[first:first + len(pieces)])
-                    for seg, start, stop, pieces, first in plans]
-        except (OSError, ShardFormatError, ValueError, RuntimeError) as exc:
+            yield
+        except (OSError, ShardFormatError, ValueError, RuntimeError, StoreError) as exc:
             where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
             raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
 
-    def _rows(self, seg: _Segment, start: int, stop: int) -> np.ndarray:
-        if seg.reader is not None:
-            return seg.reader.read_rows(start, stop)
-        if seg.array is None:                                  # not mtser's shard layout: plain zarr-python
-            seg.array = zarr.open_array(self._store, path=f"{seg.path}/frames", mode="r")
-        return np.asarray(seg.array[start:stop])
-
     # ------------------------------------------------------------------------------------------------ for verify
-    def parts(self) -> list[_Part]:
+    def parts(self) -> list[Part]:
         """Committed parts, oldest commit first."""
         return list(self._state.parts.values())
 
     def part_table(self, part: str, table: str = "utterances") -> pd.DataFrame:
         return self._read_tables([part], table, ("id",) + TABLE_COLUMNS if table == "utterances" else FAILURE_COLUMNS)
-
-    def segment_array(self, seg: _Segment, name: str) -> np.ndarray:
-        """One of the segment's small arrays ("crc32", "scale", ...), its chunk checksum verified."""
-        try:
-            return read_arrays(self._store, [f"{seg.path}/{name}"])[0]
-        except (KeyError, ValueError, OSError) as exc:
-            raise StoreError(f"{self.url}: cannot read {seg.path}/{name}: {exc}") from exc
-
-    def read_stored(self, seg: _Segment, positions: list[int]) -> list[np.ndarray]:
-        """Frames exactly as stored (int8 encoders: the int8 values) of the segment's utterances at `positions`."""
-        return self._read_raw([(seg, i) for i in positions], [str(seg.ids[i]) for i in positions])
-
-    def shard_padding(self, seg: _Segment) -> np.ndarray | None:
-        """The bytes between the last frame and the shard index (all zero when intact); None if not applicable."""
-        return seg.reader.padding() if seg.reader is not None else None
-
-    def segment_scales(self, seg: _Segment, i: int) -> np.ndarray | None:
-        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
-        if seg.info.dtype != "int8":
-            return None
-        if seg.scale is None:
-            seg.scale = self.segment_array(seg, "scale")
-        return seg.scale[seg.offsets[i]:seg.offsets[i + 1]]
-
-    def _decode(self, seg: _Segment, i: int, raw: np.ndarray, dtype: Any) -> np.ndarray:
-        if seg.info.dtype == "int8":
-            values = np.multiply(raw, self.segment_scales(seg, i)[:, None], dtype=np.float32)
-            return values if dtype is None else values.astype(dtype, copy=False)
-        return raw if dtype is None else raw.astype(dtype)
 
     def iter_split(self, split: str, encoders: list[str], batch: int = 64) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """(id, {encoder: frames}) for every utterance of `split` that has all `encoders`, sorted by id."""

@@ -5,7 +5,7 @@ chunks hold whole rows. The shard index is read once per array; when inner chunk
 back to back (mtser writes them so), an utterance's rows are ONE byte range of the shard file, read with `os.preadv`
 straight into the result array on a cached descriptor locally, or one ranged GET through fsspec. zstd-compressed
 inner chunks are decoded one by one, only those the utterance touches. Anything else falls back to zarr-python
-slicing. `raw_shard` writes the same bytes zarr-python writes for such an array, in one pass. Imports numpy and
+slicing. `ShardSpool` writes the same bytes zarr-python writes for such an array, as rows arrive. Imports numpy and
 zarr's own dependencies only.
 """
 from __future__ import annotations
@@ -190,20 +190,76 @@ class FramesLayout:
                             n_chunks=shard_rows // chunk_rows, compressed=len(inner) == 2)
 
 
-def raw_shard(items: list[np.ndarray], chunk_rows: int) -> np.ndarray:
-    """The shard file of an uncompressed (rows, dim) array made of `items` stacked: inner chunks of `chunk_rows`
-    rows back to back (the last one zero-padded), then the index (offset, nbytes per chunk) and its crc32c."""
-    rows, dim, dtype = sum(len(x) for x in items), items[0].shape[1], items[0].dtype
-    n_chunks = -(-rows // chunk_rows)
-    chunk_bytes = chunk_rows * dim * dtype.itemsize
-    data_bytes = n_chunks * chunk_bytes
-    shard = np.zeros(data_bytes + n_chunks * 16 + 4, dtype=np.uint8)
-    np.concatenate(items, out=shard[:rows * dim * dtype.itemsize].view(dtype).reshape(rows, dim))
-    index = shard[data_bytes:data_bytes + n_chunks * 16].view("<u8").reshape(n_chunks, 2)
-    index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_bytes)
-    index[:, 1] = chunk_bytes
-    shard[-4:] = np.frombuffer(np.uint32(google_crc32c.value(index.tobytes())).tobytes(), np.uint8)
-    return shard
+class ShardSpool:
+    """Writes one frames shard file as rows arrive, so a writer never holds its part's frames in memory.
+
+    Inner chunks of `chunk_rows` whole rows are appended to `path` (raw rows go straight to the file; zstd buffers
+    one chunk and compresses it when full); `finish` zero-pads the last chunk and appends the index (offset, nbytes
+    per chunk) and its crc32c. The bytes equal what zarr-python writes for the same array with
+    `write_empty_chunks` (tested).
+    """
+
+    def __init__(self, path: str, dim: int, dtype: np.dtype, chunk_rows: int, compressed: bool, level: int):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path, self.dim, self.dtype, self.chunk_rows = path, dim, np.dtype(dtype), chunk_rows
+        self.rows = 0
+        self._codec = Zstd(level=level) if compressed else None
+        self._pending = np.zeros((chunk_rows, dim), self.dtype) if compressed else None
+        self._filled = 0
+        self._index: list[tuple[int, int]] = []
+        self._file = open(path, "wb")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.dim * self.dtype.itemsize
+
+    def append(self, frames: np.ndarray) -> None:
+        """Append (T, dim) rows of the spool's dtype."""
+        frames = np.ascontiguousarray(frames, dtype=self.dtype)
+        self.rows += len(frames)
+        if self._codec is None:
+            self._file.write(memoryview(frames).cast("B"))
+            return
+        done = 0
+        while done < len(frames):
+            take = min(len(frames) - done, self.chunk_rows - self._filled)
+            self._pending[self._filled:self._filled + take] = frames[done:done + take]
+            self._filled += take
+            done += take
+            if self._filled == self.chunk_rows:
+                self._flush_chunk()
+
+    def _flush_chunk(self) -> None:
+        blob = self._codec.encode(self._pending)
+        self._index.append((self._file.tell(), len(blob)))
+        self._file.write(blob)
+        self._pending[:] = 0
+        self._filled = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    def finish(self) -> int:
+        """Pad the last chunk, write the index; the shard file's size in bytes."""
+        if self._codec is None:
+            data_bytes = self.n_chunks * self.chunk_bytes
+            self._file.write(bytes(data_bytes - self._file.tell()))
+            index = np.zeros((self.n_chunks, 2), dtype="<u8")
+            index[:, 0] = np.arange(self.n_chunks, dtype=np.uint64) * np.uint64(self.chunk_bytes)
+            index[:, 1] = self.chunk_bytes
+        else:
+            if self._filled:
+                self._flush_chunk()
+            index = np.array(self._index, dtype="<u8").reshape(-1, 2)
+        raw = index.tobytes()
+        self._file.write(raw + np.uint32(google_crc32c.value(raw)).tobytes())
+        size = self._file.tell()
+        self._file.close()
+        return size
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def parse_shard_index(raw: bytes, n_chunks: int) -> np.ndarray:
@@ -250,6 +306,7 @@ class FramesReader:
                 for k in range(first, last + 1)]
 
     def assemble(self, start: int, stop: int, pieces: list[tuple[int, int, int, int]], blobs: list[bytes]) -> np.ndarray:
+        """Rows [start, stop) from the bytes of `pieces` (b"" for a chunk the index marks as not written)."""
         lay = self.layout
         out = np.empty((stop - start, lay.dim), dtype=lay.dtype)
         if len(pieces) == 1 and pieces[0][0] == -1:
@@ -266,18 +323,6 @@ class FramesReader:
             a, b = max(start, row0), min(stop, row0 + lay.chunk_rows)
             out[a - start:b - start] = chunk[a - row0:b - row0]
         return out
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a new writable (rows, dim) array of the stored dtype."""
-        pieces = self.ranges(start, stop)
-        key = self.layout.shard_key
-        if len(pieces) == 1 and pieces[0][0] == -1:
-            out = np.empty((stop - start, self.layout.dim), dtype=self.layout.dtype)
-            self.source.read_into(key, pieces[0][1], out)
-            return out
-        stored = [(key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK]
-        blobs = iter(self.source.read_many(stored))
-        return self.assemble(start, stop, pieces, [next(blobs) if a != EMPTY_CHUNK else b"" for _, a, _, _ in pieces])
 
     def padding(self) -> np.ndarray | None:
         """Bytes between the last row and the end of the last inner chunk (contiguous raw layout only)."""

@@ -1,13 +1,15 @@
 """The feature store: Zarr v3 layout, part writers with atomic commit, and the read API (docs/store-format.md).
 
-Layout (every node is standard Zarr v3; zarr-python reads all of it):
+Layout (every node is standard Zarr v3 in core data types only; zarr-python and tensorstore read all of it):
 
     zarr.json                              attributes.mtser = {schema_version, format, created_by}
     encoders/<name>/zarr.json              attributes.mtser_encoder = EncoderInfo (provenance)
     parts/<part>/zarr.json                 attributes.mtser_part = {committed, committed_at, encoders, ...}
     parts/<part>/utterances/<column>       the table rows this part adds (id, split, emo_class, ...)
-    parts/<part>/failures/<column>         id, path, stage, reason
+    parts/<part>/failures/<column>         id, path, stage, reason (nothing of the utterance written)
+    parts/<part>/warnings/<column>         id, path, stage, reason (the utterance was written)
     parts/<part>/features/<enc>/ids        utterance ids with frames for <enc>, in frame order
+                                           (string columns: <column>/utf8 uint8 + <column>/offsets int64)
     parts/<part>/features/<enc>/offsets    int64 (n+1): utterance i is frames[offsets[i]:offsets[i+1]]
     parts/<part>/features/<enc>/frames     (rows, dim), ONE shard written by ONE writer
     parts/<part>/features/<enc>/crc32      uint32 per utterance, zlib.crc32 of its stored bytes (+ its scales)

@@ -6,14 +6,14 @@ by their zarr crc32c codec (a mismatch makes the part unreadable, reported with 
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtser.featurestore.shards import ShardFormatError
 from mtser.featurestore.layout import StoreError
-from mtser.featurestore.reader import FeatureStore, _Part, _Segment
+from mtser.featurestore.reader import FeatureStore, Part
+from mtser.featurestore.segment import Segment
+from mtser.featurestore.shards import ShardFormatError
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,17 @@ def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
         store.close()
 
 
-def _check_part(store: FeatureStore, part: _Part, report: VerifyReport) -> None:
-    try:
-        failures = store.part_table(part.name, "failures")
-        if len(failures) != part.n_failures:
-            report.problems.append(Problem(part.name, None, None, f"failure table has {len(failures)} rows, "
-                                           f"commit recorded {part.n_failures}"))
-    except (KeyError, ValueError, OSError) as exc:
-        report.problems.append(Problem(part.name, None, None, f"failure table unreadable: {exc}"))
+def _check_part(store: FeatureStore, part: Part, report: VerifyReport) -> None:
+    for name, recorded in (("failures", part.n_failures), ("warnings", part.n_warnings)):
+        if name == "warnings" and "n_warnings" not in part.attrs:          # schema 1: no warnings table
+            continue
+        try:
+            rows = len(store.part_table(part.name, name))
+            if rows != recorded:
+                report.problems.append(Problem(part.name, None, None, f"{name} table has {rows} rows, "
+                                               f"commit recorded {recorded}"))
+        except (KeyError, ValueError, OSError) as exc:
+            report.problems.append(Problem(part.name, None, None, f"{name} table unreadable: {exc}"))
     try:
         table = store.part_table(part.name, "utterances")
     except (KeyError, ValueError, OSError) as exc:
@@ -77,10 +80,10 @@ def _check_part(store: FeatureStore, part: _Part, report: VerifyReport) -> None:
                                        f"{len(table_ids)} distinct ids, commit recorded {part.n_utterances}"))
     for name, seg in part.segments.items():
         report.problems += [Problem(part.name, name, None, m) for m in _index_problems(seg, table_ids)]
-        _check_frames(store, seg, report)
+        _check_frames(seg, report)
 
 
-def _index_problems(seg: _Segment, table_ids: set[str]) -> list[str]:
+def _index_problems(seg: Segment, table_ids: set[str]) -> list[str]:
     problems = []
     offsets, n = seg.offsets, len(seg.ids)
     if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
@@ -95,11 +98,10 @@ def _index_problems(seg: _Segment, table_ids: set[str]) -> list[str]:
     return problems
 
 
-def _check_frames(store: FeatureStore, seg: _Segment, report: VerifyReport) -> None:
+def _check_frames(seg: Segment, report: VerifyReport) -> None:
     try:
-        checksums = store.segment_array(seg, "crc32")
-        if seg.reader is not None:
-            seg.reader.ranges(0, 1)                     # loads and checks the shard index
+        checksums = seg.checksums()
+        seg.check_shard_index()
     except (StoreError, ShardFormatError, OSError, ValueError) as exc:
         report.problems.append(Problem(seg.part, seg.info.name, None,
                                        f"{exc}; all {len(seg.ids)} utterances of this part are affected"))
@@ -107,19 +109,16 @@ def _check_frames(store: FeatureStore, seg: _Segment, report: VerifyReport) -> N
     for i, utt_id in enumerate(map(str, seg.ids)):
         report.utterances += 1
         try:
-            (raw,) = store.read_stored(seg, [i])
-            scale = store.segment_scales(seg, i)
-        except StoreError as exc:
+            raw = seg.read(i)
+            crc = seg.checksum(i, raw)
+        except (StoreError, OSError, ValueError, RuntimeError) as exc:      # RuntimeError: numcodecs' zstd
             report.problems.append(Problem(seg.part, seg.info.name, utt_id, f"frames unreadable: {exc}"))
             continue
         report.bytes += raw.nbytes
-        crc = zlib.crc32(np.ascontiguousarray(raw).data)
-        if scale is not None:
-            crc = zlib.crc32(np.ascontiguousarray(scale).data, crc)
         if i >= len(checksums) or crc != int(checksums[i]):
             report.problems.append(Problem(seg.part, seg.info.name, utt_id,
                                            "checksum mismatch: stored frames differ from what was written"))
-    padding = store.shard_padding(seg)
+    padding = seg.padding()
     if padding is not None and np.any(padding):
         report.problems.append(Problem(seg.part, seg.info.name, None,
                                        "padding after the last frame is not zero (corrupt bytes hit no utterance)"))

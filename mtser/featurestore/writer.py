@@ -1,26 +1,29 @@
-"""StoreWriter: one writer's part of the store, buffered in memory and made visible by one atomic commit."""
+"""StoreWriter: one writer's part of the store, streamed to its shard files and made visible by one atomic commit."""
 from __future__ import annotations
 
-import math
 import os
+import shutil
 import socket
+import tempfile
 import time
-import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from mtser import __version__
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.layout import (
-    CHUNK_TARGET_BYTES, FAILURE_COLUMNS, FLOAT_COLUMNS, NAME_PATTERN, TABLE_COLUMNS, ZSTD_LEVEL, EncoderInfo,
-    StoreError, part_state, read_encoders, root_attrs, zarr_store,
+    CHUNK_TARGET_BYTES, FAILURE_COLUMNS, FLOAT_COLUMNS, NAME_PATTERN, SCHEMA_VERSION, TABLE_COLUMNS, ZSTD_LEVEL,
+    EncoderInfo, StoreError, is_local, local_path, part_state, read_encoders, root_attrs, upgrade_root, upload,
+    zarr_store,
 )
-from mtser.featurestore.shards import raw_shard
+from mtser.featurestore.arrays import encode_strings, string_arrays
+from mtser.featurestore.segment import frames_checksum
+from mtser.featurestore.shards import ShardSpool
 
 
 def _check_part_id(part_id: str) -> None:
@@ -47,22 +50,31 @@ def _check_row(utt: Utterance) -> None:
             raise StoreError(f"utterance {utt.id!r}: {col} must be {kind} or None, got {value!r}")
 
 
-def _stored_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
-    crc = zlib.crc32(np.ascontiguousarray(frames).data)
-    return crc if scale is None else zlib.crc32(np.ascontiguousarray(scale).data, crc)
+@dataclass
+class _EncoderStream:
+    """One encoder's frames of the part: streamed to its shard file; only the small index arrays stay in memory."""
+
+    spool: ShardSpool
+    key: str                                             # store key of the shard file
+    ids: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+    scales: list[np.ndarray] = field(default_factory=list)
 
 
 class StoreWriter:
     """Writes one part (= one shard of work). Nothing is visible to readers until `commit()`.
 
-    All rows are buffered in memory and written at commit: every array of the part is written by this writer alone
-    (frames in one call, so each shard file is written once), then the part is marked committed in one metadata
-    write. A part left uncommitted by a killed writer is deleted when a writer with the same part id commits.
+    Frames stream to the part's shard file (one per encoder) as utterances are added, so memory stays bounded by
+    one utterance, not the part; the table, ids and offsets are kept until commit. Local stores get the shard file
+    in place inside the (uncommitted, hence invisible) part; remote stores get a local spool file uploaded at
+    commit. Commit writes the small arrays, then marks the part committed in one metadata write. A part left
+    uncommitted by a killed writer is deleted when a writer with the same part id starts.
     """
 
     def __init__(self, url: str, part_id: str, storage_options: dict | None = None):
         _check_part_id(part_id)
-        self.url, self.part_id = url, part_id
+        self.url, self.part_id, self.storage_options = url, part_id, storage_options
         self._store = zarr_store(url, storage_options, read_only=False)
         root_attrs(self._store, url)
         state = part_state(self._store, part_id)
@@ -72,9 +84,16 @@ class StoreWriter:
         self._encoders = read_encoders(self._store)
         self._rows: list[Utterance] = []
         self._ids: set[str] = set()
-        self._features: dict[str, list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
+        self._streams: dict[str, _EncoderStream] = {}
+        self._spool_dir: str | None = None                    # remote stores: where shard files are spooled
+        self._started = False
         self._failures: list[tuple[str, str, str, str]] = []
+        self._warnings: list[tuple[str, str, str, str]] = []
         self._closed = False
+
+    @property
+    def _path(self) -> str:
+        return f"parts/{self.part_id}"
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -103,14 +122,15 @@ class StoreWriter:
                 raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf")
             return quantize_int8(x)
         with np.errstate(over="ignore"):            # overflow shows up as inf, reported just below
-            stored = np.array(x, dtype=info.dtype, order="C")   # a copy: callers may reuse their buffers
+            stored = np.asarray(x, dtype=info.dtype, order="C")
         if not np.isfinite(stored).all():
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf "
                              f"(as {info.dtype})")
         return stored, None
 
     def add(self, utt: Utterance, features: dict[str, np.ndarray]) -> None:
-        """Buffer one utterance's table row and its (T, D) features per encoder; StoreError leaves nothing added."""
+        """Add one utterance's table row and its (T, D) features per encoder (the frames go to the shard files
+        now); StoreError leaves nothing added."""
         self._check_open()
         if not isinstance(utt.id, str) or not utt.id:
             raise StoreError(f"utterance id {utt.id!r}: must be a non-empty string")
@@ -121,67 +141,108 @@ class StoreWriter:
         self._rows.append(utt)
         self._ids.add(utt.id)
         for name, (stored, scale) in converted.items():
-            self._features.setdefault(name, []).append((utt.id, stored, scale))
+            stream = self._stream(self._encoders[name], stored.dtype)
+            stream.spool.append(stored)
+            stream.ids.append(utt.id)
+            stream.lengths.append(len(stored))
+            stream.checksums.append(frames_checksum(stored, scale))
+            if scale is not None:
+                stream.scales.append(scale)
+
+    def _stream(self, info: EncoderInfo, dtype: np.dtype) -> _EncoderStream:
+        stream = self._streams.get(info.name)
+        if stream is None:
+            self._start()
+            key = f"{self._path}/features/{info.name}/frames/c/0/0"
+            where = os.path.join(local_path(self.url), key) if is_local(self.url) else \
+                os.path.join(self._spool_dir, info.name)
+            chunk_rows = max(1, CHUNK_TARGET_BYTES // (info.dim * dtype.itemsize))
+            spool = ShardSpool(where, info.dim, dtype, chunk_rows, info.compression == "zstd", ZSTD_LEVEL)
+            stream = self._streams[info.name] = _EncoderStream(spool, key)
+        return stream
+
+    def _start(self) -> None:
+        """Before the first byte: drop leftovers of a killed writer of this part id, mark the part uncommitted."""
+        if self._started:
+            return
+        upgrade_root(self._store, self.url)
+        sync(self._store.delete_dir(self._path))
+        zarr.create_group(self._store, path=self._path,
+                          attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
+        if not is_local(self.url):
+            self._spool_dir = tempfile.mkdtemp(prefix=f"mtser-{self.part_id}-")
+        self._started = True
 
     def add_failure(self, utt_id: str, path: str | None, stage: str, reason: str) -> None:
-        """Record an utterance that could not be processed (kept in the part's `failures` table)."""
+        """Record an utterance that could not be processed: nothing of it is written (the part's `failures`)."""
         self._check_open()
         self._failures.append((str(utt_id), path or "", str(stage), str(reason)))
 
+    def add_warning(self, utt_id: str, path: str | None, stage: str, reason: str) -> None:
+        """Record something worth knowing about an utterance that is kept and written (the part's `warnings`)."""
+        self._check_open()
+        self._warnings.append((str(utt_id), path or "", str(stage), str(reason)))
+
     def abort(self) -> None:
-        """Drop everything buffered; nothing is written."""
-        self._rows, self._ids, self._features, self._failures = [], set(), {}, []
+        """Drop everything: what was streamed is deleted, nothing stays in the store."""
+        for stream in self._streams.values():
+            stream.spool.close()
+        if self._started:
+            sync(self._store.delete_dir(self._path))
+        self._cleanup()
+        self._rows, self._ids, self._streams, self._failures, self._warnings = [], set(), {}, [], []
         self._closed = True
 
+    def _cleanup(self) -> None:
+        if self._spool_dir is not None:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool_dir = None
+
     def commit(self) -> None:
-        """Write all arrays of the part, then mark it committed (the one write that makes it visible)."""
+        """Finish the shard files, write the small arrays, then mark the part committed (the one write that makes
+        it visible)."""
         self._check_open()
-        path = f"parts/{self.part_id}"
         state = part_state(self._store, self.part_id)
         if state and state.get("committed"):
             raise StoreError(f"{self.url}: part {self.part_id!r} was committed by another writer meanwhile")
-        sync(self._store.delete_dir(path))        # leftovers of a killed writer of this part id
-        group = zarr.create_group(self._store, path=path,
-                                  attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
-        _write_table(group, "utterances", {"id": [u.id for u in self._rows],
-                                           **{c: [getattr(u, c) for u in self._rows] for c in TABLE_COLUMNS}})
-        _write_table(group, "failures", dict(zip(FAILURE_COLUMNS, map(list, zip(*self._failures))))
-                     if self._failures else {c: [] for c in FAILURE_COLUMNS})
-        summary = {name: self._write_encoder(group, self._encoders[name], items)
-                   for name, items in sorted(self._features.items())}
+        self._start()
+        try:
+            group = zarr.open_group(self._store, path=self._path, mode="r+")
+            _write_table(group, "utterances", {"id": [u.id for u in self._rows],
+                                               **{c: [getattr(u, c) for u in self._rows] for c in TABLE_COLUMNS}})
+            for table, rows in (("failures", self._failures), ("warnings", self._warnings)):
+                _write_table(group, table, {c: [r[j] for r in rows] for j, c in enumerate(FAILURE_COLUMNS)})
+            summary = {name: self._write_encoder(group, self._encoders[name], stream)
+                       for name, stream in sorted(self._streams.items())}
+        finally:
+            self._cleanup()
         now = time.time_ns()
         group.update_attributes({"mtser_part": {
-            "committed": True, "committed_ns": now,
+            "committed": True, "committed_ns": now, "schema_version": SCHEMA_VERSION,
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
             "writer": _writer_id(), "mtser_version": __version__, "n_utterances": len(self._rows),
-            "n_failures": len(self._failures), "encoders": summary}})
+            "n_failures": len(self._failures), "n_warnings": len(self._warnings), "encoders": summary}})
         self._closed = True
 
-    def _write_encoder(self, group: zarr.Group, info: EncoderInfo, items: list) -> dict[str, Any]:
-        prefix = f"features/{info.name}"
-        frames = [f for _, f, _ in items]
-        offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames])]).astype(np.int64)
-        rows, dtype = int(offsets[-1]), frames[0].dtype
-        chunk_rows = max(1, min(rows, CHUNK_TARGET_BYTES // (info.dim * dtype.itemsize)))
-        arr = group.create_array(
-            f"{prefix}/frames", shape=(rows, info.dim), dtype=dtype, chunks=(chunk_rows, info.dim),
-            shards=(math.ceil(rows / chunk_rows) * chunk_rows, info.dim), fill_value=0,
+    def _write_encoder(self, group: zarr.Group, info: EncoderInfo, stream: _EncoderStream) -> dict[str, Any]:
+        prefix, spool = f"features/{info.name}", stream.spool
+        stored_bytes = spool.finish()
+        if not is_local(self.url):
+            upload(self.url, self.storage_options, stream.key, spool.path)
+        group.create_array(
+            f"{prefix}/frames", shape=(spool.rows, info.dim), dtype=spool.dtype, chunks=(spool.chunk_rows, info.dim),
+            shards=(spool.n_chunks * spool.chunk_rows, info.dim), fill_value=0,
             compressors=ZstdCodec(level=ZSTD_LEVEL) if info.compression == "zstd" else None,
-            config={"write_empty_chunks": True})
-        shard_key = f"{group.path}/{prefix}/frames/c/0/0"
-        if info.compression == "zstd":
-            arr[...] = np.concatenate(frames)
-        else:           # the bytes zarr-python would write, in one pass instead of one codec call per chunk
-            shard = raw_shard(frames, chunk_rows)
-            sync(self._store.set(shard_key, default_buffer_prototype().buffer.from_array_like(shard)))
-        _write_small(group, f"{prefix}/ids", np.array([i for i, _, _ in items], dtype=str))
+            config={"write_empty_chunks": True})                # metadata only: the shard file is written
+        offsets = np.zeros(len(stream.lengths) + 1, dtype=np.int64)
+        np.cumsum(stream.lengths, out=offsets[1:])
+        _write_strings(group, f"{prefix}/ids", stream.ids)
         _write_small(group, f"{prefix}/offsets", offsets)
-        _write_small(group, f"{prefix}/crc32",
-                     np.array([_stored_checksum(f, s) for _, f, s in items], dtype=np.uint32))
+        _write_small(group, f"{prefix}/crc32", np.array(stream.checksums, dtype=np.uint32))
         if info.dtype == "int8":
-            _write_small(group, f"{prefix}/scale", np.concatenate([s for _, _, s in items]))
-        return {"n": len(items), "frames": rows, "dim": info.dim, "dtype": info.dtype,
-                "nbytes": rows * info.dim * dtype.itemsize, "stored_bytes": int(sync(self._store.getsize(shard_key)))}
+            _write_small(group, f"{prefix}/scale", np.concatenate(stream.scales))
+        return {"n": len(stream.ids), "frames": spool.rows, "dim": info.dim, "dtype": info.dtype,
+                "nbytes": spool.rows * info.dim * spool.dtype.itemsize, "stored_bytes": stored_bytes}
 
 
 def _writer_id() -> str:
@@ -189,18 +250,24 @@ def _writer_id() -> str:
 
 
 def _write_small(group: zarr.Group, name: str, values: np.ndarray) -> None:
-    """A one-chunk index array, zstd-compressed and crc32c-checked (zarr verifies the checksum on every read)."""
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-                             chunks=values.shape if values.size else (1,), compressors=[ZstdCodec(level=ZSTD_LEVEL),
-                                                                                        Crc32cCodec()])
+    """A one-chunk numeric index array, zstd-compressed and crc32c-checked (zarr verifies the checksum on every
+    read)."""
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape if values.size else (1,),
+                             compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()])
     if values.size:
         arr[...] = values
+
+
+def _write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
+    """A string column in core types: `<name>/utf8` (uint8) and `<name>/offsets` (int64, n+1)."""
+    for path, array in zip(string_arrays(name), encode_strings(values)):
+        _write_small(group, path, array)
 
 
 def _write_table(group: zarr.Group, name: str, columns: dict[str, list]) -> None:
     for col, values in columns.items():
         if col in FLOAT_COLUMNS:
             array = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+            _write_small(group, f"{name}/{col}", array)
         else:
-            array = np.array(["" if v is None else str(v) for v in values], dtype=str)
-        _write_small(group, f"{name}/{col}", array)
+            _write_strings(group, f"{name}/{col}", ["" if v is None else str(v) for v in values])

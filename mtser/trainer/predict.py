@@ -74,7 +74,7 @@ def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[s
 def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
                   transcripts: Path | None = None) -> PredictionRun:
     """Run the ensemble at `ensemble` (manifest file or its directory) on audio files; bad files are skipped."""
-    from mtser.featurestore.extract import encode_utterances
+    from mtser.featurestore.pipeline import encode_utterances
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.infer import predict_features
 

@@ -1,0 +1,161 @@
+"""The per-utterance encoding pipeline: audio → (augmented copies) → speech / Whisper encoders (+ASR) → text encoders.
+
+Used by extraction (`extract.write_shard`, inside Ray actors) and by `mtser predict` (`encode_utterances`, in
+process, no store). Knows nothing about shards, Ray or the store. Imports torch and transformers (via `audio` and
+`encoders`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from mtser.config import EncoderConfig, ExtractConfig
+from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
+from mtser.featurestore.corpus import Utterance
+from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
+
+
+class Failure(NamedTuple):
+    utt: Utterance
+    stage: str                  # "read", "audio", "transcript", "encode:<encoder>", "store"
+    reason: str
+
+
+@dataclass
+class PipelineResult:
+    written: list[tuple[Utterance, dict[str, np.ndarray]]]
+    failures: list[Failure]
+
+
+def has_transcript(utt: Utterance) -> bool:
+    return bool(utt.transcript and utt.transcript.strip())
+
+
+class Pipeline:
+    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances."""
+
+    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")  # torch, on WavLM masks
+        self.cfg = cfg
+        self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens)
+                         for e in cfg.encoders}
+        self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
+
+    def run(self, utts: Sequence[Utterance], augment: int = 0) -> PipelineResult:
+        sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
+        failed: dict[str, Failure] = {}
+        items, waves, source = self._load(utts, augment, failed)
+        if not items:                                   # nothing decoded: tokenizers refuse an empty batch
+            return PipelineResult([], list(failed.values()))
+        feats: list[dict[str, np.ndarray]] = [{} for _ in items]
+        asr_text: dict[int, str] = {}
+        for name, enc in self.encoders.items():
+            if isinstance(enc, TextEncoder):
+                continue
+            if isinstance(enc, WhisperEncoder):
+                inputs: list = [(w, name == self.asr and source[i] == i and not has_transcript(items[i]))
+                                for i, w in enumerate(waves)]
+            else:
+                inputs = waves
+            results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
+            for i, out in results.items():
+                if isinstance(enc, WhisperEncoder):
+                    out, text = out
+                    if text is not None:
+                        asr_text[i] = text
+                feats[i][name] = self._as_stored(name, out)
+            for i, reason in errors.items():
+                failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
+        items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
+        self._encode_texts(items, source, feats, failed)
+        for i, u in enumerate(items):
+            origin = items[source[i]]
+            if u.id in failed:
+                continue
+            if origin.id in failed:
+                failed[u.id] = Failure(u, failed[origin.id].stage, f"source utterance {origin.id} failed")
+            elif u.transcript is None and any(isinstance(e, TextEncoder) for e in self.encoders.values()):
+                failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
+        written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
+        return PipelineResult(written, list(failed.values()))
+
+    def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
+        """float16 encoders keep float16 in memory (a group's features are held until written)."""
+        return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
+
+    def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
+              ) -> tuple[list[Utterance], list[np.ndarray], list[int]]:
+        """Decoded audio per utterance, then its augmented copies; source[i] is the index of item i's original."""
+        cfg, sr = self.cfg, self.cfg.sample_rate
+        items: list[Utterance] = []
+        waves: list[np.ndarray] = []
+        source: list[int] = []
+        for utt in utts:
+            copies = range(1, augment + 1 if utt.split == "Train" else 1)
+            try:
+                if not utt.path:
+                    raise AudioError("no audio path")
+                wave = load_audio(utt.path, sr)
+            except AudioError as exc:
+                failed[utt.id] = Failure(utt, "audio", str(exc))
+                for copy in copies:                       # planned rows too: each is written or failed
+                    aug = replace(utt, id=f"{utt.id}#aug{copy}", source_id=utt.id)
+                    failed[aug.id] = Failure(aug, "audio", f"source utterance {utt.id} failed")
+                continue
+            origin = len(items)
+            items.append(replace(utt, duration=len(wave) / sr))
+            waves.append(wave)
+            source.append(origin)
+            for copy in copies:
+                rng = augmentation_rng(cfg.seed, utt.id, copy)
+                noisy, draw = augment_wave(wave, sr, rng, copy, cfg.augment_snr_db, cfg.augment_rt60_s, cfg.augment_gain_db)
+                items.append(replace(utt, id=f"{utt.id}#aug{copy}", augmentation=draw.label, source_id=utt.id,
+                                     duration=len(noisy) / sr))
+                waves.append(noisy)
+                source.append(origin)
+        return items, waves, source
+
+    @staticmethod
+    def _with_transcript(utt: Utterance, origin: Utterance, asr: str | None) -> Utterance:
+        if has_transcript(origin):
+            return replace(utt, transcript=origin.transcript.strip(), transcript_source=origin.transcript_source or "human")
+        if asr is not None:
+            return replace(utt, transcript=asr, transcript_source="asr")
+        return replace(utt, transcript=None, transcript_source=None)
+
+    def _encode_texts(self, items: list[Utterance], source: list[int], feats: list[dict[str, np.ndarray]],
+                      failed: dict[str, Failure]) -> None:
+        """Text features for originals with a transcript; augmented copies share their original's."""
+        rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
+        texts = [items[i].transcript for i in rows]
+        for name, enc in self.encoders.items():
+            if not isinstance(enc, TextEncoder):
+                continue
+            results, errors = run_batched(lambda b, e=enc: e.forward(b, self.cfg.sample_rate), texts,
+                                          enc.batches(texts, self.cfg.batch_seconds, self.cfg.sample_rate))
+            for j, out in results.items():
+                feats[rows[j]][name] = self._as_stored(name, out)
+            for j, reason in errors.items():
+                failed.setdefault(items[rows[j]].id, Failure(items[rows[j]], f"encode:{name}", reason))
+            for i in range(len(items)):
+                if source[i] != i and name in feats[source[i]]:
+                    feats[i][name] = feats[source[i]][name]
+
+
+def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
+                      batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
+    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D), the utterances with
+    transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
+    cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,
+                        asr_max_new_tokens=asr_max_new_tokens)
+    result = Pipeline(cfg, device).run(utts)
+    features = {u.id: {k: np.asarray(v, dtype=np.float32) for k, v in f.items()} for u, f in result.written}
+    return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}

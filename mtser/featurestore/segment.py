@@ -1,0 +1,150 @@
+"""Segment: one encoder's frames within one committed part, and the one read planner for every frames read.
+
+A segment knows its utterance ids, their row offsets, per-frame int8 scales, the per-utterance checksums written at
+commit, and how to read one or many utterances' stored frames. `read_segments` plans every read, local or remote,
+single or batched: per utterance the byte ranges of the shard file it covers (one range for mtser's raw layout,
+one per touched inner chunk otherwise), never asking for an inner chunk the shard index marks as not written
+(those read as the fill value, as in zarr). A local source fills one-range reads straight into the result
+(`os.preadv`); a batching (remote) source fetches all ranges of a batch concurrently. Frames arrays in any other
+Zarr layout are sliced through zarr-python. `frames_checksum` is the one checksum of stored frames (writer and
+verify). Imports numpy and zarr only.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from mtser.featurestore.arrays import read_arrays
+from mtser.featurestore.layout import EncoderInfo, StoreError
+from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader
+
+
+def frames_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
+    """zlib.crc32 of an utterance's stored frame bytes, continued over its int8 scales (the `crc32` array)."""
+    crc = zlib.crc32(np.ascontiguousarray(frames).data)
+    return crc if scale is None else zlib.crc32(np.ascontiguousarray(scale).data, crc)
+
+
+@dataclass
+class Segment:
+    """One encoder's frames within one committed part (`parts/<part>/features/<encoder>`)."""
+
+    part: str
+    info: EncoderInfo
+    ids: np.ndarray                       # utterance ids (object array of str), in frame order
+    offsets: np.ndarray                   # int64 (n+1): utterance i is rows offsets[i]:offsets[i+1]
+    layout: FramesLayout | None           # None: not mtser's shard layout, read through zarr-python
+    store: Any                            # the zarr store (small arrays, zarr-python fallback)
+    reader: FramesReader | None = None
+    _scale: np.ndarray | None = None
+    _array: Any = None
+
+    @property
+    def path(self) -> str:
+        return f"parts/{self.part}/features/{self.info.name}"
+
+    def rows(self, i: int) -> tuple[int, int]:
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def small_array(self, name: str) -> np.ndarray:
+        """One of the segment's one-chunk arrays ("crc32", "scale"), its chunk checksum verified."""
+        try:
+            return read_arrays(self.store, [f"{self.path}/{name}"])[0]
+        except (KeyError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot read {self.path}/{name}: {exc}") from exc
+
+    def checksums(self) -> np.ndarray:
+        """The crc32 per utterance recorded at commit."""
+        return self.small_array("crc32")
+
+    def scales(self, i: int) -> np.ndarray | None:
+        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
+        if self.info.dtype != "int8":
+            return None
+        if self._scale is None:
+            self._scale = self.small_array("scale")
+        start, stop = self.rows(i)
+        return self._scale[start:stop]
+
+    def checksum(self, i: int, stored: np.ndarray) -> int:
+        """`frames_checksum` of the utterance at position `i`, given its stored frames."""
+        return frames_checksum(stored, self.scales(i))
+
+    def decode(self, i: int, stored: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """Stored frames as values: int8 dequantised to float32, then cast to `dtype` if given."""
+        if self.info.dtype == "int8":
+            values = np.multiply(stored, self.scales(i)[:, None], dtype=np.float32)
+            return values if dtype is None else values.astype(dtype, copy=False)
+        return stored if dtype is None else stored.astype(dtype)
+
+    def read(self, i: int) -> np.ndarray:
+        """Stored frames of the utterance at position `i` (int8 encoders: the int8 values)."""
+        return read_segments([(self, i)])[0]
+
+    def read_many(self, positions: list[int]) -> list[np.ndarray]:
+        return read_segments([(self, i) for i in positions])
+
+    def check_shard_index(self) -> None:
+        """Load and check the shard index (ShardFormatError when corrupt); a no-op for other layouts."""
+        if self.reader is not None:
+            self.reader.ranges(0, 1)
+
+    def padding(self) -> np.ndarray | None:
+        """The bytes between the last frame and the shard index (all zero when intact); None if not applicable."""
+        return self.reader.padding() if self.reader is not None else None
+
+    def zarr_rows(self, start: int, stop: int) -> np.ndarray:
+        if self._array is None:
+            self._array = zarr.open_array(self.store, path=f"{self.path}/frames", mode="r")
+        return np.asarray(self._array[start:stop])
+
+
+def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Stored frames of each (segment, position) as new writable arrays: the one read planner (see module doc).
+
+    `into` (one (rows, dim) array per hit, e.g. the rows of a padded batch): fill those instead, with the frames'
+    values (int8 dequantised) cast to each array's dtype; where the stored bytes already are the array's dtype, a
+    local one-range read goes straight into it. Returns `into` then."""
+    plans: list[tuple[Segment, int, int, int, list | None]] = []
+    requests: dict[ByteSource, list[tuple[str, int, int]]] = {}
+    for seg, i in hits:
+        start, stop = seg.rows(i)
+        if seg.reader is None:
+            plans.append((seg, i, start, stop, None))
+            continue
+        pieces = seg.reader.ranges(start, stop)
+        plans.append((seg, i, start, stop, pieces))
+        if seg.reader.source.batches or not _one_range(pieces):
+            requests.setdefault(seg.reader.source, []).extend(
+                (seg.layout.shard_key, a, b) for _, a, b, _ in pieces if a != EMPTY_CHUNK)
+    blobs = {source: iter(source.read_many(reqs)) for source, reqs in requests.items()}
+    out = []
+    for k, (seg, i, start, stop, pieces) in enumerate(plans):
+        target = None if into is None else into[k]
+        if pieces is None:
+            frames = seg.zarr_rows(start, stop)
+        elif not seg.reader.source.batches and _one_range(pieces):
+            direct = target is not None and seg.info.dtype != "int8" and target.dtype == seg.layout.dtype
+            frames = target if direct else np.empty((stop - start, seg.layout.dim), dtype=seg.layout.dtype)
+            seg.reader.source.read_into(seg.layout.shard_key, pieces[0][1], frames)
+            if direct:
+                out.append(target)
+                continue
+        else:
+            got = blobs[seg.reader.source]
+            frames = seg.reader.assemble(start, stop, pieces, [next(got) if a != EMPTY_CHUNK else b""
+                                                               for _, a, _, _ in pieces])
+        if target is not None:
+            target[...] = seg.decode(i, frames)
+            frames = target
+        out.append(frames)
+    return out
+
+
+def _one_range(pieces: list[tuple[int, int, int, int]]) -> bool:
+    """The utterance is one byte range of rows as stored (mtser's raw layout)."""
+    return len(pieces) == 1 and pieces[0][0] == -1
