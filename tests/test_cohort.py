@@ -70,12 +70,17 @@ def assert_states_close(state: dict[str, torch.Tensor], reference: dict[str, tor
         assert error <= rtol, f"{key}: relative difference {error:.2e}"
 
 
-@pytest.mark.parametrize("pooling", ["asp", "mean"])
-def test_members_equal_models_trained_alone(store_url, tmp_path, pooling):
-    variants = {"m0": config(loss__alpha=1.0, loss__beta=0.25, model__pooling=pooling),
-                "m1": config(loss__alpha=0.25, loss__beta=1.0, train__lr=5e-4, model__pooling=pooling),
+@pytest.mark.parametrize("pooling, attention_dim", [("asp", 16), ("asp", 32), ("mean", 16)])
+def test_members_equal_models_trained_alone(store_url, tmp_path, pooling, attention_dim):
+    from mtser.trainer.cohort import PACK_COLUMNS
+
+    shape = {"model__pooling": pooling, "model__attention_dim": attention_dim}
+    if pooling == "asp":        # both ways of scoring frames: over the padded batch, and packed real frames only
+        assert (3 * attention_dim >= PACK_COLUMNS) == (attention_dim == 32)
+    variants = {"m0": config(loss__alpha=1.0, loss__beta=0.25, **shape),
+                "m1": config(loss__alpha=0.25, loss__beta=1.0, train__lr=5e-4, **shape),
                 "m2": config(loss__alpha=0.5, loss__beta=0.5, train__grad_clip=0.05, train__weight_decay=0.1,
-                             train__min_lr=1e-3, model__pooling=pooling)}
+                             train__min_lr=1e-3, **shape)}
     members = [Member(name, cfg, tmp_path / name) for name, cfg in variants.items()]
     results = train_cohort(members, store_url)
     assert {r.status for r in results.values()} == {"complete"}
