@@ -7,13 +7,16 @@ Without --store it writes a synthetic store of realistic shapes through StoreWri
 Whisper-large 1280-d frames at 50 frames/s, RoBERTa-large 1024-d tokens at ~3 tokens/s, float16). Both readers
 walk the same sampled batches, alternately, in one run:
   raw     store.get_many per encoder per batch, in the calling thread (what a naive loop pays)
-  loader  mtser.trainer.data: label lookup, padding to (B, T, D) float32 + masks, background prefetch threads
+  loader  mtser.trainer.data.BatchReader in background prefetch threads, label lookup and masks included:
+          as stored for a GPU (the frames back to back in one buffer, padded on the device: loader_vs_raw), and
+          for the CPU (each utterance read into its row of a padded (B, T, D) buffer, converted to float32)
 Then a short `mtser.trainer.loop.train` run reports the fraction of step time spent waiting in next(batch).
 The last line printed is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -33,6 +36,7 @@ from mtser.trainer import data  # noqa: E402
 
 ENCODERS = {"wavlm": (1024, 50.0), "whisper": (1280, 50.0), "roberta": (1024, 3.0)}  # dim, frames per second
 CONFIG = Path(__file__).resolve().parent.parent / "configs"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                                       # glibc mallopt parameters
 
 
 def write_store(url: str, n: int, seed: int = 0) -> None:
@@ -105,12 +109,19 @@ def main() -> None:
             started = time.perf_counter()
             write_store(url, n)
             print(f"wrote {n} utterances to {url} in {time.perf_counter() - started:.1f} s", flush=True)
+        # The raw reads' per-utterance arrays come from glibc's heap or, depending on what the process freed
+        # before (its dynamic mmap threshold), each from a fresh mmap that pays a page fault per 4 KiB: measured
+        # here, raw reads then ran 2.5x slower and flattered the loader. Pin the heap path for a fair baseline.
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 256 << 20)
+        ctypes.CDLL("libc.so.6").mallopt(M_TRIM_THRESHOLD, 1 << 30)
         store = open_store(url)
         encoders = sorted(store.encoders)
         pool = data.training_ids(store, encoders, "multi")
         ids = data.epoch_sample(pool, min(len(pool), samples), seed=0, epoch=1)
         batches = [list(b) for b in data.chunks(ids, args.batch_size)]
-        as_stored, as_float32 = data.BatchReader(store, encoders), data.BatchReader(store, encoders, np.float32)
+        # The GPU path: frames back to back as stored (padded later, on the device); the CPU path: padded float32.
+        as_stored = data.BatchReader(store, encoders, packed=True)
+        as_float32 = data.BatchReader(store, encoders, np.float32)
         time_raw(store, batches[:2], encoders)  # warm all paths (first reads open files, build indexes)
         time_loader(as_stored, batches[:2], args.prefetch)
         time_loader(as_float32, batches[:2], args.prefetch)
@@ -121,7 +132,7 @@ def main() -> None:
             loader32.append(time_loader(as_float32, batches, args.prefetch))
         raw_sps, loader_sps, loader32_sps = (len(ids) / statistics.median(t) for t in (raw, loader, loader32))
         print(f"raw store reads : {raw_sps:8.1f} samples/s  (median of {args.repeats}: {statistics.median(raw):.2f} s)")
-        print(f"trainer loader  : {loader_sps:8.1f} samples/s  (GPU path: padded as stored, masks, prefetch "
+        print(f"trainer loader  : {loader_sps:8.1f} samples/s  (GPU path: packed as stored, masks, prefetch "
               f"depth {args.prefetch})")
         print(f"loader, float32 : {loader32_sps:8.1f} samples/s  (CPU path: converted to float32 in the threads)")
         wait, train_sps = training_wait(url, args.model, epochs, samples, Path(tmp) / "run")

@@ -61,6 +61,9 @@ def test_round_trip_is_exact_for_each_dtype(url: str, dtype: str, compression: s
         for row, utt_id in enumerate(IDS):
             np.testing.assert_array_equal(out[row, :lengths[row]], store.get(utt_id, "enc").astype(out_dtype))
             assert (out[row, lengths[row]:] == 0).all()
+        packed = np.empty((int(lengths.sum()), 24), dtype=out_dtype)     # or back to back
+        store.read_into(IDS, "enc", packed)
+        np.testing.assert_array_equal(packed, np.concatenate([store.get(i, "enc") for i in IDS]).astype(out_dtype))
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])

@@ -137,6 +137,13 @@ def test_loader_batches_equal_per_utterance_reads_and_padding(store):
     batches = data.epoch_batches(pool, data.total_lengths(store, pool, ["a", "b"]), 64, 16, seed=3, epoch=1)
     for dtype in (np.float32, None):
         assert_same_batches(data.BatchReader(store, ["a", "b"], dtype), store, batches, dtype)
+    packed = data.BatchReader(store, ["a", "b"], packed=True)             # the GPU path: padded on the device
+    for ids in batches:
+        batch = packed(ids)
+        for name, (x, mask) in reference_batch(store, ids, ["a", "b"], np.float32).items():
+            assert batch.features[name][0].shape == (int(mask.sum()), x.shape[-1])
+            on_device = batch.to("cpu").features[name]
+            assert torch.equal(on_device[0], x) and torch.equal(on_device[1], mask)
 
 
 def test_loader_on_object_storage_equals_local(store, moto_s3, s3_bucket):

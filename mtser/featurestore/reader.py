@@ -264,15 +264,21 @@ class FeatureStore:
             return [seg.decode(i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
 
     def read_into(self, utt_ids: list[str], encoder: str, out: np.ndarray) -> np.ndarray:
-        """Frames of `utt_ids` into the rows of a (B, T_max, D) buffer, zero after each utterance's last frame;
-        returns the lengths (B,). Local raw shards of `out`'s dtype are read by the kernel straight into each row
-        (`read_segments` with `into`); anything else is decoded and cast into the row."""
+        """Frames of `utt_ids` into `out`; returns the lengths (B,). `out` is either a padded (B, T_max, D) batch
+        (each utterance in its row, zero after its last frame) or a packed (Σ lengths, D) array (the utterances'
+        frames back to back). Local raw shards of `out`'s dtype are read by the kernel straight into place
+        (`read_segments` with `into`); anything else is decoded and cast into place."""
         hits = [self.locate(u, encoder) for u in utt_ids]
         lengths = np.array([int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in hits], dtype=np.int64)
-        for row, n in enumerate(lengths):
-            out[row, n:] = 0
+        if out.ndim == 3:
+            for row, n in enumerate(lengths):
+                out[row, n:] = 0
+            places = [out[row, :n] for row, n in enumerate(lengths)]
+        else:
+            ends = np.cumsum(lengths)
+            places = [out[end - n:end] for end, n in zip(ends, lengths)]
         with self._naming_failures(utt_ids, hits):
-            read_segments(hits, into=[out[row, :n] for row, n in enumerate(lengths)])
+            read_segments(hits, into=places)
         return lengths
 
     @contextmanager

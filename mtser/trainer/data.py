@@ -123,8 +123,16 @@ class Batch:
 
 def features_to(features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {k: (x.to(device, non_blocking=True).float(), m.to(device, non_blocking=True))
-            for k, (x, m) in features.items()}
+    """Features on `device` as float32 (B, T, D) with masks; packed (N, D) frames are padded there."""
+    out = {}
+    for name, (x, mask) in features.items():
+        x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        if x.dim() == 2:                        # the utterances' frames back to back, in the mask's row order
+            padded = torch.zeros((*mask.shape, x.shape[-1]), dtype=torch.float32, device=x.device)
+            padded[mask] = x.float()
+            x = padded
+        out[name] = (x.float(), mask)
+    return out
 
 
 def host_dtype(device: torch.device) -> type | None:
@@ -189,8 +197,9 @@ class BufferPool:
 
 class BatchReader:
     """Reads the batch of a list of ids: each utterance's frames straight into its row of the padded (B, T, D)
-    buffer (pinned host memory when `pin_memory`, for asynchronous copies to a GPU), masks, and labels indexed
-    from arrays built once from the store's table.
+    buffer, masks, and labels indexed from arrays built once from the store's table. For a GPU (`packed`,
+    `pin_memory`): the frames back to back in one (N, D) pinned buffer instead, padded on the device by
+    `Batch.to` — a third fewer bytes to write on the host and to transfer, and no zero filling there.
 
     dtype: host dtype of the features (None: as read; float32 where the model runs on the CPU, converted once per
     batch in the prefetch threads, not in the training step). skip_unreadable (training): an utterance the store
@@ -199,8 +208,9 @@ class BatchReader:
     """
 
     def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None,
-                 skip_unreadable: bool = False, pin_memory: bool = False):
+                 skip_unreadable: bool = False, pin_memory: bool = False, packed: bool = False):
         self.store = store
+        self.packed = packed
         self.encoders = list(encoders)
         self.dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         self.skip_unreadable = skip_unreadable
@@ -228,27 +238,22 @@ class BatchReader:
     def _read(self, ids: Sequence[str]) -> Batch:
         ids = list(ids)
         rows = np.fromiter((self._row[i] for i in ids), dtype=np.int64, count=len(ids))
-        features = {name: self._padded(ids, name) for name in self.encoders}
+        features = {name: self._features(ids, name) for name in self.encoders}
         return Batch(ids, features, torch.from_numpy(self._classes[rows]), torch.from_numpy(self._attributes[rows]))
 
-    def _padded(self, ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = np.fromiter((self.store.length(i, name) for i in ids), dtype=np.int64, count=len(ids))
         info = self.store.encoders[name]
-        shape = (len(ids), max(1, int(lengths.max())), info.dim)
+        mask = torch.from_numpy(np.arange(max(1, int(lengths.max())))[None, :] < lengths[:, None])
+        shape = (int(lengths.sum()), info.dim) if self.packed else (*mask.shape, info.dim)
         if self.pin_memory:                     # torch's caching host allocator reuses pinned blocks itself
             buffer = torch.empty(shape, dtype=READ_DTYPE[info.dtype], pin_memory=True)
-            self.store.read_into(ids, name, buffer.numpy())
         else:
-            buffer = torch.from_numpy(self.store_read(ids, name, shape, READ_DTYPE[info.dtype]))
-        mask = torch.from_numpy(np.arange(shape[1])[None, :] < lengths[:, None])
+            buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[READ_DTYPE[info.dtype]]))
+        self.store.read_into(ids, name, buffer.numpy())
         if self.dtype is not None and buffer.dtype != self.dtype:
             buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[self.dtype])).copy_(buffer)
         return buffer, mask
-
-    def store_read(self, ids: list[str], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
-        out = self._buffers.take(shape, TORCH_TO_NUMPY[dtype])
-        self.store.read_into(ids, name, out)
-        return out
 
     def _readable(self, utt_id: str) -> bool:
         try:

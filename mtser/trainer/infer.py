@@ -92,7 +92,8 @@ def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, de
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
     sorted_ids = [ids[k] for k in order]
-    reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=device.type == "cuda")
+    gpu = device.type == "cuda"
+    reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu)
     batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))

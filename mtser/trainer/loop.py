@@ -178,8 +178,9 @@ class _Cohort:
             self.losses.append(build_loss(m.tc.task, m.cfg.loss, counts))
         self.model = CohortModel([self._initial_model(m, dims, store) for m in members]).to(self.device)
         host, pin = data.host_dtype(self.device), self.device.type == "cuda"
-        self.reader = data.BatchReader(store, self.encoders, host, pin_memory=pin)
-        self.train_reader = data.BatchReader(store, self.encoders, host, skip_unreadable=True, pin_memory=pin)
+        self.reader = data.BatchReader(store, self.encoders, host, pin_memory=pin, packed=pin)
+        self.train_reader = data.BatchReader(store, self.encoders, host, skip_unreadable=True, pin_memory=pin,
+                                             packed=pin)
         self.precision = Precision(self.device, self.tc.mixed_precision)
 
     def _initial_model(self, member: Member, dims: dict[str, int], store) -> FusionModel:
