@@ -142,7 +142,8 @@ def test_killed_worker_has_its_shard_redone_and_store_equals_clean_run(clean_sto
     run.join(timeout=180)
     assert killed is not None, "no ShardWorker process to kill was seen"
     summary = outcome["summary"]
-    assert summary.retries >= 1 and summary.ok and killed not in summary.pids
+    # the killed worker may have committed a shard before it died; the one it held was redone by another worker
+    assert summary.retries >= 1 and summary.ok and summary.pids - {killed}
     assert summary.written == 10
     _assert_same_store(clean_store[0], url)
 
