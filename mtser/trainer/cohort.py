@@ -95,18 +95,18 @@ class CohortModel(nn.Module):
         real frames only (gathered): padding's rows have zero weight anyway, and the saved GEMM work then outweighs
         the gather (measured on this project's 2-core CPU at realistic shapes: break-even near G·A = 64)."""
         g = self.size
-        w2 = self.p(pre + "pool.attention.2.weight")[:, 0]                       # (G, A)
-        bias = self.p(pre + "pool.attention.0.bias").reshape(-1)
+        rows, frames = x.reshape(-1, x.shape[-1]), None
+        if w1.shape[0] * w1.shape[1] >= PACK_COLUMNS:
+            frames = mask.reshape(-1).nonzero().squeeze(1)
+            rows = rows.index_select(0, frames)
+        hidden = torch.tanh(F.linear(rows, w1.reshape(-1, w1.shape[-1]),
+                                     self.p(pre + "pool.attention.0.bias").reshape(-1))).view(len(rows), g, -1)
+        row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
         lowest = torch.finfo(torch.float32).min
-        if w1.shape[0] * w1.shape[1] < PACK_COLUMNS:
-            hidden = torch.tanh(F.linear(x, w1.reshape(-1, w1.shape[-1]), bias)).view(*x.shape[:2], g, -1)
-            scores = torch.einsum("btga,ga->bgt", hidden, w2).float()
-            return scores.masked_fill(~mask[:, None, :], lowest)
-        frames = mask.reshape(-1).nonzero().squeeze(1)
-        real = x.reshape(-1, x.shape[-1]).index_select(0, frames)
-        hidden = torch.tanh(F.linear(real, w1.reshape(-1, w1.shape[-1]), bias)).view(len(frames), g, -1)
-        real_scores = torch.einsum("nga,ga->ng", hidden, w2).float()
-        scores = real_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, real_scores)
+        if frames is None:
+            scores = row_scores.masked_fill(~mask.reshape(-1, 1), lowest)
+        else:
+            scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
         return scores.view(*mask.shape, g).transpose(1, 2)
 
     def _lstm(self, sequence: torch.Tensor) -> torch.Tensor:
