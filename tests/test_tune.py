@@ -173,31 +173,3 @@ def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):
 def test_gpu_share_is_requested_only_where_gpus_exist():
     assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=0.0) == {"cpu": 0.5, "gpu": 0.0}
     assert trial_resources(TrialResources(cpu=0.5, gpu=0.25), cluster_gpus=2.0) == {"cpu": 0.5, "gpu": 0.25}
-
-
-@pytest.fixture
-def s3_store(demo_store, moto_s3, s3_bucket):
-    """The demo store uploaded to moto's S3 server on 127.0.0.1; (url, storage options)."""
-    import s3fs
-
-    s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True).put(str(demo_store), f"{s3_bucket}/demo.zarr", recursive=True)
-    return f"s3://{s3_bucket}/demo.zarr", moto_s3
-
-
-def test_remote_store_is_mirrored_once_and_trials_read_the_mirror(s3_store, demo_store, tmp_path, ray_module):
-    from mtser.featurestore.store import open_store
-
-    url, options = s3_store
-    grid = write_grid(tmp_path / "grid.yaml", alpha=[1.0], pooling=["mean"])
-    summary = run_search(grid, url, tmp_path / "run", stages=(1,), verbose=0, storage_options=options)
-    assert summary.failed == [] and summary.table["status"].tolist() == ["complete"]
-    mirror, original = open_store(str(tmp_path / "run" / "store")), open_store(str(demo_store))
-    assert mirror.ids() == original.ids()
-    some = original.ids(split="Development")[0]
-    for name in original.encoders:
-        assert (mirror.get(some, name) == original.get(some, name)).all()
-    assert read_sidecar(Path(summary.table["checkpoint"][0]))["store"]["url"] == str(tmp_path / "run" / "store")
-    files = sorted(p for p in (tmp_path / "run" / "store").rglob("*") if p.is_file())
-    stamps = [p.stat().st_mtime_ns for p in files]
-    again = run_search(grid, url, tmp_path / "run", resume=True, stages=(1,), verbose=0, storage_options=options)
-    assert again.ran == [] and [p.stat().st_mtime_ns for p in files] == stamps      # nothing copied twice

@@ -17,17 +17,19 @@ def _fail(message: str, code: int = 1) -> None:
 def tune(
     search: Path = typer.Option(..., "--search", help="Search space YAML (configs/grid.yaml)."),
     store: str = typer.Option(..., "--store", help="Feature store URL or path."),
-    out: Path = typer.Option(..., "--out", help="Run directory (trials, checkpoints, Ray logs, results.csv)."),
+    out: str = typer.Option(..., "--out", help="Run folder, a path or URL (trials, checkpoints, Ray logs, results.csv)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted search: run only unfinished trials."),
     stage: list[int] = typer.Option([1, 2], "--stage", help="Stages to run (repeat the option); default both."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
 
-    A remote store is mirrored once to OUT/store; the trials read the mirror (use it for `mtser ensemble` too)."""
+    OUT may be a URL (s3://bucket/run): trials on every node write there. A remote store is copied once per node into
+    the node's cache ($MTSER_CACHE_DIR, default ~/.cache/mtser); the trials there read that copy."""
     import pandas as pd
 
     from mtser.config import ConfigError
+    from mtser.trainer.runs import RunFolder
     from mtser.trainer.tune import SearchError, run_search
 
     options = parse_storage_options(storage_options)
@@ -39,17 +41,19 @@ def tune(
         _fail(str(exc), 2 if exc.usage else 1)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
         typer.echo(summary.table.drop(columns=["checkpoint"]).to_string(index=False, float_format="%.4f", na_rep=""))
-    typer.echo(f"results: {Path(out) / 'results.csv'}   Ray Tune logs (TensorBoard): {Path(out) / 'ray'}")
+    run = RunFolder(out, options)
+    typer.echo(f"results: {run.url_of('results.csv')}   Ray Tune logs (TensorBoard): {run.url_of('ray')}")
     if summary.failed:
         _fail(f"{len(summary.failed)} trial(s) failed: {', '.join(summary.failed)} (see state.json in their folders)")
 
 
 def ensemble(
-    run: Path = typer.Option(..., "--run", help="Run directory of `mtser tune`."),
+    run: str = typer.Option(..., "--run", help="Run folder of `mtser tune` (path or URL)."),
     store: str = typer.Option(..., "--store", help="Feature store URL or path."),
     split: str = typer.Option("Development", "--split", help="Split to predict (Development, Test1-3)."),
     top_k: int = typer.Option(0, "--top-k", help="Members per task/attribute (0: ensemble.top_k of the config)."),
-    out: Path = typer.Option(None, "--out", help="Output directory (default RUN/ensemble)."),
+    out: str = typer.Option(None, "--out", help="Output folder, path or URL (default RUN/ensemble)."),
+    storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Average the top-k checkpoints per task / attribute; print metrics; write challenge CSVs and a manifest."""
     from mtser.featurestore.labels import SPLITS
@@ -61,7 +65,8 @@ def ensemble(
     if split not in SPLITS:
         _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
     try:
-        manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out)
+        manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out,
+                                  storage_options=parse_storage_options(storage_options))
     except (EnsembleError, RunError, StoreError, CheckpointError) as exc:
         _fail(str(exc))
     table = metrics_table(manifest, split)
@@ -75,10 +80,12 @@ def ensemble(
 
 def predict(
     inputs: list[Path] = typer.Argument(..., help="Audio files and/or directories of audio."),
-    ensemble: Path = typer.Option(..., "--ensemble", help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder."),
+    ensemble: str = typer.Option(..., "--ensemble",
+                                 help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder; a path or URL."),
     out: Path = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it."),
     transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
     from mtser.trainer.checkpoint import CheckpointError
@@ -86,7 +93,8 @@ def predict(
     from mtser.trainer.predict import predict_files
 
     try:
-        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts)
+        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts,
+                            storage_options=parse_storage_options(storage_options))
     except EnsembleError as exc:
         _fail(str(exc), 2)
     except CheckpointError as exc:
@@ -103,18 +111,20 @@ def predict(
 
 
 def report(
-    run: Path = typer.Argument(..., help="Run directory of `mtser tune`."),
-    out: Path = typer.Option(None, "--out", help="Output directory (default RUN/report)."),
+    run: str = typer.Argument(..., help="Run folder of `mtser tune` (path or URL)."),
+    out: str = typer.Option(None, "--out", help="Output folder, path or URL (default RUN/report)."),
+    storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """PNG figures and one self-contained HTML page for a search run."""
     from mtser.trainer.report import ensemble_summary, write_report
     from mtser.trainer.runs import RunError
 
+    options = parse_storage_options(storage_options)
     try:
-        page = write_report(run, out)
+        page = write_report(run, out, options)
     except RunError as exc:
         _fail(str(exc))
-    summary = ensemble_summary(run)
+    summary = ensemble_summary(run, options)
     if summary is not None:
         typer.echo("ensemble metrics:")
         typer.echo(summary.dropna(how="all").to_string(float_format="%.4f"))

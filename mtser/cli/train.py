@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+
 METRIC_ORDER = ("f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "score", "loss")
 
 
@@ -113,11 +115,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_command(
-        checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+        checkpoint: str = typer.Argument(..., help="Checkpoint directory (path or URL, e.g. RUN/stage1/<trial>/best)."),
         store: str = typer.Option(..., "--store", help="Feature store URL or path."),
         split: str = typer.Option("Development", "--split", help="Split to score."),
         predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write per-utterance predictions (CSV)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        storage_options: str = STORAGE_OPTIONS,
     ) -> None:
         """Score a checkpoint on a split: macro-F1 over 8 classes, CCC per attribute and their mean."""
         import json
@@ -131,7 +134,8 @@ def register(app: typer.Typer) -> None:
         if split not in SPLITS:
             raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
         try:
-            metrics, table = evaluate(checkpoint, store, split, device=device)
+            metrics, table = evaluate(checkpoint, store, split, device=device,
+                                      storage_options=parse_storage_options(storage_options))
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
         except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:

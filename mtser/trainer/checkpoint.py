@@ -1,5 +1,7 @@
 """Checkpoints: a directory with `model.safetensors` (weights) and `checkpoint.json` (full config, model input dims,
-label map, store provenance, metrics). Loading never unpickles and needs no store."""
+label map, store provenance, metrics). Loading never unpickles and needs no store; it reads a local directory or any
+fsspec URL (s3://bucket/run/stage1/<trial>/best) straight into memory. Saving writes a local directory (a search on
+an object store uploads it through `runs.RunFolder`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+import fsspec
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from mtser.config import Config, from_dict, to_dict
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
@@ -63,14 +66,19 @@ def _finite(value):
     return value
 
 
-def read_sidecar(path: Path) -> dict:
-    path = Path(path)
+def _read(path: str | Path, name: str, storage_options: dict | None) -> bytes:
+    """The bytes of file `name` in checkpoint `path` (a local directory or a URL); FileNotFoundError if missing."""
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    return fs.cat_file(f"{root.rstrip('/')}/{name}")
+
+
+def read_sidecar(path: str | Path, storage_options: dict | None = None) -> dict:
     try:
-        meta = json.loads((path / SIDECAR).read_text())
+        meta = json.loads(_read(path, SIDECAR, storage_options))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a checkpoint directory (no {SIDECAR})") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / SIDECAR}: not valid JSON: {exc}") from None
+        raise CheckpointError(f"{path}/{SIDECAR}: not valid JSON: {exc}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
     if meta.get("label_map", {}).get("classes") != list(CLASSES):
@@ -78,15 +86,16 @@ def read_sidecar(path: Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[FusionModel, Config, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storage_options: dict | None = None
+                    ) -> tuple[FusionModel, Config, dict]:
     """Rebuild the model from the sidecar and load its weights (safetensors: no pickle); model in eval mode."""
-    path = Path(path)
-    meta = read_sidecar(path)
+    meta = read_sidecar(path, storage_options)
     cfg = from_dict(Config, meta["config"])
     model = FusionModel(meta["input_dims"], cfg.model)
-    if not (path / WEIGHTS).exists():
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
-    weights = load_file(str(path / WEIGHTS))
+    try:
+        weights = load(_read(path, WEIGHTS, storage_options))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing") from None
     for key in [k for k in weights if k.endswith(".pool.attention.2.bias")]:
         del weights[key]        # earlier checkpoints had a score bias, which softmax ignores (model.py): exact to drop
     try:

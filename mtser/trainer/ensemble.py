@@ -6,7 +6,6 @@ development macro-F1; task 2 averages, per attribute, the top-k checkpoints by t
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
-from mtser.trainer.runs import FINISHED, load_results, load_search_record, write_csv_atomic, write_json_atomic
+from mtser.trainer.runs import FINISHED, RunFolder, as_run, load_results, load_search_record
 
 MANIFEST = "ensemble.json"
 TASKS: tuple[str, ...] = ("class", *ATTRIBUTES)          # "class" uses f1; each attribute its own ccc_<attribute>
@@ -68,7 +67,8 @@ def combine(members: dict[str, list[dict[str, Any]]], outputs: dict[str, Predict
     return Predictions(first.ids, probs, attrs)
 
 
-def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str, Predictions], dict[str, dict]]:
+def member_outputs(checkpoints: list[str], store, split: str, storage_options: dict | None = None
+                   ) -> tuple[dict[str, Predictions], dict[str, dict]]:
     """Predictions of each distinct checkpoint on `split`, plus each checkpoint's sidecar meta."""
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.data import evaluation_ids
@@ -77,7 +77,7 @@ def member_outputs(checkpoints: list[str], store, split: str) -> tuple[dict[str,
     outputs, metas = {}, {}
     ids: list[str] | None = None
     for path in dict.fromkeys(checkpoints):
-        model, cfg, meta = load_checkpoint(Path(path))
+        model, cfg, meta = load_checkpoint(path, storage_options=storage_options)
         check_store_matches(meta, store)
         encoders = list(model.encoder_dims)
         if ids is None:
@@ -99,66 +99,69 @@ def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
 
 
 def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Development", k: int | None = None,
-                   out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest."""
+                   out_dir: str | Path | None = None, storage_options: dict | None = None) -> dict[str, Any]:
+    """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest.
+    `run_dir`, `store_url` and `out_dir` may be URLs; `storage_options` apply to all of them."""
     from mtser.featurestore.store import open_store
 
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "ensemble"
+    run_dir = as_run(run_dir, storage_options)
+    out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
     results = load_results(run_dir)
     k = k or _configured_top_k(run_dir)
     members = select_members(results, k)
-    store = open_store(store_url)
-    outputs, metas = member_outputs([m["checkpoint"] for ms in members.values() for m in ms], store, split)
+    store = open_store(store_url, storage_options=storage_options)
+    outputs, metas = member_outputs([m["checkpoint"] for ms in members.values() for m in ms], store, split,
+                                    storage_options)
     ensemble = combine(members, outputs)
     labels = label_arrays(store.utterances, ensemble.ids)
     member_metrics = {path: summarize(p.probs, p.attrs, labels) for path, p in outputs.items()}
 
-    split_dir = out_dir / split
-    split_dir.mkdir(parents=True, exist_ok=True)
     table = prediction_table(ensemble, labels)
-    write_csv_atomic(table[["FileName", "EmoClass"]], split_dir / "categorical.csv", "%.6f")
-    write_csv_atomic(table[["FileName", *ATTRIBUTE_COLUMNS.values()]], split_dir / "attributes.csv", "%.6f")
-    write_csv_atomic(table, split_dir / "predictions.csv", "%.6f")
+    out_dir.write_csv(f"{split}/categorical.csv", table[["FileName", "EmoClass"]], "%.6f")
+    out_dir.write_csv(f"{split}/attributes.csv", table[["FileName", *ATTRIBUTE_COLUMNS.values()]], "%.6f")
+    out_dir.write_csv(f"{split}/predictions.csv", table, "%.6f")
 
     checkpoint_trial = dict(zip(results["checkpoint"].astype(str), results["trial"]))
-    manifest = _merge_previous(out_dir / MANIFEST, {
-        "k": k, "store": store_url, "run": str(run_dir.resolve()),
+    manifest = _merge_previous(out_dir, {
+        "k": k, "store": store_url, "run": run_dir.url,
         "store_provenance": next(iter(metas.values()))["store"],
         "members": members,
         "member_metrics": {split: {checkpoint_trial.get(path, path): m for path, m in member_metrics.items()}},
         "metrics": {split: summarize(ensemble.probs, ensemble.attrs, labels)},
-        "files": {split: {name: str(split_dir / f"{name}.csv") for name in ("categorical", "attributes", "predictions")}},
+        "files": {split: {name: out_dir.url_of(f"{split}/{name}.csv")
+                          for name in ("categorical", "attributes", "predictions")}},
     })
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    out_dir.write_json(MANIFEST, manifest)
     return manifest
 
 
-def _merge_previous(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _merge_previous(out_dir: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
     """Keep other splits' metrics and files from an earlier call with the same members."""
-    if path.exists():
-        previous = json.loads(path.read_text())
+    if out_dir.exists(MANIFEST):
+        previous = out_dir.read_json(MANIFEST)
         if previous.get("members") == manifest["members"] and previous.get("store") == manifest["store"]:
             for key in ("member_metrics", "metrics", "files"):
                 manifest[key] = {**previous.get(key, {}), **manifest[key]}
     return manifest
 
 
-def _configured_top_k(run_dir: Path) -> int:
+def _configured_top_k(run_dir: RunFolder) -> int:
     from mtser.config import load_config
 
     record = load_search_record(run_dir)
     return load_config(record["base"]).ensemble.top_k
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
+def load_manifest(path: str | Path, storage_options: dict | None = None) -> dict[str, Any]:
+    """The manifest at `path` (ensemble.json or its folder; a local path or a URL)."""
+    path = str(path).rstrip("/")
+    if not path.endswith(".json"):
+        path = f"{path}/{MANIFEST}"
+    folder, _, name = path.rpartition("/")
     try:
-        return json.loads(path.read_text())
+        return as_run(folder, storage_options).read_json(name)
     except OSError as exc:
-        raise EnsembleError(f"{path}: cannot read ensemble manifest: {exc.strerror}") from None
+        raise EnsembleError(f"{path}: cannot read ensemble manifest: {exc.strerror or 'no such file'}") from None
     except ValueError as exc:
         raise EnsembleError(f"{path}: not a valid ensemble manifest: {exc}") from None
 

@@ -126,12 +126,13 @@ def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, l
     return table
 
 
-def evaluate(checkpoint: Path, store, split: str = "Development", device: str = "auto"
-             ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of a checkpoint on `split` (original utterances, X dropped) and the per-utterance prediction table."""
-    store = open_if_url(store)
+def evaluate(checkpoint: str | Path, store, split: str = "Development", device: str = "auto",
+             storage_options: dict | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of a checkpoint on `split` (original utterances, X dropped) and the per-utterance prediction table.
+    The checkpoint and the store may be URLs; `storage_options` apply to both."""
+    store = open_if_url(store, storage_options)
     torch_device = resolve_device(device)
-    model, cfg, meta = load_checkpoint(checkpoint, torch_device)
+    model, cfg, meta = load_checkpoint(checkpoint, torch_device, storage_options)
     check_store_matches(meta, store)
     ids = data.evaluation_ids(store, list(model.encoder_dims), split)
     if not ids:

@@ -52,7 +52,8 @@ class Member:
     cfg: Config
     out_dir: Path
     stage: Stage = "pretrain"
-    init_from: Path | None = None
+    init_from: str | Path | None = None           # a local checkpoint directory or its URL
+    storage_options: dict | None = None           # fsspec options where init_from is a URL
 
     @property
     def tc(self) -> TrainConfig:
@@ -189,7 +190,7 @@ class _Cohort:
             return FusionModel(dims, member.cfg.model)
         if member.init_from is None:
             raise ValueError(f"{member.name}: finetune needs init_from (the stage-1 checkpoint)")
-        parent, parent_cfg, meta = load_checkpoint(member.init_from)
+        parent, parent_cfg, meta = load_checkpoint(member.init_from, storage_options=member.storage_options)
         check_store_matches(meta, store)
         if parent.encoder_dims != dims or parent_cfg.model != member.cfg.model:
             raise CheckpointError(f"{member.init_from}: its model (encoders {parent.encoder_dims}, {parent_cfg.model}) "

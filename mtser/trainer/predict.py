@@ -72,17 +72,18 @@ def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[s
 
 
 def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
-                  transcripts: Path | None = None) -> PredictionRun:
-    """Run the ensemble at `ensemble` (manifest file or its directory) on audio files; bad files are skipped."""
+                  transcripts: Path | None = None, storage_options: dict | None = None) -> PredictionRun:
+    """Run the ensemble at `ensemble` (manifest file or its directory, local or a URL) on audio files; bad files are
+    skipped. `storage_options` apply to the manifest and the member checkpoints."""
     from mtser.featurestore.pipeline import encode_utterances
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.infer import predict_features
 
-    manifest = load_manifest(ensemble)
+    manifest = load_manifest(ensemble, storage_options)
     paths = list(dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members))
     models, metas = {}, []
     for path in paths:
-        models[path], _, meta = load_checkpoint(Path(path), device=device)
+        models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
         metas.append(meta)
     encoders, dtypes = encoder_configs(metas)
     utts, failures = collect_inputs(inputs, transcripts)

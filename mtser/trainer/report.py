@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import html
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
-from mtser.trainer.runs import METRIC_COLUMNS, load_results
+from mtser.trainer.runs import METRIC_COLUMNS, RunFolder, as_run, load_results
 
 
 def _pyplot():
@@ -89,12 +90,13 @@ def scatter_figure(pred: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def curves_figure(run_dir: Path, results: pd.DataFrame, path: Path) -> Path | None:
+def curves_figure(run_dir: RunFolder, results: pd.DataFrame, path: Path) -> Path | None:
     histories = {}
     for _, row in results.iterrows():
-        history = run_dir / f"stage{row['stage']}" / row["trial"] / "history.csv"
-        if history.exists():
-            histories[(row["stage"], row["trial"])] = pd.read_csv(history)
+        try:
+            histories[(row["stage"], row["trial"])] = run_dir.read_csv(f"stage{row['stage']}/{row['trial']}/history.csv")
+        except FileNotFoundError:
+            continue
     if not histories:
         return None
     plt = _pyplot()
@@ -119,37 +121,43 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Draw every figure the run has data for and write `index.html`; returns the HTML path."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, storage_options: dict | None = None
+                 ) -> str:
+    """Draw every figure the run has data for and write `index.html`; returns its path or URL. The run and the
+    output folder may be URLs: figures are drawn in a temporary local folder, then written to the output folder."""
+    run_dir = as_run(run_dir, storage_options)
+    out = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("report")
     results = load_results(run_dir)
-    pred_path = run_dir / "ensemble" / "Development" / "predictions.csv"
-    pred = pd.read_csv(pred_path) if pred_path.exists() else None
-    figures = {
-        "Confusion matrix": confusion_figure(pred, out_dir / "confusion.png") if pred is not None else None,
-        "α × β heatmaps": heatmap_figure(results, out_dir / "heatmap.png"),
-        "Predicted versus true attributes": scatter_figure(pred, out_dir / "scatter.png") if pred is not None else None,
-        "Training curves": curves_figure(run_dir, results, out_dir / "curves.png"),
-    }
-    page = out_dir / "index.html"
-    page.write_text(_html(run_dir, results, figures, ensemble_summary(run_dir)))
-    return page
+    try:
+        pred = run_dir.read_csv("ensemble/Development/predictions.csv")
+    except FileNotFoundError:
+        pred = None
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = Path(tmp)
+        figures = {
+            "Confusion matrix": confusion_figure(pred, drawn / "confusion.png") if pred is not None else None,
+            "α × β heatmaps": heatmap_figure(results, drawn / "heatmap.png"),
+            "Predicted versus true attributes": scatter_figure(pred, drawn / "scatter.png") if pred is not None else None,
+            "Training curves": curves_figure(run_dir, results, drawn / "curves.png"),
+        }
+        page = _html(run_dir, results, figures, ensemble_summary(run_dir))
+        for path in figures.values():
+            if path is not None:
+                out.upload(path, path.name)
+    out.write_bytes("index.html", page.encode())
+    return out.url_of("index.html")
 
 
-def ensemble_summary(run_dir: str | Path) -> pd.DataFrame | None:
+def ensemble_summary(run_dir: RunFolder | str | Path, storage_options: dict | None = None) -> pd.DataFrame | None:
     """The ensemble's metrics, one row per scored split (None before `mtser ensemble`)."""
-    import json
-
-    manifest = Path(run_dir) / "ensemble" / "ensemble.json"
-    if not manifest.exists():
+    try:
+        metrics = as_run(run_dir, storage_options).read_json("ensemble/ensemble.json").get("metrics", {})
+    except FileNotFoundError:
         return None
-    metrics = json.loads(manifest.read_text()).get("metrics", {})
     return pd.DataFrame(metrics).T if metrics else None
 
 
-def _html(run_dir: Path, results: pd.DataFrame, figures: dict[str, Path | None], ensemble: pd.DataFrame | None) -> str:
+def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, Path | None], ensemble: pd.DataFrame | None) -> str:
     parts = [f"<h1>mtser search report: {html.escape(str(run_dir))}</h1>"]
     if ensemble is not None:
         parts += ["<h2>Ensemble</h2>", ensemble.to_html(float_format="%.4f", na_rep="")]

@@ -1,5 +1,6 @@
 """The run folder of a search: where each grid point's output lives, its state file, the results table, and the
-one atomic-write helper everything in a run folder is written with.
+one atomic-write helper everything in a run folder is written with. A run folder is a local path or any fsspec URL
+(`s3://bucket/run`); `RunFolder` is the one place that maps its paths to a filesystem.
 
     RUN/search.json              the search, the resolved base config and the store it ran on
     RUN/stage<k>/<trial>/        a grid point: best/ (checkpoint), history.csv, state.json
@@ -7,17 +8,22 @@ one atomic-write helper everything in a run folder is written with.
     RUN/results.csv              one row per grid point (RESULT_COLUMNS)
 
 A grid point's `state.json` is rewritten atomically after every epoch of its cohort; it counts as finished once
-its status is `complete` (all epochs) or `stopped` (successive halving stopped it).
+its status is `complete` (all epochs) or `stopped` (successive halving stopped it). On an object store a trial
+trains in a node-local work folder and uploads history and checkpoint before its state names them, so nothing in
+the run folder assumes a disk that every node sees.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
-from collections.abc import Callable
+import shutil
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pandas as pd
 
 METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"]
@@ -31,20 +37,31 @@ class RunError(RuntimeError):
     """A run folder is missing what the caller needs (the message says what and how to make it)."""
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary sibling, then rename it over `path`: readers see the old file or the new one."""
-    path = Path(path)
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def write_atomic(location: str | Path, data: bytes, storage_options: dict | None = None) -> None:
+    """Write `data` so that readers see the old file or the new one: locally a temporary sibling renamed over the
+    path; on an object store one PUT, which is atomic per object."""
+    if is_url(location):
+        fs, path = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
+        fs.pipe_file(path, data)
+        return
+    path = Path(str(location).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=_jsonable)))
+def write_json_atomic(location: str | Path, data: Any, storage_options: dict | None = None) -> None:
+    write_atomic(location, json.dumps(data, indent=1, default=_jsonable).encode(), storage_options)
 
 
-def write_csv_atomic(table: pd.DataFrame, path: Path, float_format: str | None = None) -> None:
-    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format=float_format))
+def write_csv_atomic(table: pd.DataFrame, location: str | Path, float_format: str | None = None,
+                     storage_options: dict | None = None) -> None:
+    write_atomic(location, table.to_csv(index=False, float_format=float_format).encode(), storage_options)
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,34 +70,128 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def trial_dir(run_dir: Path, stage: int, name: str) -> Path:
-    return Path(run_dir) / f"stage{stage}" / name
+class RunFolder:
+    """A folder at a local path or an fsspec URL; paths inside it are '/'-separated keys relative to it."""
+
+    def __init__(self, location: str | Path, storage_options: dict | None = None):
+        self.storage_options = dict(storage_options or {})
+        self.local = not is_url(location)
+        self.url = str(Path(str(location).removeprefix("file://")).resolve()) if self.local else str(location).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def url_of(self, key: str = "") -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def sub(self, key: str) -> RunFolder:
+        return RunFolder(self.url_of(key), self.storage_options)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def exists(self, key: str) -> bool:
+        self.fs.invalidate_cache()                      # another node may have written it since the last listing
+        return self.fs.exists(self._path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        """The file's bytes; FileNotFoundError where it is missing."""
+        return self.fs.cat_file(self._path(key))
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def read_csv(self, key: str) -> pd.DataFrame:
+        return pd.read_csv(io.BytesIO(self.read_bytes(key)))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        write_atomic(self.url_of(key), data, self.storage_options)
+
+    def write_json(self, key: str, data: Any) -> None:
+        write_json_atomic(self.url_of(key), data, self.storage_options)
+
+    def write_csv(self, key: str, table: pd.DataFrame, float_format: str | None = None) -> None:
+        write_csv_atomic(table, self.url_of(key), float_format, self.storage_options)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Keys matching `pattern` (fsspec glob), sorted."""
+        self.fs.invalidate_cache()
+        return sorted(p[len(self.root) + 1:] for p in self.fs.glob(self._path(pattern)))
+
+    def remove(self, key: str) -> None:
+        """Delete a file or folder (recursively); nothing happens where it does not exist."""
+        if self.exists(key):
+            self.fs.rm(self._path(key), recursive=True)
+
+    def work_dir(self, key: str) -> Path:
+        """Where a process writes the files of `key` before `upload`: the folder itself when local, else a folder in
+        this node's cache directory ($MTSER_CACHE_DIR/runs/...)."""
+        if self.local:
+            return Path(self._path(key))
+        from mtser.featurestore.cache import cache_dir
+
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        return cache_dir() / "runs" / digest / key
+
+    def upload(self, local: Path, key: str) -> None:
+        """Copy a local file, or a folder's files, to `key` (each file atomically); a no-op where `local` already is
+        that path (a local run folder's work dir)."""
+        if self.local and Path(local).resolve() == Path(self._path(key)):
+            return
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file()) if Path(local).is_dir() else [Path(local)]
+        for file in files:
+            rel = file.relative_to(local).as_posix() if Path(local).is_dir() else ""
+            self.write_bytes(f"{key}/{rel}" if rel else key, file.read_bytes())
+
+    def discard_work_dir(self, key: str) -> None:
+        """Remove the node-local work folder of `key` once uploaded (a local run folder keeps its files)."""
+        if not self.local:
+            shutil.rmtree(self.work_dir(key), ignore_errors=True)
+
+    def ray_storage(self, key: str) -> dict[str, Any]:
+        """Ray Tune's RunConfig arguments that put its experiment folders at `key`: a local path, or the URL's path
+        with the filesystem wrapped for pyarrow (any fsspec filesystem, with these storage options)."""
+        if self.local:
+            return {"storage_path": self._path(key)}
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return {"storage_path": self._path(key), "storage_filesystem": PyFileSystem(FSSpecHandler(self.fs))}
 
 
-def read_state(run_dir: Path, stage: int, name: str) -> dict[str, Any]:
+def as_run(run: RunFolder | str | Path, storage_options: dict | None = None) -> RunFolder:
+    return run if isinstance(run, RunFolder) else RunFolder(run, storage_options)
+
+
+def trial_key(stage: int, name: str) -> str:
+    return f"stage{stage}/{name}"
+
+
+def read_state(run_dir: RunFolder | str | Path, stage: int, name: str) -> dict[str, Any]:
     try:
-        return json.loads((trial_dir(run_dir, stage, name) / "state.json").read_text())
+        return as_run(run_dir).read_json(f"{trial_key(stage, name)}/state.json")
     except (OSError, ValueError):
         return {"status": "pending"}
 
 
-def mark_state(path_dir: Path, **changes: Any) -> None:
-    """Update a grid point's state.json (created with its folder when missing)."""
-    path_dir.mkdir(parents=True, exist_ok=True)
-    state_path = path_dir / "state.json"
+def mark_state(run_dir: RunFolder | str | Path, stage: int, name: str, **changes: Any) -> None:
+    """Update a grid point's state.json (created when missing)."""
+    run = as_run(run_dir)
+    key = f"{trial_key(stage, name)}/state.json"
     try:
-        state = json.loads(state_path.read_text())
+        state = run.read_json(key)
     except (OSError, ValueError):
         state = {}
     state.update(changes)
-    write_json_atomic(state_path, state)
+    run.write_json(key, state)
 
 
-def is_finished(run_dir: Path, stage: int, name: str) -> bool:
+def is_finished(run_dir: RunFolder | str | Path, stage: int, name: str) -> bool:
     return read_state(run_dir, stage, name).get("status") in FINISHED
 
 
-def results_table(run_dir: Path, points: list[dict[str, Any]]) -> pd.DataFrame:
+def results_table(run_dir: RunFolder | str | Path, points: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per grid point (`points`: stage, name, alpha, beta, pooling, sigma, task, parent) from its state."""
     rows = []
     for p in points:
@@ -94,16 +205,15 @@ def results_table(run_dir: Path, points: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def load_results(run_dir: str | Path) -> pd.DataFrame:
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        raise RunError(f"{run_dir}: no {RESULTS} (run `mtser tune ... --out {run_dir}` first)")
-    return pd.read_csv(path)
-
-
-def load_search_record(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "search.json"
+def load_results(run_dir: RunFolder | str | Path) -> pd.DataFrame:
     try:
-        return json.loads(path.read_text())
-    except OSError:
+        return as_run(run_dir).read_csv(RESULTS)
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: no {RESULTS} (run `mtser tune ... --out {run_dir}` first)") from None
+
+
+def load_search_record(run_dir: RunFolder | str | Path) -> dict[str, Any]:
+    try:
+        return as_run(run_dir).read_json("search.json")
+    except FileNotFoundError:
         raise RunError(f"{run_dir}: no search.json (not a run folder of `mtser tune`)") from None

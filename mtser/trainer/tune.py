@@ -6,13 +6,18 @@ stage 1 groups the α × β points of one pooling, stage 2 the variants of one p
 trial with the search's per-trial `resources`, so cohorts spread over GPUs and nodes. Each grid point keeps its own
 folder, checkpoint, history and state in the run folder (`runs.py`); `--resume` regroups the unfinished grid points
 into cohorts and trains only those. `cohort_size: 1` trains one grid point per trial.
+
+The run folder may be a URL (s3://bucket/run): trials write state, history and checkpoints there and Ray Tune keeps
+its experiment folders there, so no node needs a disk another node sees. A remote store is copied once per node into
+that node's cache (`featurestore.cache`) by the first trial that needs it; the others on the node read the copy.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import shutil
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,7 @@ import pandas as pd
 
 from mtser.config import Config, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
 from mtser.trainer.runs import (
-    FINISHED, is_finished, mark_state, read_state, results_table, trial_dir, write_atomic, write_csv_atomic,
-    write_json_atomic,
+    FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
 
 OBJECTIVE = "objective"        # reported each epoch: the best member's own selection metric (f1, ccc_mean or score)
@@ -151,46 +155,59 @@ def group_cohorts(specs: list[TrialSpec], size_of: Any) -> list[CohortSpec]:
 
 
 # -------------------------------------------------------------------------------------------------------------- trainable
-def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: int, halving: dict | None) -> None:
-    """The Ray Tune function trainable: train one cohort; each grid point's state follows every epoch."""
+def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: int, halving: dict | None,
+               storage_options: dict | None = None) -> None:
+    """The Ray Tune function trainable: train one cohort; each grid point's state follows every epoch.
+
+    Members train in their work folders (`RunFolder.work_dir`) and each epoch's history and new best checkpoint are
+    uploaded before state.json names them; a remote store is read from this node's cached copy."""
     import torch
     from ray import tune
 
     from mtser.config import AshaConfig
+    from mtser.featurestore.cache import cached_store
     from mtser.trainer.loop import Member, MemberEpoch, train_cohort
 
     torch.set_num_threads(threads)
+    run = RunFolder(run_dir, storage_options)
     cohort = config["cohort"]
-    members, dirs = [], {}
+    members, keys = [], {}
     for spec in cohort["members"]:
-        out = dirs[spec["name"]] = trial_dir(Path(run_dir), spec["stage"], spec["name"])
-        shutil.rmtree(out, ignore_errors=True)          # an unfinished earlier attempt restarts from scratch
-        mark_state(out, status="running", cohort=cohort["name"], best_epoch=None, best_metrics=None, checkpoint=None)
-        members.append(Member(spec["name"], from_dict(Config, spec["config"]), out,
-                              "pretrain" if spec["stage"] == 1 else "finetune",
-                              Path(spec["init_from"]) if spec.get("init_from") else None))
+        key = keys[spec["name"]] = trial_key(spec["stage"], spec["name"])
+        run.remove(key)                                  # an unfinished earlier attempt restarts from scratch
+        run.discard_work_dir(key)
+        mark_state(run, spec["stage"], spec["name"], status="running", cohort=cohort["name"], best_epoch=None,
+                   best_metrics=None, checkpoint=None, node=platform.node(), pid=os.getpid())
+        members.append(Member(spec["name"], from_dict(Config, spec["config"]), run.work_dir(key),
+                              "pretrain" if spec["stage"] == 1 else "finetune", spec.get("init_from") or None,
+                              storage_options))
+    stages = {m["name"]: m["stage"] for m in cohort["members"]}
     select = {m.name: m.tc.select_metric for m in members}
 
     def on_epoch(epoch: int, reports: list[MemberEpoch]) -> None:
         objectives = {}
         for r in reports:
+            key = keys[r.name]
             changes: dict[str, Any] = {"status": r.status}
             if r.row is not None:
                 changes["epochs_run"] = epoch
                 objectives[f"{r.name}/{OBJECTIVE}"] = r.row[select[r.name]]
+                run.upload(run.work_dir(key) / "history.csv", f"{key}/history.csv")
             if r.best_dir is not None:
-                changes.update(best_epoch=epoch, best_metrics=dict(r.row), checkpoint=str(r.best_dir))
+                run.upload(r.best_dir, f"{key}/best")
+                changes.update(best_epoch=epoch, best_metrics=dict(r.row), checkpoint=run.url_of(f"{key}/best"))
             if r.error is not None:
                 changes["error"] = r.error
-            mark_state(dirs[r.name], **changes)
+            mark_state(run, stages[r.name], r.name, **changes)
         finite = [v for v in objectives.values() if math.isfinite(v)]
         tune.report({"epoch": epoch, "members": len(objectives), OBJECTIVE: max(finite, default=math.nan),
                      **objectives})
 
     asha = AshaConfig(**halving) if halving else None
-    results = train_cohort(members, store_url, halving=asha, on_epoch=on_epoch)
+    results = train_cohort(members, cached_store(store_url, storage_options), halving=asha, on_epoch=on_epoch)
     for name, result in results.items():
-        mark_state(dirs[name], status=result.status, epochs_run=len(result.history), error=result.error)
+        mark_state(run, stages[name], name, status=result.status, epochs_run=len(result.history), error=result.error)
+        run.discard_work_dir(keys[name])
 
 
 # ---------------------------------------------------------------------------------------------------------------- driver
@@ -205,7 +222,7 @@ def trial_resources(wanted: TrialResources, cluster_gpus: float) -> dict[str, fl
     return {"cpu": wanted.cpu, "gpu": wanted.gpu if cluster_gpus > 0 else 0.0}
 
 
-def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir: Path, store_url: str,
+def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir: RunFolder, store_url: str,
               verbose: int = 1) -> tuple[list[str], list[str], list[str]]:
     """Train the unfinished grid points of `specs` in cohorts, one Ray Tune experiment; returns (grid points run,
     grid points failed, cohorts run)."""
@@ -217,7 +234,7 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     if not pending:
         return [], [], []
     if search.cohort_size is None:
-        store = open_store(store_url)
+        store = open_store(store_url, storage_options=run_dir.storage_options)
         sizes: dict[str, int] = {}
         cohorts = group_cohorts(pending, lambda s: sizes.setdefault(
             cohort_key(s), auto_cohort_size(s, store, search.cohort_memory_gb)))
@@ -226,10 +243,10 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     resources = trial_resources(search.resources, available_gpus())
     threads = max(1, int(round(resources["cpu"])))
     halving = dataclasses.asdict(search.asha) if search.asha is not None else None
-    trainable = tune.with_resources(tune.with_parameters(run_cohort, run_dir=str(run_dir), store_url=store_url,
-                                                         threads=threads, halving=halving), resources)
-    ray_dir = run_dir / "ray"
-    attempt = len(list(ray_dir.glob(f"stage{stage}-*"))) if ray_dir.exists() else 0
+    trainable = tune.with_resources(tune.with_parameters(run_cohort, run_dir=run_dir.url, store_url=store_url,
+                                                         threads=threads, halving=halving,
+                                                         storage_options=run_dir.storage_options), resources)
+    attempt = len(run_dir.glob(f"ray/stage{stage}-*"))
     tuner = tune.Tuner(
         trainable,
         param_space={"cohort": tune.grid_search([dataclasses.asdict(c) for c in cohorts])},
@@ -237,7 +254,7 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
                                     reuse_actors=True,      # later cohorts skip process start and imports
                                     trial_name_creator=lambda t: t.config["cohort"]["name"],
                                     trial_dirname_creator=lambda t: t.config["cohort"]["name"]),
-        run_config=tune.RunConfig(name=f"stage{stage}-{attempt}", storage_path=str(ray_dir.resolve()),
+        run_config=tune.RunConfig(name=f"stage{stage}-{attempt}", **run_dir.ray_storage("ray"),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   verbose=verbose),
     )
@@ -248,7 +265,7 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
             error = str(result.error).strip().splitlines()[-1][:500]
             for spec in cohort["members"]:
                 if not is_finished(run_dir, spec["stage"], spec["name"]):
-                    mark_state(trial_dir(run_dir, spec["stage"], spec["name"]), status="failed", cohort=cohort["name"],
+                    mark_state(run_dir, spec["stage"], spec["name"], status="failed", cohort=cohort["name"],
                                error=error)
     states = {s.name: _status(run_dir, s) for s in pending}
     failed = [name for name, status in states.items() if status == "failed"]
@@ -258,29 +275,29 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     return [s.name for s in pending], failed, [c.name for c in cohorts]
 
 
-def _status(run_dir: Path, spec: TrialSpec) -> str:
+def _status(run_dir: RunFolder, spec: TrialSpec) -> str:
     return read_state(run_dir, spec.stage, spec.name).get("status", "pending")
 
 
-def prepare_run(search_file: Path, store_url: str, run_dir: Path, resume: bool) -> tuple[SearchConfig, Path]:
+def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Path, resume: bool
+                ) -> tuple[SearchConfig, Path]:
     """Validate the search, record it in RUN/search.json; on --resume insist that it is the same search and store."""
     search = load_yaml_as(search_file, SearchConfig)
     base = (search_file.parent / search.base).resolve()
     load_config(base, search.overrides)             # fail now, naming the key, rather than in every trial
     record = {"search": to_dict(search), "search_file": str(search_file.resolve()), "base": str(base),
               "store": store_url}
-    meta = run_dir / "search.json"
-    if meta.exists():
+    run_dir = as_run(run_dir)
+    if run_dir.exists("search.json"):
         if not resume:
             raise SearchError(f"{run_dir}: already holds a search; pass --resume to finish it or choose another --out",
                               usage=True)
-        previous = json.loads(meta.read_text())
+        previous = run_dir.read_json("search.json")
         for key in ("search", "store"):
             if previous[key] != record[key]:
                 raise SearchError(f"{run_dir}: --resume with a different {key} than the run was started with "
                                   f"({previous[key]!r})", usage=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(meta, record)
+    run_dir.write_json("search.json", record)
     return search, base
 
 
@@ -289,13 +306,13 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
                storage_options: dict | None = None) -> SearchSummary:
     """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed grid points).
 
-    A remote store (s3://...) is mirrored once to RUN/store, and the cohorts read the mirror: one download instead of
-    one per trial, and concurrent trials share the mirror's pages in the OS cache."""
+    `run_dir` is a local path or a URL; `storage_options` apply to it and to the store. A remote store (s3://...) is
+    copied once per node into the node's cache, and the cohorts there read that copy."""
     import ray
 
     from mtser.featurestore.store import StoreError, open_store
 
-    run_dir = Path(run_dir).resolve()
+    run_dir = RunFolder(run_dir, storage_options)
     if "://" not in store_url:              # trials run in Ray workers with another working directory
         store_url = str(Path(store_url).resolve())
     try:
@@ -303,7 +320,6 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     except StoreError as exc:
         raise SearchError(f"cannot open the store: {exc}", usage=True) from None
     search, base = prepare_run(Path(search_file), store_url, run_dir, resume)
-    trial_store = mirror_store(store_url, run_dir / "store", storage_options) if "://" in store_url else store_url
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
     device = "cuda" if trial_resources(search.resources, available_gpus())["gpu"] > 0 else "cpu"
@@ -311,7 +327,7 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     specs = stage1_specs(search, base, device)
 
     def run(stage: int, stage_specs: list[TrialSpec]) -> None:
-        ran, failed, cohorts = run_stage(stage, stage_specs, search, run_dir, trial_store, verbose)
+        ran, failed, cohorts = run_stage(stage, stage_specs, search, run_dir, store_url, verbose)
         summary.ran += ran
         summary.failed += failed
         summary.cohorts += cohorts
@@ -323,25 +339,9 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
         run(2, stage2)
         specs += stage2
     summary.table = results_table(run_dir, _points(specs))
-    write_csv_atomic(summary.table, run_dir / "results.csv")
+    run_dir.write_csv(RESULTS, summary.table)
     return summary
 
 
 def _points(specs: list[TrialSpec]) -> list[dict[str, Any]]:
     return [{k: v for k, v in dataclasses.asdict(s).items() if k != "config"} for s in specs]
-
-
-def mirror_store(url: str, dest: Path, storage_options: dict | None = None) -> str:
-    """Copy a remote store's files to `dest` (each through a temporary name); files already there with the same size
-    are kept, so an interrupted copy resumes. Mirror a store nobody is writing to. Returns the local path."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    root = root.rstrip("/")
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        target = dest / path[len(root) + 1:]
-        if target.is_file() and target.stat().st_size == info["size"]:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, lambda tmp: fs.get_file(path, str(tmp)))
-    return str(dest)
