@@ -205,3 +205,32 @@ def test_cli_errors_have_messages_and_exit_codes(store_url, tmp_path, args, code
     args = [a.format(cfg=config, store=store_url, out=tmp_path) for a in args]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == code and message in result.output, result.output
+
+
+def test_cli_train_finetune_evaluate_read_store_and_parent_from_s3(store_url, moto_s3, s3_bucket, tmp_path):
+    import s3fs
+
+    from mtser.cli.main import app
+
+    fs = s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True)
+    fs.put(store_url, f"{s3_bucket}/store.zarr", recursive=True)
+    store, options = f"s3://{s3_bucket}/store.zarr", ["--storage-options", json.dumps(moto_s3)]
+    config = tmp_path / "small.yaml"
+    config.write_text(json.dumps(to_dict(small_config())))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--config", str(config), "--store", store, "--out", str(tmp_path / "s1"),
+                                 "--no-progress", "--set", "train.epochs=1", "--set", "train.samples_per_epoch=32",
+                                 *options])
+    assert result.exit_code == 0, result.output
+    fs.put(str(tmp_path / "s1" / "best"), f"{s3_bucket}/s1/best", recursive=True)
+    parent = f"s3://{s3_bucket}/s1/best"
+    result = runner.invoke(app, ["finetune", "--from", parent, "--task", "cat", "--store", store,
+                                 "--out", str(tmp_path / "s2"), "--no-progress", "--set", "finetune.epochs=1", *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s2" / "best" / "checkpoint.json").read_text())["parent"] == parent
+    remote = runner.invoke(app, ["evaluate", parent, "--store", store, "--device", "cpu", *options])
+    local = runner.invoke(app, ["evaluate", str(tmp_path / "s1" / "best"), "--store", store_url, "--device", "cpu"])
+    assert remote.exit_code == 0 and local.exit_code == 0, remote.output + local.output
+    assert json.loads(remote.output.splitlines()[-1]) == json.loads(local.output.splitlines()[-1])
+    missing = runner.invoke(app, ["evaluate", f"s3://{s3_bucket}/nothing", "--store", store, *options])
+    assert missing.exit_code == 1 and f"s3://{s3_bucket}/nothing: not a checkpoint directory" in missing.output

@@ -6,7 +6,8 @@ import json
 import typer
 
 STORAGE_OPTIONS = typer.Option(None, "--storage-options",
-                               help='fsspec options of a remote store as JSON, e.g. \'{"endpoint_url": "..."}\'.')
+                               help='fsspec options of the command\'s URLs (store, run folder, checkpoints) as JSON, '
+                                    'e.g. \'{"endpoint_url": "..."}\'.')
 
 
 def parse_storage_options(text: str | None) -> dict | None:

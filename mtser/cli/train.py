@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Output directory (best/ checkpoint, history.csv)."),
         set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=10."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+        storage_options: str = STORAGE_OPTIONS,
     ) -> None:
         """Stage 1: multi-task pre-training on the store's Train split, selected on Development."""
         from mtser.config import ConfigError, load_config
@@ -71,11 +72,13 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config, _overrides(set_))
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
-        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_print_epoch, progress=progress))
+        options = parse_storage_options(storage_options)
+        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_print_epoch, progress=progress,
+                           storage_options=options))
 
     @app.command("finetune")
     def finetune_command(
-        from_: Path = typer.Option(..., "--from", help="Stage-1 checkpoint directory."),
+        from_: str = typer.Option(..., "--from", help="Stage-1 checkpoint directory (path or URL)."),
         task: str = typer.Option(..., "--task", help="cat (classes, plain CE) or dim (attributes)."),
         store: str = typer.Option(..., "--store", help="Feature store URL or path."),
         out: Path = typer.Option(..., "--out", help="Output directory."),
@@ -83,6 +86,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the checkpoint's)."),
         set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set finetune.epochs=5."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        storage_options: str = STORAGE_OPTIONS,
     ) -> None:
         """Stage 2: fine-tune a stage-1 checkpoint for one task."""
         from mtser.config import Config, ConfigError, apply_override, from_dict, load_config, to_dict
@@ -97,11 +101,12 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--sigma: expected a number or 'none', got {sigma!r}", 2) from None
         if width is not None and task != "dim":
             raise _fail("--sigma: only applies to --task dim", 2)
+        options = parse_storage_options(storage_options)
         try:
             if config is not None:
                 cfg = load_config(config, _overrides(set_))
             else:
-                raw = read_sidecar(from_)["config"]
+                raw = read_sidecar(from_, options)["config"]
                 for key, value in _overrides(set_).items():
                     apply_override(raw, key, value)
                 cfg = from_dict(Config, raw)
@@ -111,7 +116,7 @@ def register(app: typer.Typer) -> None:
         except CheckpointError as exc:
             raise _fail(str(exc), 1) from None
         _run(lambda: train(cfg, store, out, stage="finetune", init_from=from_, on_epoch=_print_epoch,
-                           progress=progress))
+                           progress=progress, storage_options=options))
 
     @app.command("evaluate")
     def evaluate_command(

@@ -366,19 +366,20 @@ def _evaluate(c: _Cohort, alive: list[int]) -> list[dict[str, float]]:
     return out
 
 
-def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_from: Path | None = None,
+def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_from: str | Path | None = None,
           on_epoch: Callable[[int, dict[str, float], Path | None], None] | None = None,
-          progress: bool = False) -> TrainResult:
+          progress: bool = False, storage_options: dict | None = None) -> TrainResult:
     """Train one model (a cohort of one); writes <out>/best (best Development checkpoint by select_metric) and
-    <out>/history.csv. Raises DivergedError when the loss stays non-finite."""
-    member = Member("model", cfg, Path(out_dir), stage, Path(init_from) if init_from else None)
+    <out>/history.csv. Raises DivergedError when the loss stays non-finite. The store and `init_from` may be URLs
+    (`storage_options` apply to both); `out_dir` is local."""
+    member = Member("model", cfg, Path(out_dir), stage, init_from or None, storage_options)
 
     def report(epoch: int, reports: list[MemberEpoch]) -> None:
         for r in reports:
             if r.row is not None and on_epoch is not None:
                 on_epoch(epoch, r.row, r.best_dir)
 
-    result = train_cohort([member], store, on_epoch=report, progress=progress)["model"]
+    result = train_cohort([member], open_if_url(store, storage_options), on_epoch=report, progress=progress)["model"]
     if result.status == "failed":
         raise DivergedError(f"{out_dir}: training {result.error}")
     return result
