@@ -372,7 +372,7 @@ def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_
     """Train one model (a cohort of one); writes <out>/best (best Development checkpoint by select_metric) and
     <out>/history.csv. Raises DivergedError when the loss stays non-finite. The store and `init_from` may be URLs
     (`storage_options` apply to both); `out_dir` is local."""
-    member = Member("model", cfg, Path(out_dir), stage, init_from or None, storage_options)
+    member = Member("model", cfg, Path(out_dir), stage, init_from or None, storage_options=storage_options)
 
     def report(epoch: int, reports: list[MemberEpoch]) -> None:
         for r in reports:

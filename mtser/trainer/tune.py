@@ -180,7 +180,7 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
                    best_metrics=None, checkpoint=None, node=platform.node(), pid=os.getpid())
         members.append(Member(spec["name"], from_dict(Config, spec["config"]), run.work_dir(key),
                               "pretrain" if spec["stage"] == 1 else "finetune", spec.get("init_from") or None,
-                              storage_options))
+                              storage_options=storage_options))
     stages = {m["name"]: m["stage"] for m in cohort["members"]}
     select = {m.name: m.tc.select_metric for m in members}
 
