@@ -7,8 +7,9 @@ one atomic-write helper everything in a run folder is written with. A run folder
     RUN/ray/stage<k>-<n>/        Ray Tune's own experiment folders (TensorBoard event files, progress.csv)
     RUN/results.csv              one row per grid point (RESULT_COLUMNS)
 
-A grid point's `state.json` is rewritten atomically after every epoch of its cohort; it counts as finished once
-its status is `complete` (all epochs) or `stopped` (successive halving stopped it). On an object store a trial
+A grid point's `state.json` is rewritten atomically after every epoch of its cohort (it names the node and process
+id of the trial training it); it counts as finished once its status is `complete` (all epochs) or `stopped`
+(successive halving stopped it). On an object store a trial
 trains in a node-local work folder and uploads history and checkpoint before its state names them, so nothing in
 the run folder assumes a disk that every node sees.
 """
