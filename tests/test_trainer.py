@@ -80,6 +80,21 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, store_url, t
     np.testing.assert_allclose(table[["prob_A", "prob_S"]].to_numpy(), probs[:, :2], rtol=1e-6)
 
 
+def test_checkpoints_written_before_per_task_sections_still_load(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained.best_checkpoint, old)
+    sidecar = json.loads((old / "checkpoint.json").read_text())
+    dim = {**sidecar["config"]["finetune"]["dim"], "epochs": 7}
+    sidecar["config"]["finetune"] = dim                       # mtser 0.1: one section, its task inside
+    sidecar["config"]["ensemble"] = {"top_k": 2}
+    (old / "checkpoint.json").write_text(json.dumps(sidecar))
+    _, cfg, _ = load_checkpoint(old)
+    assert cfg.finetune.dim.epochs == 7 and cfg.finetune.cat == load_config(CONFIGS / "paper.yaml").finetune.cat
+    assert (cfg.ensemble.class_top_k, cfg.ensemble.attribute_top_k, cfg.ensemble.class_from) == (2, 2, "all")
+
+
 def test_cpu_runs_are_reproducible(store_url, tmp_path):
     cfg = small_config(train__epochs=2, train__samples_per_epoch=96)
     runs = [train(cfg, store_url, tmp_path / f"run{i}").history for i in range(2)]
