@@ -75,7 +75,9 @@ class ModelConfig:
 class LossConfig:
     alpha: float = 1.0                          # weight of the attribute (regression) loss
     beta: float = 1.0                           # weight of the class (weighted CE) loss
-    class_weights: Literal["auto", "none"] | list[float] = "auto"  # auto: inverse training frequency
+    # auto: multi-task = inverse training frequency, cat fine-tuning = plain CE; confusion (stage 2): from the parent's
+    # confusion matrix on its selection split (losses.class_weights_from_confusion); or 8 explicit weights
+    class_weights: Literal["auto", "none", "confusion"] | list[float] = "auto"
     sigma: float | None = None                  # stage 2 attributes: Gaussian-penalty width (None = plain MSE)
     sigma_mu: float = 4.0
 
@@ -97,13 +99,70 @@ class TrainConfig:
     prefetch_batches: int = 4
     length_buckets: int = 1                     # >1: sort each window of this many batches by length (less padding)
     nonfinite_patience: int = 10                # consecutive non-finite training losses before a model is dropped
+    validation: float | None = None             # hold out this fraction of Train (by speaker) to select on; then
+                                                # Development is the test split (the paper's ablation: 0.1)
+    use_augmented: bool = True                  # train on the store's augmented copies of Train utterances too
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
+class CatFinetuneConfig(TrainConfig):
+    """Stage 2, Task 1 (classes): the paper's 20 epochs; it names no warm-up for stage 2, so none."""
+
+    task: Literal["cat"] = "cat"
+    epochs: int = 20
+    lr: float = 1e-5
+    warmup_epochs: float = 0.0
+    select_metric: Literal["f1"] = "f1"
+
+
+@dataclass
+class DimFinetuneConfig(TrainConfig):
+    """Stage 2, Task 2 (attributes): the paper's 30 epochs at max lr 5e-6, cosine to 1e-7, no warm-up."""
+
+    task: Literal["dim"] = "dim"
+    epochs: int = 30
+    lr: float = 5e-6
+    warmup_epochs: float = 0.0
+    select_metric: Literal["ccc_mean"] = "ccc_mean"
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: one full schedule per task (`mtser finetune --task cat|dim` and the search take the task's)."""
+
+    cat: CatFinetuneConfig = field(default_factory=CatFinetuneConfig)
+    dim: DimFinetuneConfig = field(default_factory=DimFinetuneConfig)
+
+
+@dataclass
+class MemberSelector:
+    """A finished grid point forced into an attribute's ensemble: the best one matching these fields by that
+    attribute's development CCC (the paper adds the best stage-1 ASP model to valence)."""
+
+    stage: Literal[1, 2] = 1
+    pooling: Literal["asp", "mean"] | None = None
+    task: Literal["multi", "cat", "dim"] | None = None
+
+
+@dataclass
 class EnsembleConfig:
-    top_k: int = 3
+    """The paper's ensembles: one Task-1 model; per attribute the 3 best Task-2 fine-tunings, plus forced members."""
+
+    class_top_k: int = 1
+    attribute_top_k: int = 3
+    class_from: Literal["all", "cat"] = "cat"         # cat: Task-1 fine-tunings only
+    attribute_from: Literal["all", "dim"] = "dim"     # dim: Task-2 fine-tunings only
+    extra_members: dict[str, list[MemberSelector]] = field(default_factory=dict)  # attribute -> forced members
+
+    def __post_init__(self) -> None:
+        for key in ("class_top_k", "attribute_top_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"ensemble.{key}: must be >= 1, got {getattr(self, key)}")
+        unknown = sorted(set(self.extra_members) - {"arousal", "valence", "dominance"})
+        if unknown:
+            raise ConfigError(f"ensemble.extra_members: {unknown} are not attributes (arousal, valence, dominance)")
 
 
 @dataclass
@@ -112,7 +171,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
@@ -126,8 +185,7 @@ class Config:
                 raise ConfigError(f"extract.encoders[{i}].mean_last_k: must be >= 1, got {enc.mean_last_k}")
             if enc.asr and enc.kind != "whisper":
                 raise ConfigError(f"extract.encoders[{i}].asr: only a whisper encoder can transcribe")
-        for key in ("train", "finetune"):
-            tc: TrainConfig = getattr(self, key)
+        for key, tc in (("train", self.train), ("finetune.cat", self.finetune.cat), ("finetune.dim", self.finetune.dim)):
             for name in ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size"):
                 if getattr(tc, name) < 1:
                     raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(tc, name)}")
@@ -139,6 +197,8 @@ class Config:
                     raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(tc, name)}")
             if tc.grad_clip <= 0:
                 raise ConfigError(f"{key}.grad_clip: must be > 0, got {tc.grad_clip}")
+            if tc.validation is not None and not 0 < tc.validation < 1:
+                raise ConfigError(f"{key}.validation: must be a fraction in (0, 1) or null, got {tc.validation}")
         for name in ("attention_dim", "proj_dim", "lstm_hidden", "lstm_layers"):
             if getattr(self.model, name) < 1:
                 raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self.model, name)}")
@@ -155,6 +215,14 @@ class Config:
             raise ConfigError(f"loss.alpha/beta: need non-negative and not both 0, got {self.loss.alpha}/{self.loss.beta}")
         if self.loss.sigma is not None and self.loss.sigma <= 0:
             raise ConfigError(f"loss.sigma: must be positive or null, got {self.loss.sigma}")
+
+    def schedule(self, stage: Literal["pretrain", "finetune"], task: str | None = None) -> TrainConfig:
+        """The schedule a model trains with: `train` for stage 1, the task's `finetune` section for stage 2."""
+        if stage == "pretrain":
+            return self.train
+        if task not in ("cat", "dim"):
+            raise ConfigError(f"finetune: the task must be cat or dim, got {task!r}")
+        return getattr(self.finetune, task)
 
     def encoder(self, name: str) -> EncoderConfig:
         for enc in self.extract.encoders:
@@ -181,16 +249,30 @@ class AshaConfig:
 
 
 @dataclass
+class GridPoint:
+    """One stage-1 point of a search listed explicitly (instead of the α × β × pooling product)."""
+
+    alpha: float
+    beta: float
+    pooling: Literal["asp", "mean"] = "asp"
+    parent_for: list[Literal["cat", "dim"]] = field(default_factory=lambda: ["cat", "dim"])  # stage-2 parent pools
+
+
+@dataclass
 class SearchConfig:
-    """The Ray Tune search of `mtser tune` (configs/grid.yaml)."""
+    """The Ray Tune search of `mtser tune` (configs/grid.yaml, configs/paper-final.yaml, configs/ablation.yaml)."""
 
     base: str                                   # recipe config the grid varies, relative to the search file
-    alpha: list[float]
-    beta: list[float]
-    pooling: list[Literal["asp", "mean"]]
-    sigma: list[float | None]                   # stage 2 attribute fine-tuning; null = plain MSE
-    cat_parents: int = 1                        # best stage-1 trials (by dev macro-F1) fine-tuned for classes
-    dim_parents: int = 2                        # best stage-1 trials (by dev mean CCC) fine-tuned per sigma
+    alpha: list[float] = field(default_factory=list)   # stage 1: the α × β × pooling product ...
+    beta: list[float] = field(default_factory=list)
+    pooling: list[Literal["asp", "mean"]] = field(default_factory=list)
+    points: list[GridPoint] = field(default_factory=list)  # ... or these points (not both)
+    stages: list[Literal[1, 2]] = field(default_factory=lambda: [1, 2])
+    sigma: list[float | None] = field(default_factory=lambda: [None])  # stage 2 attributes; null = plain MSE
+    cat_parents: int = 1                        # best stage-1 points (by selection macro-F1) fine-tuned for classes
+    dim_parents: int | dict[str, int] = 2       # best stage-1 points by mean CCC, or a count per pooling
+    # Task-1 fine-tunings of each cat parent: name -> recipe overrides (the paper's three: lr 1e-5, lr 1e-6, confusion)
+    cat_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"base": {}})
     resources: TrialResources = field(default_factory=TrialResources)
     max_concurrent: int = 0                     # 0: as many as the resources allow (trials = cohorts)
     cohort_size: int | None = None              # grid points per cohort (one fused model); null: by memory
@@ -199,15 +281,28 @@ class SearchConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe keys applied to every trial
 
     def __post_init__(self) -> None:
-        for key in ("alpha", "beta", "pooling", "sigma"):
-            if not getattr(self, key):
-                raise ConfigError(f"{key}: must list at least one value")
-        for key in ("alpha", "beta"):
-            bad = [v for v in getattr(self, key) if v < 0]
-            if bad:
-                raise ConfigError(f"{key}: weights must be non-negative, got {bad}")
-        if not any(a + b > 0 for a in self.alpha for b in self.beta):
+        product = [key for key in ("alpha", "beta", "pooling") if getattr(self, key)]
+        if self.points and product:
+            raise ConfigError(f"points: list the stage-1 points or give alpha/beta/pooling, not both (got {product})")
+        if not self.points:
+            for key in ("alpha", "beta", "pooling"):
+                if not getattr(self, key):
+                    raise ConfigError(f"{key}: must list at least one value (or give `points`)")
+        weights = [("alpha", v) for v in self.alpha] + [("beta", v) for v in self.beta]
+        weights += [(f"points[{i}]", v) for i, p in enumerate(self.points) for v in (p.alpha, p.beta)]
+        bad = [f"{key}={v}" for key, v in weights if v < 0]
+        if bad:
+            raise ConfigError(f"weights must be non-negative, got {bad}")
+        if self.points:
+            zero = [i for i, p in enumerate(self.points) if p.alpha + p.beta == 0]
+            if zero:
+                raise ConfigError(f"points[{zero[0]}]: alpha and beta are both 0")
+        elif not any(a + b > 0 for a in self.alpha for b in self.beta):
             raise ConfigError("alpha/beta: every combination has both weights 0")
+        if not self.stages:
+            raise ConfigError("stages: must list 1, 2 or both")
+        if 2 in self.stages and not self.sigma:
+            raise ConfigError("sigma: must list at least one value (null = plain MSE)")
         if self.cohort_size is not None and self.cohort_size < 1:
             raise ConfigError(f"cohort_size: must be >= 1 or null, got {self.cohort_size}")
         if self.cohort_memory_gb <= 0:
@@ -215,6 +310,22 @@ class SearchConfig:
         bad_sigma = [s for s in self.sigma if s is not None and s <= 0]
         if bad_sigma:
             raise ConfigError(f"sigma: must be positive or null, got {bad_sigma}")
+        if isinstance(self.dim_parents, dict):
+            unknown = sorted(set(self.dim_parents) - {"asp", "mean"})
+            if unknown:
+                raise ConfigError(f"dim_parents: keys must be poolings (asp, mean), got {unknown}")
+        counts = self.dim_parents.values() if isinstance(self.dim_parents, dict) else [self.dim_parents]
+        if self.cat_parents < 0 or min(counts, default=0) < 0:
+            raise ConfigError("cat_parents/dim_parents: counts must be >= 0")
+        for name in self.cat_variants:
+            if not name or not all(ch.isalnum() or ch in "-." for ch in name):
+                raise ConfigError(f"cat_variants.{name}: names may hold letters, digits, '-' and '.' only")
+
+    def stage1_points(self) -> list[GridPoint]:
+        """The stage-1 points in grid order: `points`, or the α × β × pooling product without (0, 0)."""
+        if self.points:
+            return list(self.points)
+        return [GridPoint(a, b, p) for p in self.pooling for a in self.alpha for b in self.beta if a + b > 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------- loader
@@ -257,6 +368,8 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
 

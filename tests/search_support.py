@@ -13,7 +13,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train.epochs": 2, "train.samples_per_epoch": 64, "train.batch_size": 16,
-        "finetune.epochs": 2, "finetune.samples_per_epoch": 64, "finetune.batch_size": 16}
+        **{f"finetune.{task}.{key}": value for task in ("cat", "dim")
+           for key, value in (("epochs", 2), ("samples_per_epoch", 64), ("batch_size", 16))}}
 
 
 def write_grid(path: Path, **changes) -> Path:
@@ -22,7 +23,7 @@ def write_grid(path: Path, **changes) -> Path:
             "pooling": ["asp", "mean"], "sigma": [3.0], "cat_parents": 1, "dim_parents": 1,
             "resources": {"cpu": 1.0, "gpu": 0.0}, "max_concurrent": 2, "overrides": TINY}
     grid.update(changes)
-    path.write_text(yaml.safe_dump(grid))
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
 
 
@@ -31,7 +32,8 @@ def ray_init() -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+                 log_to_driver=False)          # "local": never join a cluster another process runs here
 
 
 @functools.cache

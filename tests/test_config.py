@@ -15,6 +15,52 @@ def test_paper_config_holds_the_recipe():
     assert (cfg.model.proj_dim, cfg.model.lstm_hidden, cfg.model.lstm_layers) == (1028, 2048, 2)
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_epochs) == (2e-5, 1e-7, 3.0)
     assert (cfg.train.epochs, cfg.train.samples_per_epoch, cfg.train.batch_size) == (50, 32000, 128)
+    assert (cfg.loss.alpha, cfg.loss.beta) == (0.25, 0.75)
+    cat, dim = cfg.finetune.cat, cfg.finetune.dim
+    assert (cat.task, cat.epochs, cat.lr, cat.warmup_epochs, cat.select_metric) == ("cat", 20, 1e-5, 0.0, "f1")
+    assert (dim.task, dim.epochs, dim.lr, dim.min_lr, dim.warmup_epochs) == ("dim", 30, 5e-6, 1e-7, 0.0)
+    assert (cfg.ensemble.class_top_k, cfg.ensemble.attribute_top_k) == (1, 3)
+    assert [(s.stage, s.pooling) for s in cfg.ensemble.extra_members["valence"]] == [(1, "asp")]
+    assert cfg.extract.augment == 1
+
+
+def test_paper_final_and_ablation_searches():
+    final = load_yaml_as(CONFIGS / "paper-final.yaml", SearchConfig)
+    assert [(p.alpha, p.beta, p.pooling, p.parent_for) for p in final.stage1_points()] == [
+        (0.25, 0.75, "asp", ["cat"]), (0.75, 0.25, "asp", ["dim"]), (0.75, 0.25, "mean", ["dim"])]
+    assert final.cat_variants == {"lr1e-5": {"finetune.cat.lr": 1e-5}, "lr1e-6": {"finetune.cat.lr": 1e-6},
+                                  "confusion": {"finetune.cat.lr": 1e-5, "loss.class_weights": "confusion"}}
+    assert final.dim_parents == {"asp": 1, "mean": 1} and final.sigma == [3.0, 5.0, 7.0, None]
+    ablation = load_yaml_as(CONFIGS / "ablation.yaml", SearchConfig)
+    assert [(p.alpha, p.beta) for p in ablation.stage1_points()] == [(1, 0), (0, 1), (0.25, 0.75), (0.5, 0.5),
+                                                                     (0.75, 0.25)]
+    assert ablation.stages == [1] and ablation.overrides["train.validation"] == 0.1
+    cfg = load_config(CONFIGS / "paper.yaml", ablation.overrides)
+    assert (cfg.train.validation, cfg.train.use_augmented) == (0.1, False)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("finetune.cat.task", "dim", "finetune.cat.task: expected one of ['cat']"),
+    ("finetune.dim.select_metric", "f1", "finetune.dim.select_metric: expected one of ['ccc_mean']"),
+    ("finetune.epochs", 3, "finetune.epochs: unknown key"),
+    ("train.validation", 1.5, "train.validation: must be a fraction"),
+    ("loss.class_weights", "confusing", "loss.class_weights: expected one of"),
+    ("ensemble.extra_members", {"happiness": []}, "ensemble.extra_members: ['happiness'] are not attributes"),
+])
+def test_stage2_and_ensemble_keys_are_validated(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(CONFIGS / "paper.yaml", overrides={key: value})
+
+
+def test_search_points_exclude_the_product(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("base: paper.yaml\nalpha: [1]\nbeta: [1]\npooling: [asp]\npoints: [{alpha: 1, beta: 0}]\n")
+    with pytest.raises(ConfigError, match="points: list the stage-1 points or give alpha/beta/pooling, not both"):
+        load_yaml_as(both, SearchConfig)
+    parents = tmp_path / "parents.yaml"
+    parents.write_text("base: paper.yaml\npoints: [{alpha: 1, beta: 0}]\ndim_parents: {max: 1}\n")
+    with pytest.raises(ConfigError, match="dim_parents: keys must be poolings"):
+        load_yaml_as(parents, SearchConfig)
 
 
 def test_grid_and_demo_load():

@@ -10,12 +10,13 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
+from mtser.config import EnsembleConfig, load_config
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.featurestore.store import open_store
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.ensemble import EnsembleError, select_members
 from mtser.trainer.infer import evaluate
-from search_support import ray_module, search_run  # noqa: F401 (fixtures)
+from search_support import REPO, ray_module, search_run  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -33,18 +34,24 @@ def _ccc(t: np.ndarray, p: np.ndarray) -> float:
 def test_ensemble_metrics_equal_recomputation_from_members(dev_ensemble, demo_store):
     run, manifest, output = dev_ensemble
     members = manifest["members"]
-    assert manifest["k"] == 2 and all(len(members[t]) == 2 for t in ("class", *ATTRIBUTES))
+    assert (manifest["class_top_k"], manifest["attribute_top_k"]) == (1, 3)     # configs/demo.yaml
     results = pd.read_csv(run / "results.csv")
-    for task in ("class", *ATTRIBUTES):
+    for task in ("class", *ATTRIBUTES):                        # classes from cat fine-tunings, attributes from dim
         metric = "f1" if task == "class" else f"ccc_{task}"
-        best = results.sort_values([metric, "trial"], ascending=[False, True]).head(2)
+        pool = results[results["task"] == ("cat" if task == "class" else "dim")]
+        best = pool.sort_values([metric, "trial"], ascending=[False, True]).head(1 if task == "class" else 3)
+        if task == "valence":                                  # + the best stage-1 ASP model by valence CCC
+            asp = results[(results["stage"] == 1) & (results["pooling"] == "asp")]
+            best = pd.concat([best, asp.sort_values([metric, "trial"], ascending=[False, True]).head(1)])
         assert [m["trial"] for m in members[task]] == best["trial"].tolist()
         assert [m["dev_metric"] for m in members[task]] == pytest.approx(best[metric].tolist())
+    assert [m.get("forced", False) for m in members["valence"]][-1] is True
 
     tables = {}
     for m in [m for ms in members.values() for m in ms]:        # independent path: loop.evaluate per member
         _, tables[m["checkpoint"]] = evaluate(m["checkpoint"], str(demo_store), "Development", device="cpu")
     first = next(iter(tables.values()))
+    is_x = (open_store(str(demo_store)).utterances.loc[first["id"], "emo_class"] == "X").to_numpy()
     probs = np.mean([tables[m["checkpoint"]][[f"prob_{c}" for c in CLASSES]].to_numpy() for m in members["class"]], 0)
     has_class = first["true_EmoClass"].notna().to_numpy()
     truth = first["true_EmoClass"][has_class].map(CLASSES.index).to_numpy()
@@ -53,8 +60,11 @@ def test_ensemble_metrics_equal_recomputation_from_members(dev_ensemble, demo_st
         column = ATTRIBUTE_COLUMNS[name]
         mean = np.mean([tables[m["checkpoint"]][column].to_numpy() for m in members[name]], axis=0)
         known = first[f"true_{column}"].notna().to_numpy()
-        expected[f"ccc_{name}"] = _ccc(first[f"true_{column}"].to_numpy()[known], mean[known])
+        expected[f"ccc_{name}"] = _ccc(first[f"true_{column}"].to_numpy()[known & ~is_x], mean[known & ~is_x])
+        expected[f"challenge_ccc_{name}"] = _ccc(first[f"true_{column}"].to_numpy()[known], mean[known])
     expected["ccc_mean"] = np.mean([expected[f"ccc_{n}"] for n in ATTRIBUTES])
+    expected["challenge_f1"] = f1_score(truth, probs[has_class].argmax(1), average="macro")
+    assert is_x.any() and expected["challenge_ccc_arousal"] != pytest.approx(expected["ccc_arousal"])
     got = manifest["metrics"]["Development"]
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
@@ -95,15 +105,72 @@ def test_challenge_csvs_have_exact_headers_and_rows(dev_ensemble, demo_store, se
 def test_select_members_ranks_per_task_and_skips_unfinished():
     results = pd.DataFrame({
         "stage": [1, 2, 2, 1], "trial": ["a", "b", "c", "d"], "status": ["complete", "stopped", "complete", "failed"],
-        "checkpoint": ["/a", "/b", "/c", None], "f1": [0.2, 0.4, 0.3, 0.9],
+        "checkpoint": ["/a", "/b", "/c", None], "f1": [0.2, 0.4, 0.3, 0.9], "task": ["multi", "cat", "dim", "multi"],
+        "pooling": ["asp"] * 4,
         "ccc_arousal": [0.5, 0.1, 0.4, 0.9], "ccc_valence": [0.1, 0.2, 0.3, 0.9], "ccc_dominance": [0.3, 0.3, 0.1, 0.9]})
-    chosen = select_members(results, 2)
+    chosen = select_members(results, EnsembleConfig(2, 2, "all", "all"))
     assert [m["trial"] for m in chosen["class"]] == ["b", "c"]
     assert [m["trial"] for m in chosen["arousal"]] == ["a", "c"]
     assert [m["trial"] for m in chosen["valence"]] == ["c", "b"]
     assert [m["trial"] for m in chosen["dominance"]] == ["a", "b"]    # tie broken by trial name
-    with pytest.raises(EnsembleError, match="top-k"):
-        select_members(results, 0)
+    with pytest.raises(EnsembleError, match="ensemble.class_from: cat, but no such finished trial"):
+        select_members(results[results["task"] != "cat"], EnsembleConfig())
+
+
+def test_paper_membership_for_a_hand_made_results_table():
+    """1 Task-1 model from the cat fine-tunings; 3 per attribute from the dim fine-tunings only; valence also gets
+    the best stage-1 ASP model by valence CCC, even though it ranks below the dim models."""
+    rows = [  # trial, stage, task, pooling, f1, arousal, valence, dominance
+        ("s1_asp_a", 1, "multi", "asp", 0.50, 0.90, 0.40, 0.90), ("s1_asp_b", 1, "multi", "asp", 0.10, 0.10, 0.45, 0.10),
+        ("s1_mean", 1, "multi", "mean", 0.60, 0.95, 0.95, 0.95),
+        ("cat-lr1e-5", 2, "cat", "asp", 0.38, 0.20, 0.20, 0.20), ("cat-lr1e-6", 2, "cat", "asp", 0.36, 0.20, 0.20, 0.20),
+        ("cat-confusion", 2, "cat", "asp", 0.40, 0.20, 0.20, 0.20),
+        ("dim_s3", 2, "dim", "asp", 0.05, 0.70, 0.60, 0.50), ("dim_s5", 2, "dim", "asp", 0.05, 0.60, 0.70, 0.55),
+        ("dim_s7", 2, "dim", "mean", 0.05, 0.65, 0.50, 0.60), ("dim_mse", 2, "dim", "mean", 0.05, 0.50, 0.65, 0.40)]
+    results = pd.DataFrame(rows, columns=["trial", "stage", "task", "pooling", "f1", "ccc_arousal", "ccc_valence",
+                                          "ccc_dominance"]).assign(status="complete", checkpoint=lambda t: "/" + t.trial)
+    paper = load_config(REPO / "configs" / "paper.yaml").ensemble
+    chosen = select_members(results, paper)
+    trials = {task: [m["trial"] for m in ms] for task, ms in chosen.items()}
+    assert trials == {"class": ["cat-confusion"],
+                      "arousal": ["dim_s3", "dim_s7", "dim_s5"],
+                      "valence": ["dim_s5", "dim_mse", "dim_s3", "s1_asp_b"],   # + best stage-1 ASP by valence
+                      "dominance": ["dim_s7", "dim_s5", "dim_s3"]}
+    assert [m.get("forced", False) for m in chosen["valence"]] == [False, False, False, True]
+
+
+def test_an_external_member_changes_the_ensemble_by_exactly_its_share(dev_ensemble, demo_store, tmp_path):
+    run, manifest, _ = dev_ensemble
+    before = pd.read_csv(run / "ensemble" / "Development" / "predictions.csv").set_index("FileName")
+    baseline = pd.DataFrame({"FileName": before.index[::-1], "EmoAct": 4.5, "EmoVal": 1.0, "EmoDom": 7.0})
+    baseline.to_csv(tmp_path / "baseline.csv", index=False)              # row order is irrelevant: aligned by name
+    out = tmp_path / "with-baseline"
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--out", str(out),
+                                      "--extra-member", f"arousal,dominance={tmp_path / 'baseline.csv'}"])
+    assert result.exit_code == 0, result.output
+    after = pd.read_csv(out / "Development" / "predictions.csv").set_index("FileName")
+    k = len(manifest["members"]["arousal"])
+    np.testing.assert_allclose(after["EmoAct"], (k * before["EmoAct"] + 4.5) / (k + 1), atol=2e-6)
+    np.testing.assert_allclose(after["EmoDom"], (k * before["EmoDom"] + 7.0) / (k + 1), atol=2e-6)
+    np.testing.assert_allclose(after["EmoVal"], before["EmoVal"], atol=1e-6)        # valence: not a member
+    with_external = json.loads((out / "ensemble.json").read_text())
+    recorded = with_external["members"]["arousal"][-1]
+    assert recorded["trial"] == "external:baseline.csv" and recorded["external"] == str(tmp_path / "baseline.csv")
+    assert len(recorded["sha256"]) == 64 and "external:baseline.csv" in result.output
+
+    baseline.iloc[3:].to_csv(tmp_path / "short.csv", index=False)
+    short = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--out",
+                                     str(tmp_path / "x"), "--extra-member", f"arousal={tmp_path / 'short.csv'}"])
+    missing = ", ".join(sorted(before.index[::-1][:3])[:3])
+    assert short.exit_code == 1 and f"lacks 3 of the {len(before)} utterances" in short.output
+    assert all(name in short.output for name in before.index[::-1][:3]), (missing, short.output)
+    wrong = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store),
+                                     "--extra-member", f"class={tmp_path / 'baseline.csv'}"])
+    assert wrong.exit_code == 2 and "is not an attribute" in wrong.output
+
+    refused = CliRunner().invoke(app, ["predict", str(tmp_path / "baseline.csv"), "--ensemble", str(out)])
+    assert refused.exit_code == 2 and "external members (baseline.csv for arousal, dominance)" in refused.output
+    assert "--skip-external" in refused.output
 
 
 def test_ensemble_and_report_read_the_run_folder_without_the_tune_driver():

@@ -35,7 +35,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2,
+             logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtser.config import LossConfig
+from mtser.config import ConfigError, LossConfig
 from mtser.trainer.losses import (build_loss, class_weights_from_counts, gaussian_penalty_mse, masked_mse,
                                   weighted_cross_entropy)
 
@@ -74,3 +74,32 @@ def test_batch_without_targets_contributes_zero_and_keeps_the_graph():
     assert loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_confusion_weights_follow_the_miss_rate():
+    from mtser.trainer.losses import MISS_FLOOR, class_weights_from_confusion
+
+    confusion = np.zeros((8, 8))
+    confusion[0, 0], confusion[0, 7] = 8, 2        # A: recall 0.8 -> miss 0.2
+    confusion[1, 1], confusion[1, 2] = 2, 8        # S: recall 0.2 -> miss 0.8
+    confusion[2, 2] = 10                           # H: recall 1.0 -> miss floored at 0.05
+    for c in range(3, 8):                          # U..N: recall 0.5 -> miss 0.5
+        confusion[c, c], confusion[c, 0] = 5, 5
+    confusion[6] = 0                               # C absent: the mean miss rate of the present classes
+    miss = np.array([0.2, 0.8, MISS_FLOOR, 0.5, 0.5, 0.5, 0.0, 0.5])
+    miss[6] = np.delete(miss, 6).mean()
+    w = class_weights_from_confusion(confusion)
+    np.testing.assert_allclose(w, miss / miss.mean(), rtol=1e-6)
+    assert w.mean() == pytest.approx(1.0) and w[1] > w[0] > w[2]
+    with pytest.raises(ValueError, match="shape"):
+        class_weights_from_confusion(np.zeros((3, 3)))
+
+
+def test_confusion_weights_reach_the_cat_loss():
+    counts = np.array([10] * 8)
+    confusion = np.eye(8) * 5 + 1
+    loss = build_loss("cat", LossConfig(class_weights="confusion"), counts, confusion)
+    assert loss.class_weight is not None and torch.allclose(loss.class_weight.mean(), torch.tensor(1.0))
+    assert build_loss("cat", LossConfig(class_weights="auto"), counts).class_weight is None   # plain CE
+    with pytest.raises(ConfigError, match="confusion needs a parent"):
+        build_loss("cat", LossConfig(class_weights="confusion"), counts)

@@ -64,7 +64,30 @@ def test_summarize_skips_unlabelled_rows_and_adds_score():
     assert m["score"] == pytest.approx(m["f1"] + m["ccc_mean"])
     assert set(m) == computable(LabelArrays(classes, attributes))
     no_classes = LabelArrays(np.full(4, -1), attributes)
-    assert set(summarize(probs, attrs, no_classes)) == computable(no_classes) == {
-        "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"}
+    attribute_keys = {f"{prefix}ccc_{name}" for prefix in ("", "challenge_")
+                      for name in ("arousal", "valence", "dominance", "mean")}
+    assert set(summarize(probs, attrs, no_classes)) == computable(no_classes) == attribute_keys
     only_attrs = summarize(None, attrs, LabelArrays(classes, attributes))
     assert "f1" not in only_attrs and "score" not in only_attrs and only_attrs["ccc_mean"] == pytest.approx(1.0)
+
+
+def test_challenge_f1_averages_over_the_classes_present():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    y_true = rng.choice([0, 1, 2, 7], 200)        # four of the eight classes occur
+    y_pred = rng.choice([0, 1, 2, 4, 7], 200)     # and one more is predicted
+    assert macro_f1(y_true, y_pred, over="present") == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=range(8),
+                                                              zero_division=0))
+    assert macro_f1(y_true, y_pred, over="present") > macro_f1(y_true, y_pred)
+
+
+def test_challenge_ccc_counts_x_rows_and_ours_does_not():
+    t = np.array([[1, 2, 3], [2, 3, 4], [3, 4, 5], [6, 6, 6]], dtype=np.float32)
+    p = np.array([[1, 2, 3], [2, 3, 4], [3, 4, 5], [2, 2, 2]], dtype=np.float32)
+    labels = LabelArrays(np.array([0, 1, 2, -1]), t, is_x=np.array([False, False, False, True]))
+    m = summarize(None, p, labels)
+    assert m["ccc_arousal"] == pytest.approx(1.0)                       # X row left out
+    assert m["challenge_ccc_arousal"] == pytest.approx(ccc(t[:, 0], p[:, 0]))  # X row counted
+    assert m["challenge_ccc_mean"] < 0.9

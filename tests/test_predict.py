@@ -57,3 +57,25 @@ def test_predict_prints_a_folder_and_rejects_a_bad_manifest(dev_ensemble, demo_c
 
     bad = CliRunner().invoke(app, ["predict", str(folder), "--ensemble", str(tmp_path / "nothing.json")])
     assert bad.exit_code == 2 and "nothing.json" in bad.output
+
+
+def test_predict_skip_external_drops_the_external_member(dev_ensemble, search_run, demo_store, demo_corpus_dir,
+                                                         tmp_path):
+    stored = pd.read_csv(dev_ensemble / "Development" / "predictions.csv").set_index("FileName")
+    name = sorted(stored.index)[0]
+    pd.DataFrame({"FileName": stored.index, "EmoAct": 1.0}).to_csv(tmp_path / "baseline.csv", index=False)
+    run, _ = search_run
+    with_external = tmp_path / "ensemble"
+    built = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--out",
+                                     str(with_external), "--extra-member", f"arousal={tmp_path / 'baseline.csv'}"])
+    assert built.exit_code == 0, built.output
+    wav = str(demo_corpus_dir / "Audios" / name)
+    refused = CliRunner().invoke(app, ["predict", wav, "--ensemble", str(with_external)])
+    assert refused.exit_code == 2 and "--skip-external" in refused.output
+    out = tmp_path / "table.csv"
+    result = CliRunner().invoke(app, ["predict", wav, "--ensemble", str(with_external), "--skip-external",
+                                      "--transcripts", str(demo_corpus_dir / "Transcripts"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(out).iloc[0]           # = the ensemble without the external member (dev_ensemble)
+    assert row[PROBS + ATTRS].to_numpy(float) == pytest.approx(stored.loc[name, PROBS + ATTRS].to_numpy(float),
+                                                               abs=TOLERANCE)

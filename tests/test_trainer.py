@@ -22,7 +22,8 @@ SMALL = {"extract.encoders": [{"name": "a", "kind": "speech", "model": "syntheti
                               {"name": "b", "kind": "speech", "model": "synthetic/b"}],
          "model.encoders": ["a", "b"], "model.attention_dim": 16, "model.proj_dim": 32, "model.lstm_hidden": 32,
          "train.epochs": 8, "train.samples_per_epoch": 256, "train.batch_size": 32, "train.lr": 5e-3,
-         "finetune.epochs": 2, "finetune.samples_per_epoch": 128, "finetune.batch_size": 32}
+         **{f"finetune.{task}.{key}": value for task in ("cat", "dim")
+            for key, value in (("epochs", 2), ("samples_per_epoch", 128), ("batch_size", 32))}}
 
 
 def small_config(**overrides) -> Config:
@@ -79,6 +80,21 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, store_url, t
     np.testing.assert_allclose(table[["prob_A", "prob_S"]].to_numpy(), probs[:, :2], rtol=1e-6)
 
 
+def test_checkpoints_written_before_per_task_sections_still_load(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained.best_checkpoint, old)
+    sidecar = json.loads((old / "checkpoint.json").read_text())
+    dim = {**sidecar["config"]["finetune"]["dim"], "epochs": 7}
+    sidecar["config"]["finetune"] = dim                       # mtser 0.1: one section, its task inside
+    sidecar["config"]["ensemble"] = {"top_k": 2}
+    (old / "checkpoint.json").write_text(json.dumps(sidecar))
+    _, cfg, _ = load_checkpoint(old)
+    assert cfg.finetune.dim.epochs == 7 and cfg.finetune.cat == load_config(CONFIGS / "paper.yaml").finetune.cat
+    assert (cfg.ensemble.class_top_k, cfg.ensemble.attribute_top_k, cfg.ensemble.class_from) == (2, 2, "all")
+
+
 def test_cpu_runs_are_reproducible(store_url, tmp_path):
     cfg = small_config(train__epochs=2, train__samples_per_epoch=96)
     runs = [train(cfg, store_url, tmp_path / f"run{i}").history for i in range(2)]
@@ -92,8 +108,9 @@ def test_cpu_runs_are_reproducible(store_url, tmp_path):
 def test_finetune_stages_start_from_the_checkpoint(trained, store_url, tmp_path, task, sigma, metric):
     _, parent_cfg, _ = load_checkpoint(trained.best_checkpoint)
     cfg = finetune_config(parent_cfg, task, sigma)
-    assert (cfg.finetune.task, cfg.finetune.select_metric, cfg.loss.sigma) == (task, metric, sigma)
-    result = train(cfg, store_url, tmp_path, stage="finetune", init_from=trained.best_checkpoint)
+    schedule = cfg.schedule("finetune", task)
+    assert (schedule.task, schedule.select_metric, cfg.loss.sigma) == (task, metric, sigma)
+    result = train(cfg, store_url, tmp_path, stage="finetune", task=task, init_from=trained.best_checkpoint)
     meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
     assert meta["stage"] == "finetune" and meta["task"] == task and meta["parent"] == str(trained.best_checkpoint)
     # fine-tuning starts from stage-1 weights, so the first epoch is already far above chance
@@ -101,6 +118,70 @@ def test_finetune_stages_start_from_the_checkpoint(trained, store_url, tmp_path,
     if task == "cat":
         assert meta["train_utterances"] < json.loads((trained.best_checkpoint / "checkpoint.json").read_text())[
             "train_utterances"]  # O rows dropped
+
+
+@pytest.mark.parametrize("task, epochs, lr", [("cat", 20, 1e-5), ("dim", 30, 5e-6)])
+def test_finetune_runs_the_task_schedule_of_the_paper(trained, store_url, tmp_path, task, epochs, lr):
+    """paper.yaml's finetune.<task> (epochs, max lr, cosine to 1e-7, no warm-up) is what `mtser finetune` runs."""
+    paper = load_config(CONFIGS / "paper.yaml").schedule("finetune", task)
+    _, parent_cfg, _ = load_checkpoint(trained.best_checkpoint)
+    section = {**to_dict(paper), "samples_per_epoch": 16, "batch_size": 16, "eval_batch_size": 64, "device": "cpu"}
+    cfg = load_config(CONFIGS / "demo.yaml", {**SMALL, f"finetune.{task}": section})
+    assert (cfg.schedule("finetune", task).epochs, cfg.schedule("finetune", task).lr) == (epochs, lr)
+    result = train(cfg, store_url, tmp_path, stage="finetune", task=task, init_from=trained.best_checkpoint)
+    assert len(result.history) == epochs
+    # one step per epoch: the lr the optimiser holds after epoch e is the cosine from lr to 1e-7, no warm-up
+    expected = [lr * lr_factor(e, epochs, 0, lr, 1e-7) for e in range(1, epochs + 1)]
+    assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-9)
+    assert result.history[-1]["lr"] == pytest.approx(1e-7)
+
+
+def test_selection_split_holds_out_whole_speakers_deterministically(store_url):
+    from mtser.featurestore.store import open_store
+    from mtser.trainer.data import selection_split, training_ids
+
+    store = open_store(store_url)
+    originals = [i for i in evaluation_ids(store, ["a", "b"], "Train")]
+    splits = {seed: selection_split(store, ["a", "b"], 0.1, seed) for seed in range(6)}
+    assert splits[0] == selection_split(store, ["a", "b"], 0.1, 0)               # seeded: the same every time
+    assert len({tuple(v) for v in splits.values()}) > 1                          # and the seed matters
+    speaker = store.utterances["speaker"]
+    group = max(speaker.loc[originals].value_counts())
+    for held in splits.values():
+        rest = sorted(set(originals) - set(held))
+        assert not set(speaker.loc[held]) & set(speaker.loc[rest])              # disjoint by speaker
+        assert 0.1 * len(originals) <= len(held) < 0.1 * len(originals) + group
+        pool = training_ids(store, ["a", "b"], "multi", exclude=held)
+        assert not set(pool) & set(held)
+        copies = store.utterances.loc[pool, "source_id"].dropna()
+        assert not set(copies) & set(held)                                       # nor their augmented copies
+    assert len(training_ids(store, ["a", "b"], "multi", augmented=False)) < len(training_ids(store, ["a", "b"],
+                                                                                             "multi"))
+    store.utterances.loc[originals, "speaker"] = "Unknown"                       # unknown: each utterance alone
+    held = selection_split(store, ["a", "b"], 0.1, 0)
+    assert len(held) == int(np.ceil(0.1 * len(originals)))
+
+
+def test_validation_selects_on_held_out_train_and_tests_on_development(store_url, tmp_path):
+    from mtser.featurestore.store import open_store
+    from mtser.trainer.data import label_arrays, selection_split
+    from mtser.trainer.metrics import summarize
+
+    cfg = small_config(train__epochs=3, train__samples_per_epoch=96, train__validation=0.2)
+    result = train(cfg, store_url, tmp_path)
+    meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
+    assert meta["selection_split"] == "Train held out (0.2 by speaker, seed 0)"
+    store = open_store(store_url)
+    held = selection_split(store, ["a", "b"], 0.2, 0)
+    model, _, _ = load_checkpoint(result.best_checkpoint)
+    probs, attrs = predict(model, store, held)
+    selected = summarize(probs, attrs, label_arrays(store.utterances, held))
+    for key in ("f1", "ccc_mean", "score"):                         # selection metrics: the held-out speakers
+        assert result.best_metrics[key] == pytest.approx(selected[key], abs=1e-5)
+    tested, _ = evaluate(result.best_checkpoint, store, "Development", device="cpu")
+    assert result.test_metrics == pytest.approx(tested, abs=1e-5)    # test metrics: Development
+    assert meta["test_split"] == "Development" and meta["test_metrics"] == pytest.approx(tested, abs=1e-5)
+    assert result.test_metrics["f1"] != pytest.approx(result.best_metrics["f1"])
 
 
 def test_an_unreadable_utterance_is_skipped_not_fatal(tmp_path):
@@ -122,7 +203,7 @@ def test_an_unreadable_utterance_is_skipped_not_fatal(tmp_path):
 def test_finetune_rejects_a_different_model(trained, store_url, tmp_path):
     cfg = finetune_config(small_config(model__proj_dim=16), "cat")
     with pytest.raises(CheckpointError, match="differs from the config"):
-        train(cfg, store_url, tmp_path, stage="finetune", init_from=trained.best_checkpoint)
+        train(cfg, store_url, tmp_path, stage="finetune", task="cat", init_from=trained.best_checkpoint)
 
 
 def test_evaluate_refuses_features_of_another_encoder(trained, tmp_path):
@@ -143,9 +224,9 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     ("model.dropout", 1.5, "model.dropout: must be in [0, 1)"),
     ("model.proj_dim", 0, "model.proj_dim: must be >= 1"),
     ("loss.class_weights", [1.0, 2.0], "loss.class_weights: need 8 non-negative values"),
-    ("loss.class_weights", "inverse", "loss.class_weights: expected one of ['auto', 'none']"),
+    ("loss.class_weights", "inverse", "loss.class_weights: expected one of ['auto', 'none', 'confusion']"),
     ("train.grad_clip", 0, "train.grad_clip: must be > 0"),
-    ("finetune.warmup_epochs", -1, "finetune.warmup_epochs: must be >= 0"),
+    ("finetune.dim.warmup_epochs", -1, "finetune.dim.warmup_epochs: must be >= 0"),
     ("train.select_metric", "acc", "train.select_metric: expected one of"),
 ])
 def test_invalid_trainer_config_values_name_the_key(key, value, message):
@@ -177,14 +258,16 @@ def test_cli_train_finetune_evaluate(store_url, tmp_path):
     assert result.output.count("epoch ") >= 2 and "dev: f1 " in result.output and "ccc_mean" in result.output
     result = runner.invoke(app, ["finetune", "--from", str(tmp_path / "s1" / "best"), "--task", "dim", "--sigma", "5",
                                  "--store", store_url, "--out", str(tmp_path / "s2"), "--no-progress",
-                                 "--set", "finetune.epochs=1"])
+                                 "--set", "finetune.dim.epochs=1"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "s2" / "best" / "checkpoint.json").read_text())["config"]["loss"]["sigma"] == 5.0
     csv = tmp_path / "pred.csv"
     result = runner.invoke(app, ["evaluate", str(tmp_path / "s2" / "best"), "--store", store_url,
                                  "--split", "Development", "--predictions", str(csv)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["ccc_mean"] > 0
+    printed = json.loads(result.output.strip().splitlines()[-1])
+    assert printed["ccc_mean"] > 0 and printed["challenge_ccc_mean"] != printed["ccc_mean"]   # the store has X rows
+    assert f"challenge_f1 {printed['challenge_f1']:.4f}" in result.output
     assert len(pd.read_csv(csv)) == int(result.output.split(": ")[1].split()[0])
 
 
@@ -225,7 +308,7 @@ def test_cli_train_finetune_evaluate_read_store_and_parent_from_s3(store_url, mo
     fs.put(str(tmp_path / "s1" / "best"), f"{s3_bucket}/s1/best", recursive=True)
     parent = f"s3://{s3_bucket}/s1/best"
     result = runner.invoke(app, ["finetune", "--from", parent, "--task", "cat", "--store", store,
-                                 "--out", str(tmp_path / "s2"), "--no-progress", "--set", "finetune.epochs=1", *options])
+                                 "--out", str(tmp_path / "s2"), "--no-progress", "--set", "finetune.cat.epochs=1", *options])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "s2" / "best" / "checkpoint.json").read_text())["parent"] == parent
     remote = runner.invoke(app, ["evaluate", parent, "--store", store, "--device", "cpu", *options])

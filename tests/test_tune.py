@@ -19,7 +19,7 @@ from mtser.trainer.checkpoint import read_sidecar
 from mtser.config import TrialResources
 from mtser.trainer.runs import RESULT_COLUMNS
 from mtser.trainer.tune import prepare_run, run_search, stage2_specs, trial_resources
-from search_support import REPO, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
+from search_support import REPO, TINY, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
 
 
 def _states(run: Path, stage: int = 1) -> dict[str, dict]:
@@ -95,6 +95,7 @@ def test_two_stage_search_keeps_each_trials_best_checkpoint(search_run):
     assert on_disk["f1"].tolist() == pytest.approx(table["f1"].tolist())
     assert table["cohort"].tolist() == ["asp-c0", "asp-c0", "mean-c0", "mean-c0",
                                         f"cat__{cat['parent']}-c0", f"dim__{dim['parent']}-c0"]
+    assert cat["trial"] == f"cat-base__{cat['parent']}"
     events = {p.parent.name for p in (run / "ray").glob("stage*-*/*/events.out.tfevents*")}
     assert events == set(table["cohort"])                    # Ray Tune's TensorBoard logs, one per cohort (trial)
 
@@ -120,12 +121,50 @@ def test_stage2_specs_pick_parents_by_task_metric(tmp_path):
         "checkpoint": ["/c/p", "/c/q", "/c/r", None]})
     specs = stage2_specs(search, REPO / "configs" / "demo.yaml", "cpu", stage1)
     assert [(s.name, s.task, s.sigma, s.init_from) for s in specs] == [
-        ("cat__q", "cat", None, "/c/q"),
+        ("cat-base__q", "cat", None, "/c/q"),
         ("dim_mse__r", "dim", None, "/c/r"), ("dim_s5__r", "dim", 5.0, "/c/r"),
         ("dim_mse__p", "dim", None, "/c/p"), ("dim_s5__p", "dim", 5.0, "/c/p")]
-    assert specs[0].config["finetune"]["select_metric"] == "f1" and specs[0].config["model"]["pooling"] == "asp"
-    assert specs[2].config["loss"]["sigma"] == 5.0 and specs[2].config["finetune"]["select_metric"] == "ccc_mean"
-    assert specs[1].config["model"]["pooling"] == "mean" and specs[1].config["finetune"]["task"] == "dim"
+    assert specs[0].schedule["select_metric"] == "f1" and specs[0].config["model"]["pooling"] == "asp"
+    assert specs[2].config["loss"]["sigma"] == 5.0 and specs[2].schedule["select_metric"] == "ccc_mean"
+    assert specs[1].config["model"]["pooling"] == "mean" and specs[1].schedule["task"] == "dim"
+
+
+def test_stage2_runs_the_papers_variants_and_parents_per_pooling(tmp_path):
+    """cat_variants become members with their own lr / class weights; dim parents are the best per pooling,
+    among the points whose parent_for allows it."""
+    from mtser.config import SearchConfig, load_yaml_as
+
+    points = [{"alpha": 0.5, "beta": 1.0, "pooling": "asp", "parent_for": ["cat"]},
+              {"alpha": 1.0, "beta": 1.0, "pooling": "asp", "parent_for": ["dim"]},
+              {"alpha": 0.5, "beta": 1.0, "pooling": "mean"},
+              {"alpha": 1.0, "beta": 1.0, "pooling": "mean", "parent_for": ["cat"]}]
+    variants = {"lr1e-5": {"finetune.cat.lr": 1e-5}, "lr1e-6": {"finetune.cat.lr": 1e-6},
+                "confusion": {"finetune.cat.lr": 1e-5, "loss.class_weights": "confusion"}}
+    search = load_yaml_as(write_grid(tmp_path / "grid.yaml", alpha=[], beta=[], pooling=[], points=points,
+                                     cat_variants=variants, dim_parents={"asp": 1, "mean": 1}, sigma=[3.0, None],
+                                     overrides={**TINY, "finetune.cat.min_lr": 1e-7}),
+                          SearchConfig)
+    names = ["a0.5_b1_asp", "a1_b1_asp", "a0.5_b1_mean", "a1_b1_mean"]
+    stage1 = pd.DataFrame({"trial": names, "alpha": [0.5, 1.0, 0.5, 1.0], "beta": [1.0] * 4,
+                           "pooling": ["asp", "asp", "mean", "mean"], "status": ["complete"] * 4,
+                           "f1": [0.3, 0.4, 0.1, 0.2], "ccc_mean": [0.9, 0.2, 0.1, 0.8],
+                           "checkpoint": [f"/c/{n}" for n in names]})
+    specs = stage2_specs(search, REPO / "configs" / "demo.yaml", "cpu", stage1)
+    # cat: the best by F1 among the cat-allowed points (a1_b1_asp has a higher F1 but is a dim parent only)
+    cat = [s for s in specs if s.task == "cat"]
+    assert [s.name for s in cat] == ["cat-lr1e-5__a0.5_b1_asp", "cat-lr1e-6__a0.5_b1_asp", "cat-confusion__a0.5_b1_asp"]
+    assert [s.schedule["lr"] for s in cat] == [1e-5, 1e-6, 1e-5]
+    assert [s.schedule["epochs"] for s in cat] == [2, 2, 2]              # TINY's finetune.cat.epochs
+    assert [s.config["loss"]["class_weights"] for s in cat] == ["auto", "auto", "confusion"]
+    # dim: the best ASP and the best mean point by mean CCC that may be dim parents (the cat-only points score
+    # higher), each with every sigma
+    dim = [(s.name, s.sigma, s.schedule["select_metric"]) for s in specs if s.task == "dim"]
+    assert dim == [("dim_s3__a1_b1_asp", 3.0, "ccc_mean"), ("dim_mse__a1_b1_asp", None, "ccc_mean"),
+                   ("dim_s3__a0.5_b1_mean", 3.0, "ccc_mean"), ("dim_mse__a0.5_b1_mean", None, "ccc_mean")]
+    from mtser.trainer.tune import group_cohorts
+    cohorts = group_cohorts(specs, lambda s: 8)     # the lr variants share one cohort (lr is per member)
+    assert [(c.name, len(c.members)) for c in cohorts] == [("cat__a0.5_b1_asp-c0", 3), ("dim__a1_b1_asp-c0", 2),
+                                                           ("dim__a0.5_b1_mean-c0", 2)]
 
 
 def test_grid_points_group_into_cohorts_by_architecture_schedule_and_parent(demo_store, tmp_path):

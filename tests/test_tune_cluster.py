@@ -59,7 +59,8 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
     monkeypatch.setenv("MTSER_CACHE_DIR", str(driver))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     grid = write_grid(tmp_path / "grid.yaml", pooling=["mean"], cohort_size=1, max_concurrent=2,
-                      overrides={**TINY, "train.epochs": 1, "train.samples_per_epoch": 512, "finetune.epochs": 1})
+                      overrides={**TINY, "train.epochs": 1, "train.samples_per_epoch": 512, "finetune.cat.epochs": 1,
+                                 "finetune.dim.epochs": 1})
     memory = 100 * 1024**2
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": memory, "env_vars": {"MTSER_CACHE_DIR": str(nodes["head"])}})

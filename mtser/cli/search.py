@@ -40,7 +40,8 @@ def tune(
     except SearchError as exc:
         _fail(str(exc), 2 if exc.usage else 1)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
-        typer.echo(summary.table.drop(columns=["checkpoint"]).to_string(index=False, float_format="%.4f", na_rep=""))
+        shown = summary.table.drop(columns=["checkpoint"]).dropna(axis=1, how="all")
+        typer.echo(shown.to_string(index=False, float_format="%.4f", na_rep=""))
     run = RunFolder(out, options)
     typer.echo(f"results: {run.url_of('results.csv')}   Ray Tune logs (TensorBoard): {run.url_of('ray')}")
     if summary.failed:
@@ -51,23 +52,33 @@ def ensemble(
     run: str = typer.Option(..., "--run", help="Run folder of `mtser tune` (path or URL)."),
     store: str = typer.Option(..., "--store", help="Feature store URL or path."),
     split: str = typer.Option("Development", "--split", help="Split to predict (Development, Test1-3)."),
-    top_k: int = typer.Option(0, "--top-k", help="Members per task/attribute (0: ensemble.top_k of the config)."),
+    top_k: int = typer.Option(0, "--top-k", help="Members per task and attribute (0: the recipe's ensemble section)."),
     out: str = typer.Option(None, "--out", help="Output folder, path or URL (default RUN/ensemble)."),
+    extra_member: list[str] = typer.Option([], "--extra-member", help="ATTRIBUTES=FILE: a challenge-format attribute "
+                                           "CSV as a member, e.g. arousal,dominance=baseline.csv (repeatable)."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
-    """Average the top-k checkpoints per task / attribute; print metrics; write challenge CSVs and a manifest."""
+    """The paper's ensembles: the best Task-1 fine-tuning(s) for classes; per attribute the best Task-2 fine-tunings
+    plus the recipe's forced members and any --extra-member files. Prints metrics (ours and challenge-comparable),
+    writes challenge CSVs and a manifest."""
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
     from mtser.trainer.checkpoint import CheckpointError
-    from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table
+    from mtser.config import ConfigError
+    from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table, parse_extra_members
     from mtser.trainer.runs import RunError
 
     if split not in SPLITS:
         _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
     try:
         manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out,
+                                  external=parse_extra_members(extra_member),
                                   storage_options=parse_storage_options(storage_options))
-    except (EnsembleError, RunError, StoreError, CheckpointError) as exc:
+    except EnsembleError as exc:
+        _fail(str(exc), 2 if exc.usage else 1)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except (RunError, StoreError, CheckpointError) as exc:
         _fail(str(exc))
     table = metrics_table(manifest, split)
     if table[split].notna().any():
@@ -85,6 +96,8 @@ def predict(
     out: Path = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it."),
     transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    skip_external: bool = typer.Option(False, "--skip-external", help="Drop the ensemble's external members "
+                                       "(prediction files, which cannot score new audio) instead of refusing."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
@@ -93,7 +106,7 @@ def predict(
     from mtser.trainer.predict import predict_files
 
     try:
-        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts,
+        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
                             storage_options=parse_storage_options(storage_options))
     except EnsembleError as exc:
         _fail(str(exc), 2)

@@ -51,6 +51,8 @@ def _run(train_call) -> None:
     except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
         raise _fail(str(exc), 1) from None
     typer.echo(f"best epoch {result.best_epoch}: {_metric_line(result.best_metrics)}")
+    if result.test_metrics is not None:
+        typer.echo(f"test (Development): {_metric_line(result.test_metrics)}")
     typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 
@@ -84,11 +86,12 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Output directory."),
         sigma: Optional[str] = typer.Option(None, "--sigma", help="dim: Gaussian-penalty width, or 'none' (plain MSE)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the checkpoint's)."),
-        set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set finetune.epochs=5."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set finetune.cat.epochs=5."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         storage_options: str = STORAGE_OPTIONS,
     ) -> None:
-        """Stage 2: fine-tune a stage-1 checkpoint for one task."""
+        """Stage 2: fine-tune a stage-1 checkpoint for one task, with that task's schedule (finetune.cat or
+        finetune.dim)."""
         from mtser.config import Config, ConfigError, apply_override, from_dict, load_config, to_dict
         from mtser.trainer.checkpoint import CheckpointError, read_sidecar
         from mtser.trainer.loop import finetune_config, train
@@ -115,7 +118,7 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc), 2) from None
         except CheckpointError as exc:
             raise _fail(str(exc), 1) from None
-        _run(lambda: train(cfg, store, out, stage="finetune", init_from=from_, on_epoch=_print_epoch,
+        _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_, on_epoch=_print_epoch,
                            progress=progress, storage_options=options))
 
     @app.command("evaluate")
@@ -148,4 +151,8 @@ def register(app: typer.Typer) -> None:
         if predictions is not None:
             table.to_csv(predictions, index=False, float_format="%.6f")
         typer.echo(f"{split}: {len(table)} utterances  {_metric_line(metrics) or '(no labels: no metrics)'}")
+        challenge = {k: v for k, v in metrics.items() if k.startswith("challenge_")}
+        if challenge:
+            typer.echo("challenge-comparable (F1 over the classes present, CCC with X rows): "
+                       + "  ".join(f"{k} {v:.4f}" for k, v in challenge.items()))
         typer.echo(json.dumps(metrics))

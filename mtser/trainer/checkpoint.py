@@ -66,6 +66,15 @@ def _finite(value):
     return value
 
 
+def update_sidecar(path: Path, **fields) -> None:
+    """Add `fields` to a checkpoint's sidecar (written through a temporary file and renamed)."""
+    path = Path(path)
+    meta = {**read_sidecar(path), **fields}
+    tmp = path / f".{SIDECAR}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(_finite(meta), indent=2, allow_nan=False))
+    os.replace(tmp, path / SIDECAR)
+
+
 def _read(path: str | Path, name: str, storage_options: dict | None) -> bytes:
     """The bytes of file `name` in checkpoint `path` (a local directory or a URL); FileNotFoundError if missing."""
     fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
@@ -83,7 +92,22 @@ def read_sidecar(path: str | Path, storage_options: dict | None = None) -> dict:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
     if meta.get("label_map", {}).get("classes") != list(CLASSES):
         raise CheckpointError(f"{path}: label map {meta.get('label_map')} differs from this mtser's {list(CLASSES)}")
+    meta["config"] = _upgraded(meta.get("config", {}))
     return meta
+
+
+def _upgraded(config: dict) -> dict:
+    """A config as written before stage 2 had one section per task and ensembles a k per task (mtser 0.1): the one
+    `finetune` section becomes its task's section, `ensemble.top_k` both ks over all grid points."""
+    config = dict(config)
+    finetune = config.get("finetune")
+    if isinstance(finetune, dict) and finetune.get("task") in ("cat", "dim"):
+        config["finetune"] = {finetune["task"]: {k: v for k, v in finetune.items() if k != "select_metric"}}
+    ensemble = config.get("ensemble")
+    if isinstance(ensemble, dict) and "top_k" in ensemble:
+        config["ensemble"] = {"class_top_k": ensemble["top_k"], "attribute_top_k": ensemble["top_k"],
+                              "class_from": "all", "attribute_from": "all"}
+    return config
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storage_options: dict | None = None

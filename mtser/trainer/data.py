@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,7 +35,8 @@ def label_arrays(table: pd.DataFrame, ids: Sequence[str]) -> LabelArrays:
     rows = table.loc[list(ids)]
     classes = rows["emo_class"].map(lambda c: CLASS_INDEX.get(c, -1) if isinstance(c, str) else -1)
     attributes = rows[list(ATTRIBUTES)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-    return LabelArrays(classes.to_numpy(dtype=np.int64, copy=True), attributes.copy())
+    is_x = (rows["emo_class"] == "X").to_numpy()
+    return LabelArrays(classes.to_numpy(dtype=np.int64, copy=True), attributes.copy(), is_x if is_x.any() else None)
 
 
 def with_features(store, split: str, encoders: Sequence[str]) -> list[str]:
@@ -45,24 +46,59 @@ def with_features(store, split: str, encoders: Sequence[str]) -> list[str]:
     return [i for i in first if i in common]
 
 
-def training_ids(store, encoders: Sequence[str], task: Task, split: str = "Train") -> list[str]:
-    """Utterances a task trains on (augmented copies included): X never; O only for attributes (multi, dim);
-    cat needs one of the 8 classes, dim all three attributes, multi either."""
+def training_ids(store, encoders: Sequence[str], task: Task, split: str = "Train", *, augmented: bool = True,
+                 exclude: Collection[str] = ()) -> list[str]:
+    """Utterances a task trains on: X never; O only for attributes (multi, dim); cat needs one of the 8 classes, dim
+    all three attributes, multi either. `augmented`: include the store's augmented copies; `exclude`: original ids
+    held out (their augmented copies go with them)."""
     ids = with_features(store, split, encoders)
+    rows = store.utterances.loc[ids]
     labels = label_arrays(store.utterances, ids)
     has_class = labels.classes >= 0
     has_attributes = np.isfinite(labels.attributes).all(axis=1)
-    is_x = (store.utterances.loc[ids, "emo_class"] == "X").to_numpy()
+    is_x = (rows["emo_class"] == "X").to_numpy()
     keep = {"cat": has_class, "dim": has_attributes & ~is_x, "multi": (has_class | has_attributes) & ~is_x}[task]
+    copy = rows["augmentation"].notna().to_numpy()
+    if not augmented:
+        keep &= ~copy
+    if exclude:
+        held_out = set(exclude)
+        origin = np.where(copy, rows["source_id"].to_numpy(dtype=object), np.asarray(ids, dtype=object))
+        keep &= ~np.isin(origin, list(held_out))
     return [i for i, k in zip(ids, keep) if k]
 
 
 def evaluation_ids(store, encoders: Sequence[str], split: str) -> list[str]:
-    """Original (non-augmented) utterances of `split` with features, class X dropped; unlabelled rows are kept."""
+    """Original (non-augmented) utterances of `split` with features; X rows and unlabelled rows are kept (metrics
+    leave out what they cannot score; the challenge's CCC counts X rows)."""
     ids = with_features(store, split, encoders)
-    rows = store.utterances.loc[ids]
-    keep = rows["augmentation"].isna().to_numpy() & (rows["emo_class"] != "X").to_numpy()
+    keep = store.utterances.loc[ids, "augmentation"].isna().to_numpy()
     return [i for i, k in zip(ids, keep) if k]
+
+
+def selection_split(store, encoders: Sequence[str], fraction: float, seed: int, split: str = "Train") -> list[str]:
+    """Original utterances of `split` held out to select on (the paper's ablation: 10 % of Train), by speaker.
+
+    Speakers (utterances with an unknown speaker: each alone) are shuffled with `seed` and taken whole until they
+    hold `fraction` of the utterances: no speaker is on both sides, and the same store and seed give the same split."""
+    ids = evaluation_ids(store, encoders, split)
+    speakers = store.utterances.loc[ids, "speaker"]
+    known = speakers.notna() & ~speakers.astype(str).str.lower().isin(["", "unknown", "none", "nan"])
+    groups = pd.Series(np.where(known, "speaker:" + speakers.astype(str), "utterance:" + pd.Index(ids)), index=ids)
+    names = sorted(groups.unique())
+    order = np.random.default_rng(seed).permutation(len(names))
+    sizes = groups.value_counts()
+    chosen: set[str] = set()
+    held = 0
+    for k in order:
+        if held >= fraction * len(ids):
+            break
+        chosen.add(names[k])
+        held += int(sizes[names[k]])
+    if len(chosen) == len(names):
+        raise ValueError(f"store {store.url}: {split} has {len(names)} speaker group(s); holding out {fraction:g} of "
+                         "it would leave nothing to train on")
+    return [i for i in ids if groups[i] in chosen]
 
 
 def class_counts(labels: LabelArrays) -> np.ndarray:

@@ -1,11 +1,17 @@
-"""Ensembles of a search's best checkpoints: task 1 averages the class probabilities of the top-k checkpoints by
-development macro-F1; task 2 averages, per attribute, the top-k checkpoints by that attribute's development CCC.
+"""Ensembles of a search's best checkpoints, as the paper built them.
+
+Task 1 averages the class probabilities of the `ensemble.class_top_k` best Task-1 fine-tunings by development
+macro-F1 (the paper: one model). Per attribute, the mean of the `ensemble.attribute_top_k` best Task-2 fine-tunings
+by that attribute's development CCC (the paper: 3), plus forced members: `ensemble.extra_members` selectors (the
+paper added the best stage-1 ASP model to valence) and external prediction files in the challenge format (the paper
+added the challenge baseline's predictions to arousal and dominance), aligned by `FileName`.
 
 `build_ensemble` scores members and the ensemble on a split, writes the challenge CSVs and a manifest
 (`ensemble.json`) that `mtser predict` loads.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mtser.config import EnsembleConfig, MemberSelector
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -21,32 +28,120 @@ from mtser.trainer.runs import FINISHED, RunFolder, as_run, load_results, load_s
 
 MANIFEST = "ensemble.json"
 TASKS: tuple[str, ...] = ("class", *ATTRIBUTES)          # "class" uses f1; each attribute its own ccc_<attribute>
+STAGE2_TASK = {"class": "cat", **{name: "dim" for name in ATTRIBUTES}}
 
 
 class EnsembleError(RuntimeError):
-    """An ensemble cannot be built or loaded (the message says why)."""
+    """An ensemble cannot be built or loaded (the message says why); `usage` marks a wrong invocation (exit 2)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
 
 
 def task_metric(task: str) -> str:
     return "f1" if task == "class" else f"ccc_{task}"
 
 
-def select_members(results: pd.DataFrame, k: int) -> dict[str, list[dict[str, Any]]]:
-    """Top-k finished trials per task by the task's development metric (ties broken by trial name)."""
-    if k < 1:
-        raise EnsembleError(f"top-k must be >= 1, got {k}")
+def member_key(member: dict[str, Any]) -> str:
+    """Where a member's predictions come from: its checkpoint, or `external:<file>`."""
+    return member["checkpoint"] if "checkpoint" in member else f"external:{member['external']}"
+
+
+def _member(row: pd.Series, metric: str, forced: bool = False) -> dict[str, Any]:
+    return {"trial": row["trial"], "stage": int(row["stage"]), "checkpoint": str(row["checkpoint"]),
+            "dev_metric": float(row[metric]), "metric": metric, **({"forced": True} if forced else {})}
+
+
+def _ranked(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return rows[rows[metric].notna()].sort_values([metric, "trial"], ascending=[False, True])
+
+
+def _matches(rows: pd.DataFrame, selector: MemberSelector) -> pd.DataFrame:
+    keep = rows["stage"] == selector.stage
+    if selector.pooling is not None:
+        keep &= rows["pooling"] == selector.pooling
+    if selector.task is not None:
+        keep &= rows["task"] == selector.task
+    return rows[keep]
+
+
+def select_members(results: pd.DataFrame, cfg: EnsembleConfig) -> dict[str, list[dict[str, Any]]]:
+    """Members per task from the results table (ties broken by trial name): the top k of the allowed pool, then the
+    attribute's forced `extra_members` (the best match of each selector not already in)."""
     done = results[results["status"].isin(FINISHED) & results["checkpoint"].notna()]
     if done.empty:
         raise EnsembleError("no finished trial with a checkpoint in the results table")
     chosen = {}
     for task in TASKS:
         metric = task_metric(task)
-        ranked = done[done[metric].notna()].sort_values([metric, "trial"], ascending=[False, True]).head(k)
+        only = cfg.class_from if task == "class" else cfg.attribute_from
+        key = "class_from" if task == "class" else "attribute_from"
+        pool = done if only == "all" else done[(done["stage"] == 2) & (done["task"] == STAGE2_TASK[task])]
+        k = cfg.class_top_k if task == "class" else cfg.attribute_top_k
+        ranked = _ranked(pool, metric).head(k)
         if ranked.empty:
-            raise EnsembleError(f"no trial has a development {metric}")
-        chosen[task] = [{"trial": r["trial"], "stage": int(r["stage"]), "checkpoint": str(r["checkpoint"]),
-                         "dev_metric": float(r[metric]), "metric": metric} for _, r in ranked.iterrows()]
+            raise EnsembleError(f"ensemble.{key}: {only}, but no such finished trial has a development {metric} "
+                                f"(run stage 2, or set ensemble.{key}: all)")
+        chosen[task] = [_member(r, metric) for _, r in ranked.iterrows()]
+        for selector in cfg.extra_members.get(task, []):
+            taken = {m["trial"] for m in chosen[task]}
+            candidates = _ranked(_matches(done, selector), metric)
+            candidates = candidates[~candidates["trial"].isin(taken)]
+            if candidates.empty:
+                raise EnsembleError(f"ensemble.extra_members.{task}: no finished trial matches {selector} "
+                                    f"beyond the {len(taken)} already chosen")
+            chosen[task].append(_member(candidates.iloc[0], metric, forced=True))
     return chosen
+
+
+def add_external(members: dict[str, list[dict[str, Any]]], external: dict[str, str | Path]) -> None:
+    """Add an external predictions file (challenge attribute CSV) as a member of the given attributes."""
+    for name, path in external.items():
+        if name not in ATTRIBUTES:
+            raise EnsembleError(f"--extra-member: {name!r} is not an attribute ({', '.join(ATTRIBUTES)}); external "
+                                "files in the challenge format have no class probabilities", usage=True)
+        path = Path(path)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise EnsembleError(f"--extra-member {name}={path}: cannot read: {exc.strerror}", usage=True) from None
+        members[name].append({"trial": f"external:{path.name}", "external": str(path.resolve()), "sha256": digest,
+                              "metric": task_metric(name), "forced": True})
+
+
+def parse_extra_members(items: list[str]) -> dict[str, str]:
+    """`arousal,dominance=baseline.csv` items → {attribute: file}."""
+    out: dict[str, str] = {}
+    for item in items:
+        names, sep, path = item.partition("=")
+        if not sep or not names.strip() or not path.strip():
+            raise EnsembleError(f"--extra-member {item!r}: expected ATTRIBUTE[,ATTRIBUTE...]=FILE, e.g. "
+                                "arousal,dominance=baseline.csv", usage=True)
+        for name in names.split(","):
+            out[name.strip()] = path.strip()
+    return out
+
+
+def external_predictions(path: str | Path, ids: list[str]) -> Predictions:
+    """An external attribute CSV (FileName plus any of EmoAct, EmoVal, EmoDom) aligned to `ids` by FileName."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise EnsembleError(f"external member {path}: cannot read as CSV: {exc}") from None
+    columns = [c for c in ATTRIBUTE_COLUMNS.values() if c in table]
+    if "FileName" not in table or not columns:
+        raise EnsembleError(f"external member {path}: needs a FileName column and at least one of "
+                            f"{list(ATTRIBUTE_COLUMNS.values())}, has {list(table.columns)}")
+    table = table.drop_duplicates("FileName", keep="last").set_index("FileName")
+    missing = [i for i in ids if i not in table.index]
+    if missing:
+        raise EnsembleError(f"external member {path}: lacks {len(missing)} of the {len(ids)} utterances to predict "
+                            f"(first: {', '.join(missing[:5])})")
+    rows = table.loc[ids]
+    attrs = np.stack([pd.to_numeric(rows[c], errors="coerce").to_numpy(np.float64) if c in rows
+                      else np.full(len(ids), np.nan) for c in ATTRIBUTE_COLUMNS.values()], axis=1)
+    return Predictions(list(ids), np.full((len(ids), 8), np.nan), attrs)
 
 
 @dataclass
@@ -59,10 +154,11 @@ class Predictions:
 
 
 def combine(members: dict[str, list[dict[str, Any]]], outputs: dict[str, Predictions]) -> Predictions:
-    """Mean class probabilities over the class members; per attribute, the mean over that attribute's members."""
-    first = next(iter(outputs.values()))
-    probs = np.mean([outputs[m["checkpoint"]].probs for m in members["class"]], axis=0)
-    attrs = np.stack([np.mean([outputs[m["checkpoint"]].attrs[:, i] for m in members[name]], axis=0)
+    """Mean class probabilities over the class members; per attribute, the mean over that attribute's members
+    (`outputs` keyed by `member_key`)."""
+    first = outputs[member_key(members["class"][0])]
+    probs = np.mean([outputs[member_key(m)].probs for m in members["class"]], axis=0)
+    attrs = np.stack([np.mean([outputs[member_key(m)].attrs[:, i] for m in members[name]], axis=0)
                       for i, name in enumerate(ATTRIBUTES)], axis=1)
     return Predictions(first.ids, probs, attrs)
 
@@ -99,34 +195,49 @@ def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
 
 
 def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Development", k: int | None = None,
-                   out_dir: str | Path | None = None, storage_options: dict | None = None) -> dict[str, Any]:
-    """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest.
+                   out_dir: str | Path | None = None, external: dict[str, str | Path] | None = None,
+                   storage_options: dict | None = None) -> dict[str, Any]:
+    """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest. `k`
+    overrides both of the recipe's ks; `external` maps attributes to challenge-format prediction files.
     `run_dir`, `store_url` and `out_dir` may be URLs; `storage_options` apply to all of them."""
+    import dataclasses
+
     from mtser.featurestore.store import open_store
 
     run_dir = as_run(run_dir, storage_options)
     out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
     results = load_results(run_dir)
-    k = k or _configured_top_k(run_dir)
-    members = select_members(results, k)
+    cfg = configured_ensemble(run_dir)
+    if k is not None:
+        if k < 1:
+            raise EnsembleError(f"top-k must be >= 1, got {k}", usage=True)
+        cfg = dataclasses.replace(cfg, class_top_k=k, attribute_top_k=k)
+    members = select_members(results, cfg)
+    add_external(members, external or {})
     store = open_store(store_url, storage_options=storage_options)
-    outputs, metas = member_outputs([m["checkpoint"] for ms in members.values() for m in ms], store, split,
-                                    storage_options)
+    checkpoints = [m["checkpoint"] for ms in members.values() for m in ms if "checkpoint" in m]
+    outputs, metas = member_outputs(checkpoints, store, split, storage_options)
+    ids = next(iter(outputs.values())).ids
+    for m in (m for ms in members.values() for m in ms if "external" in m):
+        outputs.setdefault(member_key(m), external_predictions(m["external"], ids))
     ensemble = combine(members, outputs)
     labels = label_arrays(store.utterances, ensemble.ids)
-    member_metrics = {path: summarize(p.probs, p.attrs, labels) for path, p in outputs.items()}
+    member_metrics = {key: summarize(None if key.startswith("external:") else p.probs, p.attrs, labels)
+                      for key, p in outputs.items()}
 
     table = prediction_table(ensemble, labels)
     out_dir.write_csv(f"{split}/categorical.csv", table[["FileName", "EmoClass"]], "%.6f")
     out_dir.write_csv(f"{split}/attributes.csv", table[["FileName", *ATTRIBUTE_COLUMNS.values()]], "%.6f")
     out_dir.write_csv(f"{split}/predictions.csv", table, "%.6f")
 
-    checkpoint_trial = dict(zip(results["checkpoint"].astype(str), results["trial"]))
+    names = {**dict(zip(results["checkpoint"].astype(str), results["trial"])),
+             **{member_key(m): m["trial"] for ms in members.values() for m in ms}}
     manifest = _merge_previous(out_dir, {
-        "k": k, "store": store_url, "run": run_dir.url,
+        "class_top_k": cfg.class_top_k, "attribute_top_k": cfg.attribute_top_k, "store": store_url,
+        "run": run_dir.url,
         "store_provenance": next(iter(metas.values()))["store"],
         "members": members,
-        "member_metrics": {split: {checkpoint_trial.get(path, path): m for path, m in member_metrics.items()}},
+        "member_metrics": {split: {names.get(key, key): m for key, m in member_metrics.items()}},
         "metrics": {split: summarize(ensemble.probs, ensemble.attrs, labels)},
         "files": {split: {name: out_dir.url_of(f"{split}/{name}.csv")
                           for name in ("categorical", "attributes", "predictions")}},
@@ -145,11 +256,31 @@ def _merge_previous(out_dir: RunFolder, manifest: dict[str, Any]) -> dict[str, A
     return manifest
 
 
-def _configured_top_k(run_dir: RunFolder) -> int:
+def configured_ensemble(run_dir: RunFolder | str | Path) -> EnsembleConfig:
+    """The `ensemble` section of the search's recipe, with the search's overrides."""
     from mtser.config import load_config
 
     record = load_search_record(run_dir)
-    return load_config(record["base"]).ensemble.top_k
+    return load_config(record["base"], record["search"].get("overrides") or {}).ensemble
+
+
+def external_members(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """External files of a manifest and the attributes each one is a member of."""
+    out: dict[str, list[str]] = {}
+    for task, members in manifest["members"].items():
+        for m in members:
+            if "external" in m:
+                out.setdefault(m["external"], []).append(task)
+    return out
+
+
+def without_external(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's members minus external files (each attribute must keep a model)."""
+    members = {task: [m for m in ms if "external" not in m] for task, ms in manifest["members"].items()}
+    empty = [task for task, ms in members.items() if not ms]
+    if empty:
+        raise EnsembleError(f"without its external members the ensemble has no model for {empty}", usage=True)
+    return members
 
 
 def load_manifest(path: str | Path, storage_options: dict | None = None) -> dict[str, Any]:
@@ -167,13 +298,14 @@ def load_manifest(path: str | Path, storage_options: dict | None = None) -> dict
 
 
 def metrics_table(manifest: dict[str, Any], split: str) -> pd.DataFrame:
-    """Per task: each member's and the ensemble's metric on `split` (empty where the split has no labels)."""
+    """Per task: each member's and the ensemble's metric on `split` (empty where the split has no labels), and the
+    challenge-comparable value next to it (`challenge`: F1 over the classes present; CCC over all rows, X included)."""
     rows = []
     for task, members in manifest["members"].items():
         metric = task_metric(task)
-        for m in members:
-            value = manifest["member_metrics"][split].get(m["trial"], {}).get(metric, math.nan)
-            rows.append({"task": task, "model": m["trial"], "metric": metric, split: value})
-        rows.append({"task": task, "model": "ENSEMBLE", "metric": metric,
-                     split: manifest["metrics"][split].get(metric, math.nan)})
+        scored = [(m["trial"], "forced" if m.get("forced") else "top-k", manifest["member_metrics"][split].get(
+            m["trial"], {})) for m in members] + [("ENSEMBLE", "", manifest["metrics"][split])]
+        for model, how, values in scored:
+            rows.append({"task": task, "model": model, "member": how, "metric": metric,
+                         split: values.get(metric, math.nan), "challenge": values.get(f"challenge_{metric}", math.nan)})
     return pd.DataFrame(rows)

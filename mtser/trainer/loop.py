@@ -26,18 +26,18 @@ from tqdm.auto import tqdm
 
 from mtser.config import AshaConfig, Config, ConfigError, TrainConfig
 from mtser.trainer import data
-from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_sidecar
 from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
 from mtser.trainer.infer import Precision, check_store_matches, open_if_url, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
-from mtser.trainer.metrics import computable, summarize
+from mtser.trainer.metrics import computable, confusion_matrix, summarize
 from mtser.trainer.model import FusionModel
 
 Stage = Literal["pretrain", "finetune"]
 Status = Literal["running", "complete", "stopped", "failed"]
 # Schedule fields every member of a cohort shares: they decide the batch stream (and the initial weights).
 SHARED_FIELDS = ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size", "seed", "length_buckets",
-                 "prefetch_batches", "device", "mixed_precision")
+                 "prefetch_batches", "device", "mixed_precision", "validation", "use_augmented")
 
 
 class DivergedError(ValueError):
@@ -46,18 +46,24 @@ class DivergedError(ValueError):
 
 @dataclass
 class Member:
-    """One model of a cohort: a name, its full recipe, its stage, its output folder and (stage 2) its parent."""
+    """One model of a cohort: a name, its full recipe, its stage, its output folder and (stage 2) its parent and
+    task (which `finetune` section it trains with)."""
 
     name: str
     cfg: Config
     out_dir: Path
     stage: Stage = "pretrain"
     init_from: str | Path | None = None           # a local checkpoint directory or its URL
+    task: Literal["cat", "dim"] | None = None
     storage_options: dict | None = None           # fsspec options where init_from is a URL
 
     @property
     def tc(self) -> TrainConfig:
-        return self.cfg.train if self.stage == "pretrain" else self.cfg.finetune
+        return self.cfg.schedule(self.stage, self.task)
+
+    @property
+    def section(self) -> str:
+        return "train" if self.stage == "pretrain" else f"finetune.{self.task}"
 
 
 @dataclass
@@ -68,6 +74,8 @@ class TrainResult:
     history: list[dict[str, float]]       # per epoch: epoch, lr, train_loss, data_wait_fraction, dev metrics
     status: Status = "complete"
     error: str | None = None              # why a member failed
+    test_metrics: dict[str, float] | None = None  # the best checkpoint on Development when it selected on a
+                                                  # held-out part of Train (`validation`)
 
 
 @dataclass
@@ -102,10 +110,8 @@ def model_encoders(cfg: Config, store) -> list[str]:
 
 
 def finetune_config(cfg: Config, task: Literal["cat", "dim"], sigma: float | None = None) -> Config:
-    """Stage-2 config: finetune.task, loss.sigma (dim only) and the selection metric that matches the task."""
+    """Stage-2 config of `task`: loss.sigma for dim (None: plain MSE), none for cat."""
     new = copy.deepcopy(cfg)
-    new.finetune.task = task
-    new.finetune.select_metric = "f1" if task == "cat" else "ccc_mean"
     new.loss.sigma = sigma if task == "dim" else None
     return new
 
@@ -148,7 +154,10 @@ def check_cohort(members: Sequence[Member]) -> None:
 
 
 class _Cohort:
-    """Everything a cohort needs, resolved from the members' configs and the store before the first epoch."""
+    """Everything a cohort needs, resolved from the members' configs and the store before the first epoch.
+
+    Members select their best epoch on the Development split, or, with `validation`, on a part of Train held out by
+    speaker (`data.selection_split`); Development is then the test split, scored once for the best checkpoints."""
 
     def __init__(self, members: Sequence[Member], store):
         check_cohort(members)
@@ -159,30 +168,47 @@ class _Cohort:
         dims = {n: store.encoders[n].dim for n in self.encoders}
         self.provenance = {"url": store.url,
                            "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in self.encoders}}
-        pools = {task: data.training_ids(store, self.encoders, task) for task in {m.tc.task for m in members}}
+        development = data.evaluation_ids(store, self.encoders, "Development")
+        if self.tc.validation is None:
+            self.selection, held_out, self.test_ids = "Development", [], []
+            select_ids = development
+        else:
+            self.selection = f"Train held out ({self.tc.validation:g} by speaker, seed {self.tc.seed})"
+            held_out = select_ids = data.selection_split(store, self.encoders, self.tc.validation, self.tc.seed)
+            self.test_ids = data.length_sorted(store, development, self.encoders)
+        pools = {task: data.training_ids(store, self.encoders, task, augmented=self.tc.use_augmented,
+                                         exclude=held_out) for task in {m.tc.task for m in members}}
         for task, pool in pools.items():
             if not pool:
                 raise ValueError(f"store {store.url}: no Train utterance with features and labels for task {task!r}")
         self.train_pool = _union(pools.values())
         self.task_rows = None if len(pools) == 1 else {t: set(p) for t, p in pools.items()}
         self.train_lengths = data.total_lengths(store, self.train_pool, self.encoders)
-        self.dev_ids = data.length_sorted(store, data.evaluation_ids(store, self.encoders, "Development"),
-                                          self.encoders)
-        self.dev_labels = data.label_arrays(store.utterances, self.dev_ids)
-        self.losses: list[RecipeLoss] = []
-        for m in members:
-            if m.tc.select_metric not in computable(self.dev_labels):
-                key = "train" if m.stage == "pretrain" else "finetune"
-                raise ConfigError(f"{key}.select_metric: {m.tc.select_metric!r} cannot be computed, the Development "
-                                  f"split of {store.url} lacks the labels ({len(self.dev_ids)} utterances)")
-            counts = data.class_counts(data.label_arrays(store.utterances, pools[m.tc.task]))
-            self.losses.append(build_loss(m.tc.task, m.cfg.loss, counts))
-        self.model = CohortModel([self._initial_model(m, dims, store) for m in members]).to(self.device)
+        self.select_ids = data.length_sorted(store, select_ids, self.encoders)
+        self.select_labels = data.label_arrays(store.utterances, self.select_ids)
+        self.test_labels = data.label_arrays(store.utterances, self.test_ids)
         host, pin = data.host_dtype(self.device), self.device.type == "cuda"
         self.reader = data.BatchReader(store, self.encoders, host, pin_memory=pin, packed=pin)
         self.train_reader = data.BatchReader(store, self.encoders, host, skip_unreadable=True, pin_memory=pin,
                                              packed=pin)
         self.precision = Precision(self.device, self.tc.mixed_precision)
+        for m in members:
+            if m.tc.select_metric not in computable(self.select_labels):
+                raise ConfigError(f"{m.section}.select_metric: {m.tc.select_metric!r} cannot be computed, the "
+                                  f"selection split ({self.selection}) of {store.url} lacks the labels "
+                                  f"({len(self.select_ids)} utterances)")
+        initial = [self._initial_model(m, dims, store) for m in members]
+        confusions: dict[Path, np.ndarray] = {}
+        self.losses: list[RecipeLoss] = []
+        for m, model in zip(members, initial):
+            counts = data.class_counts(data.label_arrays(store.utterances, pools[m.tc.task]))
+            confusion = None
+            if m.cfg.loss.class_weights == "confusion" and m.init_from is not None:
+                if m.init_from not in confusions:
+                    confusions[m.init_from] = self._confusion(model)
+                confusion = confusions[m.init_from]
+            self.losses.append(build_loss(m.tc.task, m.cfg.loss, counts, confusion))
+        self.model = CohortModel(initial).to(self.device)
 
     def _initial_model(self, member: Member, dims: dict[str, int], store) -> FusionModel:
         if member.stage == "pretrain":
@@ -197,6 +223,17 @@ class _Cohort:
                                   f"differs from the config's (encoders {dims}, {member.cfg.model})")
         seed_everything(member.tc.seed)
         return parent
+
+    def _confusion(self, parent: FusionModel) -> np.ndarray:
+        """The parent's confusion matrix on the selection split (for loss.class_weights: confusion)."""
+        logits, _ = self.scores(CohortModel([parent]).to(self.device), self.select_ids)
+        has_class = self.select_labels.classes >= 0
+        return confusion_matrix(self.select_labels.classes[has_class], logits[0].numpy()[has_class].argmax(axis=1))
+
+    def scores(self, model: CohortModel, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, N, 8) logits and (G, N, 3) attributes of a fused model on `ids`, read once."""
+        batches = data.prefetch(self.reader, data.chunks(ids, self.tc.eval_batch_size), depth=self.tc.prefetch_batches)
+        return run_model(model, batches, self.device, self.precision)
 
     def member_targets(self, k: int, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's targets for member k: rows outside its task's pool carry no target (mixed-task cohorts)."""
@@ -314,6 +351,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                     save_checkpoint(member.out_dir / "best", exports[k], member.cfg, {
                         "stage": member.stage, "task": member.tc.task, "epoch": epoch, "metrics": evaluation[g],
                         "store": c.provenance, "parent": str(member.init_from) if member.init_from else None,
+                        "selection_split": c.selection,
                         "train_utterances": len(c.train_pool), "unreadable_utterances": dict(c.train_reader.skipped),
                         "cohort": {"members": len(members), "name": member.name}})
                 if epoch == tc.epochs:
@@ -331,11 +369,16 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                 optimizer, clip = _select(c.model, optimizer, keep), clip[keep]
         if on_epoch is not None:
             on_epoch(epoch, reports)
+    tested = [k for k in range(len(members)) if best[k][1]] if c.test_ids else []
+    test_metrics = dict(zip(tested, _test(c, [exports[k] for k in tested]))) if tested else {}
     results = {}
     for k, m in enumerate(members):
         value, best_epoch, metrics = best[k]
+        if k in test_metrics:
+            update_sidecar(m.out_dir / "best", test_split="Development", test_metrics=test_metrics[k])
         results[m.name] = TrainResult(m.out_dir / "best" if best_epoch else None, best_epoch, metrics, histories[k],
-                                      status[k] if status[k] != "running" else "complete", errors[k])
+                                      status[k] if status[k] != "running" else "complete", errors[k],
+                                      test_metrics.get(k))
     return results
 
 
@@ -355,24 +398,29 @@ def _halve(alive: list[int], evaluation: list[dict[str, float]], members: Sequen
 
 
 def _evaluate(c: _Cohort, alive: list[int]) -> list[dict[str, float]]:
-    """Development metrics and loss of every alive member, from one read of the development batches."""
-    batches = data.prefetch(c.reader, data.chunks(c.dev_ids, c.tc.eval_batch_size), depth=c.tc.prefetch_batches)
-    logits, attrs = run_model(c.model, batches, c.device, c.precision)
-    classes, attributes = torch.from_numpy(c.dev_labels.classes), torch.from_numpy(c.dev_labels.attributes)
+    """Selection-split metrics and loss of every alive member, from one read of the split's batches."""
+    logits, attrs = c.scores(c.model, c.select_ids)
+    classes, attributes = torch.from_numpy(c.select_labels.classes), torch.from_numpy(c.select_labels.scored_attributes)
     out = []
     for g, k in enumerate(alive):
-        metrics = summarize(logits[g].numpy(), attrs[g].numpy(), c.dev_labels)
+        metrics = summarize(logits[g].numpy(), attrs[g].numpy(), c.select_labels)
         out.append({**metrics, "loss": float(c.losses[k](logits[g], attrs[g], classes, attributes))})
     return out
 
 
-def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", init_from: str | Path | None = None,
-          on_epoch: Callable[[int, dict[str, float], Path | None], None] | None = None,
+def _test(c: _Cohort, models: list[FusionModel]) -> list[dict[str, float]]:
+    """Metrics of the members' best models on the test split (Development), fused for one read."""
+    logits, attrs = c.scores(CohortModel(models).to(c.device), c.test_ids)
+    return [summarize(logits[g].numpy(), attrs[g].numpy(), c.test_labels) for g in range(len(models))]
+
+
+def train(cfg: Config, store, out_dir: Path, *, stage: Stage = "pretrain", task: Literal["cat", "dim"] | None = None,
+          init_from: str | Path | None = None, on_epoch: Callable[[int, dict[str, float], Path | None], None] | None = None,
           progress: bool = False, storage_options: dict | None = None) -> TrainResult:
-    """Train one model (a cohort of one); writes <out>/best (best Development checkpoint by select_metric) and
-    <out>/history.csv. Raises DivergedError when the loss stays non-finite. The store and `init_from` may be URLs
-    (`storage_options` apply to both); `out_dir` is local."""
-    member = Member("model", cfg, Path(out_dir), stage, init_from or None, storage_options=storage_options)
+    """Train one model (a cohort of one) with `cfg.schedule(stage, task)`; writes <out>/best (the best checkpoint
+    on the selection split by select_metric) and <out>/history.csv. Raises DivergedError when the loss stays
+    non-finite. The store and `init_from` may be URLs (`storage_options` apply to both); `out_dir` is local."""
+    member = Member("model", cfg, Path(out_dir), stage, init_from or None, task, storage_options=storage_options)
 
     def report(epoch: int, reports: list[MemberEpoch]) -> None:
         for r in reports:

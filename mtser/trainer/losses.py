@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtser.config import LossConfig
+from mtser.config import ConfigError, LossConfig
+from mtser.featurestore.labels import CLASSES
 
 Task = Literal["multi", "cat", "dim"]
 
@@ -51,12 +52,34 @@ def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
     return np.divide(total, len(counts) * counts, out=np.zeros_like(counts), where=counts > 0).astype(np.float32)
 
 
+MISS_FLOOR = 0.05
+
+
+def class_weights_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Weights that penalise the classes a model misclassifies most (the paper's third Task-1 fine-tuning).
+
+    From a confusion matrix (rows true, columns predicted, 8 × 8): each class's miss rate m_c = 1 − recall_c,
+    floored at MISS_FLOOR so a class recalled perfectly keeps some weight; a class absent from the rows gets the
+    mean miss rate of the present ones. w_c = m_c / mean(m), so the weights average 1 over the 8 classes.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    if confusion.shape != (len(CLASSES), len(CLASSES)):
+        raise ValueError(f"confusion matrix: expected shape (8, 8), got {confusion.shape}")
+    support = confusion.sum(axis=1)
+    if not (support > 0).any():
+        raise ValueError("class weights: the confusion matrix has no labelled row")
+    recall = np.divide(np.diag(confusion), support, out=np.zeros(len(CLASSES)), where=support > 0)
+    miss = np.maximum(1.0 - recall, MISS_FLOOR)
+    miss[support == 0] = miss[support > 0].mean()
+    return (miss / miss.mean()).astype(np.float32)
+
+
 @dataclass
 class RecipeLoss:
     """The loss of one training stage.
 
-    multi: α·MSE(attributes) + β·weighted CE (stage 1); cat: plain CE; dim: Gaussian-penalty MSE (plain MSE when σ
-    is None).
+    multi: α·MSE(attributes) + β·weighted CE (stage 1); cat: CE, weighted when `class_weight` is set; dim:
+    Gaussian-penalty MSE (plain MSE when σ is None).
     """
 
     task: Task
@@ -68,20 +91,26 @@ class RecipeLoss:
 
     def __call__(self, logits: torch.Tensor, attrs: torch.Tensor, classes: torch.Tensor,
                  attributes: torch.Tensor) -> torch.Tensor:
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         if self.task == "cat":
-            return weighted_cross_entropy(logits, classes)
+            return weighted_cross_entropy(logits, classes, weight)
         if self.task == "dim":
             return gaussian_penalty_mse(attrs, attributes, self.sigma, self.sigma_mu)
-        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         return self.alpha * masked_mse(attrs, attributes) + self.beta * weighted_cross_entropy(logits, classes, weight)
 
 
-def build_loss(task: Task, cfg: LossConfig, class_counts: np.ndarray) -> RecipeLoss:
-    """The stage's loss from config; `class_counts` (8 training frequencies) feed class_weights "auto"."""
+def build_loss(task: Task, cfg: LossConfig, class_counts: np.ndarray, confusion: np.ndarray | None = None
+               ) -> RecipeLoss:
+    """The stage's loss from config. class_weights: `auto` = inverse training frequency (`class_counts`) for
+    multi-task and plain CE for cat; `confusion` = from `confusion` (the parent's, stage 2); a list = those."""
     weight = None
-    if task == "multi":
-        if cfg.class_weights == "auto":
+    if task != "dim":
+        if cfg.class_weights == "auto" and task == "multi":
             weight = torch.from_numpy(class_weights_from_counts(class_counts))
+        elif cfg.class_weights == "confusion":
+            if confusion is None:
+                raise ConfigError("loss.class_weights: confusion needs a parent model (stage-2 fine-tuning)")
+            weight = torch.from_numpy(class_weights_from_confusion(confusion))
         elif isinstance(cfg.class_weights, list):  # Config validates 8 non-negative values
             weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
     return RecipeLoss(task, cfg.alpha, cfg.beta, weight, cfg.sigma, cfg.sigma_mu)

@@ -2,6 +2,11 @@
 
 Metric dicts use the keys `f1`, `ccc_arousal`, `ccc_valence`, `ccc_dominance`, `ccc_mean` and `score`
 (= f1 + ccc_mean). A key is left out when the labels it needs are absent (a split without class labels has no `f1`).
+
+mtser's own metrics (used for selection): macro-F1 over all 8 classes, CCC over rows whose class is not X. Next to
+them, labelled `challenge_*`, the challenge baseline's way: `challenge_f1` averages F1 over the classes present in
+labels or predictions (sklearn's `f1_score(average="macro")` without `labels=`), `challenge_ccc_*` is the CCC over
+every row with attribute labels, X included.
 """
 from __future__ import annotations
 
@@ -18,25 +23,43 @@ class LabelArrays:
 
     classes: np.ndarray      # (N,) int64
     attributes: np.ndarray   # (N, 3) float32, order of ATTRIBUTES
+    is_x: np.ndarray | None = None  # (N,) bool: class X (no agreement); None = no X row
 
     def __len__(self) -> int:
         return len(self.classes)
 
+    @property
+    def scored_attributes(self) -> np.ndarray:
+        """Attributes with X rows set to NaN: the targets mtser scores and selects on."""
+        if self.is_x is None or not self.is_x.any():
+            return self.attributes
+        return np.where(self.is_x[:, None], np.float32(np.nan), self.attributes)
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Unweighted mean of per-class F1 over all 8 classes (sklearn's labels=range(8), zero_division=0)."""
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """8 × 8 counts, rows true class, columns predicted class (indices into CLASSES)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"macro_f1: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-d shapes")
+        raise ValueError(f"confusion: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-d shapes")
     n = len(CLASSES)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (y_true, y_pred), 1)
+    return confusion
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, over: str = "all") -> float:
+    """Unweighted mean of per-class F1 (zero_division=0) over all 8 classes (`over="all"`, sklearn's
+    labels=range(8)) or over the classes present in y_true or y_pred (`over="present"`, sklearn's default)."""
+    confusion = confusion_matrix(y_true, y_pred)
     tp = np.diag(confusion)
     fp = confusion.sum(axis=0) - tp
     fn = confusion.sum(axis=1) - tp
     denominator = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denominator, out=np.zeros(n), where=denominator > 0)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(CLASSES)), where=denominator > 0)
+    if over == "present":
+        present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+        return float(f1[present].mean())
     return float(f1.mean())
 
 
@@ -54,11 +77,12 @@ def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def computable(labels: LabelArrays) -> set[str]:
     """The metric keys `summarize` gives for these labels when both predictions are present."""
-    keys = {"f1"} if (labels.classes >= 0).any() else set()
-    known = np.isfinite(labels.attributes).any(axis=0)
-    keys |= {f"ccc_{name}" for name, k in zip(ATTRIBUTES, known) if k}
-    if known.all():
-        keys.add("ccc_mean")
+    keys = {"f1", "challenge_f1"} if (labels.classes >= 0).any() else set()
+    for prefix, targets in (("", labels.scored_attributes), ("challenge_", labels.attributes)):
+        known = np.isfinite(targets).any(axis=0)
+        keys |= {f"{prefix}ccc_{name}" for name, k in zip(ATTRIBUTES, known) if k}
+        if known.all():
+            keys.add(f"{prefix}ccc_mean")
     if {"f1", "ccc_mean"} <= keys:
         keys.add("score")
     return keys
@@ -71,15 +95,17 @@ def summarize(probs_or_logits: np.ndarray | None, attrs: np.ndarray | None, labe
     if probs_or_logits is not None and has_class.any():
         predicted = np.asarray(probs_or_logits)[has_class].argmax(axis=1)
         metrics["f1"] = macro_f1(labels.classes[has_class], predicted)
+        metrics["challenge_f1"] = macro_f1(labels.classes[has_class], predicted, over="present")
     if attrs is not None:
-        values = []
-        for i, name in enumerate(ATTRIBUTES):
-            known = np.isfinite(labels.attributes[:, i])
-            if known.any():
-                metrics[f"ccc_{name}"] = ccc(labels.attributes[known, i], np.asarray(attrs)[known, i])
-                values.append(metrics[f"ccc_{name}"])
-        if len(values) == len(ATTRIBUTES):
-            metrics["ccc_mean"] = float(np.mean(values))
+        for prefix, targets in (("", labels.scored_attributes), ("challenge_", labels.attributes)):
+            values = []
+            for i, name in enumerate(ATTRIBUTES):
+                known = np.isfinite(targets[:, i])
+                if known.any():
+                    metrics[f"{prefix}ccc_{name}"] = ccc(targets[known, i], np.asarray(attrs)[known, i])
+                    values.append(metrics[f"{prefix}ccc_{name}"])
+            if len(values) == len(ATTRIBUTES):
+                metrics[f"{prefix}ccc_mean"] = float(np.mean(values))
     if "f1" in metrics and "ccc_mean" in metrics:
         metrics["score"] = metrics["f1"] + metrics["ccc_mean"]
     return metrics

@@ -13,7 +13,8 @@ import pandas as pd
 
 from mtser.config import EncoderConfig, from_dict
 from mtser.featurestore.corpus import Utterance
-from mtser.trainer.ensemble import EnsembleError, Predictions, combine, load_manifest, prediction_table
+from mtser.trainer.ensemble import (EnsembleError, Predictions, combine, external_members, load_manifest, member_key,
+                                    prediction_table, without_external)
 
 @dataclass
 class PredictionRun:
@@ -72,15 +73,25 @@ def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[s
 
 
 def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
-                  transcripts: Path | None = None, storage_options: dict | None = None) -> PredictionRun:
+                  transcripts: Path | None = None, skip_external: bool = False,
+                  storage_options: dict | None = None) -> PredictionRun:
     """Run the ensemble at `ensemble` (manifest file or its directory, local or a URL) on audio files; bad files are
-    skipped. `storage_options` apply to the manifest and the member checkpoints."""
+    skipped. `storage_options` apply to the manifest and the member checkpoints.
+
+    External members (prediction files of a fixed split) cannot predict new audio: an ensemble with them is refused
+    (EnsembleError, usage) unless `skip_external` drops them."""
     from mtser.featurestore.pipeline import encode_utterances
     from mtser.trainer.checkpoint import load_checkpoint
     from mtser.trainer.infer import predict_features
 
     manifest = load_manifest(ensemble, storage_options)
-    paths = list(dict.fromkeys(m["checkpoint"] for members in manifest["members"].values() for m in members))
+    external = external_members(manifest)
+    if external and not skip_external:
+        listed = "; ".join(f"{Path(f).name} for {', '.join(tasks)}" for f, tasks in external.items())
+        raise EnsembleError(f"{ensemble}: the ensemble has external members ({listed}), predictions of a fixed split "
+                            "that cannot score new audio; pass --skip-external to predict without them", usage=True)
+    members = without_external(manifest)
+    paths = list(dict.fromkeys(member_key(m) for ms in members.values() for m in ms))
     models, metas = {}, []
     for path in paths:
         models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
@@ -96,4 +107,4 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
         probs, attrs = predict_features(model, per_utt, device=device) if per_utt else (np.zeros((0, 8)),
                                                                                           np.zeros((0, 3)))
         outputs[path] = Predictions(ids, np.asarray(probs), np.asarray(attrs))
-    return PredictionRun(prediction_table(combine(manifest["members"], outputs)), failures)
+    return PredictionRun(prediction_table(combine(members, outputs)), failures)

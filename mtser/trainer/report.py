@@ -1,7 +1,8 @@
 """Figures of a search run and one self-contained HTML page (PNGs embedded as base64).
 
 Figures: the ensemble's development confusion matrix, α×β heatmaps of stage-1 development metrics per pooling,
-predicted-versus-true scatter per attribute, and training curves of every trial.
+predicted-versus-true scatter per attribute, and training curves of every trial. Tables: the ensemble's metrics,
+the paper's Table 1 layout of the stage-1 settings (`table1`, also written as table1.csv), and every trial.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import numpy as np
 import pandas as pd
 
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
-from mtser.trainer.runs import METRIC_COLUMNS, RunFolder, as_run, load_results
+from mtser.trainer.runs import METRIC_COLUMNS, TEST_COLUMNS, RunFolder, as_run, load_results
+
+TABLE1_METRICS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
+                  "challenge_ccc_mean"]
 
 
 def _pyplot():
@@ -90,6 +94,27 @@ def scatter_figure(pred: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def table1(results: pd.DataFrame) -> pd.DataFrame | None:
+    """The paper's Table 1: per stage-1 setting (α, β, pooling) macro-F1, CCC per attribute and their mean, on
+    Development as the test split when the run selected on held-out Train (`train.validation`), else on the
+    Development split it selected on (the `split` column says which). `challenge_*`: the challenge's way."""
+    stage1 = results[results["stage"] == 1]
+    if stage1.empty:
+        return None
+    tested = stage1[[f"test_{m}" for m in TABLE1_METRICS]].notna().any(axis=None)
+    rows = []
+    for _, r in stage1.iterrows():
+        setting = ("single-task: attributes" if r["beta"] == 0 else "single-task: classes" if r["alpha"] == 0
+                   else "multi-task")
+        values = {m: r[f"test_{m}" if tested else m] for m in TABLE1_METRICS}
+        rows.append({"setting": setting, "alpha": r["alpha"], "beta": r["beta"], "pooling": r["pooling"],
+                     "split": "Development (test)" if tested else "Development (selection)", **values})
+    order = {"single-task: attributes": 0, "single-task: classes": 1, "multi-task": 2}
+    table = pd.DataFrame(rows)
+    return table.sort_values(["setting", "pooling", "alpha"], key=lambda c: c.map(order) if c.name == "setting"
+                             else c, kind="stable").reset_index(drop=True)
+
+
 def curves_figure(run_dir: RunFolder, results: pd.DataFrame, path: Path) -> Path | None:
     histories = {}
     for _, row in results.iterrows():
@@ -140,7 +165,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, storage
             "Predicted versus true attributes": scatter_figure(pred, drawn / "scatter.png") if pred is not None else None,
             "Training curves": curves_figure(run_dir, results, drawn / "curves.png"),
         }
-        page = _html(run_dir, results, figures, ensemble_summary(run_dir))
+        settings = table1(results)
+        if settings is not None:
+            out.write_csv("table1.csv", settings, "%.4f")
+        page = _html(run_dir, results, figures, ensemble_summary(run_dir), settings)
         for path in figures.values():
             if path is not None:
                 out.upload(path, path.name)
@@ -157,12 +185,19 @@ def ensemble_summary(run_dir: RunFolder | str | Path, storage_options: dict | No
     return pd.DataFrame(metrics).T if metrics else None
 
 
-def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, Path | None], ensemble: pd.DataFrame | None) -> str:
+def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, Path | None], ensemble: pd.DataFrame | None,
+          settings: pd.DataFrame | None) -> str:
     parts = [f"<h1>mtser search report: {html.escape(str(run_dir))}</h1>"]
+    note = ("<p>Ours: macro-F1 over the 8 classes, CCC without X rows. <code>challenge_*</code>: the challenge "
+            "baseline's way, macro-F1 over the classes present and CCC over all rows, X included.</p>")
     if ensemble is not None:
-        parts += ["<h2>Ensemble</h2>", ensemble.to_html(float_format="%.4f", na_rep="")]
-    shown = results[[c for c in ("stage", "trial", "cohort", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS)
-                     if c in results]]
+        parts += ["<h2>Ensemble</h2>", ensemble.to_html(float_format="%.4f", na_rep=""), note]
+    if settings is not None:
+        parts += ["<h2>Table 1: stage-1 settings (the paper's ablation layout)</h2>",
+                  settings.to_html(index=False, float_format="%.4f", na_rep="", table_id="table1"), note]
+    tested = [c for c in TEST_COLUMNS if c in results and results[c].notna().any()]
+    shown = results[[c for c in ("stage", "trial", "cohort", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS,
+                                 *tested) if c in results]]
     parts += ["<h2>Trials</h2>", shown.to_html(index=False, float_format="%.4f", na_rep="")]
     for title, path in figures.items():
         parts.append(f"<h2>{html.escape(title)}</h2>")

@@ -27,9 +27,11 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean"]
+METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
+                  "challenge_ccc_mean"]                   # on the selection split, at the best epoch
+TEST_COLUMNS = [f"test_{m}" for m in METRIC_COLUMNS]      # on Development when the selection split was held out
 RESULT_COLUMNS = ["stage", "trial", "cohort", "alpha", "beta", "pooling", "sigma", "task", "parent", "status",
-                  "best_epoch", *METRIC_COLUMNS, "checkpoint"]
+                  "best_epoch", *METRIC_COLUMNS, *TEST_COLUMNS, "checkpoint"]
 FINISHED = ("complete", "stopped")
 RESULTS = "results.csv"
 
@@ -198,10 +200,12 @@ def results_table(run_dir: RunFolder | str | Path, points: list[dict[str, Any]])
     for p in points:
         state = read_state(run_dir, p["stage"], p["name"])
         metrics = state.get("best_metrics") or {}
+        tested = state.get("test_metrics") or {}
         rows.append({"stage": p["stage"], "trial": p["name"], "cohort": state.get("cohort"), "alpha": p["alpha"],
                      "beta": p["beta"], "pooling": p["pooling"], "sigma": p["sigma"], "task": p["task"],
                      "parent": p["parent"], "status": state.get("status", "pending"),
                      "best_epoch": state.get("best_epoch"), **{m: metrics.get(m, math.nan) for m in METRIC_COLUMNS},
+                     **{f"test_{m}": tested.get(m, math.nan) for m in METRIC_COLUMNS},
                      "checkpoint": state.get("checkpoint")})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 

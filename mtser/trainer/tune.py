@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtser.config import Config, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
+from mtser.config import Config, ConfigError, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
@@ -58,7 +58,7 @@ class TrialSpec:
 
     @property
     def schedule(self) -> dict[str, Any]:
-        return self.config["train" if self.stage == 1 else "finetune"]
+        return self.config["train"] if self.stage == 1 else self.config["finetune"][self.task]
 
 
 @dataclass
@@ -80,35 +80,55 @@ class SearchSummary:
 
 # ------------------------------------------------------------------------------------------------------------ trial specs
 def trial_config(base: Path, search: SearchConfig, overrides: dict[str, Any], device: str) -> dict[str, Any]:
-    merged = {**search.overrides, **overrides, "train.device": device, "finetune.device": device}
-    return to_dict(load_config(base, merged))
+    devices = {f"{section}.device": device for section in ("train", "finetune.cat", "finetune.dim")}
+    return to_dict(load_config(base, {**search.overrides, **overrides, **devices}))
 
 
 def stage1_specs(search: SearchConfig, base: Path, device: str) -> list[TrialSpec]:
     specs = []
-    for pooling in search.pooling:
-        for alpha in search.alpha:
-            for beta in search.beta:
-                if alpha + beta == 0:
-                    continue
-                cfg = trial_config(base, search, {"loss.alpha": alpha, "loss.beta": beta, "model.pooling": pooling,
-                                                  "train.task": "multi"}, device)
-                specs.append(TrialSpec(1, f"a{alpha:g}_b{beta:g}_{pooling}", alpha, beta, pooling, "multi", cfg))
+    for p in search.stage1_points():
+        cfg = trial_config(base, search, {"loss.alpha": p.alpha, "loss.beta": p.beta, "model.pooling": p.pooling,
+                                          "train.task": "multi"}, device)
+        specs.append(TrialSpec(1, point_name(p.alpha, p.beta, p.pooling), p.alpha, p.beta, p.pooling, "multi", cfg))
     return specs
 
 
-def stage2_specs(search: SearchConfig, base: Path, device: str, stage1: pd.DataFrame) -> list[TrialSpec]:
-    """Classification from the `cat_parents` best by dev F1; attributes from the `dim_parents` best by mean CCC × σ."""
+def point_name(alpha: float, beta: float, pooling: str) -> str:
+    return f"a{alpha:g}_b{beta:g}_{pooling}"
+
+
+def stage2_parents(search: SearchConfig, stage1: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The stage-1 points each task fine-tunes: `cat_parents` best by selection macro-F1; `dim_parents` best by
+    mean CCC (overall, or a count per pooling: the paper's best ASP and best mean-pooling models). Only finished
+    points that their `parent_for` allows."""
     done = stage1[stage1["status"].isin(FINISHED) & stage1["checkpoint"].notna()]
+    allowed = {point_name(p.alpha, p.beta, p.pooling): p.parent_for for p in search.stage1_points()}
+
+    def best(task: str, metric: str, rows: pd.DataFrame, count: int) -> pd.DataFrame:
+        rows = rows[[task in allowed.get(t, ("cat", "dim")) for t in rows["trial"]]]
+        return rows.sort_values([metric, "trial"], ascending=[False, True]).head(count)
+
+    dim = search.dim_parents
+    if isinstance(dim, dict):
+        dim_rows = pd.concat([best("dim", "ccc_mean", done[done["pooling"] == pooling], n) for pooling, n in dim.items()])
+    else:
+        dim_rows = best("dim", "ccc_mean", done, dim)
+    return {"cat": best("cat", "f1", done, search.cat_parents), "dim": dim_rows}
+
+
+def stage2_specs(search: SearchConfig, base: Path, device: str, stage1: pd.DataFrame) -> list[TrialSpec]:
+    """Per cat parent, one grid point per `cat_variants` entry; per dim parent, one per σ."""
     specs = []
-    for task, metric, count in (("cat", "f1", search.cat_parents), ("dim", "ccc_mean", search.dim_parents)):
-        parents = done.sort_values([metric, "trial"], ascending=[False, True]).head(count)
+    for task, parents in stage2_parents(search, stage1).items():
         for _, parent in parents.iterrows():
-            for sigma in (search.sigma if task == "dim" else [None]):
-                tag = "cat" if task == "cat" else f"dim_{'mse' if sigma is None else f's{sigma:g}'}"
-                overrides = {"loss.alpha": parent["alpha"], "loss.beta": parent["beta"],
-                             "model.pooling": parent["pooling"], "loss.sigma": sigma, "finetune.task": task,
-                             "finetune.select_metric": metric}
+            inherited = {"loss.alpha": parent["alpha"], "loss.beta": parent["beta"], "model.pooling": parent["pooling"]}
+            if task == "cat":
+                variants = [(f"cat-{name}", None, {**inherited, "loss.sigma": None, **changes})
+                            for name, changes in search.cat_variants.items()]
+            else:
+                variants = [(f"dim_{'mse' if sigma is None else f's{sigma:g}'}", sigma, {**inherited, "loss.sigma": sigma})
+                            for sigma in search.sigma]
+            for tag, sigma, overrides in variants:
                 specs.append(TrialSpec(2, f"{tag}__{parent['trial']}", float(parent["alpha"]), float(parent["beta"]),
                                        str(parent["pooling"]), task, trial_config(base, search, overrides, device),
                                        sigma=sigma, parent=str(parent["trial"]), init_from=str(parent["checkpoint"])))
@@ -180,7 +200,7 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
                    best_metrics=None, checkpoint=None, node=platform.node(), pid=os.getpid())
         members.append(Member(spec["name"], from_dict(Config, spec["config"]), run.work_dir(key),
                               "pretrain" if spec["stage"] == 1 else "finetune", spec.get("init_from") or None,
-                              storage_options=storage_options))
+                              None if spec["stage"] == 1 else spec["task"], storage_options=storage_options))
     stages = {m["name"]: m["stage"] for m in cohort["members"]}
     select = {m.name: m.tc.select_metric for m in members}
 
@@ -206,7 +226,10 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
     asha = AshaConfig(**halving) if halving else None
     results = train_cohort(members, cached_store(store_url, storage_options), halving=asha, on_epoch=on_epoch)
     for name, result in results.items():
-        mark_state(run, stages[name], name, status=result.status, epochs_run=len(result.history), error=result.error)
+        if result.best_checkpoint is not None:          # the trainer adds test metrics after the last epoch
+            run.upload(result.best_checkpoint, f"{keys[name]}/best")
+        mark_state(run, stages[name], name, status=result.status, epochs_run=len(result.history), error=result.error,
+                   test_metrics=result.test_metrics)
         run.discard_work_dir(keys[name])
 
 
@@ -285,6 +308,11 @@ def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Pa
     search = load_yaml_as(search_file, SearchConfig)
     base = (search_file.parent / search.base).resolve()
     load_config(base, search.overrides)             # fail now, naming the key, rather than in every trial
+    for name, changes in search.cat_variants.items():
+        try:
+            load_config(base, {**search.overrides, **changes})
+        except ConfigError as exc:
+            raise ConfigError(f"{search_file}: cat_variants.{name}: {exc}") from None
     record = {"search": to_dict(search), "search_file": str(search_file.resolve()), "base": str(base),
               "store": store_url}
     run_dir = as_run(run_dir)
@@ -332,9 +360,9 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
         summary.failed += failed
         summary.cohorts += cohorts
 
-    if 1 in stages:
+    if 1 in stages and 1 in search.stages:
         run(1, specs)
-    if 2 in stages:
+    if 2 in stages and 2 in search.stages:
         stage2 = stage2_specs(search, base, device, results_table(run_dir, _points(specs)))
         run(2, stage2)
         specs += stage2
