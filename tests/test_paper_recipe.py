@@ -50,6 +50,8 @@ def test_paper_final_runs_end_to_end(demo_store, tmp_path, ray_module):
     configs = [read_sidecar(Path(c))["config"] for c in cat["checkpoint"]]
     assert [c["finetune"]["cat"]["lr"] for c in configs] == [1e-5, 1e-6, 1e-5]
     assert [c["loss"]["class_weights"] for c in configs] == ["auto", "auto", "confusion"]
+    losses = [pd.read_csv(Path(c).parent / "history.csv")["train_loss"].tolist() for c in cat["checkpoint"]]
+    assert losses[2] != pytest.approx(losses[0])     # same lr, parent and batches: only the class weights differ
     dim = table[table["task"] == "dim"]
     assert sorted(dim["parent"].unique()) == ["a0.75_b0.25_asp", "a0.75_b0.25_mean"]   # per pooling, dim parents
     assert sorted(dim["sigma"].fillna(0).tolist()) == [0, 0, 3, 3, 5, 5, 7, 7]
