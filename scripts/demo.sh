@@ -31,7 +31,13 @@ elif [ "$rc" != 0 ]; then exit "$rc"; fi
 
 step "tune (stage 1: alpha x beta x pooling; stage 2: fine-tuning)"
 resume=""
-[ -f "$DEMO_DIR/run/search.json" ] && resume="--resume"
+configs_sum=$(cat configs/demo-grid.yaml configs/demo.yaml | sha256sum | cut -c1-16)
+if [ -f "$DEMO_DIR/run/search.json" ]; then
+    if [ "$(cat "$DEMO_DIR/run/.demo-configs" 2>/dev/null)" = "$configs_sum" ]; then resume="--resume"
+    else echo "configs/demo-grid.yaml or configs/demo.yaml changed since $DEMO_DIR/run was made: starting the search over"
+         rm -rf "$DEMO_DIR/run"; fi
+fi
+mkdir -p "$DEMO_DIR/run" && echo "$configs_sum" > "$DEMO_DIR/run/.demo-configs"
 $MTSER tune --search configs/demo-grid.yaml --store "$DEMO_DIR/store" --out "$DEMO_DIR/run" $resume > "$DEMO_DIR/tune.log" 2>&1 \
     || { tail -n 40 "$DEMO_DIR/tune.log"; exit 1; }
 sed -n '/^ stage /,$p' "$DEMO_DIR/tune.log"

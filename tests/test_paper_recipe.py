@@ -28,13 +28,20 @@ def scaled_down(name: str, folder: Path) -> Path:
     return path
 
 
+def tune_and_report(name: str, store: str, folder: Path) -> tuple[Path, pd.DataFrame]:
+    """`mtser tune` with the scaled-down search file, then `mtser report`: (run folder, results table)."""
+    run = folder / "run"
+    result = CliRunner().invoke(app, ["tune", "--search", str(scaled_down(name, folder)), "--store", store,
+                                      "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    return run, pd.read_csv(run / "results.csv")
+
+
 def test_paper_final_runs_end_to_end(demo_store, tmp_path, ray_module):
     runner = CliRunner()
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["tune", "--search", str(scaled_down("paper-final.yaml", tmp_path)),
-                                 "--store", str(demo_store), "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    table = pd.read_csv(run / "results.csv")
+    run, table = tune_and_report("paper-final.yaml", str(demo_store), tmp_path)
     stage1 = table[table["stage"] == 1]
     assert stage1["trial"].tolist() == ["a0.25_b0.75_asp", "a0.75_b0.25_asp", "a0.75_b0.25_mean"]
     cat = table[table["task"] == "cat"]
@@ -43,6 +50,8 @@ def test_paper_final_runs_end_to_end(demo_store, tmp_path, ray_module):
     configs = [read_sidecar(Path(c))["config"] for c in cat["checkpoint"]]
     assert [c["finetune"]["cat"]["lr"] for c in configs] == [1e-5, 1e-6, 1e-5]
     assert [c["loss"]["class_weights"] for c in configs] == ["auto", "auto", "confusion"]
+    losses = [pd.read_csv(Path(c).parent / "history.csv")["train_loss"].tolist() for c in cat["checkpoint"]]
+    assert losses[2] != pytest.approx(losses[0])     # same lr, parent and batches: only the class weights differ
     dim = table[table["task"] == "dim"]
     assert sorted(dim["parent"].unique()) == ["a0.75_b0.25_asp", "a0.75_b0.25_mean"]   # per pooling, dim parents
     assert sorted(dim["sigma"].fillna(0).tolist()) == [0, 0, 3, 3, 5, 5, 7, 7]
@@ -62,9 +71,6 @@ def test_paper_final_runs_end_to_end(demo_store, tmp_path, ray_module):
     assert all(t.startswith("dim_") for t in trials["valence"][:3])
     assert trials["valence"][3] in ("a0.25_b0.75_asp", "a0.75_b0.25_asp")      # + the best stage-1 ASP model
     assert "challenge" in result.output
-
-    result = runner.invoke(app, ["report", str(run)])
-    assert result.exit_code == 0, result.output
     settings = pd.read_csv(run / "report" / "table1.csv")
     assert settings["split"].unique().tolist() == ["Development (selection)"] and len(settings) == 3
 
@@ -78,15 +84,8 @@ def open_dev_ids(store: str) -> list[str]:
 
 
 def test_ablation_renders_table_1(demo_store, tmp_path, ray_module):
-    runner = CliRunner()
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["tune", "--search", str(scaled_down("ablation.yaml", tmp_path)),
-                                 "--store", str(demo_store), "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    table = pd.read_csv(run / "results.csv")
+    run, table = tune_and_report("ablation.yaml", str(demo_store), tmp_path)
     assert (table["stage"] == 1).all() and len(table) == 5                     # stage 1 only
-    result = runner.invoke(app, ["report", str(run)])
-    assert result.exit_code == 0, result.output
     settings = pd.read_csv(run / "report" / "table1.csv")
     assert settings["setting"].tolist() == ["single-task: attributes", "single-task: classes", "multi-task",
                                             "multi-task", "multi-task"]
