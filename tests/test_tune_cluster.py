@@ -96,7 +96,9 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
         parent = results.set_index("trial").loc[row["parent"], "checkpoint"]
         assert read_sidecar(row["checkpoint"], moto_s3)["parent"] == parent      # stage 2 started from the URL
     for _, row in results[results["stage"] == 1].iterrows():       # the trainer's post-training sidecar update
-        assert read_sidecar(row["checkpoint"], moto_s3)["test_metrics"]["f1"] == pytest.approx(row["test_f1"])
+        sidecar = read_sidecar(row["checkpoint"], moto_s3)
+        assert sidecar["test_metrics"]["f1"] == pytest.approx(row["test_f1"])
+        assert sidecar["store"]["url"] == store                    # the store's URL, not the node's cache copy
     assert len(fs.glob(f"{s3_bucket}/run/ray/stage1-*")) == 2 and fs.glob(f"{s3_bucket}/run/ray/stage2-0")
 
     # nothing of the run on the driver's disk; each node downloaded the store once into its own cache
@@ -113,6 +115,13 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
     manifest = json.loads(fs.cat_file(f"{s3_bucket}/run/ensemble/ensemble.json"))
     assert manifest["run"] == run and manifest["files"]["Development"]["predictions"].startswith(f"{run}/ensemble/")
     stored = pd.read_csv(fs.open(f"{s3_bucket}/run/ensemble/Development/predictions.csv")).set_index("FileName")
+    with fs.open(f"{s3_bucket}/baseline.csv", "w") as f:                  # an external member at a URL too
+        pd.DataFrame({"FileName": stored.index, "EmoAct": 4.0}).to_csv(f, index=False)
+    extra = runner.invoke(app, ["ensemble", "--run", run, "--store", store, "--storage-options", options, "--out",
+                                f"{run}/ensemble-baseline", "--extra-member", f"arousal=s3://{s3_bucket}/baseline.csv"])
+    assert extra.exit_code == 0, extra.output
+    with_baseline = json.loads(fs.cat_file(f"{s3_bucket}/run/ensemble-baseline/ensemble.json"))
+    assert with_baseline["members"]["arousal"][-1]["external"] == f"s3://{s3_bucket}/baseline.csv"
 
     page = runner.invoke(app, ["report", run, "--storage-options", options])
     assert page.exit_code == 0 and f"{run}/report/index.html" in page.output, page.output

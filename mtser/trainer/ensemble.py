@@ -95,19 +95,28 @@ def select_members(results: pd.DataFrame, cfg: EnsembleConfig) -> dict[str, list
     return chosen
 
 
-def add_external(members: dict[str, list[dict[str, Any]]], external: dict[str, str | Path]) -> None:
-    """Add an external predictions file (challenge attribute CSV) as a member of the given attributes."""
-    for name, path in external.items():
+def add_external(members: dict[str, list[dict[str, Any]]], external: dict[str, str | Path],
+                 storage_options: dict | None = None) -> None:
+    """Add an external predictions file (challenge attribute CSV; a path or an fsspec URL) as a member of the given
+    attributes; the manifest records where it is and its SHA-256."""
+    for name, location in external.items():
         if name not in ATTRIBUTES:
             raise EnsembleError(f"--extra-member: {name!r} is not an attribute ({', '.join(ATTRIBUTES)}); external "
                                 "files in the challenge format have no class probabilities", usage=True)
-        path = Path(path)
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise EnsembleError(f"--extra-member {name}={path}: cannot read: {exc.strerror}", usage=True) from None
-        members[name].append({"trial": f"external:{path.name}", "external": str(path.resolve()), "sha256": digest,
-                              "metric": task_metric(name), "forced": True})
+        location = str(location) if "://" in str(location) else str(Path(location).resolve())
+        digest = hashlib.sha256(_read_external(location, storage_options, usage=True)).hexdigest()
+        members[name].append({"trial": f"external:{location.rstrip('/').rsplit('/', 1)[-1]}", "external": location,
+                              "sha256": digest, "metric": task_metric(name), "forced": True})
+
+
+def _read_external(location: str, storage_options: dict | None, usage: bool = False) -> bytes:
+    import fsspec
+
+    try:
+        with fsspec.open(location, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except (OSError, ValueError) as exc:
+        raise EnsembleError(f"external member {location}: cannot read: {exc}", usage=usage) from None
 
 
 def parse_extra_members(items: list[str]) -> dict[str, str]:
@@ -123,20 +132,22 @@ def parse_extra_members(items: list[str]) -> dict[str, str]:
     return out
 
 
-def external_predictions(path: str | Path, ids: list[str]) -> Predictions:
+def external_predictions(location: str, ids: list[str], storage_options: dict | None = None) -> Predictions:
     """An external attribute CSV (FileName plus any of EmoAct, EmoVal, EmoDom) aligned to `ids` by FileName."""
+    import io
+
     try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise EnsembleError(f"external member {path}: cannot read as CSV: {exc}") from None
+        table = pd.read_csv(io.BytesIO(_read_external(location, storage_options)))
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise EnsembleError(f"external member {location}: cannot read as CSV: {exc}") from None
     columns = [c for c in ATTRIBUTE_COLUMNS.values() if c in table]
     if "FileName" not in table or not columns:
-        raise EnsembleError(f"external member {path}: needs a FileName column and at least one of "
+        raise EnsembleError(f"external member {location}: needs a FileName column and at least one of "
                             f"{list(ATTRIBUTE_COLUMNS.values())}, has {list(table.columns)}")
     table = table.drop_duplicates("FileName", keep="last").set_index("FileName")
     missing = [i for i in ids if i not in table.index]
     if missing:
-        raise EnsembleError(f"external member {path}: lacks {len(missing)} of the {len(ids)} utterances to predict "
+        raise EnsembleError(f"external member {location}: lacks {len(missing)} of the {len(ids)} utterances to predict "
                             f"(first: {', '.join(missing[:5])})")
     rows = table.loc[ids]
     attrs = np.stack([pd.to_numeric(rows[c], errors="coerce").to_numpy(np.float64) if c in rows
@@ -213,13 +224,13 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
             raise EnsembleError(f"top-k must be >= 1, got {k}", usage=True)
         cfg = dataclasses.replace(cfg, class_top_k=k, attribute_top_k=k)
     members = select_members(results, cfg)
-    add_external(members, external or {})
+    add_external(members, external or {}, storage_options)
     store = open_store(store_url, storage_options=storage_options)
     checkpoints = [m["checkpoint"] for ms in members.values() for m in ms if "checkpoint" in m]
     outputs, metas = member_outputs(checkpoints, store, split, storage_options)
     ids = next(iter(outputs.values())).ids
     for m in (m for ms in members.values() for m in ms if "external" in m):
-        outputs.setdefault(member_key(m), external_predictions(m["external"], ids))
+        outputs.setdefault(member_key(m), external_predictions(m["external"], ids, storage_options))
     ensemble = combine(members, outputs)
     labels = label_arrays(store.utterances, ensemble.ids)
     member_metrics = {key: summarize(None if key.startswith("external:") else p.probs, p.attrs, labels)

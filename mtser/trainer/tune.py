@@ -224,7 +224,8 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
                      **objectives})
 
     asha = AshaConfig(**halving) if halving else None
-    results = train_cohort(members, cached_store(store_url, storage_options), halving=asha, on_epoch=on_epoch)
+    results = train_cohort(members, cached_store(store_url, storage_options), halving=asha, on_epoch=on_epoch,
+                           store_url=store_url)
     for name, result in results.items():
         if result.best_checkpoint is not None:          # the trainer adds test metrics after the last epoch
             run.upload(result.best_checkpoint, f"{keys[name]}/best")
