@@ -159,14 +159,14 @@ class _Cohort:
     Members select their best epoch on the Development split, or, with `validation`, on a part of Train held out by
     speaker (`data.selection_split`); Development is then the test split, scored once for the best checkpoints."""
 
-    def __init__(self, members: Sequence[Member], store, store_url: str):
+    def __init__(self, members: Sequence[Member], store, store_url: str | None = None):
         check_cohort(members)
         self.members = list(members)
         self.tc = members[0].tc                                   # the shared schedule fields
         self.device = resolve_device(self.tc.device)
         self.encoders = model_encoders(members[0].cfg, store)
         dims = {n: store.encoders[n].dim for n in self.encoders}
-        self.provenance = {"url": store_url,
+        self.provenance = {"url": store_url or store.url,
                            "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in self.encoders}}
         development = data.evaluation_ids(store, self.encoders, "Development")
         if self.tc.validation is None:
@@ -256,7 +256,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     """Train `members` as one fused cohort on one batch stream; returns each member's result by name.
     `store_url`: the store's own URL when `store` is a local copy of it (recorded in the checkpoints)."""
     store = open_if_url(store)
-    c = _Cohort(members, store, store_url or store.url)
+    c = _Cohort(members, store, store_url)
     tc, device = c.tc, c.device
     steps_per_epoch = math.ceil(tc.samples_per_epoch / tc.batch_size)
     total = tc.epochs * steps_per_epoch
