@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+
 
 def register(app: typer.Typer) -> None:
     app.command("extract")(extract)
@@ -16,7 +18,8 @@ def _fail(message: str, code: int) -> None:
 
 
 def extract(
-    corpus: Path = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files."),
+    corpus: str = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files; "
+                                           "a local path or an fsspec URL (s3://bucket/MSP-Podcast)."),
     config: Path = typer.Option(..., "--config", help="Recipe YAML (its `extract` section is used)."),
     store: str = typer.Option(..., "--store", help="Feature store path or URL (s3://... with fsspec)."),
     workers: int = typer.Option(1, "--workers", min=0, help="Ray actors (one GPU each if any); 0 = in this process."),
@@ -24,6 +27,7 @@ def extract(
     augment: int = typer.Option(None, "--augment", min=0, help="Augmented copies per Train utterance (default: config)."),
     splits: list[str] = typer.Option(None, "--splits", help="Only these splits (repeat, or comma-separated)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Extract encoder features for every utterance; rerunning the same command resumes (committed shards are kept).
 
@@ -36,19 +40,21 @@ def extract(
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
 
+    options = parse_storage_options(storage_options)
     wanted = [s.strip() for item in (splits or []) for s in item.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SPLITS))
     if unknown:
         _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
     try:
         cfg = load_config(config).extract
-        read = read_corpus(corpus)
+        read = read_corpus(corpus, options)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
     failed, warned = reader_problems(read.problems, read.utterances)
     try:
         summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
-                              splits=wanted or None, problems=failed, warnings=warned, progress=progress)
+                              splits=wanted or None, problems=failed, warnings=warned, storage_options=options,
+                              progress=progress)
     except (StoreError, ExtractError) as exc:
         _fail(str(exc), 1)
     except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load
