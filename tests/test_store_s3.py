@@ -108,3 +108,23 @@ def test_batched_s3_read_of_frames_with_unwritten_chunks(moto_s3: dict, s3_bucke
     assert report.ok and report.utterances == 3, [str(p) for p in report.problems]
     frame_reads = [(a, b) for key, a, b in requested if key.endswith("frames/c/0/0")]
     assert len(frame_reads) >= 4 and all(0 <= a < b <= len(shard) for a, b in frame_reads), frame_reads
+
+
+def test_parts_committed_by_another_process_show_up_on_refresh(moto_s3: dict, s3_bucket: str) -> None:
+    """s3fs caches listings per process: a store opened before an extraction actor commits must still see the part."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = f"s3://{s3_bucket}/shared.zarr"
+    create_store(url, moto_s3)
+    register_encoder(url, encoder_info("raw"), moto_s3)
+    store = open_store(url, storage_options=moto_s3)
+    assert store.ids() == []
+    tests = str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from store_helpers import write_part; "
+            f"write_part({url!r}, 'p0', {IDS[:2]!r}, ['raw'], storage_options={moto_s3!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store.refresh()
+    assert store.ids() == IDS[:2]
+    assert open_store(url, storage_options=moto_s3).ids() == IDS[:2]

@@ -132,6 +132,11 @@ async def aget_json(store: Any, key: str) -> dict | None:
 
 
 async def alist_dir(store: Any, prefix: str) -> list[str]:
+    """The entries under `prefix`, listed afresh: an object store's filesystem caches listings per process, and
+    parts committed by other processes (extraction actors, other nodes) must show up."""
+    fs = getattr(store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache(f"{store.path}/{prefix}".rstrip("/"))
     names = [name async for name in store.list_dir(prefix)]
     return sorted(n for n in names if n != "zarr.json" and not n.endswith(".partial"))
 
