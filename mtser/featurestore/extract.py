@@ -115,8 +115,10 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
 def prefetched(groups: Sequence[list[Utterance]], load: Callable[[list[Utterance]], Loaded]) -> Iterator[Loaded]:
     """`load(group)` of each group in order, the next one running in a background thread while the caller works
     on the current one (decoding and resampling overlap the encoders' forward passes)."""
+    if not groups:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtser-prefetch") as pool:
-        pending = pool.submit(load, groups[0]) if groups else None
+        pending = pool.submit(load, groups[0])
         for following in (*groups[1:], None):
             current = pending.result()
             pending = pool.submit(load, following) if following is not None else None
