@@ -92,10 +92,18 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
     groups, not its shard."""
     writer = StoreWriter(url, shard.id, storage_options)
     failures: list[Failure] = []
-    written, seconds = 0, 0.0
+    written, seconds, encode_s, wait_s = 0, 0.0, 0.0, 0.0
     groups = _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES, pipeline.files)
-    for loaded in prefetched(groups, lambda group: pipeline.load(group, augment)):
+    loads = prefetched(groups, lambda group: pipeline.load(group, augment))
+    while True:
+        tick = time.perf_counter()
+        loaded = next(loads, None)
+        tock = time.perf_counter()
+        wait_s += tock - tick
+        if loaded is None:
+            break
         result = pipeline.encode(loaded)
+        encode_s += time.perf_counter() - tock
         failures += result.failures
         for utt, feats in result.written:
             try:
@@ -109,6 +117,7 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
         writer.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
     writer.commit()
     return {"shard": shard.id, "written": written, "failed": len(failures), "seconds": seconds,
+            "encode_seconds": encode_s, "audio_wait_seconds": wait_s,
             "failures": [(f.utt.id, f.stage, f.reason) for f in failures], "pid": os.getpid(), "node": _node_id()}
 
 
@@ -188,6 +197,8 @@ class ExtractSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
     retries: int = 0                          # shard re-submissions after a worker died or a shard raised
     audio_seconds: float = 0.0                # audio written by this run
+    encode_seconds: float = 0.0               # workers' time in the encoders (device busy or waited on), summed
+    audio_wait_seconds: float = 0.0           # workers' time waiting for decoded audio (prefetch behind), summed
     wall_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
@@ -284,6 +295,8 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
 
         def record(result: dict[str, Any]) -> None:
             summary.audio_seconds += result["seconds"]
+            summary.encode_seconds += result["encode_seconds"]
+            summary.audio_wait_seconds += result["audio_wait_seconds"]
             summary.pids.add(result["pid"])
             if result["node"]:
                 summary.nodes.add(result["node"])
