@@ -111,15 +111,16 @@ class SpeechEncoder:
     def input_values(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(padded, normalised input values, attention mask) on the device, as the feature extractor makes them:
         zero mean and unit variance over each utterance's own samples when it normalises, padding_value after."""
-        lengths = torch.tensor([len(w) for w in waves], device=self.device)
-        x = padded_batch(waves, int(lengths.max()), self.device)
+        sizes = [len(w) for w in waves]
+        lengths = torch.tensor(sizes, device=self.device)
+        x = padded_batch(waves, max(sizes), self.device)
         mask = torch.arange(x.shape[1], device=self.device)[None, :] < lengths[:, None]
         if getattr(self.extractor, "do_normalize", False):
             n = lengths[:, None].to(torch.float32)
             mean = x.sum(dim=1, keepdim=True) / n
             var = ((x - mean).pow(2) * mask).sum(dim=1, keepdim=True) / n
-            x = torch.where(mask, (x - mean) / torch.sqrt(var + 1e-7), float(self.extractor.padding_value))
-        return x, mask
+            x = (x - mean) / torch.sqrt(var + 1e-7)
+        return torch.where(mask, x, float(getattr(self.extractor, "padding_value", 0.0))), mask
 
     @torch.inference_mode()
     def forward(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
