@@ -1,6 +1,6 @@
 """How fast is `mtser extract` against what a user writes from the transformers docs, and does it scale?
 
-    .venv/bin/python bench/extract.py [--quick] [--utterances N]
+    .venv/bin/python bench/extract.py [--quick | --large] [--utterances N]
 
 One run, same corpus (espeak-ng demo corpus: MSP-Podcast layout, ~10 % audio-only Test3 utterances that need ASR)
 and the same randomly initialised encoders of the real architectures (WavLM-large layout, Whisper, RoBERTa) at a
@@ -41,6 +41,9 @@ from mtser.featurestore.corpus import Utterance, read_corpus  # noqa: E402
 SIZES = {
     "full": {"wavlm": (768, 12, 12, 3072), "whisper": (512, 6, 8, 2048), "roberta": (768, 12, 12, 3072)},
     "quick": {"wavlm": (192, 3, 4, 768), "whisper": (192, 3, 4, 768), "roberta": (192, 3, 4, 768)},
+    # real sizes: WavLM-large, Whisper-large-v3 (80 mel bins here, v3 has 128: only the first conv's input differs),
+    # RoBERTa-large; for a GPU (2.2 B random-init parameters, about 9 GB in float32; not run on the 2-core machine)
+    "large": {"wavlm": (1024, 24, 16, 4096), "whisper": (1280, 32, 20, 5120), "roberta": (1024, 24, 16, 4096)},
 }
 ASR_TOKENS = 32
 
@@ -145,10 +148,12 @@ class GpuSampler:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
+    parser.add_argument("--large", action="store_true",
+                        help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
     parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 48, quick 10)")
     args = parser.parse_args()
     n = args.utterances or (10 if args.quick else 48)
-    size = "quick" if args.quick else "full"
+    size = "quick" if args.quick else "large" if args.large else "full"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
@@ -199,7 +204,8 @@ def main() -> None:
         "scaling_2_workers": round(rates["mtser_2"] / rates["mtser_1"], 3),
         **{f"{k}_utt_per_s": round(v, 3) for k, v in rates.items()},
         **{f"{k}_audio_s_per_s": round(audio_s / t, 3) for k, t in results.items()},
-        "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "cpus": os.cpu_count(),
+        "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "size": size,
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(report))
 

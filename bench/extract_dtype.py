@@ -1,6 +1,6 @@
 """How far do features computed in bfloat16 / float16 lie from float32 ones, and how much faster are they?
 
-    .venv/bin/python bench/extract_dtype.py [--quick] [--utterances N] [--device cpu|cuda] [--rounds R]
+    .venv/bin/python bench/extract_dtype.py [--quick | --large] [--utterances N] [--device cpu|cuda] [--rounds R]
 
 Same corpus and encoders as bench/extract.py (espeak-ng demo corpus; random-init WavLM-large layout, Whisper and
 RoBERTa of the real architectures, at bench/extract.py's sizes). Every utterance with a transcript is encoded once
@@ -54,6 +54,8 @@ def deviation(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
+    parser.add_argument("--large", action="store_true",
+                        help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
     parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 24, quick 10)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds (median; default 1)")
@@ -67,7 +69,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = "quick" if args.quick else "full"
+    size = "quick" if args.quick else "large" if args.large else "full"
     n = args.utterances or (10 if args.quick else 24)
     work = Path(tempfile.mkdtemp(prefix="mtser-bench-dtype-"))
     try:
@@ -104,7 +106,8 @@ def main() -> None:
             report[f"{name}_{label}_rel_error"] = round(rel, 5)
         if label in seconds:
             report[f"{label}_speed_vs_float32"] = round(seconds["float32"] / seconds[label], 3)
-    report.update(device=device, utterances=len(utts), rounds=args.rounds, quick=args.quick, cpus=os.cpu_count())
+    report.update(device=device, utterances=len(utts), rounds=args.rounds, quick=args.quick, size=size,
+                  cpus=os.cpu_count())
     print(json.dumps(report))
 
 
