@@ -8,6 +8,7 @@ Imports fsspec only.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -66,14 +67,17 @@ class CorpusFiles:
         """{name: "file" | "directory"} of the entries directly in `folder` (empty when it is no folder); cached."""
         key = folder.rstrip("/") if is_url(folder) else str(Path(_local(folder)))
         if key not in self._listings:
-            try:
-                entries = self.fs(folder).ls(_local(folder), detail=True)
-            except (FileNotFoundError, NotADirectoryError):
-                entries = []
-            base = self.fs(folder)._strip_protocol(_local(folder)).rstrip("/")
-            self._listings[key] = {posixpath.basename(e["name"].rstrip("/")): e["type"] for e in entries
-                                   if e["name"].rstrip("/") != base}
+            self._listings[key] = self._list_url(folder) if is_url(folder) else _list_local(key)
         return self._listings[key]
+
+    def _list_url(self, folder: str) -> dict[str, str]:
+        fs = self.fs(folder)
+        try:
+            entries = fs.ls(folder, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        base = fs._strip_protocol(folder).rstrip("/")
+        return {posixpath.basename(e["name"].rstrip("/")): e["type"] for e in entries if e["name"].rstrip("/") != base}
 
     def file_names(self, folder: str) -> set[str]:
         return {n for n, kind in self.listing(folder).items() if kind == "file"}
@@ -122,3 +126,12 @@ class CorpusFiles:
         if not is_url(path):
             return _local(path)
         return self.fs(path).open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+
+
+def _list_local(folder: str) -> dict[str, str]:
+    """Like an fsspec listing, but symlinks count as what they point to (corpora are often linked in)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name: "file" if e.is_file() else "directory" if e.is_dir() else "other" for e in entries}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
