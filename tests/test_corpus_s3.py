@@ -106,3 +106,26 @@ def _files(options: dict):
     from mtser.featurestore.files import CorpusFiles
 
     return CorpusFiles(options)
+
+
+def test_extraction_fetches_only_the_audio_it_encodes(demo_corpus_dir: Path, test_encoders_dir: Path,
+                                                     moto_s3: dict, s3_bucket: str, s3: s3fs.S3FileSystem,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is downloaded up front: of a corpus on S3, a two-utterance extraction reads those two files whole
+    (once each) and at most headers of them for planning; the other audio in the bucket is never fetched."""
+    from mtser.config import EncoderConfig, ExtractConfig
+    from mtser.featurestore.files import CorpusFiles
+
+    s3.put(str(demo_corpus_dir / "Audios"), f"{s3_bucket}/c/Audios", recursive=True)
+    remote = read_corpus(f"s3://{s3_bucket}/c", moto_s3)                 # a folder of audio: every file listed
+    chosen = remote.utterances[:2]
+    whole: list[str] = []
+    headers: list[str] = []
+    read_bytes, open_header = CorpusFiles.read_bytes, CorpusFiles.open_header
+    monkeypatch.setattr(CorpusFiles, "read_bytes", lambda self, path: whole.append(path) or read_bytes(self, path))
+    monkeypatch.setattr(CorpusFiles, "open_header", lambda self, path: headers.append(path) or open_header(self, path))
+    cfg = ExtractConfig(encoders=[EncoderConfig("wavlm", "speech", str(test_encoders_dir / "wavlm"))])
+    summary = extract(chosen, cfg, str(tmp_path / "store"), workers=0, storage_options=moto_s3, progress=False)
+    assert summary.ok and summary.written == 2
+    assert sorted(whole) == sorted(u.path for u in chosen) and len(remote.utterances) > 10
+    assert headers and set(headers) <= {u.path for u in chosen}

@@ -16,8 +16,8 @@ import numpy as np
 from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.files import CorpusFiles
 from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
+from mtser.featurestore.files import CorpusFiles
 
 
 class Failure(NamedTuple):
@@ -47,7 +47,8 @@ def has_transcript(utt: Utterance) -> bool:
 
 
 class Pipeline:
-    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances."""
+    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances.
+    Audio at URLs is read with `storage_options`."""
 
     def __init__(self, cfg: ExtractConfig, device: str = "cpu", storage_options: dict | None = None):
         from transformers.utils import logging as hf_logging
