@@ -1,6 +1,6 @@
 """How fast is `mtser extract` against what a user writes from the transformers docs, and does it scale?
 
-    .venv/bin/python bench/extract.py [--quick] [--utterances N]
+    .venv/bin/python bench/extract.py [--quick | --large] [--utterances N]
 
 One run, same corpus (espeak-ng demo corpus: MSP-Podcast layout, ~10 % audio-only Test3 utterances that need ASR)
 and the same randomly initialised encoders of the real architectures (WavLM-large layout, Whisper, RoBERTa) at a
@@ -11,7 +11,10 @@ size where compute dominates:
   (b) mtser   extract() with 1 Ray worker (all cores' threads)
   (c) mtser   extract() with 2 Ray workers (cores split between them)
 Wall time per mode covers model loading, every forward pass and writing the outputs; the Ray cluster is started
-once beforehand (like joining one with --address). The last line printed is one JSON object.
+once beforehand (like joining one with --address). The last line printed is one JSON object; besides the ratios it
+has `audio_hours_per_hour_per_worker` (audio hours one mtser worker extracts per wall-clock hour, 1-worker run),
+the workers' share of time in the encoders and waiting for decoded audio, and on CUDA the GPU utilisation sampled
+over the 1-worker run (`gpu_utilisation_mean`, via torch.cuda.utilization / pynvml; null where unavailable).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +41,9 @@ from mtser.featurestore.corpus import Utterance, read_corpus  # noqa: E402
 SIZES = {
     "full": {"wavlm": (768, 12, 12, 3072), "whisper": (512, 6, 8, 2048), "roberta": (768, 12, 12, 3072)},
     "quick": {"wavlm": (192, 3, 4, 768), "whisper": (192, 3, 4, 768), "roberta": (192, 3, 4, 768)},
+    # real sizes: WavLM-large, Whisper-large-v3 (80 mel bins here, v3 has 128: only the first conv's input differs),
+    # RoBERTa-large; for a GPU (2.2 B random-init parameters, about 9 GB in float32; not run on the 2-core machine)
+    "large": {"wavlm": (1024, 24, 16, 4096), "whisper": (1280, 32, 20, 5120), "roberta": (1024, 24, 16, 4096)},
 }
 ASR_TOKENS = 32
 
@@ -105,13 +112,48 @@ def naive_loop(utts: list[Utterance], encoders: Path, out: Path) -> None:
                 np.save(f"{stem}.{name}.npy", x.numpy().astype(np.float16))
 
 
+class GpuSampler:
+    """Mean GPU utilisation (percent) sampled every `period` s while active; None without CUDA or NVML."""
+
+    def __init__(self, period: float = 0.2):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.wait(self.period):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 - no NVML: report null, not a made-up number
+                return
+
+    def __enter__(self) -> "GpuSampler":
+        import torch
+
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
+    parser.add_argument("--large", action="store_true",
+                        help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
     parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 48, quick 10)")
     args = parser.parse_args()
     n = args.utterances or (10 if args.quick else 48)
-    size = "quick" if args.quick else "full"
+    size = "quick" if args.quick else "large" if args.large else "full"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
@@ -132,7 +174,7 @@ def main() -> None:
                       asr_max_new_tokens=ASR_TOKENS, shard_seconds=audio_s / 8, batch_seconds=60.0)
         print(f"corpus: {len(utts)} utterances, {audio_s:.0f} s audio, {sum(not u.transcript for u in utts)} "
               f"without transcript; encoders {SIZES[size]}; torch threads {torch.get_num_threads()}", flush=True)
-        results = {}
+        results, summaries = {}, {}
         start = time.perf_counter()
         naive_loop(utts, encoders, work / "naive")
         results["naive"] = time.perf_counter() - start
@@ -140,8 +182,10 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
         for workers in (1, 2):
             start = time.perf_counter()
-            summary = extract(utts, cfg, str(work / f"store{workers}"), workers=workers, progress=False)
+            with GpuSampler() as gpu:
+                summary = extract(utts, cfg, str(work / f"store{workers}"), workers=workers, progress=False)
             results[f"mtser_{workers}"] = time.perf_counter() - start
+            summaries[workers] = (summary, gpu.mean)
             assert summary.ok and summary.written == len(utts), summary.line()
             print(f"({'bc'[workers - 1]}) mtser {workers} worker(s): {results[f'mtser_{workers}']:.1f} s  "
                   f"[{summary.line()}]", flush=True)
@@ -149,12 +193,19 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rates = {k: len(utts) / v for k, v in results.items()}
+    one, gpu_mean = summaries[1]
+    busy = {f"{k}_share_1_worker": round(v / (one.wall_seconds * one.workers), 3)
+            for k, v in (("encoder_time", one.encode_seconds), ("audio_wait", one.audio_wait_seconds))}
     report = {
+        "audio_hours_per_hour_per_worker": round(audio_s / results["mtser_1"], 2),
+        "audio_hours_per_hour_per_worker_2_workers": round(audio_s / results["mtser_2"] / 2, 2),
+        **busy, "device": one.device, "gpu_utilisation_mean": gpu_mean,
         "speedup_vs_naive": round(rates["mtser_1"] / rates["naive"], 3),
         "scaling_2_workers": round(rates["mtser_2"] / rates["mtser_1"], 3),
         **{f"{k}_utt_per_s": round(v, 3) for k, v in rates.items()},
         **{f"{k}_audio_s_per_s": round(audio_s / t, 3) for k, t in results.items()},
-        "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "cpus": os.cpu_count(),
+        "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "size": size,
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(report))
 

@@ -33,7 +33,9 @@ class EncoderConfig:
     revision: str | None = None                 # hub revision; local directories are content-hashed instead
     layer: int = -1                             # hidden-state index (-1 = last layer)
     mean_last_k: int = 1                        # >1: mean of the last K layers (then `layer` must stay -1)
-    dtype: Literal["float16", "float32", "int8"] = "float16"
+    dtype: Literal["float16", "float32", "int8"] = "float16"   # as stored
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forward pass; None: bfloat16 on CUDA,
+                                                                            # float32 on CPU (see resolve_compute_dtype)
     compression: Literal["none", "zstd"] = "none"
     asr: bool = False                           # whisper only: transcribe utterances that have no transcript
     pad_to_30s: bool = True                     # whisper only: pad to the 30 s the model was trained on
@@ -43,6 +45,13 @@ class EncoderConfig:
         if self.kind == "whisper" and not self.pad_to_30s:
             raise ConfigError(f"{self.name}.pad_to_30s: false is not supported (the transformers Whisper encoder "
                               "requires 3000 mel frames, i.e. 30 s)")
+
+
+def resolve_compute_dtype(enc: EncoderConfig, device: str) -> str:
+    """The dtype `enc`'s forward pass runs in on `device`: as configured, else bfloat16 on CUDA, float32 on CPU."""
+    if enc.compute_dtype is not None:
+        return enc.compute_dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 @dataclass

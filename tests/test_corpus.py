@@ -193,3 +193,19 @@ def test_read_corpus_picks_the_reader_and_rejects_non_corpora(tmp_path: Path) ->
     (tmp_path / "labels.txt").write_text("x")
     with pytest.raises(CorpusError, match="not a corpus"):
         read_corpus(tmp_path / "labels.txt")
+
+
+def test_symlinked_audio_counts_as_present(tmp_path: Path) -> None:
+    """Corpora are often linked into place: a symlink to an audio file is that file; a dangling one is missing."""
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(MANIFESTS / "audio" / "a.wav", real / "a.wav")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "x.wav").symlink_to(real / "a.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nx,linked/x.wav\ny,linked/dangling.wav\n")
+    (tmp_path / "linked" / "dangling.wav").symlink_to(real / "gone.wav")
+    result = read_manifest(manifest)
+    assert [u.id for u in result.utterances] == ["x"]
+    dangling = tmp_path / "linked" / "dangling.wav"
+    assert [str(p) for p in result.problems] == [f"{manifest}:3: y: audio file {dangling} not found"]

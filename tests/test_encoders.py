@@ -12,7 +12,7 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer, Whisper
 from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import load_audio
 from mtser.featurestore.corpus import Utterance, read_corpus
-from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder, length_batches
+from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder, length_batches, load_encoder
 from mtser.featurestore.pipeline import Pipeline, encode_utterances
 
 F16 = dict(rtol=2e-3, atol=2e-3)      # float16 storage tolerance
@@ -173,3 +173,66 @@ def test_length_batches_respect_budget_and_sort():
     batches = length_batches([50, 10, 30, 90, 11, 11], budget=60)
     assert batches == [[1, 4, 5], [2], [0], [3]]                # 3*11 <= 60; 30 > 1.15*10; 50 and 90 alone
     assert length_batches([4, 4, 5], budget=100, equal_only=True) == [[0, 1], [2]]
+
+
+def test_whisper_log_mel_on_the_device_equals_the_feature_extractor(test_encoders_dir):
+    """The torch log-mel (what the encoder is fed) equals WhisperFeatureExtractor's output, per piece, whatever
+    the other pieces of the batch are (each piece's own 8 dB floor)."""
+    encoder = WhisperEncoder(EncoderConfig("whisper", "whisper", str(test_encoders_dir / "whisper")))
+    rng = np.random.default_rng(3)
+    pieces = [(0.3 * rng.standard_normal(n)).astype(np.float32) for n in (16000 * 30, 12345, 800)]
+    pieces[1] *= 0.01                                                   # a quiet piece beside loud ones
+    got = encoder.log_mel(pieces)
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and got.shape == (3, encoder.extractor.feature_size, 3000)
+    for j, piece in enumerate(pieces):
+        expected = encoder.extractor(piece, sampling_rate=16000, return_tensors="np").input_features[0]
+        np.testing.assert_allclose(got[j].numpy(), expected, rtol=1e-5, atol=2e-5, err_msg=f"piece {j}")
+
+
+def _forward_kwargs(module: torch.nn.Module, run) -> list[dict]:
+    seen: list[dict] = []
+    hook = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_only_an_inner_layer_asks_the_model_for_every_hidden_state(test_encoders_dir):
+    rng = np.random.default_rng(0)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 20000)]
+    for kind, name, run in (("speech", "wavlm", lambda e: e.forward(waves, 16000)),
+                            ("whisper", "whisper", lambda e: e.forward([(w, False) for w in waves], 16000)),
+                            ("text", "roberta", lambda e: e.forward(["hello there", "a longer sentence"], 16000))):
+        asked = {}
+        for layer in (-1, 1):
+            enc = load_encoder(EncoderConfig(name, kind, str(test_encoders_dir / name), layer=layer))
+            module = enc.model.model.encoder if kind == "whisper" else enc.model
+            calls = _forward_kwargs(module, lambda: run(enc))
+            asked[layer] = [c.get("output_hidden_states") for c in calls]
+        assert asked == {-1: [False], 1: [True]}, (kind, asked)
+
+
+def test_compute_dtype_default_explicit_bfloat16_on_cpu_and_validation(test_encoders_dir, utterances, tmp_path):
+    from mtser.config import ConfigError, load_config, resolve_compute_dtype
+
+    base = EncoderConfig("wavlm", "speech", str(test_encoders_dir / "wavlm"))
+    assert resolve_compute_dtype(base, "cpu") == "float32" and resolve_compute_dtype(base, "cuda:0") == "bfloat16"
+    assert resolve_compute_dtype(EncoderConfig("w", "speech", "x", compute_dtype="float16"), "cpu") == "float16"
+    f32, _, _ = encode_utterances([base], utterances[:2])
+    bf16_cfg = EncoderConfig("wavlm", "speech", str(test_encoders_dir / "wavlm"), compute_dtype="bfloat16")
+    assert next(load_encoder(bf16_cfg).model.parameters()).dtype == torch.bfloat16
+    bf16, _, failures = encode_utterances([bf16_cfg], utterances[:2])
+    assert not failures
+    for utt_id, feats in f32.items():
+        a, b = feats["wavlm"], bf16[utt_id]["wavlm"]
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.mean() > 0.99                                     # close to float32 ...
+        assert np.abs(a - b).max() > 1e-4                               # ... but really computed in bfloat16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extract:\n  encoders:\n    - {name: w, kind: speech, model: x, compute_dtype: float64}\n")
+    with pytest.raises(ConfigError, match=r"extract.encoders\[0\].compute_dtype: expected one of \['float32', "
+                                          r"'bfloat16', 'float16'\]"):
+        load_config(bad)

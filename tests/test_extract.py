@@ -24,7 +24,7 @@ from mtser.config import load_config
 from mtser.featurestore.audio import load_audio
 from mtser.featurestore.corpus import read_corpus
 from mtser.featurestore.extract import extract
-from mtser.featurestore.store import open_store, part_state
+from mtser.featurestore.store import StoreError, open_store, part_state
 from test_encoders import F16, DirectReference
 
 MTSER = str(Path(sys.executable).with_name("mtser"))
@@ -291,3 +291,56 @@ def test_an_unreadable_train_utterance_fails_with_its_augmented_copies(workdir, 
     assert sorted(f[0] for f in summary.failures) == ["corrupt_train.wav", "corrupt_train.wav#aug1",
                                                       "corrupt_train.wav#aug2"]
     assert {f[1] for f in summary.failures} == {"audio"}
+
+
+def test_provenance_records_the_compute_dtype_and_refuses_mixing_dtypes(workdir, manifest, config_path):
+    cfg = load_config(config_path).extract
+    wavlm = next(e for e in cfg.encoders if e.name == "wavlm")
+    utts = [u for u in read_corpus(manifest).utterances if u.transcript][:2]
+    url = str(workdir / "bf16")
+    bf16 = replace(cfg, encoders=[replace(wavlm, compute_dtype="bfloat16")])
+    assert extract(utts, bf16, url, workers=0, progress=False).ok
+    info = open_store(url).encoders["wavlm"]
+    assert info.compute_dtype == "bfloat16" and info.config["compute_dtype"] == "bfloat16"
+    with pytest.raises(StoreError, match=r"'wavlm' is already registered with different provenance "
+                                         r"\(fields \['compute_dtype', 'config'\] differ\)"):
+        extract(utts, replace(cfg, encoders=[wavlm]), url, workers=0, progress=False)     # float32 on this CPU
+
+
+def test_stores_written_before_compute_dtype_read_as_float32_and_resume(tmp_path):
+    """Provenance without compute_dtype (older mtser) reads as float32, and the same encoder registers again."""
+    from mtser.featurestore.store import EncoderInfo, create_store, register_encoder
+    from store_helpers import encoder_info
+
+    url = str(tmp_path / "old.zarr")
+    create_store(url)
+    old = encoder_info("wavlm").to_dict()
+    del old["compute_dtype"]
+    register_encoder(url, EncoderInfo.from_dict(old))
+    assert open_store(url).encoders["wavlm"].compute_dtype == "float32"
+    now = replace(encoder_info("wavlm"), config={**old["config"], "compute_dtype": "float32"})
+    register_encoder(url, now)                                           # a new config key is no conflict
+    with pytest.raises(StoreError, match=r"fields \['compute_dtype'\] differ"):
+        register_encoder(url, replace(now, compute_dtype="bfloat16", config={**now.config}))
+
+
+def test_prefetch_decodes_the_next_group_while_the_current_one_is_encoded():
+    from mtser.featurestore.extract import prefetched
+
+    started = {k: threading.Event() for k in range(3)}
+
+    def load(group):
+        started[group[0]].set()
+        return group[0]
+
+    seen = []
+    for value in prefetched([[0], [1], [2]], load):
+        if value < 2:                                    # the next load runs while this one is "encoded"
+            assert started[value + 1].wait(timeout=10), f"group {value + 1} not started during group {value}"
+        seen.append(value)
+    assert seen == [0, 1, 2] and list(prefetched([], load)) == []
+
+    def failing(group):
+        raise OSError(f"cannot read {group[0]}")
+    with pytest.raises(OSError, match="cannot read 0"):
+        list(prefetched([[0], [1]], failing))

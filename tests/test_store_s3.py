@@ -110,30 +110,21 @@ def test_batched_s3_read_of_frames_with_unwritten_chunks(moto_s3: dict, s3_bucke
     assert len(frame_reads) >= 4 and all(0 <= a < b <= len(shard) for a, b in frame_reads), frame_reads
 
 
-def test_cli_extract_writes_to_s3_with_storage_options(moto_s3: dict, s3_bucket: str, demo_corpus_dir,
-                                                       test_encoders_dir, tmp_path) -> None:
-    import json
-    import shutil
+def test_parts_committed_by_another_process_show_up_on_refresh(moto_s3: dict, s3_bucket: str) -> None:
+    """s3fs caches listings per process: a store opened before an extraction actor commits must still see the part."""
+    import subprocess
+    import sys
     from pathlib import Path
 
-    import yaml
-    from typer.testing import CliRunner
-
-    from mtser.cli.main import app
-
-    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
-    for enc in raw["extract"]["encoders"]:
-        enc["model"] = str(test_encoders_dir / enc["name"])
-    config = tmp_path / "extract.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    folder = tmp_path / "audio"
-    folder.mkdir()
-    names = sorted(p.name for p in (demo_corpus_dir / "Audios").glob("*.wav"))[:2]
-    for name in names:
-        shutil.copy(demo_corpus_dir / "Audios" / name, folder / name)
-    url = f"s3://{s3_bucket}/cli.zarr"
-    result = CliRunner().invoke(app, ["extract", str(folder), "--config", str(config), "--store", url, "--workers", "0",
-                                      "--no-progress", "--storage-options", json.dumps(moto_s3)])
-    assert result.exit_code == 0, result.output
+    url = f"s3://{s3_bucket}/shared.zarr"
+    create_store(url, moto_s3)
+    register_encoder(url, encoder_info("raw"), moto_s3)
     store = open_store(url, storage_options=moto_s3)
-    assert len(store.ids()) == 2 and sorted(store.encoders) == sorted(e["name"] for e in raw["extract"]["encoders"])
+    assert store.ids() == []
+    tests = str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from store_helpers import write_part; "
+            f"write_part({url!r}, 'p0', {IDS[:2]!r}, ['raw'], storage_options={moto_s3!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store.refresh()
+    assert store.ids() == IDS[:2]
+    assert open_store(url, storage_options=moto_s3).ids() == IDS[:2]

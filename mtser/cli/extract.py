@@ -18,7 +18,8 @@ def _fail(message: str, code: int) -> None:
 
 
 def extract(
-    corpus: Path = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files."),
+    corpus: str = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files; "
+                                           "a local path or an fsspec URL (s3://bucket/MSP-Podcast)."),
     config: Path = typer.Option(..., "--config", help="Recipe YAML (its `extract` section is used)."),
     store: str = typer.Option(..., "--store", help="Feature store path or URL (s3://... with fsspec)."),
     workers: int = typer.Option(1, "--workers", min=0, help="Ray actors (one GPU each if any); 0 = in this process."),
@@ -46,7 +47,7 @@ def extract(
         _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
     try:
         cfg = load_config(config).extract
-        read = read_corpus(corpus)
+        read = read_corpus(corpus, options)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
     failed, warned = reader_problems(read.problems, read.utterances)

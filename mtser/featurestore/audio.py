@@ -2,43 +2,70 @@
 
 `load_audio` changes nothing but channel count and sample rate. Anything that makes an utterance unusable raises
 `AudioError` whose message is the reason (missing file, unreadable, empty, non-finite samples, all-silent), so the
-extraction records it and moves on.
+extraction records it and moves on. Paths may be fsspec URLs (read through `files.CorpusFiles`: one request per
+file for its samples, small ranged reads for a header); messages name the path or URL.
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
 
+from mtser.featurestore.files import CorpusFiles, is_url
+
 SILENCE_PEAK = 1e-5  # below -100 dBFS everywhere counts as all-silent
+HEADER_READERS = 16  # concurrent header reads of audio at URLs (durations for shard planning)
 
 
 class AudioError(ValueError):
     """An utterance's audio cannot be used; the message is the reason."""
 
 
-def audio_duration(path: str) -> float:
+def audio_duration(path: str, files: CorpusFiles | None = None) -> float:
     """Seconds of audio from the file header (0.0 when the header cannot be read; loading reports why)."""
+    files = files or CorpusFiles()
     try:
-        info = soundfile.info(path)
+        source = files.open_header(path)
+        try:
+            info = soundfile.info(source)
+        finally:
+            if hasattr(source, "close"):
+                source.close()
     except (OSError, RuntimeError, soundfile.LibsndfileError):
         return 0.0
     return info.frames / info.samplerate if info.samplerate else 0.0
 
 
-def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
+def audio_durations(paths: Sequence[str], files: CorpusFiles | None = None) -> list[float]:
+    """`audio_duration` of each path; URLs' headers are fetched concurrently (one small ranged read each)."""
+    files = files or CorpusFiles()
+    if not any(is_url(p) for p in paths):
+        return [audio_duration(p, files) for p in paths]
+    with ThreadPoolExecutor(max_workers=HEADER_READERS) as pool:
+        return list(pool.map(lambda p: audio_duration(p, files), paths))
+
+
+def load_audio(path: str, sample_rate: int = 16000, files: CorpusFiles | None = None) -> np.ndarray:
     """Mono float32 samples at `sample_rate`: channels averaged, resampled with torchaudio, nothing else changed."""
-    if not Path(path).is_file():
-        raise AudioError(f"audio file not found: {path}")
+    files = files or CorpusFiles()
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        if not is_url(path) and not files.fs(path).isfile(path):   # a URL's absence shows when it is read
+            raise FileNotFoundError(path)
+        source = files.open_whole(path)
+    except FileNotFoundError:
+        raise AudioError(f"audio file not found: {path}") from None
+    except OSError as exc:
+        raise AudioError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
-        raise AudioError(f"unreadable or corrupt audio: {exc}") from None
+        detail = f"{path}: {getattr(exc, 'error_string', exc)}" if is_url(path) else exc   # not the buffer's repr
+        raise AudioError(f"unreadable or corrupt audio: {detail}") from None
     if samples.size == 0:
         raise AudioError("empty audio (0 samples)")
     if not np.isfinite(samples).all():

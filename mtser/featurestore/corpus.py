@@ -5,7 +5,11 @@ degraded item, printed as `Labels/labels_consensus.csv:17: MSP-PODCAST_0003_0002
 Rows are checked for: a missing audio file, an unknown class code, an attribute that is not a number or lies
 outside 1..7, a duplicate id (the first row wins), an unknown split name, a wrong number of CSV fields. A missing
 required column is reported once and no rows of that file are read. Content never raises; only a path that is not
-a corpus at all raises `CorpusError`. Readers do not open audio (durations stay None).
+a corpus at all (or cannot be reached) raises `CorpusError`. Readers do not open audio (durations stay None).
+
+Corpus roots, manifests and manifest rows may be fsspec URLs (`s3://bucket/MSP-Podcast`, read with the store's
+`storage_options`): they are listed and read through `files.CorpusFiles`, utterance paths stay URLs, and the
+extraction actors read each utterance's audio from its URL.
 """
 from __future__ import annotations
 
@@ -13,13 +17,13 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mtser.featurestore.files import CorpusFiles
 from mtser.featurestore.labels import ALL_CLASS_CODES, ATTRIBUTE_RANGE, ATTRIBUTES, SPLITS
 
 
@@ -81,21 +85,28 @@ class _RowError(ValueError):
     """A row is invalid; the message is the reason reported for it."""
 
 
-def read_corpus(path: str | Path) -> CorpusReadResult:
+def read_corpus(path: str | Path, storage_options: dict | None = None) -> CorpusReadResult:
     """Read any supported corpus: an MSP-Podcast folder (has Labels/labels_consensus.csv), a .csv/.jsonl manifest,
-    or a plain folder of audio files."""
-    path = Path(path)
-    if not path.exists():
-        raise CorpusError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return read_msp_podcast(path) if (path / MSP_LABELS).is_file() else read_folder(path)
-    if path.suffix.lower() in (".csv", ".jsonl"):
-        return read_manifest(path)
+    or a plain folder of audio files; local, or at an fsspec URL read with `storage_options`."""
+    path = str(path)
+    files = CorpusFiles(storage_options)
+    try:
+        if not files.exists(path):
+            raise CorpusError(f"{path}: no such file or folder")
+        if files.is_dir(path):
+            if files.is_file(files.join(path, MSP_LABELS)):
+                return read_msp_podcast(path, files=files)
+            return read_folder(path, files=files)
+        if files.name(path).lower().endswith((".csv", ".jsonl")):
+            return read_manifest(path, files=files)
+    except OSError as exc:          # an unreachable bucket, missing credentials, a permission error
+        raise CorpusError(f"{path}: cannot read: {type(exc).__name__}: {exc}") from None
     raise CorpusError(f"{path}: not a corpus (expected a folder, or a .csv / .jsonl manifest)")
 
 
 # ------------------------------------------------------------------------------------------------------ MSP-Podcast
-def read_msp_podcast(root: str | Path) -> CorpusReadResult:
+def read_msp_podcast(root: str | Path, storage_options: dict | None = None, *,
+                     files: CorpusFiles | None = None) -> CorpusReadResult:
     """Read an MSP-Podcast release: `Labels/labels_consensus.csv`, `Audios/*.wav`, `Transcripts/<name>.txt`.
 
     Utterances come sorted by id. Rows get their transcript (source "human") when the .txt exists. Empty label
@@ -105,22 +116,23 @@ def read_msp_podcast(root: str | Path) -> CorpusReadResult:
     utterance without transcript (Whisper can transcribe it) and is reported. Invalid rows are reported and
     skipped; the read never raises on content, only when `root` has no label file (`CorpusError`).
     """
-    root = Path(root)
-    labels = root / MSP_LABELS
-    if not labels.is_file():
+    root, files = str(root), files or CorpusFiles(storage_options)
+    labels = files.join(root, MSP_LABELS)
+    if not files.is_file(labels):
         raise CorpusError(f"{root}: not an MSP-Podcast folder (no {MSP_LABELS})")
     result = CorpusReadResult("msp-podcast")
-    audio_names = _file_names(root / "Audios")
-    transcript_names = _file_names(root / "Transcripts")
+    audios, transcripts = files.join(root, "Audios"), files.join(root, "Transcripts")
+    audio_names = files.file_names(audios)
+    transcript_names = files.file_names(transcripts)
     columns = {"split": "Split_Set", "emo_class": "EmoClass", "arousal": "EmoAct", "valence": "EmoVal",
                "dominance": "EmoDom", "speaker": "SpkrID", "gender": "Gender"}
 
     def build(item: str, row: dict[str, Any]) -> Utterance:
         if item not in audio_names:
             raise _RowError(f"audio file Audios/{item} not found")
-        return _make_utterance(item, str(root / "Audios" / item), {k: row.get(c) for k, c in columns.items()}, columns)
+        return _make_utterance(item, files.join(audios, item), {k: row.get(c) for k, c in columns.items()}, columns)
 
-    rows = _csv_rows(labels, MSP_LABELS, MSP_REQUIRED, result.problems)
+    rows = _csv_rows(files, labels, MSP_LABELS, MSP_REQUIRED, result.problems)
     if rows is None:  # nothing can be trusted without the label file, Test3 audio included
         return result
     listed = _collect(result, MSP_LABELS, rows, "FileName", build)
@@ -131,20 +143,26 @@ def read_msp_podcast(root: str | Path) -> CorpusReadResult:
         if split is None:
             result.problems.append(CorpusProblem(
                 "Audios", None, name, f"not in {MSP_LABELS}; kept unlabelled with no split"))
-        result.utterances.append(Utterance(id=name, path=str(root / "Audios" / name), split=split))
-    result.utterances = [_with_transcript(u, root, transcript_names, result.problems) for u in result.utterances]
+        result.utterances.append(Utterance(id=name, path=files.join(audios, name), split=split))
+    wanted = {u.id: Path(u.id).stem + ".txt" for u in result.utterances}
+    wanted = {i: name for i, name in wanted.items() if name in transcript_names}
+    texts = files.read_many([files.join(transcripts, name) for name in wanted.values()])
+    result.utterances = [_with_transcript(u, wanted.get(u.id), texts, files, transcripts, result.problems)
+                         for u in result.utterances]
     result.utterances.sort(key=lambda u: u.id)
     return result
 
 
-def _with_transcript(utt: Utterance, root: Path, transcript_names: set[str],
-                     problems: list[CorpusProblem]) -> Utterance:
-    name = Path(utt.id).stem + ".txt"
-    if name not in transcript_names:
+def _with_transcript(utt: Utterance, name: str | None, texts: dict[str, bytes | Exception], files: CorpusFiles,
+                     folder: str, problems: list[CorpusProblem]) -> Utterance:
+    if name is None:
         return utt
-    source = f"Transcripts/{name}"
+    source, data = f"Transcripts/{name}", texts[files.join(folder, name)]
+    if isinstance(data, Exception):
+        problems.append(CorpusProblem(source, None, utt.id, f"cannot read ({data}); kept without transcript"))
+        return utt
     try:
-        text = " ".join((root / "Transcripts" / name).read_bytes().decode("utf-8").split())
+        text = " ".join(data.decode("utf-8").split())
     except UnicodeDecodeError as exc:
         problems.append(CorpusProblem(source, None, utt.id, f"not UTF-8 (byte {exc.start}); kept without transcript"))
         return utt
@@ -154,43 +172,43 @@ def _with_transcript(utt: Utterance, root: Path, transcript_names: set[str],
     return replace(utt, transcript=text, transcript_source="human")
 
 
-def _file_names(folder: Path) -> set[str]:
-    if not folder.is_dir():
-        return set()
-    with os.scandir(folder) as entries:
-        return {e.name for e in entries if e.is_file()}
-
-
 # --------------------------------------------------------------------------------------------------------- manifest
 MANIFEST_LABEL_KEYS = ("split", "emo_class", "arousal", "valence", "dominance", "speaker", "gender")
 
 
-def read_manifest(path: str | Path) -> CorpusReadResult:
-    """Read a CSV (header row) or JSONL (one object per line) manifest.
+def read_manifest(path: str | Path, storage_options: dict | None = None, *,
+                  files: CorpusFiles | None = None) -> CorpusReadResult:
+    """Read a CSV (header row) or JSONL (one object per line) manifest, local or at a URL.
 
-    Keys: `id`, `path` (relative to the manifest's folder, or absolute) are required; `split`, `emo_class`,
-    `arousal`, `valence`, `dominance`, `speaker`, `gender`, `transcript` are optional (empty or null = unknown);
-    other keys are ignored. A non-empty transcript gets source "human". Invalid rows are reported and skipped.
+    Keys: `id`, `path` (relative to the manifest's folder, or absolute, or a URL) are required; `split`,
+    `emo_class`, `arousal`, `valence`, `dominance`, `speaker`, `gender`, `transcript` are optional (empty or null =
+    unknown); other keys are ignored. A non-empty transcript gets source "human". Invalid rows are reported and
+    skipped.
     """
-    path = Path(path)
+    path, files = str(path), files or CorpusFiles(storage_options)
     result = CorpusReadResult("manifest")
-    source = str(path)
-    if path.suffix.lower() == ".jsonl":
-        rows = _jsonl_rows(path, source, result.problems)
+    source = path
+    if path.lower().endswith(".jsonl"):
+        rows = _jsonl_rows(files, path, source, result.problems)
     else:
-        rows = _csv_rows(path, source, MANIFEST_REQUIRED, result.problems)
+        rows = _csv_rows(files, path, source, MANIFEST_REQUIRED, result.problems)
     if rows is None:
         return result
     columns = {key: key for key in MANIFEST_LABEL_KEYS}
+    folder = files.parent(path)
 
     def build(item: str, row: dict[str, Any]) -> Utterance:
         audio = _text(row.get("path"))
         if audio is None:
             raise _RowError("empty path")
-        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
-        if not audio_path.is_file():
+        audio_path = audio if files.is_absolute(audio) else files.join(folder, audio)
+        try:
+            found = files.is_file(audio_path)
+        except OSError as exc:
+            raise _RowError(f"cannot reach audio file {audio_path}: {exc}") from None
+        if not found:
             raise _RowError(f"audio file {audio_path} not found")
-        utt = _make_utterance(item, str(audio_path), {k: row.get(k) for k in columns}, columns)
+        utt = _make_utterance(item, audio_path, {k: row.get(k) for k in columns}, columns)
         text = " ".join(str(row.get("transcript") or "").split())
         return replace(utt, transcript=text, transcript_source="human") if text else utt
 
@@ -198,10 +216,10 @@ def read_manifest(path: str | Path) -> CorpusReadResult:
     return result
 
 
-def _jsonl_rows(path: Path, source: str, problems: list[CorpusProblem]) -> list[Row] | None:
+def _jsonl_rows(files: CorpusFiles, path: str, source: str, problems: list[CorpusProblem]) -> list[Row] | None:
     """(line, object, None) per valid JSONL line; other lines are reported. None (reported) when unreadable."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = files.read_bytes(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(CorpusProblem(source, None, None, f"cannot read: {exc}"))
         return None
@@ -227,23 +245,25 @@ def _jsonl_rows(path: Path, source: str, problems: list[CorpusProblem]) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------- folder
-def read_folder(root: str | Path) -> CorpusReadResult:
+def read_folder(root: str | Path, storage_options: dict | None = None, *,
+                files: CorpusFiles | None = None) -> CorpusReadResult:
     """Every audio file (.wav, .flac, .mp3, .ogg, any depth) under `root`, unlabelled; id = path relative to root."""
-    root = Path(root)
+    root, files = str(root), files or CorpusFiles(storage_options)
     result = CorpusReadResult("folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-    result.utterances = [Utterance(id=p.relative_to(root).as_posix(), path=str(p)) for p in files]
-    if not files:
-        result.problems.append(CorpusProblem(str(root), None, None, f"no audio files ({', '.join(AUDIO_SUFFIXES)})"))
+    names = [n for n in files.find_files(root) if Path(n).suffix.lower() in AUDIO_SUFFIXES]
+    result.utterances = [Utterance(id=n, path=files.join(root, *n.split("/"))) for n in names]
+    if not names:
+        result.problems.append(CorpusProblem(root, None, None, f"no audio files ({', '.join(AUDIO_SUFFIXES)})"))
     return result
 
 
 # ------------------------------------------------------------------------------------------------- shared row checks
-def _csv_rows(path: Path, source: str, required: tuple[str, ...], problems: list[CorpusProblem]) -> list[Row] | None:
+def _csv_rows(files: CorpusFiles, path: str, source: str, required: tuple[str, ...],
+              problems: list[CorpusProblem]) -> list[Row] | None:
     """(line, row, format error or None) per CSV row; None (reported) when the file is unreadable or a required
     column is missing. A row with bytes that are not UTF-8, or the wrong number of fields, carries its error."""
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        text = files.read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]

@@ -8,6 +8,11 @@ Batching never changes an utterance's features:
 - whisper: every 30 s window is padded to 30 s as the model requires; ceil(samples / 320) frames are kept per window
   and windows are concatenated. Utterances without a transcript are decoded from the same encoder states.
 - text: right-padded batches with an attention mask; one vector per token.
+
+Keeping a GPU busy: each model runs in its `compute_dtype` (default bfloat16 on CUDA, float32 on CPU); the speech
+models' input normalisation and Whisper's log-mel spectrogram are computed on the device from one padded batch
+assembled in pinned host memory; the forward returns every layer's states only when an inner layer or a mean of
+layers is asked (`wants_hidden_states`); features come back with one device-to-host copy per batch.
 """
 from __future__ import annotations
 
@@ -19,11 +24,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mtser.config import EncoderConfig
+from mtser.config import EncoderConfig, resolve_compute_dtype
 
 WHISPER_WINDOW_S = 30
 WHISPER_SAMPLES_PER_FRAME = 320
 TEXT_BATCH_TOKENS = 8192
+
+
+def wants_hidden_states(cfg: EncoderConfig) -> bool:
+    """Whether the forward pass must return every layer's states: only for an inner layer or a mean of layers.
+    The last layer alone is `last_hidden_state`, so the others are never kept."""
+    return cfg.layer != -1 or cfg.mean_last_k > 1
 
 
 def select_hidden(output: Any, layer: int, mean_last_k: int) -> torch.Tensor:
@@ -32,10 +43,31 @@ def select_hidden(output: Any, layer: int, mean_last_k: int) -> torch.Tensor:
     The last entry is the model's `last_hidden_state` (after its final layer norm where it has one: WavLM-large's
     `hidden_states[-1]` in transformers 5 is taken before that norm), so `layer=-1` is what `model(...)` returns.
     """
+    if layer == -1 and mean_last_k == 1:
+        return output.last_hidden_state
     states = (*output.hidden_states[:-1], output.last_hidden_state)
     if mean_last_k > 1:
-        return torch.stack(states[-mean_last_k:]).mean(dim=0)
+        return torch.stack(states[-mean_last_k:]).float().mean(dim=0)
     return states[layer]
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_batch(waves: Sequence[np.ndarray], length: int, device: str) -> torch.Tensor:
+    """Waves zero-padded (or cut) to `length` samples as one float32 (N, length) tensor on `device`, assembled in a
+    pinned host buffer on CUDA so the copy runs asynchronously."""
+    host = torch.zeros((len(waves), length), dtype=torch.float32, pin_memory=device.startswith("cuda"))
+    for row, wave in zip(host, waves):
+        n = min(len(wave), length)
+        row[:n] = torch.from_numpy(np.asarray(wave[:n], dtype=np.float32))
+    return host.to(device, non_blocking=True)
+
+
+def _host_frames(states: torch.Tensor, counts: Sequence[int]) -> list[np.ndarray]:
+    """Rows of `states` cut to their frame counts, as float32 numpy (one device-to-host copy per batch)."""
+    host = states[:, : max(counts)].float().cpu().numpy()
+    return [host[j, :n] for j, n in enumerate(counts)]
 
 
 MAX_PADDING = 0.15               # a batch's longest item is at most 15 % longer than its shortest
@@ -59,41 +91,63 @@ def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = Fal
 
 
 class SpeechEncoder:
-    """A speech SSL model (WavLM, wav2vec 2.0, HuBERT, ... any AutoModel taking raw 16 kHz audio)."""
+    """A speech SSL model (WavLM, wav2vec 2.0, HuBERT, ... any AutoModel taking raw 16 kHz audio).
+
+    Its feature extractor's per-utterance normalisation runs on the device, on the padded batch."""
 
     def __init__(self, cfg: EncoderConfig, device: str = "cpu"):
         from transformers import AutoFeatureExtractor, AutoModel
 
         self.cfg, self.device = cfg, device
-        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision).to(device).eval()
+        self.compute_dtype = resolve_compute_dtype(cfg, device)
+        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.pads_safely = getattr(self.model.config, "feat_extract_norm", "layer") != "group"
 
     def batches(self, waves: Sequence[np.ndarray], batch_seconds: float, sample_rate: int) -> list[list[int]]:
         return length_batches([len(w) for w in waves], batch_seconds * sample_rate, equal_only=not self.pads_safely)
 
+    def input_values(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded, normalised input values, attention mask) on the device, as the feature extractor makes them:
+        zero mean and unit variance over each utterance's own samples when it normalises, padding_value after."""
+        sizes = [len(w) for w in waves]
+        lengths = torch.tensor(sizes, device=self.device)
+        x = padded_batch(waves, max(sizes), self.device)
+        mask = torch.arange(x.shape[1], device=self.device)[None, :] < lengths[:, None]
+        if getattr(self.extractor, "do_normalize", False):
+            n = lengths[:, None].to(torch.float32)
+            mean = x.sum(dim=1, keepdim=True) / n
+            var = ((x - mean).pow(2) * mask).sum(dim=1, keepdim=True) / n
+            x = (x - mean) / torch.sqrt(var + 1e-7)
+        return torch.where(mask, x, float(getattr(self.extractor, "padding_value", 0.0))), mask
+
     @torch.inference_mode()
     def forward(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
-        inputs = self.extractor(list(waves), sampling_rate=sample_rate, padding=True, return_tensors="pt",
-                                return_attention_mask=self.pads_safely)
-        mask = inputs.get("attention_mask")
-        out = self.model(inputs["input_values"].to(self.device),
-                         attention_mask=None if mask is None else mask.to(self.device), output_hidden_states=True)
+        x, mask = self.input_values(waves)
+        out = self.model(x.to(TORCH_DTYPES[self.compute_dtype]),
+                         attention_mask=mask.long() if self.pads_safely else None,
+                         output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
         frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
-        return [states[j, : int(n)].float().cpu().numpy() for j, n in enumerate(frames)]
+        return _host_frames(states, [int(n) for n in frames])
 
 
 class WhisperEncoder:
-    """Whisper's encoder (any WhisperForConditionalGeneration checkpoint); decodes transcripts from its own states."""
+    """Whisper's encoder (any WhisperForConditionalGeneration checkpoint); decodes transcripts from its own states.
+
+    The log-mel spectrogram is computed on the device (`log_mel`, the feature extractor's own recipe in torch)."""
 
     def __init__(self, cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128):
         from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
 
         self.cfg, self.device, self.max_new_tokens = cfg, device, max_new_tokens
+        self.compute_dtype = resolve_compute_dtype(cfg, device)
         self.model = WhisperForConditionalGeneration.from_pretrained(cfg.model, revision=cfg.revision)
-        self.model.to(device).eval()
+        self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
+        self.mel_filters = torch.from_numpy(np.asarray(self.extractor.mel_filters, dtype=np.float32)).T.to(device)
+        self.window = torch.hann_window(self.extractor.n_fft, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision) if cfg.asr else None
         multilingual = bool(getattr(self.model.generation_config, "lang_to_id", None))
         self.generate_kwargs = {"language": language, "task": "transcribe"} if multilingual else {}
@@ -102,18 +156,33 @@ class WhisperEncoder:
         windows = [max(1, math.ceil(len(w) / (WHISPER_WINDOW_S * sample_rate))) for w in waves]
         return length_batches(windows, max(1.0, batch_seconds / WHISPER_WINDOW_S))
 
+    def log_mel(self, pieces: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, n_mels, 3000) float32 log-mel features of ≤ 30 s pieces, zero-padded to 30 s, on the device: what
+        `WhisperFeatureExtractor(pieces, sampling_rate=16000)` returns (its STFT, mel filters, log10 clamp, 8 dB
+        floor below each piece's maximum, (x + 4) / 4)."""
+        fe = self.extractor
+        x = padded_batch(pieces, fe.n_samples, self.device)
+        if fe.dither:
+            x = x + fe.dither * torch.randn_like(x)
+        spectrum = torch.stft(x, fe.n_fft, fe.hop_length, window=self.window, return_complex=True)
+        power = spectrum[..., :-1].abs().pow(2)
+        log_spec = (self.mel_filters @ power).clamp_min(1e-10).log10()
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
     @torch.inference_mode()
     def forward(self, items: Sequence[tuple[np.ndarray, bool]], sample_rate: int
                 ) -> list[tuple[np.ndarray, str | None]]:
         """items: (wave, transcribe?) → (frames, transcript or None) per item."""
         window = WHISPER_WINDOW_S * sample_rate
         pieces = [(i, w[s: s + window]) for i, (w, _) in enumerate(items) for s in range(0, len(w), window)]
-        inputs = self.extractor([p for _, p in pieces], sampling_rate=sample_rate, return_tensors="pt")
-        enc = self.model.model.encoder(inputs["input_features"].to(self.device), output_hidden_states=True)
+        features = self.log_mel([p for _, p in pieces]).to(TORCH_DTYPES[self.compute_dtype])
+        enc = self.model.model.encoder(features, output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(enc, self.cfg.layer, self.cfg.mean_last_k)
         frames: list[list[np.ndarray]] = [[] for _ in items]
-        for j, (i, piece) in enumerate(pieces):
-            frames[i].append(states[j, : math.ceil(len(piece) / WHISPER_SAMPLES_PER_FRAME)].float().cpu().numpy())
+        counts = [math.ceil(len(piece) / WHISPER_SAMPLES_PER_FRAME) for _, piece in pieces]
+        for (i, _), piece_frames in zip(pieces, _host_frames(states, counts)):
+            frames[i].append(piece_frames)
         texts: list[list[str]] = [[] for _ in items]
         asr_rows = [j for j, (i, _) in enumerate(pieces) if items[i][1]]
         if asr_rows:
@@ -140,8 +209,10 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg, self.device = cfg, device
+        self.compute_dtype = resolve_compute_dtype(cfg, device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
-        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision).to(device).eval()
+        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
 
     def batches(self, texts: Sequence[str], batch_seconds: float, sample_rate: int) -> list[list[int]]:
         lengths = [len(ids) for ids in self._tokenize(list(texts))["input_ids"]]
@@ -153,10 +224,11 @@ class TextEncoder:
     @torch.inference_mode()
     def forward(self, texts: Sequence[str], sample_rate: int) -> list[np.ndarray]:
         inputs = self._tokenize(list(texts), padding=True, return_tensors="pt").to(self.device)
-        out = self.model(**inputs, output_hidden_states=True)
+        out = self.model(**inputs, output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
-        mask = inputs["attention_mask"].bool()
-        return [states[j][mask[j]].float().cpu().numpy() for j in range(len(texts))]
+        mask = inputs["attention_mask"].bool().cpu()
+        host = states.float().cpu()
+        return [host[j][mask[j]].numpy() for j in range(len(texts))]
 
 
 Encoder = SpeechEncoder | WhisperEncoder | TextEncoder

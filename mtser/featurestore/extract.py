@@ -6,6 +6,10 @@
   shards from the driver one at a time, so fast workers take more. A dead worker is replaced and its shard redone.
 - Per-utterance problems (unreadable audio, silent audio, a failing encoder, ...) become failure rows in the shard's
   part; everything else is written.
+- Inside an actor a prefetch thread decodes and resamples the next group of utterances while the current group
+  runs through the encoders. Audio paths may be fsspec URLs, read with the store's storage options.
+- Each encoder's compute dtype is resolved once on the driver (bfloat16 where the workers have GPUs, float32 on
+  CPUs, unless the config names one) and recorded in its provenance; the actors run exactly that.
 The per-utterance computation is `pipeline.Pipeline` (also what `mtser predict` runs, without this driver).
 """
 from __future__ import annotations
@@ -17,15 +21,19 @@ import math
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from mtser import __version__
-from mtser.config import ExtractConfig, to_dict
-from mtser.featurestore.audio import audio_duration
+from mtser.config import ExtractConfig, resolve_compute_dtype, to_dict
+from mtser.featurestore.audio import audio_durations
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import content_hash, encoder_dim_and_rate
-from mtser.featurestore.pipeline import Failure, Pipeline
+from mtser.featurestore.files import CorpusFiles
+from mtser.featurestore.pipeline import Failure, Loaded, Pipeline
 from mtser.featurestore.store import (
     EncoderInfo, StoreError, StoreWriter, create_store, open_store, register_encoder,
 )
@@ -47,12 +55,13 @@ class Shard:
     seconds: float                           # audio seconds of work, augmented copies included
 
 
-def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int) -> list[Shard]:
+def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int,
+                storage_options: dict | None = None) -> list[Shard]:
     """Balance utterances into ceil(total / shard_seconds) shards by audio seconds (largest first onto the lightest
     shard). Ids hash the config and member ids, so the same corpus and config always plan the same shards."""
     copies = {u.id: 1 + (augment if u.split == "Train" else 0) for u in utts}
-    weight = {u.id: (u.duration if u.duration else audio_duration(u.path) if u.path else 0.0) * copies[u.id]
-              for u in utts}
+    seconds = _durations(utts, CorpusFiles(storage_options))
+    weight = {u.id: d * copies[u.id] for u, d in zip(utts, seconds)}
     if not utts:
         return []
     n = min(len(utts), max(1, math.ceil(sum(weight.values()) / cfg.shard_seconds)))
@@ -79,12 +88,22 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
     """Encode one shard and commit it as one store part; returns counts for the driver.
 
     The shard is encoded in groups of about GROUP_BATCHES batches of audio, each group's features streamed to the
-    part before the next is decoded, so a worker's memory is bounded by a group, not by its shard."""
+    part before the next is encoded, while a prefetch thread decodes the group after it: a worker holds at most two
+    groups, not its shard."""
     writer = StoreWriter(url, shard.id, storage_options)
     failures: list[Failure] = []
-    written, seconds = 0, 0.0
-    for group in _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES):
-        result = pipeline.run(group, augment)
+    written, seconds, encode_s, wait_s = 0, 0.0, 0.0, 0.0
+    groups = _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES, pipeline.files)
+    loads = prefetched(groups, lambda group: pipeline.load(group, augment))
+    while True:
+        tick = time.perf_counter()
+        loaded = next(loads, None)
+        tock = time.perf_counter()
+        wait_s += tock - tick
+        if loaded is None:
+            break
+        result = pipeline.encode(loaded)
+        encode_s += time.perf_counter() - tock
         failures += result.failures
         for utt, feats in result.written:
             try:
@@ -98,21 +117,41 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
         writer.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
     writer.commit()
     return {"shard": shard.id, "written": written, "failed": len(failures), "seconds": seconds,
+            "encode_seconds": encode_s, "audio_wait_seconds": wait_s,
             "failures": [(f.utt.id, f.stage, f.reason) for f in failures], "pid": os.getpid(), "node": _node_id()}
 
 
-def _groups(utts: Sequence[Utterance], seconds: float) -> list[list[Utterance]]:
+def prefetched(groups: Sequence[list[Utterance]], load: Callable[[list[Utterance]], Loaded]) -> Iterator[Loaded]:
+    """`load(group)` of each group in order, the next one running in a background thread while the caller works
+    on the current one (decoding and resampling overlap the encoders' forward passes)."""
+    if not groups:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtser-prefetch") as pool:
+        pending = pool.submit(load, groups[0])
+        for following in (*groups[1:], None):
+            current = pending.result()
+            pending = pool.submit(load, following) if following is not None else None
+            yield current
+
+
+def _groups(utts: Sequence[Utterance], seconds: float, files: CorpusFiles) -> list[list[Utterance]]:
     """Consecutive groups of about `seconds` of audio each (durations from the corpus or the file header)."""
     groups: list[list[Utterance]] = [[]]
     total = 0.0
-    for utt in utts:
-        duration = utt.duration or (audio_duration(utt.path) if utt.path else 0.0)
+    for utt, duration in zip(utts, _durations(utts, files)):
         if groups[-1] and total + duration > seconds:
             groups.append([])
             total = 0.0
         groups[-1].append(utt)
         total += duration
     return groups
+
+
+def _durations(utts: Sequence[Utterance], files: CorpusFiles) -> list[float]:
+    """Seconds per utterance: the corpus's duration, else its audio header's (0.0 without a path)."""
+    unknown = [u.path for u in utts if not u.duration and u.path]
+    found = dict(zip(unknown, audio_durations(unknown, files)))
+    return [u.duration or found.get(u.path, 0.0) for u in utts]
 
 
 def _node_id() -> str | None:
@@ -133,7 +172,8 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(threads)
         self.url, self.storage_options, self.augment = url, storage_options, augment
-        self.pipeline = Pipeline(_extract_config(cfg), "cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline = Pipeline(_extract_config(cfg), "cuda" if torch.cuda.is_available() else "cpu",
+                                 storage_options)
 
     def run(self, shard: Shard) -> dict[str, Any]:
         return write_shard(self.pipeline, shard, self.url, self.storage_options, self.augment)
@@ -157,6 +197,8 @@ class ExtractSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
     retries: int = 0                          # shard re-submissions after a worker died or a shard raised
     audio_seconds: float = 0.0                # audio written by this run
+    encode_seconds: float = 0.0               # workers' time in the encoders (device busy or waited on), summed
+    audio_wait_seconds: float = 0.0           # workers' time waiting for decoded audio (prefetch behind), summed
     wall_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
@@ -178,15 +220,24 @@ class ExtractSummary:
         return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s"
 
 
+def with_compute_dtypes(cfg: ExtractConfig, device: str) -> ExtractConfig:
+    """`cfg` with every encoder's compute_dtype resolved for `device` (what the workers run and provenance says)."""
+    return replace(cfg, encoders=[replace(e, compute_dtype=resolve_compute_dtype(e, device)) for e in cfg.encoders])
+
+
 def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None = None) -> None:
-    """Create the store (if needed) and record each encoder's provenance (reads model configs, not weights)."""
+    """Create the store (if needed) and record each encoder's provenance (reads model configs, not weights).
+    `cfg`'s compute dtypes must be resolved (`with_compute_dtypes`)."""
     create_store(url, storage_options)
     for enc in cfg.encoders:
+        if enc.compute_dtype is None:
+            raise ValueError(f"encoder {enc.name}: compute_dtype not resolved for a device")
         dim, rate = encoder_dim_and_rate(enc, cfg.sample_rate)
         register_encoder(url, EncoderInfo(
             name=enc.name, kind=enc.kind, model=enc.model, revision=enc.revision, content_hash=content_hash(enc.model),
             layer=enc.layer, mean_last_k=enc.mean_last_k, dim=dim, frame_rate=rate, dtype=enc.dtype,
             compression=enc.compression, sample_rate=cfg.sample_rate, mtser_version=__version__, config=to_dict(enc),
+            compute_dtype=enc.compute_dtype,
         ), storage_options)
 
 
@@ -229,36 +280,72 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
-    register_encoders(url, cfg, storage_options)
-    summary = ExtractSummary()
-    reader_part = write_reader_problems(url, problems, warnings, storage_options)
-    shards = plan_shards(utts, cfg, augment)
-    committed = open_store(url, storage_options=storage_options).committed_parts()
-    todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
-    summary.planned, summary.shards = sum(s.rows for s in shards) + len(problems), len(shards)
-    summary.skipped = sum(s.rows for s in shards if s.id in committed)
-    summary.shards_skipped = len(shards) - len(todo)
-    bar = _progress_bar(sum(s.rows for s in todo), progress)
+    with _ray_session(address) if workers else _no_session():
+        cfg = with_compute_dtypes(cfg, _worker_device(workers))
+        register_encoders(url, cfg, storage_options)
+        summary = ExtractSummary()
+        reader_part = write_reader_problems(url, problems, warnings, storage_options)
+        shards = plan_shards(utts, cfg, augment, storage_options)
+        committed = open_store(url, storage_options=storage_options).committed_parts()
+        todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
+        summary.planned, summary.shards = sum(s.rows for s in shards) + len(problems), len(shards)
+        summary.skipped = sum(s.rows for s in shards if s.id in committed)
+        summary.shards_skipped = len(shards) - len(todo)
+        bar = _progress_bar(sum(s.rows for s in todo), progress)
 
-    def record(result: dict[str, Any]) -> None:
-        summary.audio_seconds += result["seconds"]
-        summary.pids.add(result["pid"])
-        if result["node"]:
-            summary.nodes.add(result["node"])
-        bar.update(result["written"] + result["failed"])
-        elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{summary.audio_seconds / 3600 / max(elapsed, 1e-9):.4f} audio h/s")
+        def record(result: dict[str, Any]) -> None:
+            summary.audio_seconds += result["seconds"]
+            summary.encode_seconds += result["encode_seconds"]
+            summary.audio_wait_seconds += result["audio_wait_seconds"]
+            summary.pids.add(result["pid"])
+            if result["node"]:
+                summary.nodes.add(result["node"])
+            bar.update(result["written"] + result["failed"])
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{summary.audio_seconds / 3600 / max(elapsed, 1e-9):.4f} audio h/s")
 
-    try:
-        if todo and workers == 0:
-            _run_in_process(todo, cfg, url, storage_options, augment, summary, record)
-        elif todo:
-            _run_ray(todo, cfg, url, storage_options, augment, workers, address, summary, record)
-    finally:
-        bar.close()
-        summary.wall_seconds = time.perf_counter() - start
+        try:
+            if todo and workers == 0:
+                _run_in_process(todo, cfg, url, storage_options, augment, summary, record)
+            elif todo:
+                _run_ray(todo, cfg, url, storage_options, augment, workers, summary, record)
+        finally:
+            bar.close()
+            summary.wall_seconds = time.perf_counter() - start
     _outcome(summary, open_store(url, storage_options=storage_options), shards, reader_part)
     return summary
+
+
+@contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Ray as the caller has it, else started (or joined at `address`) for the duration and shut down after."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def _no_session() -> Iterator[None]:
+    yield
+
+
+def _worker_device(workers: int) -> str:
+    """"cuda" where the workers get GPUs (this process's for workers=0, the Ray cluster's otherwise), else "cpu"."""
+    if workers == 0:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    import ray
+
+    return "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
 
 
 def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
@@ -285,7 +372,7 @@ def _run_in_process(todo: list[Shard], cfg: ExtractConfig, url: str, storage_opt
     import torch
 
     summary.workers, summary.device = 0, "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = Pipeline(cfg, summary.device)
+    pipeline = Pipeline(cfg, summary.device, storage_options)
     for shard in todo:
         try:
             record(write_shard(pipeline, shard, url, storage_options, augment))
@@ -294,15 +381,11 @@ def _run_in_process(todo: list[Shard], cfg: ExtractConfig, url: str, storage_opt
 
 
 def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: dict | None, augment: int,
-             workers: int, address: str | None, summary: ExtractSummary, record: Callable[[dict], None]) -> None:
-    """Hand shards to actors one at a time; replace dead actors and redo their shards."""
+             workers: int, summary: ExtractSummary, record: Callable[[dict], None]) -> None:
+    """Hand shards to actors one at a time; replace dead actors and redo their shards (Ray is initialised)."""
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     actors: list[Any] = []
     try:
         resources = ray.cluster_resources()
@@ -354,5 +437,3 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        if started:
-            ray.shutdown()

@@ -23,6 +23,7 @@ from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSou
 SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
 FORMAT_NAME = "mtser-feature-store"
 DTYPES = ("float16", "float32", "int8")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 3
 CHUNK_TARGET_BYTES = 64 * 1024          # inner chunk size of frames arrays (the unit zarr-python reads)
@@ -55,17 +56,19 @@ class EncoderInfo:
     sample_rate: int
     mtser_version: str
     config: dict                  # mtser.config.to_dict(EncoderConfig) the features were extracted with
+    compute_dtype: str = "float32"  # the forward pass's dtype: "float32" | "bfloat16" | "float16" (older stores:
+                                    # float32, the only one mtser computed in before)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "encoder") -> EncoderInfo:
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise StoreError(f"{where}: provenance lacks {missing}")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
     def validate(self) -> None:
         if not NAME_PATTERN.match(self.name):
@@ -76,6 +79,19 @@ class EncoderInfo:
             raise StoreError(f"encoder {self.name!r}: compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.dim < 1:
             raise StoreError(f"encoder {self.name!r}: dim must be positive, got {self.dim}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise StoreError(f"encoder {self.name!r}: compute_dtype must be one of {COMPUTE_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
+
+    def differs_from(self, other: EncoderInfo) -> list[str]:
+        """Fields whose values differ, mtser_version aside. Config keys one of the two lacks (an mtser version
+        added them) are not compared: a key that matters is also a field of its own (compute_dtype)."""
+        diff = [f for f in self.to_dict()
+                if f not in ("mtser_version", "config") and getattr(self, f) != getattr(other, f)]
+        shared = set(self.config) & set(other.config)
+        if any(self.config[k] != other.config[k] for k in shared):
+            diff.append("config")
+        return diff
 
 
 # --------------------------------------------------------------------------------------------------------- store access
@@ -116,6 +132,11 @@ async def aget_json(store: Any, key: str) -> dict | None:
 
 
 async def alist_dir(store: Any, prefix: str) -> list[str]:
+    """The entries under `prefix`, listed afresh: an object store's filesystem caches listings per process, and
+    parts committed by other processes (extraction actors, other nodes) must show up."""
+    fs = getattr(store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache(f"{store.path}/{prefix}".rstrip("/"))
     names = [name async for name in store.list_dir(prefix)]
     return sorted(n for n in names if n != "zarr.json" and not n.endswith(".partial"))
 
@@ -207,7 +228,7 @@ def register_encoder(url: str, info: EncoderInfo, storage_options: dict | None =
         _create_group_once(store, f"encoders/{info.name}", {"mtser_encoder": info.to_dict()})
         existing = get_json(store, f"encoders/{info.name}/zarr.json")
     old = EncoderInfo.from_dict(existing["attributes"]["mtser_encoder"], f"encoder {info.name!r}")
-    diff = [f for f in old.to_dict() if f != "mtser_version" and getattr(old, f) != getattr(info, f)]
+    diff = old.differs_from(info)
     if diff:
         raise StoreError(f"{url}: encoder {info.name!r} is already registered with different provenance "
                          f"(fields {diff} differ); use another encoder name")

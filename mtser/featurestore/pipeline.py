@@ -2,7 +2,8 @@
 
 Used by extraction (`extract.write_shard`, inside Ray actors) and by `mtser predict` (`encode_utterances`, in
 process, no store). Knows nothing about shards, Ray or the store. Imports torch and transformers (via `audio` and
-`encoders`).
+`encoders`). `load` (decode, resample, augment) and `encode` (the encoders) are separate steps so the extraction
+can decode the next group of utterances while the current one runs through the encoders.
 """
 from __future__ import annotations
 
@@ -16,12 +17,23 @@ from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
+from mtser.featurestore.files import CorpusFiles
 
 
 class Failure(NamedTuple):
     utt: Utterance
     stage: str                  # "read", "audio", "transcript", "encode:<encoder>", "store"
     reason: str
+
+
+@dataclass
+class Loaded:
+    """Decoded audio of a list of utterances, ready for the encoders."""
+
+    items: list[Utterance]      # originals (duration filled) each followed by its augmented copies
+    waves: list[np.ndarray]
+    source: list[int]           # source[i]: index of item i's original
+    failed: dict[str, Failure]  # utterances (and their planned copies) whose audio could not be used
 
 
 @dataclass
@@ -35,23 +47,27 @@ def has_transcript(utt: Utterance) -> bool:
 
 
 class Pipeline:
-    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances."""
+    """Audio → (augmented copies) → speech/Whisper encoders (+ASR) → text encoders, for a list of utterances.
+    Audio at URLs is read with `storage_options`."""
 
-    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
+    def __init__(self, cfg: ExtractConfig, device: str = "cpu", storage_options: dict | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")  # torch, on WavLM masks
-        self.cfg = cfg
+        self.cfg, self.files = cfg, CorpusFiles(storage_options)
         self.encoders = {e.name: load_encoder(e, device, cfg.asr_language, cfg.asr_max_new_tokens)
                          for e in cfg.encoders}
         self.asr = next((n for n, e in self.encoders.items() if isinstance(e, WhisperEncoder) and e.cfg.asr), None)
 
     def run(self, utts: Sequence[Utterance], augment: int = 0) -> PipelineResult:
+        return self.encode(self.load(utts, augment))
+
+    def encode(self, loaded: Loaded) -> PipelineResult:
+        """Run the encoders on decoded audio (the step that uses the device)."""
         sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
-        failed: dict[str, Failure] = {}
-        items, waves, source = self._load(utts, augment, failed)
+        items, waves, source, failed = loaded.items, loaded.waves, loaded.source, dict(loaded.failed)
         if not items:                                   # nothing decoded: tokenizers refuse an empty batch
             return PipelineResult([], list(failed.values()))
         feats: list[dict[str, np.ndarray]] = [{} for _ in items]
@@ -90,10 +106,10 @@ class Pipeline:
         """float16 encoders keep float16 in memory (a group's features are held until written)."""
         return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
 
-    def _load(self, utts: Sequence[Utterance], augment: int, failed: dict[str, Failure]
-              ) -> tuple[list[Utterance], list[np.ndarray], list[int]]:
-        """Decoded audio per utterance, then its augmented copies; source[i] is the index of item i's original."""
+    def load(self, utts: Sequence[Utterance], augment: int = 0) -> Loaded:
+        """Decoded audio per utterance, then its augmented copies (CPU only: safe in a prefetch thread)."""
         cfg, sr = self.cfg, self.cfg.sample_rate
+        failed: dict[str, Failure] = {}
         items: list[Utterance] = []
         waves: list[np.ndarray] = []
         source: list[int] = []
@@ -102,7 +118,7 @@ class Pipeline:
             try:
                 if not utt.path:
                     raise AudioError("no audio path")
-                wave = load_audio(utt.path, sr)
+                wave = load_audio(utt.path, sr, self.files)
             except AudioError as exc:
                 failed[utt.id] = Failure(utt, "audio", str(exc))
                 for copy in copies:                       # planned rows too: each is written or failed
@@ -120,7 +136,7 @@ class Pipeline:
                                      duration=len(noisy) / sr))
                 waves.append(noisy)
                 source.append(origin)
-        return items, waves, source
+        return Loaded(items, waves, source, failed)
 
     @staticmethod
     def _with_transcript(utt: Utterance, origin: Utterance, asr: str | None) -> Utterance:
