@@ -79,3 +79,13 @@ def test_predict_skip_external_drops_the_external_member(dev_ensemble, search_ru
     row = pd.read_csv(out).iloc[0]           # = the ensemble without the external member (dev_ensemble)
     assert row[PROBS + ATTRS].to_numpy(float) == pytest.approx(stored.loc[name, PROBS + ATTRS].to_numpy(float),
                                                                abs=TOLERANCE)
+
+
+def test_predict_runs_encoders_in_the_compute_dtype_the_store_used():
+    from mtser.trainer.predict import encoder_configs
+
+    info = {"config": {"name": "w", "kind": "speech", "model": "m", "compute_dtype": None}, "dtype": "float16"}
+    recorded = {"store": {"encoders": {"w": {**info, "compute_dtype": "bfloat16"}}}}
+    older = {"store": {"encoders": {"w": info}}}                 # stores written before compute_dtype was recorded
+    assert encoder_configs([recorded])[0][0].compute_dtype == "bfloat16"
+    assert encoder_configs([older])[0][0].compute_dtype == "float32"

@@ -6,7 +6,7 @@ import json
 import typer
 
 STORAGE_OPTIONS = typer.Option(None, "--storage-options",
-                               help='fsspec options of the command\'s URLs (store, run folder, checkpoints) as JSON, '
+                               help='fsspec options of the command\'s URLs (store, corpus, run folder, checkpoints, external members) as JSON, '
                                     'e.g. \'{"endpoint_url": "..."}\'.')
 
 

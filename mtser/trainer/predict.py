@@ -53,14 +53,16 @@ def _utterance(path: str, transcripts: Path | None) -> Utterance:
 
 
 def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
-    """The encoders exactly as the store recorded them in the members' checkpoints, and each one's stored dtype."""
+    """The encoders exactly as the store recorded them in the members' checkpoints (run in the compute dtype the
+    store's features were computed in: float32 for stores that predate the record), and each one's stored dtype."""
     infos: dict[str, dict] = {}
     for meta in metas:
         for name, info in meta["store"]["encoders"].items():
             if infos.setdefault(name, info) != info:
                 raise EnsembleError(f"ensemble members disagree on encoder {name!r}: {infos[name]} vs {info}")
-    return ([from_dict(EncoderConfig, info["config"]) for info in infos.values()],
-            {name: info["dtype"] for name, info in infos.items()})
+    configs = [from_dict(EncoderConfig, {**info["config"], "compute_dtype": info.get("compute_dtype", "float32")})
+               for info in infos.values()]
+    return configs, {name: info["dtype"] for name, info in infos.items()}
 
 
 def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
