@@ -6,8 +6,8 @@ import json
 import typer
 
 STORAGE_OPTIONS = typer.Option(None, "--storage-options",
-                               help='fsspec options of the command\'s URLs (store, corpus, run folder, checkpoints, external members) as JSON, '
-                                    'e.g. \'{"endpoint_url": "..."}\'.')
+                               help="fsspec options of the command's URLs (store, corpus, run folder, checkpoints, "
+                                    'external members) as JSON, e.g. \'{"endpoint_url": "..."}\'.')
 
 
 def parse_storage_options(text: str | None) -> dict | None:
