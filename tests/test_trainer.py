@@ -256,6 +256,10 @@ def test_cli_train_finetune_evaluate(store_url, tmp_path):
                                  "--no-progress", *small])
     assert result.exit_code == 0, result.output
     assert result.output.count("epoch ") >= 2 and "dev: f1 " in result.output and "ccc_mean" in result.output
+    held_out = runner.invoke(app, ["train", "--config", str(config), "--store", store_url, "--out",
+                                   str(tmp_path / "v"), "--no-progress", *small, "--set", "train.validation=0.2"])
+    assert held_out.exit_code == 0, held_out.output
+    assert "held-out: f1 " in held_out.output and "test (Development): f1 " in held_out.output
     result = runner.invoke(app, ["finetune", "--from", str(tmp_path / "s1" / "best"), "--task", "dim", "--sigma", "5",
                                  "--store", store_url, "--out", str(tmp_path / "s2"), "--no-progress",
                                  "--set", "finetune.dim.epochs=1"])

@@ -15,9 +15,15 @@ def _metric_line(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_ORDER if k in metrics)
 
 
-def _print_epoch(epoch: int, row: dict[str, float], best_dir: Path | None) -> None:
-    typer.echo(f"epoch {epoch:3d}  lr {row['lr']:.2e}  train_loss {row['train_loss']:.4f}  "
-               f"data_wait {row['data_wait_fraction']:.0%}  dev: {_metric_line(row)}" + ("  *best" if best_dir else ""))
+def _epoch_printer(held_out: bool):
+    """Prints each epoch; its metrics are on Development, or on the held-out Train speakers (`validation`)."""
+    split = "held-out" if held_out else "dev"
+
+    def show(epoch: int, row: dict[str, float], best_dir: Path | None) -> None:
+        typer.echo(f"epoch {epoch:3d}  lr {row['lr']:.2e}  train_loss {row['train_loss']:.4f}  "
+                   f"data_wait {row['data_wait_fraction']:.0%}  {split}: {_metric_line(row)}"
+                   + ("  *best" if best_dir else ""))
+    return show
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -75,8 +81,8 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
         options = parse_storage_options(storage_options)
-        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_print_epoch, progress=progress,
-                           storage_options=options))
+        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_epoch_printer(cfg.train.validation is not None),
+                           progress=progress, storage_options=options))
 
     @app.command("finetune")
     def finetune_command(
@@ -118,7 +124,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc), 2) from None
         except CheckpointError as exc:
             raise _fail(str(exc), 1) from None
-        _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_, on_epoch=_print_epoch,
+        _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_,
+                           on_epoch=_epoch_printer(cfg.schedule("finetune", task).validation is not None),
                            progress=progress, storage_options=options))
 
     @app.command("evaluate")
