@@ -58,9 +58,12 @@ class Shard:
 def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int,
                 storage_options: dict | None = None) -> list[Shard]:
     """Balance utterances into ceil(total / shard_seconds) shards by audio seconds (largest first onto the lightest
-    shard). Ids hash the config and member ids, so the same corpus and config always plan the same shards."""
+    shard). Ids hash the config and member ids, so the same corpus and config always plan the same shards.
+    Utterances without a duration get their audio header's."""
     copies = {u.id: 1 + (augment if u.split == "Train" else 0) for u in utts}
     seconds = _durations(utts, CorpusFiles(storage_options))
+    # the header durations travel with the shard: its actor groups by them without reading the headers again
+    utts = [u if u.duration or not d else replace(u, duration=d) for u, d in zip(utts, seconds)]
     weight = {u.id: d * copies[u.id] for u, d in zip(utts, seconds)}
     if not utts:
         return []

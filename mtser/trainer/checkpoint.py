@@ -17,6 +17,7 @@ from safetensors.torch import load, save_file
 from mtser.config import Config, from_dict, to_dict
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.model import FusionModel
+from mtser.trainer.runs import write_atomic
 
 FORMAT = "mtser-checkpoint"
 VERSION = 1
@@ -47,12 +48,16 @@ def save_checkpoint(path: Path, model: FusionModel, cfg: Config, meta: dict) -> 
         "input_dims": dict(model.encoder_dims),
         "label_map": {"classes": list(CLASSES), "attributes": list(ATTRIBUTES)},
     }
-    (tmp / SIDECAR).write_text(json.dumps(_finite(sidecar), indent=2, allow_nan=False))
+    (tmp / SIDECAR).write_bytes(_sidecar_json(sidecar))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _sidecar_json(meta: dict) -> bytes:
+    return json.dumps(_finite(meta), indent=2, allow_nan=False).encode()
 
 
 def _finite(value):
@@ -67,12 +72,10 @@ def _finite(value):
 
 
 def update_sidecar(path: Path, **fields) -> None:
-    """Add `fields` to a checkpoint's sidecar (written through a temporary file and renamed)."""
+    """Add `fields` to a local checkpoint's sidecar (written atomically)."""
     path = Path(path)
     meta = {**read_sidecar(path), **fields}
-    tmp = path / f".{SIDECAR}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(_finite(meta), indent=2, allow_nan=False))
-    os.replace(tmp, path / SIDECAR)
+    write_atomic(path / SIDECAR, _sidecar_json(meta))
 
 
 def _read(path: str | Path, name: str, storage_options: dict | None) -> bytes:

@@ -110,9 +110,7 @@ def table1(results: pd.DataFrame) -> pd.DataFrame | None:
         rows.append({"setting": setting, "alpha": r["alpha"], "beta": r["beta"], "pooling": r["pooling"],
                      "split": "Development (test)" if tested else "Development (selection)", **values})
     order = {"single-task: attributes": 0, "single-task: classes": 1, "multi-task": 2}
-    table = pd.DataFrame(rows)
-    return table.sort_values(["setting", "pooling", "alpha"], key=lambda c: c.map(order) if c.name == "setting"
-                             else c, kind="stable").reset_index(drop=True)
+    return pd.DataFrame(sorted(rows, key=lambda r: (order[r["setting"]], r["pooling"], r["alpha"])))
 
 
 def curves_figure(run_dir: RunFolder, results: pd.DataFrame, path: Path) -> Path | None:

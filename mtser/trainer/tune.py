@@ -186,6 +186,7 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
 
     from mtser.config import AshaConfig
     from mtser.featurestore.cache import cached_store
+    from mtser.trainer.checkpoint import SIDECAR
     from mtser.trainer.loop import Member, MemberEpoch, train_cohort
 
     torch.set_num_threads(threads)
@@ -227,8 +228,8 @@ def run_cohort(config: dict[str, Any], run_dir: str, store_url: str, threads: in
     results = train_cohort(members, cached_store(store_url, storage_options), halving=asha, on_epoch=on_epoch,
                            store_url=store_url)
     for name, result in results.items():
-        if result.best_checkpoint is not None:          # the trainer adds test metrics after the last epoch
-            run.upload(result.best_checkpoint, f"{keys[name]}/best")
+        if result.test_metrics is not None:             # the trainer added them to best/ after the last epoch
+            run.upload(result.best_checkpoint / SIDECAR, f"{keys[name]}/best/{SIDECAR}")
         mark_state(run, stages[name], name, status=result.status, epochs_run=len(result.history), error=result.error,
                    test_metrics=result.test_metrics)
         run.discard_work_dir(keys[name])
