@@ -13,6 +13,7 @@ Members are independent in the backward pass as well: no operation mixes two mem
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +24,6 @@ from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
 from mtser.trainer.model import Features, FusionModel
 
-
-PACK_COLUMNS = 64       # CohortModel._attention_scores
 
 
 def _key(name: str) -> str:
@@ -52,6 +51,7 @@ class CohortModel(nn.Module):
         for name in self.names:
             stacked = torch.stack([s[name].detach() for s in states]).clone()
             self.register_parameter(_key(name), nn.Parameter(stacked))
+        self._work: dict[str, torch.Tensor] = {}
 
     @property
     def size(self) -> int:
@@ -59,6 +59,17 @@ class CohortModel(nn.Module):
 
     def p(self, name: str) -> torch.Tensor:
         return getattr(self, _key(name))
+
+    def _work_tensor(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A work tensor of `shape` reused from step to step, for the (B, T, D)-sized intermediates the pooling
+        computes from the batch (which needs no gradient). A fresh block of tens of MB costs the CPU a page fault
+        per 4 KiB on every step. Safe: were a step's saved tensor overwritten before its backward pass, autograd's
+        version check would raise."""
+        size = math.prod(shape)
+        work = self._work.get(key)
+        if work is None or work.numel() < size or work.dtype != like.dtype or work.device != like.device:
+            work = self._work[key] = torch.empty(size + size // 4, dtype=like.dtype, device=like.device)
+        return work[:size].view(shape)
 
     def named_member_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, self.p(name)) for name in self.names]
@@ -73,8 +84,9 @@ class CohortModel(nn.Module):
             weights = torch.softmax(scores, dim=2)                             # (B, G, T)
             with torch.autocast(x.device.type, enabled=False):
                 xf = x.float()
+                squares = torch.mul(xf, xf, out=self._work_tensor(pre + "squares", xf.shape, xf))
                 mean = torch.bmm(weights, xf)
-                variance = torch.bmm(weights, xf * xf) - mean**2
+                variance = torch.bmm(weights, squares) - mean**2
             pooled = torch.cat([mean, torch.sqrt(variance.clamp(min=1e-5))], dim=-1).transpose(0, 1)  # (G, B, 2D)
             w = self.p(pre + "project.weight")                                 # (G, P, 2D)
             projected = torch.baddbmm(self.p(pre + "project.bias")[:, None, :], pooled.to(w.dtype), w.transpose(1, 2))
@@ -91,22 +103,18 @@ class CohortModel(nn.Module):
     def _attention_scores(self, pre: str, x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         """ASP scores of every member (B, G, T), padding at float32's minimum (zero weight after softmax).
 
-        The first layer is one GEMM for all members. With G·attention_dim of at least PACK_COLUMNS it runs on the
-        real frames only (gathered): padding's rows have zero weight anyway, and the saved GEMM work then outweighs
-        the gather (measured on this project's 2-core CPU at realistic shapes: break-even near G·A = 64)."""
+        The first layer is one GEMM for all members, over the real frames only (gathered): padding's rows have zero
+        weight anyway. Gathering into a reused work tensor pays for itself even for a model alone (measured on this
+        project's 2-core CPU at realistic shapes)."""
         g = self.size
-        rows, frames = x.reshape(-1, x.shape[-1]), None
-        if w1.shape[0] * w1.shape[1] >= PACK_COLUMNS:
-            frames = mask.reshape(-1).nonzero().squeeze(1)
-            rows = rows.index_select(0, frames)
+        frames = mask.reshape(-1).nonzero().squeeze(1)
+        flat = x.reshape(-1, x.shape[-1])
+        rows = torch.index_select(flat, 0, frames, out=self._work_tensor(pre + "rows", (len(frames), flat.shape[1]), flat))
         hidden = torch.tanh(F.linear(rows, w1.reshape(-1, w1.shape[-1]),
                                      self.p(pre + "pool.attention.0.bias").reshape(-1))).view(len(rows), g, -1)
         row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
         lowest = torch.finfo(torch.float32).min
-        if frames is None:
-            scores = row_scores.masked_fill(~mask.reshape(-1, 1), lowest)
-        else:
-            scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
+        scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
         return scores.view(*mask.shape, g).transpose(1, 2)
 
     def _lstm(self, sequence: torch.Tensor) -> torch.Tensor:
@@ -181,8 +189,10 @@ def clip_member_grads(model: CohortModel, max_norm: torch.Tensor) -> torch.Tenso
 
 class CohortAdamW(torch.optim.Optimizer):
     """AdamW (PyTorch's decoupled formulation) over a CohortModel's parameters with per-member lr (G,), weight
-    decay (G,) and step counts. `step(active=mask)` updates only the active members: an inactive member's weights,
-    moments and step count stay exactly as they were, as if its optimiser had not been called."""
+    decay (G,) and step counts. Each member's step is PyTorch's fused AdamW kernel over that member's slices of the
+    stacked tensors, with the member's own settings: exactly `torch.optim.AdamW` on the member alone, in one pass
+    per tensor. `step(active=mask)` updates only the active members: an inactive member's weights, moments and step
+    count stay exactly as they were, as if its optimiser had not been called."""
 
     def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -190,33 +200,25 @@ class CohortAdamW(torch.optim.Optimizer):
         device = model.p("head.bias").device
         self.lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
         self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64, device=device).clone()
-        self.steps = torch.zeros(model.size, dtype=torch.float64, device=device)
+        self.steps = torch.zeros(model.size, dtype=torch.float32, device=device)  # the fused kernel's step type
 
     @torch.no_grad()
     def step(self, closure=None, active: torch.Tensor | None = None):  # noqa: ANN001 (Optimizer's signature)
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        active = torch.ones_like(self.steps, dtype=torch.bool) if active is None else active.to(self.steps.device)
-        on = active.to(torch.float64)
-        self.steps += on
-        steps = self.steps.clamp(min=1.0)
-        step_size = on * self.lr / (1 - beta1**steps)
-        bias2_sqrt = (1 - beta2**steps).sqrt()
-        decay = 1 - on * self.lr * self.weight_decay
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            grad = torch.where(member_view(active, p).bool(), p.grad, 0.0)
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            p.mul_(member_view(decay, p))
-            exp_avg.lerp_(grad, member_view(on * (1 - beta1), p))
-            exp_avg_sq.mul_(member_view(torch.where(active, beta2, 1.0), p)).add_(grad * grad * member_view(on * (1 - beta2), p))
-            denom = (exp_avg_sq.sqrt() / member_view(bias2_sqrt, p)).add_(group["eps"])
-            p.sub_(member_view(step_size, p) * exp_avg / denom)
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        on = [True] * len(self.steps) if active is None else active.tolist()
+        lrs, decays = self.lr.tolist(), self.weight_decay.tolist()
+        for g in (g for g, is_on in enumerate(on) if is_on):
+            self.steps[g] += 1
+            torch._fused_adamw_([p[g] for p in params], [p.grad[g] for p in params],
+                                [self.state[p]["exp_avg"][g] for p in params],
+                                [self.state[p]["exp_avg_sq"][g] for p in params], [], [self.steps[g]] * len(params),
+                                lr=lrs[g], beta1=beta1, beta2=beta2, weight_decay=decays[g], eps=group["eps"],
+                                amsgrad=False, maximize=False)
         return None
 
     def select(self, model: CohortModel, keep: Sequence[int]) -> CohortAdamW:
