@@ -13,6 +13,8 @@ Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured
   step     K demo-size ASP models (α values) on the same in-memory batches, 1 torch thread: each model's forward,
            backward, clipping and AdamW step one after another (torch's AdamW), versus one CohortModel step;
            alternated, median of rounds. fused_step_speedup = member-steps/s fused / one after another.
+           Also K cohorts of one stepped one after another (what `cohort_size: 1` trains, with the cohort's
+           faster pooling and optimiser): fused_step_speedup_vs_cohorts_of_one.
   reads    bytes the process read (/proc/self/io rchar) while `train_cohort` trained K members for one epoch, over
            the bytes of the samples the members consumed (training draws and development passes):
            store_reads_per_member_sample ≈ 1/K for a cohort (and ≈ 1 for a cohort of one, also reported).
@@ -87,8 +89,9 @@ def member_configs(k: int):
     return [load_config(DEMO, {**RECIPE, "loss.alpha": a}) for a in alphas(k)]
 
 
-def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, float]:
-    """(median seconds of `steps` steps of k models one after another, of one fused cohort), same batches."""
+def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, float, float]:
+    """Median seconds of `steps` steps of k models one after another, of one fused cohort and of k cohorts of one
+    one after another, on the same batches."""
     import torch
 
     from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
@@ -111,6 +114,8 @@ def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, 
     cohort = CohortModel(models)
     fused_optimizer = CohortAdamW(cohort, torch.full((k,), 1e-3), torch.full((k,), 0.01))
     clip = torch.ones(k)
+    singles = [CohortModel([m]) for m in models]
+    single_optimizers = [CohortAdamW(m, torch.full((1,), 1e-3), torch.full((1,), 0.01)) for m in singles]
 
     def one_after_another() -> None:
         for batch in batches:
@@ -122,22 +127,31 @@ def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
 
+    def cohort_step(model: CohortModel, optimizer: CohortAdamW, member_losses: list, batch) -> None:
+        logits, attrs = model(batch.features)
+        loss = torch.stack([f(logits[g], attrs[g], batch.classes, batch.attributes)
+                            for g, f in enumerate(member_losses)])
+        optimizer.zero_grad()
+        loss.sum().backward()
+        clip_member_grads(model, clip[:model.size])
+        optimizer.step()
+
     def fused() -> None:
         for batch in batches:
-            logits, attrs = cohort(batch.features)
-            loss = torch.stack([f(logits[g], attrs[g], batch.classes, batch.attributes) for g, f in enumerate(losses)])
-            fused_optimizer.zero_grad()
-            loss.sum().backward()
-            clip_member_grads(cohort, clip)
-            fused_optimizer.step()
+            cohort_step(cohort, fused_optimizer, losses, batch)
 
-    separate, together = [], []
-    for _ in range(rounds):                 # alternate, so drift and other load hit both alike
-        for runner, times in ((one_after_another, separate), (fused, together)):
+    def cohorts_of_one() -> None:
+        for batch in batches:
+            for model, optimizer, loss_fn in zip(singles, single_optimizers, losses):
+                cohort_step(model, optimizer, [loss_fn], batch)
+
+    separate, together, alone = [], [], []
+    for _ in range(rounds):                 # alternate, so drift and other load hit all alike
+        for runner, times in ((one_after_another, separate), (fused, together), (cohorts_of_one, alone)):
             start = time.perf_counter()
             runner()
             times.append(time.perf_counter() - start)
-    return statistics.median(separate), statistics.median(together)
+    return statistics.median(separate), statistics.median(together), statistics.median(alone)
 
 
 def read_bytes() -> int:
@@ -194,13 +208,14 @@ def main() -> None:
         single, single_wait, single_trials = time_search(store, work, k, 1, 1, epochs, samples)
         fused, fused_wait, cohorts = time_search(store, work, k, None, cpus, epochs, samples)
         ray.shutdown()
-        separate_s, fused_s = time_steps(store, k, steps, rounds)
+        separate_s, fused_s, singles_s = time_steps(store, k, steps, rounds)
         reads = reads_per_member_sample(store, k, samples, work / "reads")
         reads_single = reads_per_member_sample(store, 1, samples, work / "reads-single")
     per_hour = {name: round(3600 * k * epochs / wall, 1) for name, wall in (("single", single), ("cohorts", fused))}
     result = {
         "cohort_speedup": round(single / fused, 3),
         "fused_step_speedup": round(separate_s / fused_s, 3),
+        "fused_step_speedup_vs_cohorts_of_one": round(singles_s / fused_s, 3),
         "store_reads_per_member_sample": round(reads, 4),
         "store_reads_per_member_sample_single": round(reads_single, 4),
         "grid_points": k, "epochs": epochs, "samples_per_epoch": samples, "cpus": cpus,
@@ -210,11 +225,12 @@ def main() -> None:
         "data_wait_fraction_single": round(single_wait, 3), "data_wait_fraction_cohorts": round(fused_wait, 3),
         "member_steps_per_s_one_after_another": round(k * steps / separate_s, 2),
         "member_steps_per_s_fused": round(k * steps / fused_s, 2),
+        "member_steps_per_s_cohorts_of_one": round(k * steps / singles_s, 2),
     }
     print(f"search over {k} grid points x {epochs} epochs x {samples}: {single:.1f} s with one trial per point, "
           f"{fused:.1f} s in {cohorts} cohorts; {k} models x {steps} steps: {separate_s:.2f} s one after another, "
-          f"{fused_s:.2f} s fused; store reads per member-sample {reads:.3f} (cohort of {k}), "
-          f"{reads_single:.3f} (alone)")
+          f"{fused_s:.2f} s fused, {singles_s:.2f} s as cohorts of one; store reads per member-sample "
+          f"{reads:.3f} (cohort of {k}), {reads_single:.3f} (alone)")
     print(json.dumps(result))
 
 

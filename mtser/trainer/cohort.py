@@ -109,7 +109,8 @@ class CohortModel(nn.Module):
         g = self.size
         frames = mask.reshape(-1).nonzero().squeeze(1)
         flat = x.reshape(-1, x.shape[-1])
-        rows = torch.index_select(flat, 0, frames, out=self._work_tensor(pre + "rows", (len(frames), flat.shape[1]), flat))
+        rows = self._work_tensor(pre + "rows", (len(frames), flat.shape[1]), flat)
+        torch.index_select(flat, 0, frames, out=rows)
         hidden = torch.tanh(F.linear(rows, w1.reshape(-1, w1.shape[-1]),
                                      self.p(pre + "pool.attention.0.bias").reshape(-1))).view(len(rows), g, -1)
         row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
