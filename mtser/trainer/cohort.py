@@ -245,7 +245,8 @@ def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int
       gates, cell and hidden states (≈ 10·lstm_hidden).
 
     `frames` is a typical padded length per encoder (the trainer uses the 95th percentile of the Train split). The
-    shared batch itself (B·T·D per encoder) is paid once per cohort, not per member, and is not included."""
+    shared batch itself (B·T·D per encoder) and, with ASP, the pooling's work tensors (squared and gathered frames,
+    ≈ 2·B·T·D per encoder) are paid once per cohort, not per member, and are not included."""
     with torch.device("meta"):
         parameters = sum(p.numel() for p in FusionModel(encoder_dims, cfg).parameters())
     per_sample = 0
