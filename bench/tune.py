@@ -1,7 +1,7 @@
 """What does cohort training buy? Whole `mtser tune` searches with cohorts versus one trial per grid point, the fused
 model's step versus the same models stepped one after another, and the store bytes read per member-sample.
 
-    .venv/bin/python bench/tune.py [--quick] [--store URL] [--points K] [--epochs E] [--samples N]
+    .venv/bin/python bench/tune.py [--quick] [--cold] [--store URL] [--points K] [--epochs E] [--samples N]
 
 Without --store it writes a synthetic store of realistic shapes (bench/loader.py's writer: WavLM-large 1024-d,
 Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured in one run, side by side:
@@ -18,6 +18,8 @@ Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured
   reads    bytes the process read (/proc/self/io rchar) while `train_cohort` trained K members for one epoch, over
            the bytes of the samples the members consumed (training draws and development passes):
            store_reads_per_member_sample ≈ 1/K for a cohort (and ≈ 1 for a cohort of one, also reported).
+The page cache is warm (the store was just written) unless --cold: then the store's files are evicted from the
+page cache (posix_fadvise DONTNEED, bench/store_read.py) before each search, so each starts reading from disk.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from loader import ENCODERS, write_store  # noqa: E402  (bench/loader.py: the synthetic store of realistic shapes)
+from store_read import evict  # noqa: E402  (drops a folder's files from the page cache)
 
 from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.store import open_store  # noqa: E402
@@ -69,11 +72,13 @@ def search_file(path: Path, k: int, cohort_size: int | None, cpus: int, epochs: 
 
 
 def time_search(store: str, work: Path, k: int, cohort_size: int | None, cpus: int, epochs: int,
-                samples: int) -> tuple[float, float, int]:
+                samples: int, cold: bool) -> tuple[float, float, int]:
     """(wall seconds, mean data-wait fraction, cohorts) of a stage-1 search over k grid points, `cpus` per trial."""
     from mtser.trainer.tune import run_search
 
     name = f"cohorts-of-{cohort_size or 'auto'}"
+    if cold:
+        evict(Path(store))
     start = time.perf_counter()
     summary = run_search(search_file(work / f"{name}.yaml", k, cohort_size, cpus, epochs, samples), store,
                          work / name, stages=(1,), verbose=0)
@@ -186,11 +191,14 @@ def reads_per_member_sample(store_url: str, k: int, samples: int, out: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small store and searches (finishes within 60 s)")
+    parser.add_argument("--cold", action="store_true", help="evict the store from the page cache before each search")
     parser.add_argument("--store", help="existing store with bench/loader.py's encoders (default: a synthetic one)")
     parser.add_argument("--points", type=int, help="grid points (default 4 quick, 8 full)")
     parser.add_argument("--epochs", type=int, help="epochs per grid point (default 1 quick, 4 full)")
     parser.add_argument("--samples", type=int, help="samples per epoch (default 64 quick, 1024 full)")
     args = parser.parse_args()
+    if args.cold and args.store and "://" in args.store:
+        parser.error("--cold evicts a local store's files from the page cache; --store is a URL")
     k = args.points or (4 if args.quick else 8)
     epochs = args.epochs or (1 if args.quick else 4)
     samples = args.samples or (64 if args.quick else 1024)
@@ -205,8 +213,8 @@ def main() -> None:
         if not args.store:
             write_store(store, n)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        single, single_wait, single_trials = time_search(store, work, k, 1, 1, epochs, samples)
-        fused, fused_wait, cohorts = time_search(store, work, k, None, cpus, epochs, samples)
+        single, single_wait, single_trials = time_search(store, work, k, 1, 1, epochs, samples, args.cold)
+        fused, fused_wait, cohorts = time_search(store, work, k, None, cpus, epochs, samples, args.cold)
         ray.shutdown()
         separate_s, fused_s, singles_s = time_steps(store, k, steps, rounds)
         reads = reads_per_member_sample(store, k, samples, work / "reads")
@@ -218,7 +226,7 @@ def main() -> None:
         "fused_step_speedup_vs_cohorts_of_one": round(singles_s / fused_s, 3),
         "store_reads_per_member_sample": round(reads, 4),
         "store_reads_per_member_sample_single": round(reads_single, 4),
-        "grid_points": k, "epochs": epochs, "samples_per_epoch": samples, "cpus": cpus,
+        "cold": args.cold, "grid_points": k, "epochs": epochs, "samples_per_epoch": samples, "cpus": cpus,
         "trials_single": single_trials, "trials_cohorts": cohorts,
         "point_epochs_per_hour_single": per_hour["single"], "point_epochs_per_hour_cohorts": per_hour["cohorts"],
         "search_s_single": round(single, 1), "search_s_cohorts": round(fused, 1),
