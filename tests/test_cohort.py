@@ -182,3 +182,28 @@ def test_pooling_work_tensors_are_reused_and_a_stale_graph_fails_loudly():
     second.sum().backward()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         first.sum().backward()                     # its saved frames were overwritten: refused, never wrong
+
+
+def test_cohort_adamw_steps_each_active_member_as_adamw_alone_and_leaves_the_others_exactly():
+    from mtser.trainer.cohort import CohortAdamW, CohortModel
+
+    cfg = config().model
+    torch.manual_seed(0)
+    alone = [FusionModel({"a": 24, "b": 16}, cfg) for _ in range(2)]
+    cohort = CohortModel(alone)
+    optimizer = CohortAdamW(cohort, torch.tensor([1e-2, 3e-3]), torch.tensor([0.1, 0.0]))
+    reference = torch.optim.AdamW(alone[0].parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grads = {name: torch.randn_like(p) for name, p in cohort.named_member_parameters()}
+        for name, p in cohort.named_member_parameters():
+            p.grad = grads[name].clone()
+        for name, p in alone[0].named_parameters():
+            p.grad = grads[name][0].clone()
+        before = cohort.member_state(1)
+        optimizer.step(active=torch.tensor([True, False]))
+        reference.step()
+        assert_states_close(cohort.member_state(0), alone[0].state_dict(), rtol=1e-6)
+        after = cohort.member_state(1)
+        assert all(torch.equal(after[k], before[k]) for k in before)       # inactive: not a bit changed
+    assert optimizer.steps.tolist() == [3.0, 0.0]
+    assert all(float(optimizer.state[p]["exp_avg"][1].abs().max()) == 0.0 for _, p in cohort.named_member_parameters())

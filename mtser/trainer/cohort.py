@@ -25,7 +25,6 @@ from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
 from mtser.trainer.model import Features, FusionModel
 
 
-
 def _key(name: str) -> str:
     return name.replace(".", "__")          # nn.Module attribute names cannot hold dots
 
@@ -190,9 +189,9 @@ def clip_member_grads(model: CohortModel, max_norm: torch.Tensor) -> torch.Tenso
 
 class CohortAdamW(torch.optim.Optimizer):
     """AdamW (PyTorch's decoupled formulation) over a CohortModel's parameters with per-member lr (G,), weight
-    decay (G,) and step counts. Each member's step is PyTorch's fused AdamW kernel over that member's slices of the
-    stacked tensors, with the member's own settings: exactly `torch.optim.AdamW` on the member alone, in one pass
-    per tensor. `step(active=mask)` updates only the active members: an inactive member's weights, moments and step
+    decay (G,) and step counts. Each member's step is PyTorch's fused AdamW kernel (`aten::_fused_adamw_`, what
+    `torch.optim.AdamW(fused=True)` runs) over that member's slices of the stacked tensors with the member's own
+    settings, so it equals AdamW on the member alone, in one pass per tensor. `step(active=mask)` updates only the active members: an inactive member's weights, moments and step
     count stay exactly as they were, as if its optimiser had not been called."""
 
     def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
