@@ -39,19 +39,6 @@ def test_paper_final_and_ablation_searches():
     assert (cfg.train.validation, cfg.train.use_augmented) == (0.1, False)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("finetune.cat.task", "dim", "finetune.cat.task: expected one of ['cat']"),
-    ("finetune.dim.select_metric", "f1", "finetune.dim.select_metric: expected one of ['ccc_mean']"),
-    ("finetune.epochs", 3, "finetune.epochs: unknown key"),
-    ("train.validation", 1.5, "train.validation: must be a fraction"),
-    ("loss.class_weights", "confusing", "loss.class_weights: expected one of"),
-    ("ensemble.extra_members", {"happiness": []}, "ensemble.extra_members: ['happiness'] are not attributes"),
-])
-def test_stage2_and_ensemble_keys_are_validated(key, value, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        load_config(CONFIGS / "paper.yaml", overrides={key: value})
-
-
 def test_search_points_exclude_the_product(tmp_path):
     both = tmp_path / "both.yaml"
     both.write_text("base: paper.yaml\nalpha: [1]\nbeta: [1]\npooling: [asp]\npoints: [{alpha: 1, beta: 0}]\n")
@@ -77,6 +64,12 @@ def test_grid_and_demo_load():
     ("train.lr", True, "train.lr: expected a number"),
     ("loss.sigma", -3, "loss.sigma: must be positive"),
     ("train.batch_size", 0, "train.batch_size: must be >= 1"),
+    ("finetune.cat.task", "dim", "finetune.cat.task: expected one of ['cat']"),
+    ("finetune.dim.select_metric", "f1", "finetune.dim.select_metric: expected one of ['ccc_mean']"),
+    ("finetune.epochs", 3, "finetune.epochs: unknown key"),
+    ("train.validation", 1.5, "train.validation: must be a fraction"),
+    ("loss.class_weights", "confusing", "loss.class_weights: expected one of"),
+    ("ensemble.extra_members", {"happiness": []}, "ensemble.extra_members: ['happiness'] are not attributes"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
