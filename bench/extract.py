@@ -145,15 +145,25 @@ class GpuSampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_size_arguments(parser: argparse.ArgumentParser, utterances: int) -> None:
+    """--quick / --large / --utterances, shared by the extraction benches (`utterances`: the full run's corpus)."""
     parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
     parser.add_argument("--large", action="store_true",
                         help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
-    parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 48, quick 10)")
-    args = parser.parse_args()
-    n = args.utterances or (10 if args.quick else 48)
+    parser.add_argument("--utterances", type=int, default=0, help=f"corpus size (default {utterances}, quick 10)")
+
+
+def run_size(args: argparse.Namespace, utterances: int) -> tuple[str, int]:
+    """(encoder size in SIZES, corpus size) chosen by add_size_arguments' flags."""
     size = "quick" if args.quick else "large" if args.large else "full"
+    return size, args.utterances or (10 if args.quick else utterances)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_size_arguments(parser, 48)
+    args = parser.parse_args()
+    size, n = run_size(args, 48)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract import SIZES, build_encoders  # noqa: E402  (bench/extract.py)
+from extract import SIZES, add_size_arguments, build_encoders, run_size  # noqa: E402  (bench/extract.py)
 
 from mtser.config import EncoderConfig  # noqa: E402
 from mtser.featurestore.corpus import read_corpus  # noqa: E402
@@ -53,10 +53,7 @@ def deviation(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
-    parser.add_argument("--large", action="store_true",
-                        help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
-    parser.add_argument("--utterances", type=int, default=0, help="corpus size (default 24, quick 10)")
+    add_size_arguments(parser, 24)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds (median; default 1)")
     args = parser.parse_args()
@@ -69,8 +66,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = "quick" if args.quick else "large" if args.large else "full"
-    n = args.utterances or (10 if args.quick else 24)
+    size, n = run_size(args, 24)
     work = Path(tempfile.mkdtemp(prefix="mtser-bench-dtype-"))
     try:
         encoders = build_encoders(work / "encoders", SIZES[size])
