@@ -6,7 +6,7 @@ import torch
 
 from mtser.config import ModelConfig, load_config
 from mtser.trainer.data import pad
-from mtser.trainer.model import AttentiveStatsPooling, FusionModel, MeanPooling, count_parameters
+from mtser.trainer.model import AttentiveStatsPooling, FusionModel, MeanPooling, count_parameters, tanh_linear
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER_DIMS = {"wavlm": 1024, "whisper": 1280, "roberta": 1024}  # WavLM-large, Whisper-large-v3, RoBERTa-large
@@ -53,3 +53,21 @@ def test_outputs_and_empty_sequences():
     assert torch.isfinite(logits).all() and ((attrs > 1) & (attrs < 7)).all()
     with pytest.raises(KeyError, match=r"\['b'\]"):
         model({"a": feats["a"]})
+
+
+@pytest.mark.parametrize("rows", [37, 0])
+def test_tanh_linear_matches_torch_forward_and_backward(rows):
+    """The oneDNN attention layer gives torch's values and gradients (x, W, b), also for no rows (F.linear then)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 48, requires_grad=True)
+    weight, bias = torch.randn(12, 48, requires_grad=True), torch.randn(12, requires_grad=True)
+    upstream = torch.randn(rows, 12)
+    ours = tanh_linear(x, weight, bias)
+    grads = torch.autograd.grad((ours * upstream).sum(), (x, weight, bias))
+    reference = torch.tanh(torch.nn.functional.linear(x, weight, bias))
+    expected = torch.autograd.grad((reference * upstream).sum(), (x, weight, bias))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if rows and torch.backends.mkldnn.is_available():
+        assert ours.grad_fn.name().endswith("_OneDnnTanhLinearBackward")     # the fast path was the one tested

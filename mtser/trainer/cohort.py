@@ -22,11 +22,12 @@ from torch import nn
 
 from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer.model import Features, FusionModel
+from mtser.trainer.model import Features, FusionModel, tanh_linear
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")          # nn.Module attribute names cannot hold dots
+
 
 
 class CohortModel(nn.Module):
@@ -110,8 +111,8 @@ class CohortModel(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         rows = self._work_tensor(pre + "rows", (len(frames), flat.shape[1]), flat)
         torch.index_select(flat, 0, frames, out=rows)
-        hidden = torch.tanh(F.linear(rows, w1.reshape(-1, w1.shape[-1]),
-                                     self.p(pre + "pool.attention.0.bias").reshape(-1))).view(len(rows), g, -1)
+        hidden = tanh_linear(rows, w1.reshape(-1, w1.shape[-1]),
+                             self.p(pre + "pool.attention.0.bias").reshape(-1)).view(len(rows), g, -1)
         row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
         lowest = torch.finfo(torch.float32).min
         scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
