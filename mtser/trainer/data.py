@@ -197,6 +197,9 @@ def pad_features(per_utterance: Sequence[dict[str, np.ndarray]], encoders: Seque
 
 READ_DTYPE = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32}  # int8: dequantised
 TORCH_TO_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+NUMPY_TO_TORCH = {np.dtype(n): t for t, n in TORCH_TO_NUMPY.items()}
+
+
 class BufferPool:
     """Reused host buffers for padded batches. A buffer goes back to the pool only when the last tensor using it
     is freed (a finalizer on the numpy view that `torch.from_numpy` keeps alive, also through views and tensors
@@ -205,6 +208,11 @@ class BufferPool:
     A padded batch is tens of MB per encoder; glibc serves each fresh block of that size with a new mmap, so every
     batch paid a page fault per 4 KiB (measured here: twice the loader's time, four times the float32
     conversion's; docs/benchmarks.md, Loader). At most `keep` free buffers per dtype are kept.
+
+    New buffers come from torch's allocator, not numpy's: numpy advises the kernel to back large arrays with huge
+    pages (MADV_HUGEPAGE), and on this project's machine the first write into such a buffer took 10-20× longer
+    (a fresh 327 MB float32 buffer: 1.4-2.7 s against 0.13 s), which the first epoch and the first evaluation of
+    every training process paid.
     """
 
     def __init__(self, keep: int = 64):
@@ -219,7 +227,7 @@ class BufferPool:
             fits = [k for k, b in enumerate(free) if b.size >= size]
             base = free.pop(min(fits, key=lambda k: free[k].size)) if fits else None
         if base is None:
-            base = np.empty(size + size // 4, dtype=dtype)      # room for a somewhat longer batch next time
+            base = torch.empty(size + size // 4, dtype=NUMPY_TO_TORCH[dtype]).numpy()  # room for a longer batch
         view = base[:size].reshape(shape)
         weakref.finalize(view, self._give_back, base)
         return view
