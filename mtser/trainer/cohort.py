@@ -25,6 +25,11 @@ from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
 from mtser.trainer.model import Features, FusionModel, tanh_linear
 
 
+# The attention GEMM's row count is rounded up to a multiple of this: oneDNN compiles a GEMM per shape, and a new
+# shape each step (every batch has its own number of real frames) cost ~1.5 ms per GEMM at the demo's sizes.
+GEMM_ROWS = 256
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")          # nn.Module attribute names cannot hold dots
 
@@ -105,14 +110,18 @@ class CohortModel(nn.Module):
 
         The first layer is one GEMM for all members, over the real frames only (gathered): padding's rows have zero
         weight anyway. Gathering into a reused work tensor pays for itself even for a model alone (measured on this
-        project's 2-core CPU at realistic shapes)."""
+        project's 2-core CPU at realistic shapes). The rows are zero-padded to a multiple of `GEMM_ROWS`, so that
+        oneDNN meets few distinct shapes and reuses its compiled GEMMs; the padding rows' outputs are dropped, so
+        their gradient is zero."""
         g = self.size
         frames = mask.reshape(-1).nonzero().squeeze(1)
         flat = x.reshape(-1, x.shape[-1])
-        rows = self._work_tensor(pre + "rows", (len(frames), flat.shape[1]), flat)
-        torch.index_select(flat, 0, frames, out=rows)
+        n = len(frames)
+        rows = self._work_tensor(pre + "rows", (-(-n // GEMM_ROWS) * GEMM_ROWS, flat.shape[1]), flat)
+        torch.index_select(flat, 0, frames, out=rows[:n])
+        rows[n:].zero_()
         hidden = tanh_linear(rows, w1.reshape(-1, w1.shape[-1]),
-                             self.p(pre + "pool.attention.0.bias").reshape(-1)).view(len(rows), g, -1)
+                             self.p(pre + "pool.attention.0.bias").reshape(-1))[:n].view(n, g, -1)
         row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
         lowest = torch.finfo(torch.float32).min
         scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
