@@ -22,17 +22,11 @@ from torch import nn
 
 from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer.model import Features, FusionModel, tanh_linear
-
-
-# The attention GEMM's row count is rounded up to a multiple of this: oneDNN compiles a GEMM per shape, and a new
-# shape each step (every batch has its own number of real frames) cost ~1.5 ms per GEMM at the demo's sizes.
-GEMM_ROWS = 256
+from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, tanh_linear
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")          # nn.Module attribute names cannot hold dots
-
 
 
 class CohortModel(nn.Module):
@@ -110,9 +104,8 @@ class CohortModel(nn.Module):
 
         The first layer is one GEMM for all members, over the real frames only (gathered): padding's rows have zero
         weight anyway. Gathering into a reused work tensor pays for itself even for a model alone (measured on this
-        project's 2-core CPU at realistic shapes). The rows are zero-padded to a multiple of `GEMM_ROWS`, so that
-        oneDNN meets few distinct shapes and reuses its compiled GEMMs; the padding rows' outputs are dropped, so
-        their gradient is zero."""
+        project's 2-core CPU at realistic shapes). The rows are zero-padded to a multiple of `GEMM_ROWS`; the
+        padding rows' outputs are dropped, so their gradient is zero."""
         g = self.size
         frames = mask.reshape(-1).nonzero().squeeze(1)
         flat = x.reshape(-1, x.shape[-1])
@@ -201,8 +194,9 @@ class CohortAdamW(torch.optim.Optimizer):
     """AdamW (PyTorch's decoupled formulation) over a CohortModel's parameters with per-member lr (G,), weight
     decay (G,) and step counts. Each member's step is PyTorch's fused AdamW kernel (`aten::_fused_adamw_`, what
     `torch.optim.AdamW(fused=True)` runs) over that member's slices of the stacked tensors with the member's own
-    settings, so it equals AdamW on the member alone, in one pass per tensor. `step(active=mask)` updates only the active members: an inactive member's weights, moments and step
-    count stay exactly as they were, as if its optimiser had not been called."""
+    settings, so it equals AdamW on the member alone, in one pass per tensor. `step(active=mask)` updates only the
+    active members: an inactive member's weights, moments and step count stay exactly as they were, as if its
+    optimiser had not been called."""
 
     def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):

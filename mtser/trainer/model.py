@@ -12,11 +12,16 @@ from mtser.featurestore.labels import ATTRIBUTES, ATTRIBUTE_RANGE, CLASSES
 Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B, T, D), mask (B, T) True = frame)
 
 
+# oneDNN compiles a GEMM per shape: a caller whose row count changes every step (every batch has its own number of
+# real frames) pads its rows to a multiple of this, or pays ~1.5 ms more per GEMM at the demo's sizes.
+GEMM_ROWS = 256
+
+
 def tanh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """tanh(x Wᵀ + b): the ASP attention's first layer (in a cohort: for all members, one GEMM).
 
-    On the CPU in float32 it runs through oneDNN (`_OneDnnTanhLinear`); elsewhere (CUDA, autocast, a torch built
-    without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through `F.linear`."""
+    On the CPU in float32 it runs through oneDNN (`_OneDnnTanhLinear`; see `GEMM_ROWS`); elsewhere (CUDA, autocast,
+    a torch built without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through `F.linear`."""
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and not torch.is_autocast_enabled("cpu") and x.numel() > 0):
         return _OneDnnTanhLinear.apply(x, weight, bias)
