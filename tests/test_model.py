@@ -1,4 +1,6 @@
 """The fusion model: sizes from config, padding-invariant pooling, output ranges."""
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,18 +58,95 @@ def test_outputs_and_empty_sequences():
 
 
 @pytest.mark.parametrize("rows", [37, 0])
-def test_tanh_linear_matches_torch_forward_and_backward(rows):
-    """The oneDNN attention layer gives torch's values and gradients (x, W, b), also for no rows (F.linear then)."""
+@pytest.mark.parametrize("path", ["tanh_linear", "onednn"])
+def test_tanh_linear_matches_torch_forward_and_backward(rows, path):
+    """The attention layer gives torch's values and gradients (x, W, b) by the path this CPU dispatches to and by
+    the oneDNN one whatever the CPU, also for no rows (F.linear then)."""
+    from mtser.trainer.model import _OneDnnTanhLinear, onednn_gemm_is_faster
+
     torch.manual_seed(0)
     x = torch.randn(rows, 48, requires_grad=True)
     weight, bias = torch.randn(12, 48, requires_grad=True), torch.randn(12, requires_grad=True)
     upstream = torch.randn(rows, 12)
-    ours = tanh_linear(x, weight, bias)
+    onednn = path == "onednn" and rows > 0 and torch.backends.mkldnn.is_available()
+    ours = _OneDnnTanhLinear.apply(x, weight, bias) if onednn else tanh_linear(x, weight, bias)
     grads = torch.autograd.grad((ours * upstream).sum(), (x, weight, bias))
     reference = torch.tanh(torch.nn.functional.linear(x, weight, bias))
     expected = torch.autograd.grad((reference * upstream).sum(), (x, weight, bias))
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if rows and torch.backends.mkldnn.is_available():
-        assert ours.grad_fn.name().endswith("_OneDnnTanhLinearBackward")     # the fast path was the one tested
+    if rows and path == "tanh_linear":                      # the dispatch: oneDNN exactly where it is faster
+        assert ours.grad_fn.name().endswith("_OneDnnTanhLinearBackward") == onednn_gemm_is_faster()
+
+
+def _moments_case(g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights (B, g, T) over padded frames (B, T, D): full, partial, one-frame and empty sequences."""
+    torch.manual_seed(g)
+    lengths = torch.tensor([37, 10, 1, 0, 20])
+    mask = torch.arange(37)[None] < lengths[:, None]
+    x = torch.randn(5, 37, 35) * mask[..., None]                       # D = 35: vector blocks and a scalar tail
+    scores = torch.randn(5, g, 37).masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=2).requires_grad_(), x
+
+
+@pytest.mark.parametrize("heads", [1, 3, 9])
+def test_native_attention_moments_equal_the_batched_matrix_products(heads):
+    from mtser.trainer import native
+    from mtser.trainer.model import _NativeMoments
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: the kernel cannot be built (attention_moments falls back)")
+    assert native.library("moments") is not None
+    weights, x = _moments_case(heads)
+    mean, second = _NativeMoments.apply(weights, x)
+    up_mean, up_second = torch.randn_like(mean), torch.randn_like(second)
+    (grad,) = torch.autograd.grad((mean * up_mean).sum() + (second * up_second).sum(), weights)
+    ref_mean, ref_second = torch.bmm(weights, x), torch.bmm(weights, x * x)
+    (ref_grad,) = torch.autograd.grad((ref_mean * up_mean).sum() + (ref_second * up_second).sum(), weights)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, ref_second, rtol=1e-5, atol=1e-6)
+    padding = weights.detach() == 0                                      # skipped frames: gradient 0, not used
+    torch.testing.assert_close(grad[~padding], ref_grad[~padding], rtol=1e-5, atol=1e-5)
+    assert (grad[padding] == 0).all() and padding.any()
+    for g in range(heads):                           # a head gives the same bits in a cohort as alone
+        alone = _NativeMoments.apply(weights.detach()[:, g:g + 1], x)
+        assert torch.equal(alone[0][:, 0], mean[:, g]) and torch.equal(alone[1][:, 0], second[:, g])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                         # the batch split over threads gives the same bits
+    try:
+        single = _NativeMoments.apply(weights.detach(), x)
+        torch.set_num_threads(3)
+        threaded = _NativeMoments.apply(weights.detach(), x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], mean) and torch.equal(single[1], second)
+    assert torch.equal(threaded[0], mean) and torch.equal(threaded[1], second)
+
+
+def test_attention_moments_use_the_kernel_only_where_it_applies():
+    from mtser.trainer.model import attention_moments
+
+    weights, x = _moments_case(2)
+    assert attention_moments(weights, x)[0].grad_fn.name().endswith("_NativeMomentsBackward")
+    needs_grad = x.clone().requires_grad_()          # the kernel gives no frame gradient: the matrix products do
+    assert attention_moments(weights, needs_grad)[0].grad_fn.name() == "BmmBackward0"
+    assert attention_moments(weights.double(), x.double())[0].grad_fn.name() == "BmmBackward0"
+
+
+def test_native_library_falls_back_without_a_working_compiler(monkeypatch, tmp_path, caplog):
+    from mtser.trainer import native
+
+    build = native.library.__wrapped__              # uncached: each call decides afresh
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("MTSER_NATIVE", "0")
+    assert build("moments") is None
+    monkeypatch.delenv("MTSER_NATIVE")
+    monkeypatch.setenv("CC", "false")               # a "compiler" that fails: logged, no library, nothing left
+    assert build("moments") is None
+    assert "building moments failed" in caplog.text
+    assert not list((tmp_path / "mtser" / "native").iterdir())
+    monkeypatch.delenv("CC")
+    first = build("moments")
+    assert first is not None and [p.suffix for p in (tmp_path / "mtser" / "native").iterdir()] == [".so"]
+    assert build("moments")._name == first._name    # built once, then loaded from the cache

@@ -3,8 +3,8 @@
 Every parameter carries a leading member dimension and is named like the `FusionModel` state-dict entry it stacks
 (`branches.wavlm.project.weight` of shape (G, P, 2D)), so a member exports to an ordinary `FusionModel` by
 indexing. All members see the same batch: the first layer of each encoder branch is one GEMM for all members (the
-ASP attention's first linear; with mean pooling, the projection), the rest are batched matmuls over the member
-dimension. The 2-layer LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap`
+ASP attention's first linear; with mean pooling, the projection), the ASP statistics of all members are one pass
+over the frames (`model.attention_moments`), the rest are batched matmuls over the member dimension. The 2-layer LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap`
 has no batching rule for `aten::lstm`), in PyTorch's gate order (i, f, g, o).
 
 `CohortAdamW` is AdamW with a learning rate, weight decay and step count per member, and per-member gradient-norm
@@ -22,7 +22,7 @@ from torch import nn
 
 from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, tanh_linear
+from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, tanh_linear
 
 
 def _key(name: str) -> str:
@@ -82,10 +82,8 @@ class CohortModel(nn.Module):
             scores = self._attention_scores(pre, x, mask, w1)
             weights = torch.softmax(scores, dim=2)                             # (B, G, T)
             with torch.autocast(x.device.type, enabled=False):
-                xf = x.float()
-                squares = torch.mul(xf, xf, out=self._work_tensor(pre + "squares", xf.shape, xf))
-                mean = torch.bmm(weights, xf)
-                variance = torch.bmm(weights, squares) - mean**2
+                mean, second = attention_moments(weights, x.float())
+                variance = second - mean**2
             pooled = torch.cat([mean, torch.sqrt(variance.clamp(min=1e-5))], dim=-1).transpose(0, 1)  # (G, B, 2D)
             w = self.p(pre + "project.weight")                                 # (G, P, 2D)
             projected = torch.baddbmm(self.p(pre + "project.bias")[:, None, :], pooled.to(w.dtype), w.transpose(1, 2))
@@ -115,7 +113,7 @@ class CohortModel(nn.Module):
         rows[n:].zero_()
         hidden = tanh_linear(rows, w1.reshape(-1, w1.shape[-1]),
                              self.p(pre + "pool.attention.0.bias").reshape(-1))[:n].view(n, g, -1)
-        row_scores = torch.einsum("nga,ga->ng", hidden, self.p(pre + "pool.attention.2.weight")[:, 0]).float()
+        row_scores = (hidden * self.p(pre + "pool.attention.2.weight")[:, 0]).sum(-1).float()  # (n, G), no bmm
         lowest = torch.finfo(torch.float32).min
         scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
         return scores.view(*mask.shape, g).transpose(1, 2)
@@ -190,29 +188,40 @@ def clip_member_grads(model: CohortModel, max_norm: torch.Tensor) -> torch.Tenso
     return norms
 
 
-class CohortAdamW(torch.optim.Optimizer):
+class CohortAdamW:
     """AdamW (PyTorch's decoupled formulation) over a CohortModel's parameters with per-member lr (G,), weight
     decay (G,) and step counts. Each member's step is PyTorch's fused AdamW kernel (`aten::_fused_adamw_`, what
     `torch.optim.AdamW(fused=True)` runs) over that member's slices of the stacked tensors with the member's own
     settings, so it equals AdamW on the member alone, in one pass per tensor. `step(active=mask)` updates only the
     active members: an inactive member's weights, moments and step count stay exactly as they were, as if its
-    optimiser had not been called."""
+    optimiser had not been called.
+
+    Not a `torch.optim.Optimizer`: its constructor imports torch._dynamo (1-4 s per process on a CPU) for hooks a
+    cohort does not use. `param_groups` and `state` have the Optimizer's shape, which `torch.amp.GradScaler` reads."""
 
     def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__([p for _, p in model.named_member_parameters()], {"betas": betas, "eps": eps})
+        self.param_groups = [{"params": [p for _, p in model.named_member_parameters()], "betas": betas, "eps": eps}]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         device = model.p("head.bias").device
         self.lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
         self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64, device=device).clone()
         self.steps = torch.zeros(model.size, dtype=torch.float32, device=device)  # the fused kernel's step type
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
     @torch.no_grad()
-    def step(self, closure=None, active: torch.Tensor | None = None):  # noqa: ANN001 (Optimizer's signature)
+    def step(self, active: torch.Tensor | None = None) -> None:
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
-            if not self.state[p]:
+            if p not in self.state:
                 self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         on = [True] * len(self.steps) if active is None else active.tolist()
         lrs, decays = self.lr.tolist(), self.weight_decay.tolist()
@@ -223,7 +232,6 @@ class CohortAdamW(torch.optim.Optimizer):
                                 [self.state[p]["exp_avg_sq"][g] for p in params], [], [self.steps[g]] * len(params),
                                 lr=lrs[g], beta1=beta1, beta2=beta2, weight_decay=decays[g], eps=group["eps"],
                                 amsgrad=False, maximize=False)
-        return None
 
     def select(self, model: CohortModel, keep: Sequence[int]) -> CohortAdamW:
         """The optimiser of `model` after `model.select(keep)`: the kept members' moments, steps and settings."""
@@ -232,7 +240,7 @@ class CohortAdamW(torch.optim.Optimizer):
         new = CohortAdamW(model, self.lr[index], self.weight_decay[index], group["betas"], group["eps"])
         new.steps = self.steps[index].clone()
         for old_p, new_p in zip(group["params"], new.param_groups[0]["params"]):
-            if self.state[old_p]:
+            if old_p in self.state:
                 new.state[new_p] = {k: v.index_select(0, index.to(v.device)).clone()
                                     for k, v in self.state[old_p].items()}
         return new
@@ -248,8 +256,8 @@ def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int
       gates, cell and hidden states (≈ 10·lstm_hidden).
 
     `frames` is a typical padded length per encoder (the trainer uses the 95th percentile of the Train split). The
-    shared batch itself (B·T·D per encoder) and, with ASP, the pooling's work tensors (squared and gathered frames,
-    ≈ 2·B·T·D per encoder) are paid once per cohort, not per member, and are not included."""
+    shared batch itself (B·T·D per encoder) and, with ASP, the pooling's work tensor (the gathered frames, ≈ B·T·D
+    per encoder) are paid once per cohort, not per member, and are not included."""
     with torch.device("meta"):
         parameters = sum(p.numel() for p in FusionModel(encoder_dims, cfg).parameters())
     per_sample = 0

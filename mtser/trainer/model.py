@@ -2,12 +2,16 @@
 of encoder embeddings, and one linear head giving 8 class logits and 3 attributes in 1..7."""
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTES, ATTRIBUTE_RANGE, CLASSES
+from mtser.trainer import native
 
 Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B, T, D), mask (B, T) True = frame)
 
@@ -20,21 +24,34 @@ GEMM_ROWS = 256
 def tanh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """tanh(x Wᵀ + b): the ASP attention's first layer (in a cohort: for all members, one GEMM).
 
-    On the CPU in float32 it runs through oneDNN (`_OneDnnTanhLinear`; see `GEMM_ROWS`); elsewhere (CUDA, autocast,
-    a torch built without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through `F.linear`."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    On a CPU where MKL, PyTorch's float32 GEMM, runs narrower kernels than the CPU has (`onednn_gemm_is_faster`), it
+    runs through oneDNN (`_OneDnnTanhLinear`; see `GEMM_ROWS`); elsewhere (other CPUs, CUDA, autocast, a torch built
+    without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through `F.linear`."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and onednn_gemm_is_faster()
             and not torch.is_autocast_enabled("cpu") and x.numel() > 0):
         return _OneDnnTanhLinear.apply(x, weight, bias)
     return torch.tanh(F.linear(x, weight, bias))
 
 
+@functools.cache
+def onednn_gemm_is_faster() -> bool:
+    """MKL runs its AVX2 kernels on AMD CPUs, AVX-512 ones included, while oneDNN picks AVX-512 by the CPU's
+    features. Measured at the cohort's shapes (8,000 frames × 1,280 → 32-256, `docs/benchmarks.md`, Search): on an
+    AMD EPYC with AVX-512 oneDNN's forward is 2.5-3× MKL's and its weight gradient 1.3-1.8×; on an AMD EPYC with
+    AVX2 only, MKL is as fast at 32 outputs and 1.3-1.8× faster at 128-256 (a cohort's)."""
+    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
 class _OneDnnTanhLinear(torch.autograd.Function):
     """tanh(x Wᵀ + b) in float32 with oneDNN's GEMM (tanh fused into it) and its weight gradient as a oneDNN GEMM.
 
-    PyTorch's own float32 GEMM on the CPU is MKL's, which on AMD CPUs runs its AVX2 kernels; oneDNN picks AVX-512
-    by the CPU's features. On this project's 2-core AMD EPYC (AVX-512), at the cohort's shapes (8,000 frames ×
-    1,280 → 32-256): forward 2.5-3× faster, weight gradient 1.3-1.8× (`docs/benchmarks.md`, Search). Same IEEE
-    float32 arithmetic, only the summation order differs."""
+    Used where `onednn_gemm_is_faster`. Same IEEE float32 arithmetic as MKL's, only the summation order differs."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
@@ -51,6 +68,57 @@ class _OneDnnTanhLinear(torch.autograd.Function):
                        if ctx.needs_input_grad[1] else None)                   # preᵀ x, (out, in)
         grad_bias = pre.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
+
+
+def attention_moments(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σₜ w·x and Σₜ w·x² per head: weights (B, G, T) and frames x (B, T, D) give (B, G, D) twice (ASP's weighted
+    mean and second moment; in a cohort, G members at once).
+
+    On the CPU in float32, for frames that need no gradient, the C kernel `native/moments.c` reads each frame once
+    for all heads and both moments (`_NativeMoments`); elsewhere (CUDA, no C compiler) two batched matrix
+    products, which read the frames once per head and per moment and need x² written out first."""
+    moments = native.library("moments")
+    if (moments is None or x.device.type != "cpu" or x.dtype != torch.float32 or weights.dtype != torch.float32
+            or x.requires_grad or x.numel() == 0):
+        return torch.bmm(weights, x), torch.bmm(weights, x * x)
+    return _NativeMoments.apply(weights, x)
+
+
+class _NativeMoments(torch.autograd.Function):
+    """`attention_moments` by `native/moments.c`, over the batch's samples split across torch's intra-op threads
+    count of Python threads (ctypes releases the GIL); the gradient is the weights' only (the frames need none)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        weights, x = weights.contiguous(), x.contiguous()
+        (b, g, t), d = weights.shape, x.shape[-1]
+        mean, second = x.new_empty(b, g, d), x.new_empty(b, g, d)
+        kernel = native.library("moments").moments_forward
+        native.parallel_rows(lambda b0, b1: kernel(*_pointers(weights, x, mean, second), *_sizes(b0, b1, g, t, d)),
+                             b, torch.get_num_threads())
+        ctx.save_for_backward(weights, x)
+        return mean, second
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor | None, grad_second: torch.Tensor | None):  # noqa: ANN001, ANN205
+        weights, x = ctx.saved_tensors
+        (b, g, t), d = weights.shape, x.shape[-1]
+        zero = x.new_zeros(b, g, d)
+        grad_mean = zero if grad_mean is None else grad_mean.contiguous()
+        grad_second = zero if grad_second is None else grad_second.contiguous()
+        grad_weights = weights.new_empty(b, g, t)
+        kernel = native.library("moments").moments_backward
+        native.parallel_rows(lambda b0, b1: kernel(*_pointers(weights, x, grad_mean, grad_second, grad_weights),
+                                                   *_sizes(b0, b1, g, t, d)), b, torch.get_num_threads())
+        return grad_weights, None
+
+
+def _pointers(*tensors: torch.Tensor) -> list[ctypes.c_void_p]:
+    return [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+
+
+def _sizes(*sizes: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(s) for s in sizes]
 
 
 class AttentiveStatsPooling(nn.Module):
@@ -76,9 +144,8 @@ class AttentiveStatsPooling(nn.Module):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # finite: an empty row stays NaN-free
         weights = torch.softmax(scores, dim=1).unsqueeze(1)                # (B, 1, T)
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            mean = torch.bmm(weights, x)
-            variance = torch.bmm(weights, x * x) - mean**2
+            mean, second = attention_moments(weights, x.float())
+            variance = second - mean**2
         return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1).squeeze(1)
 
 

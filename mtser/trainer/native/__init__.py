@@ -1,0 +1,82 @@
+"""Small C kernels for the CPU, compiled on first use with the machine's C compiler and loaded with ctypes.
+
+A kernel is one C file next to this module, built with `-O3 -march=native` into a per-user cache
+(`$XDG_CACHE_HOME/mtser/native`, else `~/.cache/mtser/native`) under a name that hashes the source, the flags and
+the CPU's features, so nodes of a cluster sharing one home folder each get a build for their own CPU. The build is
+written under a temporary name and renamed into place: concurrent processes (Ray workers) never load a half-written
+library. Where no compiler is found, the build fails or `MTSER_NATIVE=0` is set, `library` returns None (logged
+once) and callers use their PyTorch path. ctypes releases the GIL during a call, so Python threads run kernels in
+parallel (`parallel_rows`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtser" / "native"
+
+
+@functools.cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel `name` (the C file `name`.c here), or None where it cannot be built (see the module)."""
+    if os.environ.get("MTSER_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    source = Path(__file__).with_name(f"{name}.c")
+    if compiler is None:
+        log.warning("mtser: no C compiler found; %s runs on its PyTorch path (slower on the CPU)", name)
+        return None
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *FLAGS, platform.machine(), _cpu_signature()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
+        os.close(fd)
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(partial)
+            log.warning("mtser: building %s failed (%s); it runs on its PyTorch path:\n%s", name, compiler,
+                        done.stderr.strip()[-2000:])
+            return None
+        os.replace(partial, target)
+    return ctypes.CDLL(str(target))
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtser-native")
+
+
+def parallel_rows(kernel: Callable[[int, int], None], rows: int, workers: int) -> None:
+    """Run kernel(start, stop) over [0, rows) split into `workers` contiguous ranges, in parallel threads."""
+    workers = max(1, min(workers, rows))
+    if workers == 1:
+        kernel(0, rows)
+        return
+    bounds = [rows * k // workers for k in range(workers + 1)]
+    for future in [_pool(workers).submit(kernel, a, b) for a, b in zip(bounds, bounds[1:])]:
+        future.result()
