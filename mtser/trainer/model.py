@@ -85,17 +85,15 @@ def attention_moments(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Ten
 
 
 class _NativeMoments(torch.autograd.Function):
-    """`attention_moments` by `native/moments.c`, over the batch's samples split across torch's intra-op threads
-    count of Python threads (ctypes releases the GIL); the gradient is the weights' only (the frames need none)."""
+    """`attention_moments` by `native/moments.c` (the samples shared out over torch's intra-op threads); the
+    gradient is the weights' only (the frames need none)."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         weights, x = weights.contiguous(), x.contiguous()
         (b, g, t), d = weights.shape, x.shape[-1]
         mean, second = x.new_empty(b, g, d), x.new_empty(b, g, d)
-        kernel = native.library("moments").moments_forward
-        native.parallel_rows(lambda b0, b1: kernel(*_pointers(weights, x, mean, second), *_sizes(b0, b1, g, t, d)),
-                             b, torch.get_num_threads())
+        native.library("moments").moments_forward(*_pointers(weights, x, mean, second), *_sizes(b, g, t, d))
         ctx.save_for_backward(weights, x)
         return mean, second
 
@@ -107,9 +105,8 @@ class _NativeMoments(torch.autograd.Function):
         grad_mean = zero if grad_mean is None else grad_mean.contiguous()
         grad_second = zero if grad_second is None else grad_second.contiguous()
         grad_weights = weights.new_empty(b, g, t)
-        kernel = native.library("moments").moments_backward
-        native.parallel_rows(lambda b0, b1: kernel(*_pointers(weights, x, grad_mean, grad_second, grad_weights),
-                                                   *_sizes(b0, b1, g, t, d)), b, torch.get_num_threads())
+        native.library("moments").moments_backward(*_pointers(weights, x, grad_mean, grad_second, grad_weights),
+                                                   *_sizes(b, g, t, d))
         return grad_weights, None
 
 

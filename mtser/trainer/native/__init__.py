@@ -5,8 +5,9 @@ A kernel is one C file next to this module, built with `-O3 -march=native` into 
 the CPU's features, so nodes of a cluster sharing one home folder each get a build for their own CPU. The build is
 written under a temporary name and renamed into place: concurrent processes (Ray workers) never load a half-written
 library. Where no compiler is found, the build fails or `MTSER_NATIVE=0` is set, `library` returns None (logged
-once) and callers use their PyTorch path. ctypes releases the GIL during a call, so Python threads run kernels in
-parallel (`parallel_rows`).
+once) and callers use their PyTorch path. Kernels parallelise with OpenMP: built with `-fopenmp`, a library needs
+`libgomp.so.1`, which the dynamic loader resolves to the libgomp PyTorch already loaded, so kernels run on PyTorch's
+intra-op threads (`torch.set_num_threads`) rather than on a second pool that would compete with them.
 """
 from __future__ import annotations
 
@@ -19,12 +20,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 
 def _cpu_signature() -> str:
@@ -64,19 +63,3 @@ def library(name: str) -> ctypes.CDLL | None:
             return None
         os.replace(partial, target)
     return ctypes.CDLL(str(target))
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtser-native")
-
-
-def parallel_rows(kernel: Callable[[int, int], None], rows: int, workers: int) -> None:
-    """Run kernel(start, stop) over [0, rows) split into `workers` contiguous ranges, in parallel threads."""
-    workers = max(1, min(workers, rows))
-    if workers == 1:
-        kernel(0, rows)
-        return
-    bounds = [rows * k // workers for k in range(workers + 1)]
-    for future in [_pool(workers).submit(kernel, a, b) for a, b in zip(bounds, bounds[1:])]:
-        future.result()

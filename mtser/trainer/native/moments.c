@@ -1,6 +1,6 @@
 /* Attention-weighted moments for attentive statistics pooling, G attention heads (cohort members) at once.
 
-   For samples b in [b0, b1):  mean[b,g,:] = sum_t w[b,g,t] x[b,t,:]   second[b,g,:] = sum_t w[b,g,t] x[b,t,:]^2
+   For each sample b:          mean[b,g,:] = sum_t w[b,g,t] x[b,t,:]   second[b,g,:] = sum_t w[b,g,t] x[b,t,:]^2
    and the gradient of any loss L with respect to w, given dL/dmean and dL/dsecond:
                                gw[b,g,t] = <gmean[b,g,:], x[b,t,:]> + <gsecond[b,g,:], x[b,t,:]^2>
    Layouts (row-major, float32): w and gw (B, G, T), x (B, T, D), mean, second, gmean and gsecond (B, G, D).
@@ -11,7 +11,8 @@
    add nothing to the moments, and their weight gradient is written as 0 (the softmax's backward multiplies it by
    the weight, 0). The arithmetic of one head does not depend on the others (each mean and second-moment element
    sums its frames in frame order, each gradient element its dimensions in a fixed order), so a head computed in a
-   cohort gives the same bits as the same head computed alone. */
+   cohort gives the same bits as the same head computed alone. Samples are shared out over OpenMP threads; the
+   library links the libgomp that PyTorch loaded (same soname), so it runs on PyTorch's own intra-op threads. */
 #include <stdint.h>
 #include <string.h>
 
@@ -33,9 +34,10 @@ static int all_zero(const float *w, int64_t g_count, int64_t t_count) {
 }
 
 void moments_forward(const float *w, const float *x, float *mean, float *second,
-                     int64_t b0, int64_t b1, int64_t g_count, int64_t t_count, int64_t d_count) {
+                     int64_t b_count, int64_t g_count, int64_t t_count, int64_t d_count) {
     const int64_t d_vec = d_count / DIMS * DIMS;
-    for (int64_t b = b0; b < b1; b++) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < b_count; b++) {
         const float *wb = w + b * g_count * t_count, *xb = x + b * t_count * d_count;
         float *mb = mean + b * g_count * d_count, *sb = second + b * g_count * d_count;
         memset(mb, 0, sizeof(float) * g_count * d_count);
@@ -85,9 +87,10 @@ static float frame_dot(const float *gm, const float *gs, const float *xr, int64_
 }
 
 void moments_backward(const float *w, const float *x, const float *gmean, const float *gsecond, float *gw,
-                      int64_t b0, int64_t b1, int64_t g_count, int64_t t_count, int64_t d_count) {
+                      int64_t b_count, int64_t g_count, int64_t t_count, int64_t d_count) {
     const int64_t d_vec = d_count / 8 * 8;
-    for (int64_t b = b0; b < b1; b++) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < b_count; b++) {
         const float *wb = w + b * g_count * t_count, *xb = x + b * t_count * d_count;
         const float *gmb = gmean + b * g_count * d_count, *gsb = gsecond + b * g_count * d_count;
         float *gwb = gw + b * g_count * t_count;
