@@ -4,8 +4,9 @@ Every parameter carries a leading member dimension and is named like the `Fusion
 (`branches.wavlm.project.weight` of shape (G, P, 2D)), so a member exports to an ordinary `FusionModel` by
 indexing. All members see the same batch: the first layer of each encoder branch is one GEMM for all members (the
 ASP attention's first linear; with mean pooling, the projection), the ASP statistics of all members are one pass
-over the frames (`model.attention_moments`), the rest are batched matmuls over the member dimension. The 2-layer LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap`
-has no batching rule for `aten::lstm`), in PyTorch's gate order (i, f, g, o).
+over the frames (`model.attention_moments`), the rest are batched matmuls over the member dimension. The 2-layer
+LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap` has no batching rule
+for `aten::lstm`), in PyTorch's gate order (i, f, g, o).
 
 `CohortAdamW` is AdamW with a learning rate, weight decay and step count per member, and per-member gradient-norm
 clipping (`clip_member_grads`): elementwise, so each member follows exactly the trajectory it would follow alone.
