@@ -2,7 +2,6 @@
 of encoder embeddings, and one linear head giving 8 class logits and 3 attributes in 1..7."""
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -77,8 +76,7 @@ def attention_moments(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Ten
     On the CPU in float32, for frames that need no gradient, the C kernel `native/moments.c` reads each frame once
     for all heads and both moments (`_NativeMoments`); elsewhere (CUDA, no C compiler) two batched matrix
     products, which read the frames once per head and per moment and need x² written out first."""
-    moments = native.library("moments")
-    if (moments is None or x.device.type != "cpu" or x.dtype != torch.float32 or weights.dtype != torch.float32
+    if (native.library("moments") is None or x.device.type != "cpu" or x.dtype != torch.float32 or weights.dtype != torch.float32
             or x.requires_grad or x.numel() == 0):
         return torch.bmm(weights, x), torch.bmm(weights, x * x)
     return _NativeMoments.apply(weights, x)
@@ -93,7 +91,7 @@ class _NativeMoments(torch.autograd.Function):
         weights, x = weights.contiguous(), x.contiguous()
         (b, g, t), d = weights.shape, x.shape[-1]
         mean, second = x.new_empty(b, g, d), x.new_empty(b, g, d)
-        native.library("moments").moments_forward(*_pointers(weights, x, mean, second), *_sizes(b, g, t, d))
+        native.call("moments", "moments_forward", (weights, x, mean, second), (b, g, t, d))
         ctx.save_for_backward(weights, x)
         return mean, second
 
@@ -101,21 +99,11 @@ class _NativeMoments(torch.autograd.Function):
     def backward(ctx, grad_mean: torch.Tensor | None, grad_second: torch.Tensor | None):  # noqa: ANN001, ANN205
         weights, x = ctx.saved_tensors
         (b, g, t), d = weights.shape, x.shape[-1]
-        zero = x.new_zeros(b, g, d)
-        grad_mean = zero if grad_mean is None else grad_mean.contiguous()
-        grad_second = zero if grad_second is None else grad_second.contiguous()
+        grad_mean = x.new_zeros(b, g, d) if grad_mean is None else grad_mean.contiguous()
+        grad_second = x.new_zeros(b, g, d) if grad_second is None else grad_second.contiguous()
         grad_weights = weights.new_empty(b, g, t)
-        native.library("moments").moments_backward(*_pointers(weights, x, grad_mean, grad_second, grad_weights),
-                                                   *_sizes(b, g, t, d))
+        native.call("moments", "moments_backward", (weights, x, grad_mean, grad_second, grad_weights), (b, g, t, d))
         return grad_weights, None
-
-
-def _pointers(*tensors: torch.Tensor) -> list[ctypes.c_void_p]:
-    return [ctypes.c_void_p(t.data_ptr()) for t in tensors]
-
-
-def _sizes(*sizes: int) -> list[ctypes.c_int64]:
-    return [ctypes.c_int64(s) for s in sizes]
 
 
 class AttentiveStatsPooling(nn.Module):

@@ -20,7 +20,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -63,3 +68,9 @@ def library(name: str) -> ctypes.CDLL | None:
             return None
         os.replace(partial, target)
     return ctypes.CDLL(str(target))
+
+
+def call(name: str, function: str, tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> None:
+    """function(tensor data pointers..., int64 sizes...) of the built kernel `name` (tensors contiguous, on the CPU)."""
+    getattr(library(name), function)(*(ctypes.c_void_p(t.data_ptr()) for t in tensors),
+                                     *(ctypes.c_int64(s) for s in sizes))
