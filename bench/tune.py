@@ -15,6 +15,12 @@ Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured
            alternated, median of rounds. fused_step_speedup = member-steps/s fused / one after another.
            Also K cohorts of one stepped one after another (what `cohort_size: 1` trains, with the cohort's
            faster pooling and optimiser): fused_step_speedup_vs_cohorts_of_one.
+  grid     the search's training work without its fixed costs (worker start, imports, evaluation, checkpoints)
+           and serially on 1 thread: the same in-memory steps for the grid's K/2 ASP and K/2 mean-pooling
+           points, as one cohort per pooling against K cohorts of one, plus the loader reading the batches from
+           the store (page cache) once per cohort against once per point. cohort_speedup_in_memory =
+           (K cohorts of one + K loader passes) / (2 cohorts + 2 loader passes): what the search's ratio would
+           be were its trials' fixed costs and thread effects nil; grid_ms_per_step_* give the parts.
   reads    bytes the process read (/proc/self/io rchar) while `train_cohort` trained K members for one epoch, over
            the bytes of the samples the members consumed (training draws and development passes):
            store_reads_per_member_sample ≈ 1/K for a cohort (and ≈ 1 for a cohort of one, also reported).
@@ -90,41 +96,85 @@ def time_search(store: str, work: Path, k: int, cohort_size: int | None, cpus: i
     return wall, float(np.mean(waits)), len(summary.cohorts)
 
 
-def member_configs(k: int):
-    return [load_config(DEMO, {**RECIPE, "loss.alpha": a}) for a in alphas(k)]
+def member_configs(k: int, pooling: str = "asp"):
+    return [load_config(DEMO, {**RECIPE, "loss.alpha": a, "model.pooling": pooling}) for a in alphas(k)]
+
+
+class StepBench:
+    """k demo-size models (α values) of one pooling on the same in-memory batches, 1 torch thread."""
+
+    def __init__(self, store_url: str, k: int, steps: int, pooling: str = "asp"):
+        import torch
+
+        from mtser.trainer.losses import build_loss
+        from mtser.trainer.model import FusionModel
+
+        torch.set_num_threads(1)
+        store = open_store(store_url)
+        encoders = list(ENCODERS)
+        pool = data.training_ids(store, encoders, "multi")
+        counts = data.class_counts(data.label_arrays(store.utterances, pool))
+        self.reader = data.BatchReader(store, encoders, np.float32)
+        self.ids = list(data.chunks(data.epoch_sample(pool, steps * 32, 0, 1), 32))
+        self.batches = [self.reader(ids) for ids in self.ids]
+        cfgs = member_configs(k, pooling)
+        self.losses = [build_loss("multi", c.loss, counts) for c in cfgs]
+        torch.manual_seed(0)
+        self.models = [FusionModel({n: store.encoders[n].dim for n in encoders}, c.model) for c in cfgs]
+
+    def cohort(self, members: list) -> tuple:
+        import torch
+
+        from mtser.trainer.cohort import CohortAdamW, CohortModel
+
+        model = CohortModel(members)
+        return model, CohortAdamW(model, torch.full((len(members),), 1e-3), torch.full((len(members),), 0.01))
+
+    def cohort_steps(self, cohorts: list[tuple]) -> None:
+        """Each batch: a step of every (model, optimizer, losses) cohort, one after another."""
+        import torch
+
+        from mtser.trainer.cohort import clip_member_grads
+
+        for batch in self.batches:
+            for model, optimizer, member_losses in cohorts:
+                logits, attrs = model(batch.features)
+                loss = torch.stack([f(logits[g], attrs[g], batch.classes, batch.attributes)
+                                    for g, f in enumerate(member_losses)])
+                optimizer.zero_grad()
+                loss.sum().backward()
+                clip_member_grads(model, torch.ones(model.size))
+                optimizer.step()
+
+    def read_batches(self) -> None:
+        for ids in self.ids:
+            self.reader(ids)
+
+
+def alternated(runners: list, rounds: int) -> list[float]:
+    """Median seconds of each runner, the runners alternated round by round so drift and load hit all alike."""
+    times = [[] for _ in runners]
+    for _ in range(rounds):
+        for runner, t in zip(runners, times):
+            start = time.perf_counter()
+            runner()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, float, float]:
-    """Median seconds of `steps` steps of k models one after another, of one fused cohort and of k cohorts of one
-    one after another, on the same batches."""
+    """Median seconds of `steps` steps of k ASP models one after another (torch's AdamW), of one fused cohort and
+    of k cohorts of one one after another, on the same batches."""
     import torch
 
-    from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
-    from mtser.trainer.losses import build_loss
-    from mtser.trainer.model import FusionModel
-
-    torch.set_num_threads(1)
-    store = open_store(store_url)
-    encoders = list(ENCODERS)
-    pool = data.training_ids(store, encoders, "multi")
-    counts = data.class_counts(data.label_arrays(store.utterances, pool))
-    reader = data.BatchReader(store, encoders, np.float32)
-    batches = [reader(ids) for ids in data.chunks(data.epoch_sample(pool, steps * 32, 0, 1), 32)]
-    cfgs = member_configs(k)
-    losses = [build_loss("multi", c.loss, counts) for c in cfgs]
-    dims = {n: store.encoders[n].dim for n in encoders}
-    torch.manual_seed(0)
-    models = [FusionModel(dims, c.model) for c in cfgs]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
-    cohort = CohortModel(models)
-    fused_optimizer = CohortAdamW(cohort, torch.full((k,), 1e-3), torch.full((k,), 0.01))
-    clip = torch.ones(k)
-    singles = [CohortModel([m]) for m in models]
-    single_optimizers = [CohortAdamW(m, torch.full((1,), 1e-3), torch.full((1,), 0.01)) for m in singles]
+    bench = StepBench(store_url, k, steps)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in bench.models]
+    fused = [(*bench.cohort(bench.models), bench.losses)]
+    singles = [(*bench.cohort([m]), [f]) for m, f in zip(bench.models, bench.losses)]
 
     def one_after_another() -> None:
-        for batch in batches:
-            for model, optimizer, loss_fn in zip(models, optimizers, losses):
+        for batch in bench.batches:
+            for model, optimizer, loss_fn in zip(bench.models, optimizers, bench.losses):
                 logits, attrs = model(batch.features)
                 loss = loss_fn(logits, attrs, batch.classes, batch.attributes)
                 optimizer.zero_grad()
@@ -132,31 +182,25 @@ def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
 
-    def cohort_step(model: CohortModel, optimizer: CohortAdamW, member_losses: list, batch) -> None:
-        logits, attrs = model(batch.features)
-        loss = torch.stack([f(logits[g], attrs[g], batch.classes, batch.attributes)
-                            for g, f in enumerate(member_losses)])
-        optimizer.zero_grad()
-        loss.sum().backward()
-        clip_member_grads(model, clip[:model.size])
-        optimizer.step()
+    separate, together, alone = alternated(
+        [one_after_another, lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles)], rounds)
+    return separate, together, alone
 
-    def fused() -> None:
-        for batch in batches:
-            cohort_step(cohort, fused_optimizer, losses, batch)
 
-    def cohorts_of_one() -> None:
-        for batch in batches:
-            for model, optimizer, loss_fn in zip(singles, single_optimizers, losses):
-                cohort_step(model, optimizer, [loss_fn], batch)
-
-    separate, together, alone = [], [], []
-    for _ in range(rounds):                 # alternate, so drift and other load hit all alike
-        for runner, times in ((one_after_another, separate), (fused, together), (cohorts_of_one, alone)):
-            start = time.perf_counter()
-            runner()
-            times.append(time.perf_counter() - start)
-    return statistics.median(separate), statistics.median(together), statistics.median(alone)
+def time_grid_steps(store_url: str, k: int, steps: int, rounds: int) -> dict[str, float]:
+    """The search's training work without its fixed costs, serially on 1 thread: for the grid's k/2 ASP and k/2
+    mean-pooling points, `steps` batches read by the loader and stepped as one cohort per pooling, against each
+    point reading its own batches as a cohort of one. Median seconds of each part."""
+    out: dict[str, float] = {}
+    loader = []
+    for pooling in ("asp", "mean"):
+        bench = StepBench(store_url, k // 2, steps, pooling)
+        fused = [(*bench.cohort(bench.models), bench.losses)]
+        singles = [(*bench.cohort([m]), [f]) for m, f in zip(bench.models, bench.losses)]
+        out[f"{pooling}_fused"], out[f"{pooling}_singles"], read = alternated(
+            [lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles), bench.read_batches], rounds)
+        loader.append(read)
+    return {**out, "loader": statistics.mean(loader)}
 
 
 def read_bytes() -> int:
@@ -217,13 +261,18 @@ def main() -> None:
         fused, fused_wait, cohorts = time_search(store, work, k, None, cpus, epochs, samples, args.cold)
         ray.shutdown()
         separate_s, fused_s, singles_s = time_steps(store, k, steps, rounds)
+        grid_steps = time_grid_steps(store, k, steps, rounds)
         reads = reads_per_member_sample(store, k, samples, work / "reads")
         reads_single = reads_per_member_sample(store, 1, samples, work / "reads-single")
+    loader = grid_steps["loader"]
+    grid_single = grid_steps["asp_singles"] + grid_steps["mean_singles"] + k * loader
+    grid_fused = grid_steps["asp_fused"] + grid_steps["mean_fused"] + 2 * loader
     per_hour = {name: round(3600 * k * epochs / wall, 1) for name, wall in (("single", single), ("cohorts", fused))}
     result = {
         "cohort_speedup": round(single / fused, 3),
         "fused_step_speedup": round(separate_s / fused_s, 3),
         "fused_step_speedup_vs_cohorts_of_one": round(singles_s / fused_s, 3),
+        "cohort_speedup_in_memory": round(grid_single / grid_fused, 3),
         "store_reads_per_member_sample": round(reads, 4),
         "store_reads_per_member_sample_single": round(reads_single, 4),
         "cold": args.cold, "grid_points": k, "epochs": epochs, "samples_per_epoch": samples, "cpus": cpus,
@@ -234,6 +283,7 @@ def main() -> None:
         "member_steps_per_s_one_after_another": round(k * steps / separate_s, 2),
         "member_steps_per_s_fused": round(k * steps / fused_s, 2),
         "member_steps_per_s_cohorts_of_one": round(k * steps / singles_s, 2),
+        **{f"grid_ms_per_step_{part}": round(1000 * t / steps, 1) for part, t in grid_steps.items()},
     }
     print(f"search over {k} grid points x {epochs} epochs x {samples}: {single:.1f} s with one trial per point, "
           f"{fused:.1f} s in {cohorts} cohorts; {k} models x {steps} steps: {separate_s:.2f} s one after another, "
