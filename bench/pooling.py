@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+from timing import alternated  # noqa: E402
 
 from mtser.trainer import native  # noqa: E402
 from mtser.trainer.model import _NativeMoments, _OneDnnTanhLinear, onednn_gemm_is_faster  # noqa: E402
 
 BATCH, PADDED, DIM, ATTENTION = 32, 400, 1280, 32
-
-
-def seconds(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def gemm_runs(g: int) -> dict:
@@ -90,11 +85,7 @@ def main() -> None:
             runs = runs_of(g)
             for run in runs.values():
                 run()                                             # warm-up: first-touch pages, oneDNN's GEMM plans
-            times: dict[str, list[float]] = {first: [], second: []}
-            for _ in range(rounds):                               # alternate, so drift and load hit both alike
-                for name in (first, second):
-                    times[name].append(seconds(runs[name]))
-            a, b = statistics.median(times[first]), statistics.median(times[second])
+            a, b = alternated([runs[first], runs[second]], rounds)
             print(f"{question} G={g}: {first} {a * 1e3:.1f} ms, {second} {b * 1e3:.1f} ms (forward + backward)")
             result[f"{question}_{first}_vs_{second}_g{g}"] = round(b / a, 3)
             result[f"{question}_ms_{first}_g{g}"] = round(a * 1e3, 2)

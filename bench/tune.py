@@ -48,6 +48,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from loader import ENCODERS, write_store  # noqa: E402  (bench/loader.py: the synthetic store of realistic shapes)
 from store_read import evict  # noqa: E402  (drops a folder's files from the page cache)
+from timing import alternated  # noqa: E402
 
 from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.store import open_store  # noqa: E402
@@ -121,6 +122,7 @@ class StepBench:
         self.losses = [build_loss("multi", c.loss, counts) for c in cfgs]
         torch.manual_seed(0)
         self.models = [FusionModel({n: store.encoders[n].dim for n in encoders}, c.model) for c in cfgs]
+        self.clip = torch.ones(k)
 
     def cohort(self, members: list) -> tuple:
         import torch
@@ -143,23 +145,12 @@ class StepBench:
                                     for g, f in enumerate(member_losses)])
                 optimizer.zero_grad()
                 loss.sum().backward()
-                clip_member_grads(model, torch.ones(model.size))
+                clip_member_grads(model, self.clip[:model.size])
                 optimizer.step()
 
     def read_batches(self) -> None:
         for ids in self.ids:
             self.reader(ids)
-
-
-def alternated(runners: list, rounds: int) -> list[float]:
-    """Median seconds of each runner, the runners alternated round by round so drift and load hit all alike."""
-    times = [[] for _ in runners]
-    for _ in range(rounds):
-        for runner, t in zip(runners, times):
-            start = time.perf_counter()
-            runner()
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def time_steps(store_url: str, k: int, steps: int, rounds: int) -> tuple[float, float, float]:

@@ -76,8 +76,8 @@ def attention_moments(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Ten
     On the CPU in float32, for frames that need no gradient, the C kernel `native/moments.c` reads each frame once
     for all heads and both moments (`_NativeMoments`); elsewhere (CUDA, no C compiler) two batched matrix
     products, which read the frames once per head and per moment and need x² written out first."""
-    if (native.library("moments") is None or x.device.type != "cpu" or x.dtype != torch.float32 or weights.dtype != torch.float32
-            or x.requires_grad or x.numel() == 0):
+    if (native.library("moments") is None or x.device.type != "cpu" or x.dtype != torch.float32
+            or weights.dtype != torch.float32 or x.requires_grad or x.numel() == 0):
         return torch.bmm(weights, x), torch.bmm(weights, x * x)
     return _NativeMoments.apply(weights, x)
 
