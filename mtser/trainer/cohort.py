@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtser.config import ModelConfig
-from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, tanh_linear
+from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, head_outputs, tanh_linear
 
 
 def _key(name: str) -> str:
@@ -148,11 +147,9 @@ class CohortModel(nn.Module):
             raise KeyError(f"CohortModel: features of encoder(s) {missing} are missing")
         sequence = torch.stack([self._branch(name, *features[name]) for name in self.encoder_dims], dim=2)
         last = self._lstm(sequence)
-        w = self.p("head.weight")
-        out = torch.baddbmm(self.p("head.bias")[:, None, :], last.to(w.dtype), w.transpose(1, 2))
-        low, high = ATTRIBUTE_RANGE
-        n = len(CLASSES)
-        return out[..., :n], low + (high - low) * torch.sigmoid(out[..., n:])
+        w, b = self.p("head.weight").float(), self.p("head.bias").float()
+        with torch.autocast(last.device.type, enabled=False):           # the head in float32 (`head_outputs`)
+            return head_outputs(torch.baddbmm(b[:, None, :], last.float(), w.transpose(1, 2)))
 
     # -------------------------------------------------------------------------------------------------- members
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
