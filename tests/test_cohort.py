@@ -207,3 +207,16 @@ def test_cohort_adamw_steps_each_active_member_as_adamw_alone_and_leaves_the_oth
         assert all(torch.equal(after[k], before[k]) for k in before)       # inactive: not a bit changed
     assert optimizer.steps.tolist() == [3.0, 0.0]
     assert all(float(optimizer.state[p]["exp_avg"][1].abs().max()) == 0.0 for _, p in cohort.named_member_parameters())
+
+
+def test_members_may_differ_in_the_penalty_gradient(store_url, tmp_path):
+    """`loss.penalty_weight_grad` per member: each member equals its model trained alone, and the flag matters."""
+    dim = {"train__task": "dim", "train__select_metric": "ccc_mean", "loss__sigma": 1.0}
+    variants = {"through": config(**dim), "detached": config(loss__penalty_weight_grad=False, **dim)}
+    results = train_cohort([Member(name, cfg, tmp_path / name) for name, cfg in variants.items()], store_url)
+    states = {}
+    for name, cfg in variants.items():
+        states[name] = load_checkpoint(results[name].best_checkpoint)[0].state_dict()
+        assert_states_close(states[name], train_alone(cfg, store_url), rtol=1e-4)
+    with pytest.raises(AssertionError, match="relative difference"):
+        assert_states_close(states["detached"], states["through"], rtol=1e-3)
