@@ -89,6 +89,9 @@ class LossConfig:
     class_weights: Literal["auto", "none", "confusion"] | list[float] = "auto"
     sigma: float | None = None                  # stage 2 attributes: Gaussian-penalty width (None = plain MSE)
     sigma_mu: float = 4.0
+    # the gradient flows through the penalty weight exp(−(ŷ−μ)²/2σ²) too (the formula differentiated as written);
+    # false: the weight is a constant per step (detached), only the squared error is differentiated
+    penalty_weight_grad: bool = True
 
 
 @dataclass

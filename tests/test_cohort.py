@@ -207,3 +207,74 @@ def test_cohort_adamw_steps_each_active_member_as_adamw_alone_and_leaves_the_oth
         assert all(torch.equal(after[k], before[k]) for k in before)       # inactive: not a bit changed
     assert optimizer.steps.tolist() == [3.0, 0.0]
     assert all(float(optimizer.state[p]["exp_avg"][1].abs().max()) == 0.0 for _, p in cohort.named_member_parameters())
+
+
+def test_members_may_differ_in_the_penalty_gradient(store_url, tmp_path):
+    """`loss.penalty_weight_grad` per member: each member equals its model trained alone, and the flag matters."""
+    dim = {"train__task": "dim", "train__select_metric": "ccc_mean", "loss__sigma": 1.0}
+    variants = {"through": config(**dim), "detached": config(loss__penalty_weight_grad=False, **dim)}
+    results = train_cohort([Member(name, cfg, tmp_path / name) for name, cfg in variants.items()], store_url)
+    states = {}
+    for name, cfg in variants.items():
+        states[name] = load_checkpoint(results[name].best_checkpoint)[0].state_dict()
+        assert_states_close(states[name], train_alone(cfg, store_url), rtol=1e-4)
+    with pytest.raises(AssertionError, match="relative difference"):
+        assert_states_close(states["detached"], states["through"], rtol=1e-3)
+
+
+def test_float16_loss_scaling_keeps_members_independent():
+    """One member's float16 overflow (its scaled loss is inf) skips only its own step and halves only its own scale:
+    the other member steps bit for bit as in a run without the overflow, and the overflowing member follows
+    `torch.amp.GradScaler` on a model alone (same scales, same skipped step). Device-independent: runs on the CPU."""
+    import copy
+
+    from mtser.config import LossConfig
+    from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+
+    cfg = config(model__dropout=0.0).model
+    torch.manual_seed(0)
+    members = [FusionModel({"a": 24, "b": 16}, cfg) for _ in range(2)]
+    mask = torch.arange(30)[None, :] < torch.tensor([30, 11, 25, 7])[:, None]
+    batches = [({name: (torch.randn(4, 30, dim), mask) for name, dim in (("a", 24), ("b", 16))},
+                torch.tensor([0, 3, -1, 7]), 1 + 6 * torch.rand(4, 3)) for _ in range(5)]
+    loss_fn = build_loss("multi", LossConfig(), np.ones(8))
+    overflow_step, huge = 1, 1e36                     # 1e36·loss·2¹⁵ overflows float32 (max 3.4e38)
+
+    def run(overflow: bool) -> tuple[list[list[dict[str, torch.Tensor]]], list[list[float]], CohortAdamW]:
+        cohort = CohortModel(members)
+        optimizer = CohortAdamW(cohort, torch.tensor([1e-3, 2e-3]), torch.tensor([0.01, 0.0]))
+        scaler = MemberGradScaler(2, torch.device("cpu"), enabled=True, growth_interval=2)
+        states, scales = [], []
+        for step, (features, classes, attributes) in enumerate(batches):
+            logits, attrs = cohort(features)
+            losses = torch.stack([loss_fn(logits[g], attrs[g], classes, attributes) for g in range(2)])
+            if overflow and step == overflow_step:
+                losses = losses * torch.tensor([1.0, huge])
+            assert step_members(cohort, optimizer, scaler, losses, torch.tensor([1.0, 0.5])).all()
+            states.append([cohort.member_state(g) for g in range(2)])
+            scales.append(scaler.scale.tolist())
+        return states, scales, optimizer
+
+    clean_states, clean_scales, _ = run(overflow=False)
+    states, scales, optimizer = run(overflow=True)
+    for step in range(len(batches)):                 # member 0: exactly as without member 1's overflow
+        assert all(torch.equal(states[step][0][k], clean_states[step][0][k]) for k in clean_states[step][0])
+    assert [s[0] for s in scales] == [s[0] for s in clean_scales] == [2.0**16, 2.0**17, 2.0**17, 2.0**18, 2.0**18]
+    assert [s[1] for s in scales] == [2.0**16, 2.0**15, 2.0**15, 2.0**16, 2.0**16]   # halved once, then grows
+    assert all(torch.equal(states[overflow_step][1][k], states[overflow_step - 1][1][k]) for k in states[0][1])
+    assert optimizer.steps.tolist() == [5.0, 4.0]
+
+    alone = copy.deepcopy(members[1])                # member 1 against torch's GradScaler on the model alone
+    reference = torch.optim.AdamW(alone.parameters(), lr=2e-3, weight_decay=0.0)
+    torch_scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+    for step, (features, classes, attributes) in enumerate(batches):
+        logits, attrs = alone(features)
+        loss = loss_fn(logits, attrs, classes, attributes) * (huge if step == overflow_step else 1.0)
+        reference.zero_grad()
+        torch_scaler.scale(loss).backward()
+        torch_scaler.unscale_(reference)
+        torch.nn.utils.clip_grad_norm_(alone.parameters(), 0.5)
+        torch_scaler.step(reference)
+        torch_scaler.update()
+        assert torch_scaler.get_scale() == scales[step][1]
+        assert_states_close(states[step][1], alone.state_dict(), rtol=1e-4)

@@ -15,7 +15,7 @@ def test_paper_config_holds_the_recipe():
     assert (cfg.model.proj_dim, cfg.model.lstm_hidden, cfg.model.lstm_layers) == (1028, 2048, 2)
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_epochs) == (2e-5, 1e-7, 3.0)
     assert (cfg.train.epochs, cfg.train.samples_per_epoch, cfg.train.batch_size) == (50, 32000, 128)
-    assert (cfg.loss.alpha, cfg.loss.beta) == (0.25, 0.75)
+    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.penalty_weight_grad) == (0.25, 0.75, True)
     cat, dim = cfg.finetune.cat, cfg.finetune.dim
     assert (cat.task, cat.epochs, cat.lr, cat.warmup_epochs, cat.select_metric) == ("cat", 20, 1e-5, 0.0, "f1")
     assert (dim.task, dim.epochs, dim.lr, dim.min_lr, dim.warmup_epochs) == ("dim", 30, 5e-6, 1e-7, 0.0)
@@ -69,6 +69,7 @@ def test_grid_and_demo_load():
     ("finetune.epochs", 3, "finetune.epochs: unknown key"),
     ("train.validation", 1.5, "train.validation: must be a fraction"),
     ("loss.class_weights", "confusing", "loss.class_weights: expected one of"),
+    ("loss.penalty_weight_grad", "yes", "loss.penalty_weight_grad: expected true/false, got 'yes'"),
     ("ensemble.extra_members", {"happiness": []}, "ensemble.extra_members: ['happiness'] are not attributes"),
 ])
 def test_invalid_values_name_the_key(key, value, message):

@@ -38,6 +38,45 @@ def test_gaussian_penalty_mse_hand_computed():
     assert gaussian_penalty_mse(pred, target, None).item() == pytest.approx(5.0)
 
 
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_gaussian_penalty_gradient_hand_computed(weight_grad):
+    """∂L/∂ŷ of L = mean(w·(y−ŷ)²), w = exp(−(ŷ−μ)²/(2σ²)), over the N finite targets: through w as well,
+    (w/N)·(−2(y−ŷ) − (y−ŷ)²(ŷ−μ)/σ²); with w detached, (w/N)·(−2(y−ŷ)); 0 where the target is unknown."""
+    sigma, mu = 2.0, 4.0
+    pred_values = [[4.5, 6.0, 2.0], [3.0, 1.5, 5.0]]
+    target_values = [[5.0, 3.0, NAN], [6.5, NAN, 2.0]]
+    pred = torch.tensor(pred_values, requires_grad=True)
+    loss = gaussian_penalty_mse(pred, torch.tensor(target_values), sigma, mu, weight_grad=weight_grad)
+    loss.backward()
+    n = 4
+    expected = np.zeros((2, 3))
+    value = 0.0
+    for i in range(2):
+        for j in range(3):
+            p, y = pred_values[i][j], target_values[i][j]
+            if math.isnan(y):
+                continue
+            w = math.exp(-((p - mu) ** 2) / (2 * sigma**2))
+            value += w * (y - p) ** 2 / n
+            through = -((y - p) ** 2) * (p - mu) / sigma**2 if weight_grad else 0.0
+            expected[i, j] = w / n * (-2 * (y - p) + through)
+    assert loss.item() == pytest.approx(value, rel=1e-6)          # the value does not depend on the choice
+    np.testing.assert_allclose(pred.grad.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_recipe_loss_takes_the_penalty_gradient_from_config():
+    pred = torch.tensor([[6.0, 4.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[3.0, 4.0, 4.0]])
+    grads = {}
+    for flag in (True, False):
+        loss = build_loss("dim", LossConfig(sigma=2.0, penalty_weight_grad=flag), np.ones(8))
+        assert loss.penalty_weight_grad is flag
+        (grads[flag],) = torch.autograd.grad(loss(torch.zeros(1, 8), pred, torch.tensor([-1]), target), pred)
+    w = math.exp(-0.5)              # ŷ = 6, y = 3, σ = 2: −2(y−ŷ) = 6 and −(y−ŷ)²(ŷ−μ)/σ² = −4.5, over N = 3
+    assert grads[True][0, 0].item() == pytest.approx(w * (6 - 4.5) / 3, rel=1e-6)
+    assert grads[False][0, 0].item() == pytest.approx(w * 6 / 3, rel=1e-6)
+
+
 def test_class_weights_are_inverse_frequency():
     w = class_weights_from_counts(np.array([10, 30, 0, 0, 0, 0, 0, 40]))
     # N / (8 n_c): 80 / 80, 80 / 240, 80 / 320; unseen classes get 0

@@ -150,3 +150,36 @@ def test_native_library_falls_back_without_a_working_compiler(monkeypatch, tmp_p
     first = build("moments")
     assert first is not None and [p.suffix for p in (tmp_path / "mtser" / "native").iterdir()] == [".so"]
     assert build("moments")._name == first._name    # built once, then loaded from the cache
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_outputs_leave_the_head_in_float32_under_autocast(fused):
+    """Under bfloat16 autocast the head and 1 + 6·sigmoid still run in float32: the outputs are float32 and equal a
+    float32 head's on the same (bfloat16) head input, for a model alone and for a cohort."""
+    from mtser.trainer.cohort import CohortModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(attention_dim=4, proj_dim=8, lstm_hidden=6)
+    feats = {"a": pad([torch.randn(4, 5).numpy(), torch.randn(6, 5).numpy()]),
+             "b": pad([torch.randn(2, 7).numpy(), torch.randn(3, 7).numpy()])}
+    model = FusionModel({"a": 5, "b": 7}, cfg)
+    head_inputs = []                                        # the LSTM's last output (G, B, H) or (B, H)
+    if fused:
+        model = CohortModel([model, FusionModel({"a": 5, "b": 7}, cfg)])
+        lstm = model._lstm
+        model._lstm = lambda sequence: head_inputs.append(lstm(sequence)) or head_inputs[-1]
+        weight, bias = model.p("head.weight"), model.p("head.bias")
+    else:
+        model.lstm.register_forward_hook(lambda module, args, out: head_inputs.append(out[0][:, -1]))
+        weight, bias = model.head.weight[None], model.head.bias[None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, attrs = model.eval()(feats)
+    (last,) = head_inputs
+    assert last.dtype == torch.bfloat16                     # the case at issue: autocast ran the rest in bfloat16
+    assert logits.dtype == attrs.dtype == torch.float32
+    with torch.no_grad():
+        out = torch.stack([torch.nn.functional.linear(x, w, b)
+                           for x, w, b in zip(last.float().reshape(len(weight), -1, 6), weight, bias)])
+    out = out.reshape(*logits.shape[:-1], 11)
+    torch.testing.assert_close(logits, out[..., :8], rtol=0, atol=1e-6)
+    torch.testing.assert_close(attrs, 1 + 6 * torch.sigmoid(out[..., 8:]), rtol=0, atol=1e-6)

@@ -8,8 +8,9 @@ over the frames (`model.attention_moments`), the rest are batched matmuls over t
 LSTM over the 3-step encoder sequence is written out with batched matmuls (`torch.func.vmap` has no batching rule
 for `aten::lstm`), in PyTorch's gate order (i, f, g, o).
 
-`CohortAdamW` is AdamW with a learning rate, weight decay and step count per member, and per-member gradient-norm
-clipping (`clip_member_grads`): elementwise, so each member follows exactly the trajectory it would follow alone.
+`CohortAdamW` is AdamW with a learning rate, weight decay and step count per member, with per-member gradient-norm
+clipping (`clip_member_grads`) and float16 loss scaling (`MemberGradScaler`), all in `step_members`: elementwise, so
+each member follows exactly the trajectory it would follow alone.
 Members are independent in the backward pass as well: no operation mixes two members' values.
 """
 from __future__ import annotations
@@ -22,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtser.config import ModelConfig
-from mtser.featurestore.labels import ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, tanh_linear
+from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, head_outputs, tanh_linear
 
 
 def _key(name: str) -> str:
@@ -148,11 +148,9 @@ class CohortModel(nn.Module):
             raise KeyError(f"CohortModel: features of encoder(s) {missing} are missing")
         sequence = torch.stack([self._branch(name, *features[name]) for name in self.encoder_dims], dim=2)
         last = self._lstm(sequence)
-        w = self.p("head.weight")
-        out = torch.baddbmm(self.p("head.bias")[:, None, :], last.to(w.dtype), w.transpose(1, 2))
-        low, high = ATTRIBUTE_RANGE
-        n = len(CLASSES)
-        return out[..., :n], low + (high - low) * torch.sigmoid(out[..., n:])
+        w, b = self.p("head.weight").float(), self.p("head.bias").float()
+        with torch.autocast(last.device.type, enabled=False):           # the head in float32 (`head_outputs`)
+            return head_outputs(torch.baddbmm(b[:, None, :], last.float(), w.transpose(1, 2)))
 
     # -------------------------------------------------------------------------------------------------- members
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
@@ -198,7 +196,7 @@ class CohortAdamW:
     optimiser had not been called.
 
     Not a `torch.optim.Optimizer`: its constructor imports torch._dynamo (1-4 s per process on a CPU) for hooks a
-    cohort does not use. `param_groups` and `state` have the Optimizer's shape, which `torch.amp.GradScaler` reads."""
+    cohort does not use. `param_groups` and `state` have the Optimizer's shape."""
 
     def __init__(self, model: CohortModel, lr: torch.Tensor, weight_decay: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -245,6 +243,70 @@ class CohortAdamW:
                 new.state[new_p] = {k: v.index_select(0, index.to(v.device)).clone()
                                     for k, v in self.state[old_p].items()}
         return new
+
+
+class MemberGradScaler:
+    """float16 loss scaling with a scale per member: `torch.amp.GradScaler`'s rule and kernels (scale 2¹⁶ at first,
+    halved and the step skipped when the member's gradients hold an inf or NaN, doubled after `growth_interval`
+    steps in a row without one) applied to each member's slices on its own, so one member's overflow neither skips
+    another member's step nor halves its scale: each follows the trajectory it would follow alone. Disabled (no
+    float16): the plain sum of the losses, no check, no overhead."""
+
+    def __init__(self, size: int, device: torch.device, enabled: bool, init_scale: float = 2.0**16,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.scale = torch.full((size,), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros(size, dtype=torch.int32, device=device)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+
+    def scaled_sum(self, losses: torch.Tensor) -> torch.Tensor:
+        """Σ_g scale_g·loss_g, to call backward on (each member's gradients come out scaled by its own scale)."""
+        return (losses * self.scale.to(losses.dtype)).sum() if self.enabled else losses.sum()
+
+    @torch.no_grad()
+    def unscale_(self, model: CohortModel) -> torch.Tensor:
+        """Divide each member's gradients by its scale; returns (G,) True for the members whose gradients held an inf
+        or NaN (all False when disabled)."""
+        found = torch.zeros(len(self.scale), dtype=torch.float32, device=self.scale.device)
+        if self.enabled:
+            inv = self.scale.double().reciprocal().float()            # as GradScaler.unscale_
+            grads = [p.grad for _, p in model.named_member_parameters() if p.grad is not None]
+            for g in range(len(self.scale)):
+                torch._amp_foreach_non_finite_check_and_unscale_([grad[g] for grad in grads], found[g:g + 1],
+                                                                 inv[g:g + 1])
+        return found.bool()
+
+    def update(self, overflow: torch.Tensor, took_part: torch.Tensor) -> None:
+        """GradScaler.update per member for the members that took part in the step (`took_part`: finite loss; a
+        member whose loss was not finite skipped the step as a model alone would, its scale unchanged)."""
+        if not self.enabled:
+            return
+        found = overflow.float()
+        for g in (g for g, part in enumerate(took_part.tolist()) if part):
+            torch._amp_update_scale_(self.scale[g:g + 1], self.growth_tracker[g:g + 1], found[g:g + 1],
+                                     self.growth_factor, self.backoff_factor, self.growth_interval)
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep the scales of the members at `keep` (after `CohortModel.select`)."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.scale.device)
+        self.scale, self.growth_tracker = self.scale[index], self.growth_tracker[index]
+
+
+def step_members(model: CohortModel, optimizer: CohortAdamW, scaler: MemberGradScaler, losses: torch.Tensor,
+                 max_norm: torch.Tensor) -> torch.Tensor:
+    """One training step of every member whose loss (G,) is finite: backward of the (scaled) losses, per-member
+    unscaling, gradient-norm clipping to `max_norm` (G,) and AdamW. A non-finite loss (a bad feature, a diverging
+    member) leaves that member as it was and the others unaffected, as does a member's float16 gradient overflow.
+    Returns the finite-loss mask (G,)."""
+    finite = torch.isfinite(losses)
+    if finite.any():
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scaled_sum(torch.where(finite, losses, 0.0)).backward()
+        overflow = scaler.unscale_(model)
+        clip_member_grads(model, max_norm)
+        optimizer.step(active=finite & ~overflow)
+        scaler.update(overflow, finite)
+    return finite
 
 
 def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int, frames: dict[str, int]) -> int:

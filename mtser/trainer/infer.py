@@ -49,13 +49,14 @@ def check_store_matches(meta: dict, store) -> None:
 
 
 class Precision:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling); float32 on CPU."""
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling, `loss_scaling`: training
+    scales each member's loss by its own scale, `cohort.MemberGradScaler`); float32 on CPU."""
 
     def __init__(self, device: torch.device, enabled: bool):
         self.device_type = device.type
         self.enabled = enabled and device.type == "cuda"
         self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+        self.loss_scaling = self.enabled and self.dtype == torch.float16
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

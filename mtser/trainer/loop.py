@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mtser.config import AshaConfig, Config, ConfigError, TrainConfig
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_sidecar
-from mtser.trainer.cohort import CohortAdamW, CohortModel, clip_member_grads
+from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
 from mtser.trainer.infer import Precision, check_store_matches, open_if_url, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
 from mtser.trainer.metrics import computable, confusion_matrix, summarize
@@ -264,6 +264,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     optimizer = CohortAdamW(c.model, torch.tensor([m.tc.lr for m in members]),
                             torch.tensor([m.tc.weight_decay for m in members]))
     clip = torch.tensor([m.tc.grad_clip for m in members], device=device)
+    scaler = MemberGradScaler(len(members), device, c.precision.loss_scaling)
     alive = list(range(len(members)))                  # fused position -> member index
     status: list[Status] = ["running"] * len(members)
     errors: list[str | None] = [None] * len(members)
@@ -298,15 +299,8 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                 logits, attrs = c.model(batch.features)
             losses = torch.stack([c.losses[k](logits[g], attrs[g], *c.member_targets(k, batch))
                                   for g, k in enumerate(alive)])
-            finite = torch.isfinite(losses)
             optimizer.lr = torch.tensor(lrs(step), dtype=torch.float64, device=device)
-            if finite.any():            # a bad feature or a diverging member must not poison the others
-                optimizer.zero_grad(set_to_none=True)
-                c.precision.scaler.scale(torch.where(finite, losses, 0.0).sum()).backward()
-                c.precision.scaler.unscale_(optimizer)
-                clip_member_grads(c.model, clip)
-                c.precision.scaler.step(optimizer, active=finite)
-                c.precision.scaler.update()
+            finite = step_members(c.model, optimizer, scaler, losses, clip)
             step += 1
             values, ok = losses.detach().cpu().tolist(), finite.cpu().tolist()
             diverged = []
@@ -329,7 +323,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                 alive = [alive[g] for g in keep]
                 if not alive:
                     break
-                optimizer, clip = _select(c.model, optimizer, keep), clip[keep]
+                optimizer, clip = _select(c.model, optimizer, scaler, keep), clip[keep]
             if seen[alive[0]]:
                 bar.set_postfix(loss=f"{loss_sums[alive[0]] / seen[alive[0]]:.4f}")
         train_seconds = time.perf_counter() - started
@@ -368,7 +362,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                         reports = [r if r.name != members[k].name else dataclasses.replace(r, status="stopped")
                                    for r in reports]
                 alive = [alive[g] for g in keep]
-                optimizer, clip = _select(c.model, optimizer, keep), clip[keep]
+                optimizer, clip = _select(c.model, optimizer, scaler, keep), clip[keep]
         if on_epoch is not None:
             on_epoch(epoch, reports)
     tested = [k for k in range(len(members)) if best[k][1]] if c.test_ids else []
@@ -384,8 +378,9 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     return results
 
 
-def _select(model: CohortModel, optimizer: CohortAdamW, keep: list[int]) -> CohortAdamW:
+def _select(model: CohortModel, optimizer: CohortAdamW, scaler: MemberGradScaler, keep: list[int]) -> CohortAdamW:
     model.select(keep)
+    scaler.select(keep)
     return optimizer.select(model, keep)
 
 

@@ -31,8 +31,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return gaussian_penalty_mse(pred, target, sigma=None)
 
 
-def gaussian_penalty_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float | None, mu: float = 4.0) -> torch.Tensor:
-    """mean(exp(−(ŷ−μ)²/(2σ²))·(y−ŷ)²) over finite targets; plain MSE when sigma is None."""
+def gaussian_penalty_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float | None, mu: float = 4.0,
+                         weight_grad: bool = True) -> torch.Tensor:
+    """mean(w·(y−ŷ)²) with w = exp(−(ŷ−μ)²/(2σ²)) over finite targets; plain MSE when sigma is None.
+
+    weight_grad: the gradient flows through w as well (the formula differentiated as written,
+    ∂/∂ŷ = w·(−2(y−ŷ) − (y−ŷ)²(ŷ−μ)/σ²) per entry); False: w is detached (∂/∂ŷ = −2w·(y−ŷ))."""
     valid = torch.isfinite(target)
     if not valid.any():
         return pred.sum() * 0.0
@@ -40,7 +44,8 @@ def gaussian_penalty_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float 
     squared_error = (target[valid].float() - p) ** 2
     if sigma is None:
         return squared_error.mean()
-    return (torch.exp(-((p - mu) ** 2) / (2 * sigma**2)) * squared_error).mean()
+    weight = torch.exp(-((p - mu) ** 2) / (2 * sigma**2))
+    return ((weight if weight_grad else weight.detach()) * squared_error).mean()
 
 
 def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -79,7 +84,7 @@ class RecipeLoss:
     """The loss of one training stage.
 
     multi: α·MSE(attributes) + β·weighted CE (stage 1); cat: CE, weighted when `class_weight` is set; dim:
-    Gaussian-penalty MSE (plain MSE when σ is None).
+    Gaussian-penalty MSE (plain MSE when σ is None; `penalty_weight_grad`: see `gaussian_penalty_mse`).
     """
 
     task: Task
@@ -88,6 +93,7 @@ class RecipeLoss:
     class_weight: torch.Tensor | None = None
     sigma: float | None = None
     sigma_mu: float = 4.0
+    penalty_weight_grad: bool = True
 
     def __call__(self, logits: torch.Tensor, attrs: torch.Tensor, classes: torch.Tensor,
                  attributes: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ class RecipeLoss:
         if self.task == "cat":
             return weighted_cross_entropy(logits, classes, weight)
         if self.task == "dim":
-            return gaussian_penalty_mse(attrs, attributes, self.sigma, self.sigma_mu)
+            return gaussian_penalty_mse(attrs, attributes, self.sigma, self.sigma_mu, self.penalty_weight_grad)
         return self.alpha * masked_mse(attrs, attributes) + self.beta * weighted_cross_entropy(logits, classes, weight)
 
 
@@ -113,4 +119,4 @@ def build_loss(task: Task, cfg: LossConfig, class_counts: np.ndarray, confusion:
             weight = torch.from_numpy(class_weights_from_confusion(confusion))
         elif isinstance(cfg.class_weights, list):  # Config validates 8 non-negative values
             weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
-    return RecipeLoss(task, cfg.alpha, cfg.beta, weight, cfg.sigma, cfg.sigma_mu)
+    return RecipeLoss(task, cfg.alpha, cfg.beta, weight, cfg.sigma, cfg.sigma_mu, cfg.penalty_weight_grad)

@@ -181,9 +181,20 @@ class FusionModel(nn.Module):
             raise KeyError(f"FusionModel: features of encoder(s) {missing} are missing")
         sequence = torch.stack([branch(*features[name]) for name, branch in self.branches.items()], dim=1)
         output, _ = self.lstm(sequence)
-        out = self.head(output[:, -1])
-        low, high = ATTRIBUTE_RANGE
-        return out[:, : len(CLASSES)], low + (high - low) * torch.sigmoid(out[:, len(CLASSES):])
+        last = output[:, -1]
+        with torch.autocast(last.device.type, enabled=False):           # the head in float32 (`head_outputs`)
+            return head_outputs(self.head(last.float()))
+
+
+def head_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's (..., 11) output as class logits (..., 8) and attributes (..., 3) in 1..7 (1 + 6·sigmoid).
+
+    Callers run the head and this in float32, also under autocast: `sigmoid` is not on autocast's float32 list, so in
+    bfloat16 an attribute above 4 would move in steps of ~0.03 and epoch selection would score other numbers than
+    the ensemble."""
+    low, high = ATTRIBUTE_RANGE
+    n = len(CLASSES)
+    return out[..., :n], low + (high - low) * torch.sigmoid(out[..., n:])
 
 
 def count_parameters(model: nn.Module) -> int:
