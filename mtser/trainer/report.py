@@ -363,11 +363,13 @@ def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Pat
         scored = ensemble.dropna(how="all").rename_axis("split").reset_index()
         sections.append(("ensemble", "Ensemble", html_table(scored) + note))
     if settings is not None:
+        split = f'<p class="note">Scored on {html.escape(settings["split"].iloc[0])}.</p>'   # one split per table
         sections.append(("table1", "Table 1: stage-1 settings (the paper's ablation layout)",
-                         html_table(settings, best=TABLE1_METRICS, table_id="table1") + marked + note))
+                         split + html_table(settings.drop(columns="split"), best=TABLE1_METRICS, table_id="table1")
+                         + marked + note))
     tested = [c for c in TEST_COLUMNS if c in results and results[c].notna().any()]
-    shown = results[[c for c in ("trial", "stage", "cohort", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS,
-                                 *tested) if c in results]]
+    shown = results[[c for c in ("trial", "stage", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS, *tested,
+                                 "cohort") if c in results]]
     sections.append(("trials", "Trials", html_table(shown, best=[*METRIC_COLUMNS, *tested], table_id="trials")
                      + marked))
     missing = '<p class="note">No data for this figure (run <code>mtser ensemble</code> for the ensemble figures).</p>'
