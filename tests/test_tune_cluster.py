@@ -125,7 +125,10 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
 
     page = runner.invoke(app, ["report", run, "--storage-options", options])
     assert page.exit_code == 0 and f"{run}/report/index.html" in page.output, page.output
-    assert fs.cat_file(f"{s3_bucket}/run/report/index.html").count(b"data:image/png;base64,") == 4
+    panels = fs.glob(f"{s3_bucket}/run/report/*.png")                 # one PNG per panel, each embedded once
+    assert fs.cat_file(f"{s3_bucket}/run/report/index.html").count(b"data:image/png;base64,") == len(panels)
+    assert {p.rsplit("/", 1)[1].rsplit("-", 1)[0] for p in panels if "/curves-" in p} == {
+        f"curves-{c}" for c in results["cohort"]}                         # learning curves of every cohort
 
     best = results[results["stage"] == 1].sort_values("trial").iloc[0]   # selected on held-out Train, tested on Dev
     scored = runner.invoke(app, ["evaluate", best["checkpoint"], "--store", store, "--device", "cpu",

@@ -171,6 +171,15 @@ def trial_key(stage: int, name: str) -> str:
     return f"stage{stage}/{name}"
 
 
+def read_history(run_dir: RunFolder | str | Path, stage: int, name: str) -> pd.DataFrame | None:
+    """A grid point's history.csv (one row per epoch: training loss, selection-split metrics); None before its first
+    epoch ended."""
+    try:
+        return as_run(run_dir).read_csv(f"{trial_key(stage, name)}/history.csv")
+    except FileNotFoundError:
+        return None
+
+
 def read_state(run_dir: RunFolder | str | Path, stage: int, name: str) -> dict[str, Any]:
     try:
         return as_run(run_dir).read_json(f"{trial_key(stage, name)}/state.json")
