@@ -66,11 +66,11 @@ def test_export_npz_and_npy_files(url: str, tmp_path: Path) -> None:
                                  "--out", str(tmp_path / "x.npz")])
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "x.npz") as npz:
-        assert sorted(npz.files) == sorted([IDS[0], IDS[7]])
+        assert sorted(npz.files) == sorted([IDS[0], IDS[7], "index.json"])
         np.testing.assert_array_equal(npz[IDS[7]], frames_for(IDS[7], 32).astype(np.float16))
     result = runner.invoke(app, ["features", "export", url, "-e", "text", "--split", "Train", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(f"{i}.npy" for i in IDS[:5])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted([f"{i}.npy" for i in IDS[:5]] + ["index.json"])
     np.testing.assert_array_equal(np.load(tmp_path / "d" / f"{IDS[2]}.npy"), frames_for(IDS[2], 8).astype(np.float16))
     bad = runner.invoke(app, ["features", "export", url, "-e", "whisper", "--out", str(tmp_path / "w.npz")])
     assert bad.exit_code == 1 and "no encoder 'whisper'" in bad.output
@@ -144,3 +144,41 @@ def test_verify_reports_a_flipped_padding_byte(url: str) -> None:
     problems = [str(p) for p in verify_store(url).problems]
     assert problems == ["part 'p0', encoder 'wavlm': padding after the last frame is not zero "
                         "(corrupt bytes hit no utterance)"]
+
+
+HOSTILE_IDS = ["../../../somewhere/escape.wav", "/tmp/absolute-escape.wav", "file", "allow_pickle", "..", ".hidden",
+               "nul\0byte.wav", "é/ü\\back~tilde%41.wav", "x" * 300, "y" * 299 + "é"]
+
+
+@pytest.mark.parametrize("target", ["dir", "x.npz"])
+def test_export_maps_any_id_to_a_safe_name_inside_out(tmp_path: Path, target: str) -> None:
+    from mtser.featurestore.export import INDEX, id_of
+
+    store = str(tmp_path / "store.zarr")
+    create_store(store)
+    register_encoder(store, encoder_info("wavlm", dim=4))
+    write_part(store, "p0", HOSTILE_IDS, ["wavlm"], dim=4)
+    work = tmp_path / "work"
+    (work / "a" / "b" / "c").mkdir(parents=True)
+    out = work / "a" / "b" / "c" / target
+    before = {p for p in tmp_path.rglob("*")}
+    result = runner.invoke(app, ["features", "export", store, "-e", "wavlm", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"exported {len(HOSTILE_IDS)} utterances" in result.output
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert written and all(p == out or out in p.parents for p in written), sorted(map(str, written))
+    assert not Path("/tmp/absolute-escape.wav.npy").exists()
+    if target == "dir":
+        index = json.loads((out / INDEX).read_text())
+        arrays = {index["files"][p.name[:-4]]: np.load(p) for p in out.glob("*.npy")}
+        assert all(len(p.name.encode()) <= 255 and not p.name.startswith(".") for p in out.iterdir())
+    else:
+        with np.load(out) as npz:
+            index = json.loads(npz[INDEX])
+            arrays = {index["files"][k]: npz[k] for k in npz.files if k != INDEX}
+    assert sorted(arrays) == sorted(HOSTILE_IDS) and index["encoder"] == "wavlm"
+    for utt_id, frames in arrays.items():
+        np.testing.assert_array_equal(frames, frames_for(utt_id, 4).astype(np.float16))
+    short = {name: utt_id for name, utt_id in index["files"].items() if "~" not in name}
+    assert len(short) == len(HOSTILE_IDS) - 2 and all(id_of(n) == i for n, i in short.items())
+    assert index["files"]["file"] == "file" and index["files"]["%2E.%2F..%2F..%2Fsomewhere%2Fescape.wav"] == HOSTILE_IDS[0]
