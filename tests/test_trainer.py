@@ -321,3 +321,51 @@ def test_cli_train_finetune_evaluate_read_store_and_parent_from_s3(store_url, mo
     assert json.loads(remote.output.splitlines()[-1]) == json.loads(local.output.splitlines()[-1])
     missing = runner.invoke(app, ["evaluate", f"s3://{s3_bucket}/nothing", "--store", store, *options])
     assert missing.exit_code == 1 and f"s3://{s3_bucket}/nothing: not a checkpoint directory" in missing.output
+
+
+def _flip_weight_byte(ckpt: Path) -> None:
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10                                          # inside the last tensor's values
+    weights.write_bytes(bytes(data))
+
+
+def _nan_weights(ckpt: Path) -> None:
+    model, cfg, meta = load_checkpoint(ckpt)
+    with __import__("torch").no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_checkpoint(ckpt, model, cfg, meta)                   # a consistent SHA-256: the NaN check must catch it
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_weight_byte, "differs from"),
+    (_nan_weights, "weights contain NaN or inf"),
+])
+def test_damaged_checkpoint_weights_are_refused_naming_the_checkpoint(trained, store_url, tmp_path, damage, message):
+    import shutil
+
+    from mtser.cli.main import app
+
+    ckpt = tmp_path / "damaged"
+    shutil.copytree(trained.best_checkpoint, ckpt)
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+    result = CliRunner().invoke(app, ["evaluate", str(ckpt), "--store", store_url, "--split", "Development"])
+    assert result.exit_code == 1 and str(ckpt) in result.output and message in result.output, result.output
+    assert "ccc_mean" not in result.output
+
+
+def test_a_checkpoint_without_a_recorded_sha256_loads_with_one_warning(trained, tmp_path, caplog):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained.best_checkpoint, old)
+    sidecar = json.loads((old / "checkpoint.json").read_text())
+    assert len(sidecar.pop("sha256")["model.safetensors"]) == 64
+    (old / "checkpoint.json").write_text(json.dumps(sidecar))
+    with caplog.at_level("WARNING", logger="mtser.trainer.checkpoint"):
+        load_checkpoint(old)
+        load_checkpoint(old)
+    warned = [r.getMessage() for r in caplog.records if "SHA-256" in r.getMessage()]
+    assert len(warned) == 1 and str(old) in warned[0] and "unverified" in warned[0]
