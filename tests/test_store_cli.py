@@ -182,3 +182,80 @@ def test_export_maps_any_id_to_a_safe_name_inside_out(tmp_path: Path, target: st
     short = {name: utt_id for name, utt_id in index["files"].items() if "~" not in name}
     assert len(short) == len(HOSTILE_IDS) - 2 and all(id_of(n) == i for n, i in short.items())
     assert index["files"]["file"] == "file" and index["files"]["%2E.%2F..%2F..%2Fsomewhere%2Fescape.wav"] == HOSTILE_IDS[0]
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _part_record(url: str) -> Path:
+    return Path(url) / "parts/p1/zarr.json"
+
+
+def _drop_offsets_chunk(url: str) -> None:
+    next(p for p in (Path(url) / "parts/p1/features/wavlm/offsets/c").rglob("*") if p.is_file()).unlink()
+
+
+def _remove_commit_marker(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"].pop("committed"))
+
+
+def _huge_frames_shape(url: str) -> None:
+    _edit_json(Path(url) / "parts/p1/features/wavlm/frames/zarr.json", lambda m: m.update(shape=[10**15, 32]))
+
+
+def _record_frames(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"]["encoders"]["wavlm"].update(frames=7))
+
+
+def _record_count(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"]["encoders"]["wavlm"].update(n=2))
+
+
+def _record_utterances(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"].update(n_utterances=4))
+
+
+def _store_bytes(url: str) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop_offsets_chunk, "offsets are not 0 < ... strictly increasing"),
+    (_remove_commit_marker, "no commit marker"),
+    (_huge_frames_shape, "frames shape is [1000000000000000, 32], offsets and the encoder's provenance say"),
+    (_record_frames, "the commit record disagrees with the arrays: frames 7"),
+    (_record_count, "the commit record disagrees with the arrays: n 2 (arrays: 3)"),
+    (_record_utterances, "utterances table has [3] rows per column, its commit record says 4"),
+])
+def test_structural_damage_is_refused_by_readers_and_reported_by_verify(url: str, damage, message) -> None:
+    damage(url)
+    before = _store_bytes(url)
+    ls = runner.invoke(app, ["features", "ls", url])
+    assert ls.exit_code == 1 and "part 'p1'" in ls.output and message in ls.output, ls.output
+    assert "Traceback" not in ls.output
+    show = runner.invoke(app, ["features", "show", url, IDS[6]])
+    assert show.exit_code == 1 and message in show.output, show.output
+    result = runner.invoke(app, ["features", "verify", url])
+    assert result.exit_code == 1 and "FAILED" in result.output, result.output
+    corrupt = [line for line in result.output.splitlines() if line.startswith("CORRUPT")]
+    assert corrupt and all(line.startswith("CORRUPT part 'p1'") for line in corrupt) and message in corrupt[0], corrupt
+    assert _store_bytes(url) == before                                   # readers never write
+
+
+def test_flipped_frame_bytes_are_never_read_as_values(url: str) -> None:
+    store = open_store(url)
+    seg, i = store.locate(IDS[6], "wavlm")
+    start, _ = seg.rows(i)
+    flip_byte(Path(url) / seg.layout.shard_key, seg.reader.ranges(start, start + 1)[0][1] + 3)
+    show = runner.invoke(app, ["features", "show", url, IDS[6], "-e", "wavlm"])
+    assert show.exit_code == 1 and f"utterance {IDS[6]!r}" in show.output and "checksum mismatch" in show.output
+    assert "mean" not in show.output
+    fresh = open_store(url)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        fresh.get_many([IDS[5], IDS[6]], "wavlm")
+    np.testing.assert_array_equal(fresh.get(IDS[5], "wavlm"), frames_for(IDS[5], 32).astype(np.float16))
+    export = runner.invoke(app, ["features", "export", url, "-e", "wavlm", "--out", str(Path(url).parent / "x")])
+    assert export.exit_code == 1 and "checksum mismatch" in export.output and not (Path(url).parent / "x").exists()
