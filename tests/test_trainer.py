@@ -369,3 +369,75 @@ def test_a_checkpoint_without_a_recorded_sha256_loads_with_one_warning(trained, 
         load_checkpoint(old)
     warned = [r.getMessage() for r in caplog.records if "SHA-256" in r.getMessage()]
     assert len(warned) == 1 and str(old) in warned[0] and "unverified" in warned[0]
+
+
+def _drop_dev_offsets(url: Path) -> str:
+    next(p for p in (url / "parts/part-development/features/a/offsets/c").rglob("*") if p.is_file()).unlink()
+    return "offsets are not 0 < ... strictly increasing"
+
+
+def _flip_dev_frame(url: Path) -> str:
+    from mtser.featurestore.store import open_store
+
+    store = open_store(str(url))
+    utt = evaluation_ids(store, ["a", "b"], "Development")[3]
+    seg, i = store.locate(utt, "b")
+    shard = url / seg.layout.shard_key
+    data = bytearray(shard.read_bytes())
+    data[seg.reader.ranges(*seg.rows(i))[0][1] + 1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    return f"frames of utterance {utt!r}"
+
+
+def test_evaluate_says_what_it_scored_and_which_parts_it_skipped(trained, tmp_path):
+    from mtser.cli.main import app
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreWriter
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=12)
+    from mtser.featurestore.store import open_store
+
+    n = len(evaluation_ids(open_store(url), ["a", "b"], "Development"))
+    args = ["evaluate", str(trained.best_checkpoint), "--store", url, "--split", "Development"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"scored {n} of the {n} original utterances of Development in the store; no part skipped" in result.output
+    writer = StoreWriter(url, "part-late")                   # a writer that has not committed (yet)
+    writer.add(Utterance("late.wav", None, "Development", "A", 2.0, 3.0, 4.0), {"a": np.ones((5, 12))})
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"scored {n} of the {n} " in result.output and "skipped parts: part-late (not committed: being written by " \
+        in result.output
+    writer.commit()                                           # only "a" features: no "b", so it cannot be scored
+    result = CliRunner().invoke(app, args)
+    assert f"scored {n} of the {n + 1} original utterances of Development in the store (1 lack features" in result.output
+
+
+@pytest.mark.parametrize("damage", [_drop_dev_offsets, _flip_dev_frame])
+def test_evaluate_refuses_a_damaged_store(trained, tmp_path, damage):
+    from mtser.cli.main import app
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=12)
+    message = damage(tmp_path / "s.zarr")
+    csv = tmp_path / "pred.csv"
+    result = CliRunner().invoke(app, ["evaluate", str(trained.best_checkpoint), "--store", url, "--split",
+                                      "Development", "--predictions", str(csv)])
+    assert result.exit_code == 1 and message in result.output and "ccc_mean" not in result.output, result.output
+    assert not csv.exists()
+
+
+def test_train_never_learns_from_flipped_frame_bytes(tmp_path):
+    from mtser.featurestore.store import open_store
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=8)
+    store = open_store(url)
+    utt = store.ids(split="Train", encoder="a")[5]
+    seg, i = store.locate(utt, "a")
+    shard = tmp_path / "s.zarr" / seg.layout.shard_key
+    data = bytearray(shard.read_bytes())
+    data[seg.reader.ranges(*seg.rows(i))[0][1] + 1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    result = train(small_config(train__epochs=2, train__samples_per_epoch=48, train__batch_size=8), url,
+                   tmp_path / "out")
+    meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
+    assert list(meta["unreadable_utterances"]) == [utt] and "checksum mismatch" in meta["unreadable_utterances"][utt]
