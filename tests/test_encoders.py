@@ -239,7 +239,8 @@ def test_compute_dtype_default_explicit_bfloat16_on_cpu_and_validation(test_enco
 
 
 @pytest.mark.parametrize("kind, model", [("text", "roberta"), ("speech", "wavlm")])
-def test_pickled_encoder_weights_load_only_when_the_user_opts_in(test_encoders_dir, tmp_path, monkeypatch, kind, model):
+def test_pickled_encoder_weights_load_only_when_the_user_opts_in(test_encoders_dir, tmp_path, monkeypatch, kind,
+                                                                 model):
     import shutil
 
     from mtser.config import ConfigError

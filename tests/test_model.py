@@ -164,7 +164,8 @@ def test_a_cached_native_library_is_loaded_only_when_its_sha256_matches(monkeypa
     built = Path(build("moments")._name)
     record = built.with_name(built.name + ".sha256")
     source = Path(native.__file__).with_name("moments.c").read_text()
-    assert len(built.stem.split("-")[-1]) == 64 and record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
+    assert len(built.stem.split("-")[-1]) == 64
+    assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
     original = built.read_bytes()
     if damage == "swapped":                         # another library in its place: it must not be loaded
         built.write_bytes(b"\x7fELF not the library built for " + source[:40].encode())

@@ -181,7 +181,8 @@ def test_export_maps_any_id_to_a_safe_name_inside_out(tmp_path: Path, target: st
         np.testing.assert_array_equal(frames, frames_for(utt_id, 4).astype(np.float16))
     short = {name: utt_id for name, utt_id in index["files"].items() if "~" not in name}
     assert len(short) == len(HOSTILE_IDS) - 2 and all(id_of(n) == i for n, i in short.items())
-    assert index["files"]["file"] == "file" and index["files"]["%2E.%2F..%2F..%2Fsomewhere%2Fescape.wav"] == HOSTILE_IDS[0]
+    assert index["files"]["file"] == "file"
+    assert index["files"]["%2E.%2F..%2F..%2Fsomewhere%2Fescape.wav"] == HOSTILE_IDS[0]
 
 
 def _edit_json(path: Path, edit) -> None:

@@ -410,7 +410,8 @@ def test_evaluate_says_what_it_scored_and_which_parts_it_skipped(trained, tmp_pa
         in result.output
     writer.commit()                                           # only "a" features: no "b", so it cannot be scored
     result = CliRunner().invoke(app, args)
-    assert f"scored {n} of the {n + 1} original utterances of Development in the store (1 lack features" in result.output
+    assert f"scored {n} of the {n + 1} original utterances of Development in the store (1 lack features" \
+        in result.output
 
 
 @pytest.mark.parametrize("damage", [_drop_dev_offsets, _flip_dev_frame])

@@ -22,6 +22,9 @@ from mtser.featurestore.segment import Segment, read_segments
 from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
 
 
+COMMIT_RECORD = {"committed_ns", "n_utterances", "encoders"}     # written only with `committed: true`
+
+
 @dataclass
 class Part:
     """One committed part: its commit record and its frames per encoder."""
@@ -104,14 +107,14 @@ class FeatureStore:
             except (ValueError, KeyError, AttributeError) as exc:
                 self._part_failed(name, exc)
                 continue
-            if attrs is None or (attrs.get("committed") is False and set(attrs) <= {"committed", "writer"}):
+            if attrs is None or (attrs.get("committed") is False and not set(attrs) & COMMIT_RECORD):
                 writer = f" by {attrs['writer']}" if attrs and "writer" in attrs else ""
                 self.skipped_parts[name] = f"not committed: being written{writer}, or left by an interrupted writer"
             elif attrs.get("committed") is True:
                 committed[name] = attrs
             else:
-                self._part_failed(name, StoreError("no commit marker (`committed: true`) although the part holds "
-                                                   "more than a writer's start record: damaged"))
+                self._part_failed(name, StoreError("no commit marker (`committed: true`) although the part has a "
+                                                   "commit record: damaged"))
         try:
             return self._load_parts(committed)
         except Exception:                                     # find the unreadable part(s), load the others

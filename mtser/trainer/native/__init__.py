@@ -7,8 +7,9 @@ their own CPU. The build is written under a temporary name and renamed into plac
 workers) never load a half-written library. Next to it, `<name>-<key>.so.sha256` records the SHA-256 of the built
 file; a cached library is loaded only when its bytes match that record, else it is rebuilt (logged): a stale,
 truncated or swapped file is never loaded. (Whoever can write the cache folder can also rewrite the record: the
-check guards against damage and mix-ups, not against an attacker with the user's rights.) Where no compiler is found, the build fails or `MTSER_NATIVE=0` is set, `library` returns None (logged
-once) and callers use their PyTorch path. Kernels parallelise with OpenMP: built with `-fopenmp`, a library needs
+check guards against damage and mix-ups, not against an attacker with the user's rights.) Where no compiler is
+found, the build fails or `MTSER_NATIVE=0` is set, `library` returns None (logged once) and callers use their
+PyTorch path. Kernels parallelise with OpenMP: built with `-fopenmp`, a library needs
 `libgomp.so.1`, which the dynamic loader resolves to the libgomp PyTorch already loaded, so kernels run on PyTorch's
 intra-op threads (`torch.set_num_threads`) rather than on a second pool that would compete with them.
 """
