@@ -386,7 +386,7 @@ def _flip_dev_frame(url: Path) -> str:
     data = bytearray(shard.read_bytes())
     data[seg.reader.ranges(*seg.rows(i))[0][1] + 1] ^= 0x40
     shard.write_bytes(bytes(data))
-    return f"frames of utterance {utt!r}"
+    return f"utterance {utt!r} in {seg.path}: checksum mismatch"
 
 
 def test_evaluate_says_what_it_scored_and_which_parts_it_skipped(trained, tmp_path):

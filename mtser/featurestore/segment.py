@@ -26,6 +26,10 @@ from mtser.featurestore.layout import EncoderInfo, StoreError
 from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader
 
 
+class FramesChecksumError(StoreError):
+    """An utterance's stored frames do not match the checksum recorded at commit."""
+
+
 def frames_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
     """zlib.crc32 of an utterance's stored frame bytes, continued over its int8 scales (the `crc32` array)."""
     crc = zlib.crc32(np.ascontiguousarray(frames).data)
@@ -206,8 +210,8 @@ def _load_checksums(segments: list[Segment]) -> None:
 def _check(seg: Segment, i: int, stored: np.ndarray) -> None:
     """The stored frames of position `i` must have the checksum recorded at commit."""
     if seg.checksum(i, stored) != int(seg._crc[i]):
-        raise StoreError(f"frames of utterance {seg.ids[i]!r} in {seg.path} differ from what was written "
-                         f"(checksum mismatch: corrupt bytes); run `mtser features verify`")
+        raise FramesChecksumError(f"utterance {seg.ids[i]!r} in {seg.path}: checksum mismatch, its stored frames "
+                                  f"differ from what was written (corrupt bytes; `mtser features verify` lists all)")
 
 
 def _one_range(pieces: list[tuple[int, int, int, int]]) -> bool:
