@@ -236,3 +236,26 @@ def test_compute_dtype_default_explicit_bfloat16_on_cpu_and_validation(test_enco
     with pytest.raises(ConfigError, match=r"extract.encoders\[0\].compute_dtype: expected one of \['float32', "
                                           r"'bfloat16', 'float16'\]"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("kind, model", [("text", "roberta"), ("speech", "wavlm")])
+def test_pickled_encoder_weights_load_only_when_the_user_opts_in(test_encoders_dir, tmp_path, monkeypatch, kind,
+                                                                 model):
+    import shutil
+
+    from mtser.config import ConfigError
+    from mtser.featurestore.encoders import ALLOW_PICKLE_ENV
+
+    pickled = tmp_path / model
+    shutil.copytree(test_encoders_dir / model, pickled)
+    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg = EncoderConfig("enc", kind, str(pickled))
+    monkeypatch.delenv(ALLOW_PICKLE_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"'enc': {pickled} has no safetensors weights .* {ALLOW_PICKLE_ENV}=1"):
+        load_encoder(cfg)
+    monkeypatch.setenv(ALLOW_PICKLE_ENV, "1")
+    loaded = load_encoder(cfg)
+    reference = AutoModel.from_pretrained(test_encoders_dir / model)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value)

@@ -344,3 +344,25 @@ def test_prefetch_decodes_the_next_group_while_the_current_one_is_encoded():
         raise OSError(f"cannot read {group[0]}")
     with pytest.raises(OSError, match="cannot read 0"):
         list(prefetched([[0], [1]], failing))
+
+
+def test_extract_refuses_an_encoder_with_pickled_weights_only(workdir, manifest, config_path, test_encoders_dir,
+                                                              tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    pickled = tmp_path / "roberta"
+    shutil.copytree(test_encoders_dir / "roberta", pickled)
+    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    raw = yaml.safe_load(config_path.read_text())
+    next(e for e in raw["extract"]["encoders"] if e["name"] == "roberta")["model"] = str(pickled)
+    config = tmp_path / "pickled.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["extract", str(manifest), "--config", str(config), "--store",
+                                      str(tmp_path / "s.zarr"), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 2 and "MTSER_ALLOW_PICKLE_WEIGHTS=1" in result.output, result.output
+    assert "'roberta'" in result.output and "no safetensors weights" in result.output
+    assert open_store(str(tmp_path / "s.zarr")).ids() == []              # no utterance was encoded

@@ -148,7 +148,8 @@ def test_native_library_falls_back_without_a_working_compiler(monkeypatch, tmp_p
     assert not list((tmp_path / "mtser" / "native").iterdir())
     monkeypatch.delenv("CC")
     first = build("moments")
-    assert first is not None and [p.suffix for p in (tmp_path / "mtser" / "native").iterdir()] == [".so"]
+    cache = tmp_path / "mtser" / "native"
+    assert first is not None and sorted(p.suffix for p in cache.iterdir()) == [".sha256", ".so"]
     assert build("moments")._name == first._name    # built once, then loaded from the cache
 
 
@@ -183,3 +184,27 @@ def test_outputs_leave_the_head_in_float32_under_autocast(fused):
     out = out.reshape(*logits.shape[:-1], 11)
     torch.testing.assert_close(logits, out[..., :8], rtol=0, atol=1e-6)
     torch.testing.assert_close(attrs, 1 + 6 * torch.sigmoid(out[..., 8:]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["swapped", "no record"])
+def test_a_cached_native_library_is_loaded_only_when_its_sha256_matches(monkeypatch, tmp_path, caplog, damage):
+    import hashlib
+
+    from mtser.trainer import native
+
+    build = native.library.__wrapped__
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = Path(build("moments")._name)
+    record = built.with_name(built.name + ".sha256")
+    source = Path(native.__file__).with_name("moments.c").read_text()
+    assert len(built.stem.split("-")[-1]) == 64
+    assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
+    original = built.read_bytes()
+    if damage == "swapped":                         # another library in its place: it must not be loaded
+        built.write_bytes(b"\x7fELF not the library built for " + source[:40].encode())
+    else:
+        record.unlink()
+    again = build("moments")
+    assert again is not None and "does not match the SHA-256" in caplog.text and str(built) in caplog.text
+    assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
+    assert len(built.read_bytes()) == len(original)   # rebuilt from the source

@@ -89,3 +89,33 @@ def test_predict_runs_encoders_in_the_compute_dtype_the_store_used():
     older = {"store": {"encoders": {"w": info}}}                 # stores written before compute_dtype was recorded
     assert encoder_configs([recorded])[0][0].compute_dtype == "bfloat16"
     assert encoder_configs([older])[0][0].compute_dtype == "float32"
+
+
+def test_predict_refuses_an_encoder_with_pickled_weights_only(dev_ensemble, demo_corpus_dir, test_encoders_dir,
+                                                              tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    pickled = tmp_path / "roberta"
+    shutil.copytree(test_encoders_dir / "roberta", pickled)
+    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    text = (dev_ensemble / "ensemble.json").read_text()
+    checkpoints = sorted({m["checkpoint"] for ms in json.loads(text)["members"].values() for m in ms
+                          if "checkpoint" in m})
+    for k, path in enumerate(checkpoints):               # each member's sidecar names the pickled encoder
+        copy = tmp_path / f"member{k}"
+        shutil.copytree(path, copy)
+        sidecar = json.loads((copy / "checkpoint.json").read_text())
+        sidecar["store"]["encoders"]["roberta"]["config"]["model"] = str(pickled)
+        (copy / "checkpoint.json").write_text(json.dumps(sidecar))
+        text = text.replace(json.dumps(path), json.dumps(str(copy)))
+    (tmp_path / "ensemble.json").write_text(text)
+    wav = sorted((demo_corpus_dir / "Audios").glob("*.wav"))[0]
+    result = CliRunner().invoke(app, ["predict", str(wav), "--ensemble", str(tmp_path / "ensemble.json"),
+                                      "--skip-external"])
+    assert result.exit_code == 2, result.output
+    assert "'roberta'" in result.output and "MTSER_ALLOW_PICKLE_WEIGHTS=1" in result.output

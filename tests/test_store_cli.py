@@ -66,11 +66,11 @@ def test_export_npz_and_npy_files(url: str, tmp_path: Path) -> None:
                                  "--out", str(tmp_path / "x.npz")])
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "x.npz") as npz:
-        assert sorted(npz.files) == sorted([IDS[0], IDS[7]])
+        assert sorted(npz.files) == sorted([IDS[0], IDS[7], "index.json"])
         np.testing.assert_array_equal(npz[IDS[7]], frames_for(IDS[7], 32).astype(np.float16))
     result = runner.invoke(app, ["features", "export", url, "-e", "text", "--split", "Train", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(f"{i}.npy" for i in IDS[:5])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted([f"{i}.npy" for i in IDS[:5]] + ["index.json"])
     np.testing.assert_array_equal(np.load(tmp_path / "d" / f"{IDS[2]}.npy"), frames_for(IDS[2], 8).astype(np.float16))
     bad = runner.invoke(app, ["features", "export", url, "-e", "whisper", "--out", str(tmp_path / "w.npz")])
     assert bad.exit_code == 1 and "no encoder 'whisper'" in bad.output
@@ -144,3 +144,119 @@ def test_verify_reports_a_flipped_padding_byte(url: str) -> None:
     problems = [str(p) for p in verify_store(url).problems]
     assert problems == ["part 'p0', encoder 'wavlm': padding after the last frame is not zero "
                         "(corrupt bytes hit no utterance)"]
+
+
+HOSTILE_IDS = ["../../../somewhere/escape.wav", "/tmp/absolute-escape.wav", "file", "allow_pickle", "..", ".hidden",
+               "nul\0byte.wav", "é/ü\\back~tilde%41.wav", "x" * 300, "y" * 299 + "é"]
+
+
+@pytest.mark.parametrize("target", ["dir", "x.npz"])
+def test_export_maps_any_id_to_a_safe_name_inside_out(tmp_path: Path, target: str) -> None:
+    from mtser.featurestore.export import INDEX, id_of
+
+    store = str(tmp_path / "store.zarr")
+    create_store(store)
+    register_encoder(store, encoder_info("wavlm", dim=4))
+    write_part(store, "p0", HOSTILE_IDS, ["wavlm"], dim=4)
+    work = tmp_path / "work"
+    (work / "a" / "b" / "c").mkdir(parents=True)
+    out = work / "a" / "b" / "c" / target
+    before = {p for p in tmp_path.rglob("*")}
+    result = runner.invoke(app, ["features", "export", store, "-e", "wavlm", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"exported {len(HOSTILE_IDS)} utterances" in result.output
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert written and all(p == out or out in p.parents for p in written), sorted(map(str, written))
+    assert not Path("/tmp/absolute-escape.wav.npy").exists()
+    if target == "dir":
+        index = json.loads((out / INDEX).read_text())
+        arrays = {index["files"][p.name[:-4]]: np.load(p) for p in out.glob("*.npy")}
+        assert all(len(p.name.encode()) <= 255 and not p.name.startswith(".") for p in out.iterdir())
+    else:
+        with np.load(out) as npz:
+            index = json.loads(npz[INDEX])
+            arrays = {index["files"][k]: npz[k] for k in npz.files if k != INDEX}
+    assert sorted(arrays) == sorted(HOSTILE_IDS) and index["encoder"] == "wavlm"
+    for utt_id, frames in arrays.items():
+        np.testing.assert_array_equal(frames, frames_for(utt_id, 4).astype(np.float16))
+    short = {name: utt_id for name, utt_id in index["files"].items() if "~" not in name}
+    assert len(short) == len(HOSTILE_IDS) - 2 and all(id_of(n) == i for n, i in short.items())
+    assert index["files"]["file"] == "file"
+    assert index["files"]["%2E.%2F..%2F..%2Fsomewhere%2Fescape.wav"] == HOSTILE_IDS[0]
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _part_record(url: str) -> Path:
+    return Path(url) / "parts/p1/zarr.json"
+
+
+def _drop_offsets_chunk(url: str) -> None:
+    next(p for p in (Path(url) / "parts/p1/features/wavlm/offsets/c").rglob("*") if p.is_file()).unlink()
+
+
+def _remove_commit_marker(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"].pop("committed"))
+
+
+def _huge_frames_shape(url: str) -> None:
+    _edit_json(Path(url) / "parts/p1/features/wavlm/frames/zarr.json", lambda m: m.update(shape=[10**15, 32]))
+
+
+def _record_frames(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"]["encoders"]["wavlm"].update(frames=7))
+
+
+def _record_count(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"]["encoders"]["wavlm"].update(n=2))
+
+
+def _record_utterances(url: str) -> None:
+    _edit_json(_part_record(url), lambda m: m["attributes"]["mtser_part"].update(n_utterances=4))
+
+
+def _store_bytes(url: str) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop_offsets_chunk, "offsets are not 0 < ... strictly increasing"),
+    (_remove_commit_marker, "no commit marker"),
+    (_huge_frames_shape, "frames shape is [1000000000000000, 32], offsets and the encoder's provenance say"),
+    (_record_frames, "the commit record disagrees with the arrays: frames 7"),
+    (_record_count, "the commit record disagrees with the arrays: n 2 (arrays: 3)"),
+    (_record_utterances, "utterances table has [3] rows per column, its commit record says 4"),
+])
+def test_structural_damage_is_refused_by_readers_and_reported_by_verify(url: str, damage, message) -> None:
+    damage(url)
+    before = _store_bytes(url)
+    ls = runner.invoke(app, ["features", "ls", url])
+    assert ls.exit_code == 1 and "part 'p1'" in ls.output and message in ls.output, ls.output
+    assert "Traceback" not in ls.output
+    show = runner.invoke(app, ["features", "show", url, IDS[6]])
+    assert show.exit_code == 1 and message in show.output, show.output
+    result = runner.invoke(app, ["features", "verify", url])
+    assert result.exit_code == 1 and "FAILED" in result.output, result.output
+    corrupt = [line for line in result.output.splitlines() if line.startswith("CORRUPT")]
+    assert corrupt and all(line.startswith("CORRUPT part 'p1'") for line in corrupt) and message in corrupt[0], corrupt
+    assert _store_bytes(url) == before                                   # readers never write
+
+
+def test_flipped_frame_bytes_are_never_read_as_values(url: str) -> None:
+    store = open_store(url)
+    seg, i = store.locate(IDS[6], "wavlm")
+    start, _ = seg.rows(i)
+    flip_byte(Path(url) / seg.layout.shard_key, seg.reader.ranges(start, start + 1)[0][1] + 3)
+    show = runner.invoke(app, ["features", "show", url, IDS[6], "-e", "wavlm"])
+    assert show.exit_code == 1 and f"utterance {IDS[6]!r}" in show.output and "checksum mismatch" in show.output
+    assert "mean" not in show.output
+    fresh = open_store(url)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        fresh.get_many([IDS[5], IDS[6]], "wavlm")
+    np.testing.assert_array_equal(fresh.get(IDS[5], "wavlm"), frames_for(IDS[5], 32).astype(np.float16))
+    export = runner.invoke(app, ["features", "export", url, "-e", "wavlm", "--out", str(Path(url).parent / "x")])
+    assert export.exit_code == 1 and "checksum mismatch" in export.output and not (Path(url).parent / "x").exists()

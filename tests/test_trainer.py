@@ -323,3 +323,124 @@ def test_cli_train_finetune_evaluate_read_store_and_parent_from_s3(store_url, mo
     assert json.loads(remote.output.splitlines()[-1]) == json.loads(local.output.splitlines()[-1])
     missing = runner.invoke(app, ["evaluate", f"s3://{s3_bucket}/nothing", "--store", store, *options])
     assert missing.exit_code == 1 and f"s3://{s3_bucket}/nothing: not a checkpoint directory" in missing.output
+
+
+def _flip_weight_byte(ckpt: Path) -> None:
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10                                          # inside the last tensor's values
+    weights.write_bytes(bytes(data))
+
+
+def _nan_weights(ckpt: Path) -> None:
+    model, cfg, meta = load_checkpoint(ckpt)
+    with __import__("torch").no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_checkpoint(ckpt, model, cfg, meta)                   # a consistent SHA-256: the NaN check must catch it
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_weight_byte, "differs from"),
+    (_nan_weights, "weights contain NaN or inf"),
+])
+def test_damaged_checkpoint_weights_are_refused_naming_the_checkpoint(trained, store_url, tmp_path, damage, message):
+    import shutil
+
+    from mtser.cli.main import app
+
+    ckpt = tmp_path / "damaged"
+    shutil.copytree(trained.best_checkpoint, ckpt)
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+    result = CliRunner().invoke(app, ["evaluate", str(ckpt), "--store", store_url, "--split", "Development"])
+    assert result.exit_code == 1 and str(ckpt) in result.output and message in result.output, result.output
+    assert "ccc_mean" not in result.output
+
+
+def test_a_checkpoint_without_a_recorded_sha256_loads_with_one_warning(trained, tmp_path, caplog):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained.best_checkpoint, old)
+    sidecar = json.loads((old / "checkpoint.json").read_text())
+    assert len(sidecar.pop("sha256")["model.safetensors"]) == 64
+    (old / "checkpoint.json").write_text(json.dumps(sidecar))
+    with caplog.at_level("WARNING", logger="mtser.trainer.checkpoint"):
+        load_checkpoint(old)
+        load_checkpoint(old)
+    warned = [r.getMessage() for r in caplog.records if "SHA-256" in r.getMessage()]
+    assert len(warned) == 1 and str(old) in warned[0] and "unverified" in warned[0]
+
+
+def _drop_dev_offsets(url: Path) -> str:
+    next(p for p in (url / "parts/part-development/features/a/offsets/c").rglob("*") if p.is_file()).unlink()
+    return "offsets are not 0 < ... strictly increasing"
+
+
+def _flip_dev_frame(url: Path) -> str:
+    from mtser.featurestore.store import open_store
+
+    store = open_store(str(url))
+    utt = evaluation_ids(store, ["a", "b"], "Development")[3]
+    seg, i = store.locate(utt, "b")
+    shard = url / seg.layout.shard_key
+    data = bytearray(shard.read_bytes())
+    data[seg.reader.ranges(*seg.rows(i))[0][1] + 1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    return f"utterance {utt!r} in {seg.path}: checksum mismatch"
+
+
+def test_evaluate_says_what_it_scored_and_which_parts_it_skipped(trained, tmp_path):
+    from mtser.cli.main import app
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreWriter
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=12)
+    from mtser.featurestore.store import open_store
+
+    n = len(evaluation_ids(open_store(url), ["a", "b"], "Development"))
+    args = ["evaluate", str(trained.best_checkpoint), "--store", url, "--split", "Development"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"scored {n} of the {n} original utterances of Development in the store; no part skipped" in result.output
+    writer = StoreWriter(url, "part-late")                   # a writer that has not committed (yet)
+    writer.add(Utterance("late.wav", None, "Development", "A", 2.0, 3.0, 4.0), {"a": np.ones((5, 12))})
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"scored {n} of the {n} " in result.output and "skipped parts: part-late (not committed: being written by " \
+        in result.output
+    writer.commit()                                           # only "a" features: no "b", so it cannot be scored
+    result = CliRunner().invoke(app, args)
+    assert f"scored {n} of the {n + 1} original utterances of Development in the store (1 lack features" \
+        in result.output
+
+
+@pytest.mark.parametrize("damage", [_drop_dev_offsets, _flip_dev_frame])
+def test_evaluate_refuses_a_damaged_store(trained, tmp_path, damage):
+    from mtser.cli.main import app
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=12)
+    message = damage(tmp_path / "s.zarr")
+    csv = tmp_path / "pred.csv"
+    result = CliRunner().invoke(app, ["evaluate", str(trained.best_checkpoint), "--store", url, "--split",
+                                      "Development", "--predictions", str(csv)])
+    assert result.exit_code == 1 and message in result.output and "ccc_mean" not in result.output, result.output
+    assert not csv.exists()
+
+
+def test_train_never_learns_from_flipped_frame_bytes(tmp_path):
+    from mtser.featurestore.store import open_store
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=24, n_dev=8)
+    store = open_store(url)
+    utt = store.ids(split="Train", encoder="a")[5]
+    seg, i = store.locate(utt, "a")
+    shard = tmp_path / "s.zarr" / seg.layout.shard_key
+    data = bytearray(shard.read_bytes())
+    data[seg.reader.ranges(*seg.rows(i))[0][1] + 1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    result = train(small_config(train__epochs=2, train__samples_per_epoch=48, train__batch_size=8), url,
+                   tmp_path / "out")
+    meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
+    assert list(meta["unreadable_utterances"]) == [utt] and "checksum mismatch" in meta["unreadable_utterances"][utt]

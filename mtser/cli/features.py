@@ -42,7 +42,12 @@ def _size(n: int) -> str:
 def ls(store: str = typer.Argument(..., help="Store path or URL."), storage_options: Optional[str] = STORAGE_OPTIONS,
        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Encoders, utterance counts per split and bytes."""
-    summary = _open(store, storage_options).summary()
+    from mtser.featurestore.store import StoreError
+
+    try:
+        summary = _open(store, storage_options).summary()
+    except StoreError as exc:
+        _fail(exc)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -66,10 +71,14 @@ def show(store: str = typer.Argument(..., help="Store path or URL."), utt_id: st
     from mtser.featurestore.store import StoreError
 
     fs = _open(store, storage_options)
-    if utt_id not in fs.utterances.index:
+    try:
+        table = fs.utterances
+    except StoreError as exc:
+        _fail(exc)
+    if utt_id not in table.index:
         _fail(StoreError(f"{store}: no utterance {utt_id!r} in the store"))
     typer.echo(utt_id)
-    for column, value in fs.utterances.loc[utt_id].items():
+    for column, value in table.loc[utt_id].items():
         typer.echo(f"  {column}: {value}")
     names = [encoder] if encoder else [n for n in sorted(fs.encoders) if fs.has(utt_id, n)]
     for name in names:
@@ -88,9 +97,9 @@ def export(store: str = typer.Argument(..., help="Store path or URL."),
            ids: Optional[list[str]] = typer.Option(None, "--ids", help="Utterance ids (repeatable; default: all)."),
            split: Optional[str] = typer.Option(None, "--split", help="Only utterances of this split."),
            storage_options: Optional[str] = STORAGE_OPTIONS) -> None:
-    """Write one encoder's frames as .npz (keys = utterance ids) or as OUT/<id>.npy files."""
-    import numpy as np
-
+    """Write one encoder's frames as .npz or as OUT/<name>.npy files; names are ids escaped into safe file names,
+    listed with their ids in index.json (docs/store-format.md, "Exporting")."""
+    from mtser.featurestore.export import export_dir, export_npz
     from mtser.featurestore.store import StoreError
 
     fs = _open(store, storage_options)
@@ -99,13 +108,10 @@ def export(store: str = typer.Argument(..., help="Store path or URL."),
         arrays = dict(zip(chosen, fs.get_many(chosen, encoder)))
     except StoreError as exc:
         _fail(exc)
-    if out.suffix == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, **arrays)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for utt_id, frames in arrays.items():
-            np.save(out / f"{utt_id}.npy", frames)
+    try:
+        (export_npz if out.suffix == ".npz" else export_dir)(out, encoder, arrays)
+    except OSError as exc:
+        _fail(OSError(f"cannot export to {out}: {exc.strerror or exc}"))
     typer.echo(f"exported {len(arrays)} utterances of {encoder!r} to {out}")
 
 

@@ -101,6 +101,7 @@ def predict(
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
+    from mtser.config import ConfigError
     from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError
     from mtser.trainer.predict import predict_files
@@ -108,7 +109,7 @@ def predict(
     try:
         run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
                             storage_options=parse_storage_options(storage_options))
-    except EnsembleError as exc:
+    except (EnsembleError, ConfigError) as exc:      # ConfigError: e.g. an encoder with pickled weights only
         _fail(str(exc), 2)
     except CheckpointError as exc:
         _fail(f"ensemble member: {exc}")

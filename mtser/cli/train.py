@@ -144,13 +144,15 @@ def register(app: typer.Typer) -> None:
         from mtser.featurestore.labels import SPLITS
         from mtser.featurestore.store import StoreError
         from mtser.trainer.checkpoint import CheckpointError
-        from mtser.trainer.infer import evaluate
+        from mtser.trainer.infer import coverage, evaluate, open_if_url
 
         if split not in SPLITS:
             raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
+        options = parse_storage_options(storage_options)
         try:
-            metrics, table = evaluate(checkpoint, store, split, device=device,
-                                      storage_options=parse_storage_options(storage_options))
+            fs = open_if_url(store, options)
+            metrics, table = evaluate(checkpoint, fs, split, device=device, storage_options=options)
+            scored = coverage(fs, split, len(table))
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
         except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
@@ -158,6 +160,7 @@ def register(app: typer.Typer) -> None:
         if predictions is not None:
             table.to_csv(predictions, index=False, float_format="%.6f")
         typer.echo(f"{split}: {len(table)} utterances  {_metric_line(metrics) or '(no labels: no metrics)'}")
+        typer.echo(scored)
         challenge = {k: v for k, v in metrics.items() if k.startswith("challenge_")}
         if challenge:
             typer.echo("challenge-comparable (F1 over the classes present, CCC with X rows): "

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from mtser.config import EncoderConfig, resolve_compute_dtype
+from mtser.config import ConfigError, EncoderConfig, resolve_compute_dtype
 
 WHISPER_WINDOW_S = 30
 WHISPER_SAMPLES_PER_FRAME = 320
@@ -100,7 +101,7 @@ class SpeechEncoder:
 
         self.cfg, self.device = cfg, device
         self.compute_dtype = resolve_compute_dtype(cfg, device)
-        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model = pretrained_model(AutoModel, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.pads_safely = getattr(self.model.config, "feat_extract_norm", "layer") != "group"
@@ -143,7 +144,7 @@ class WhisperEncoder:
 
         self.cfg, self.device, self.max_new_tokens = cfg, device, max_new_tokens
         self.compute_dtype = resolve_compute_dtype(cfg, device)
-        self.model = WhisperForConditionalGeneration.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model = pretrained_model(WhisperForConditionalGeneration, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.mel_filters = torch.from_numpy(np.asarray(self.extractor.mel_filters, dtype=np.float32)).T.to(device)
@@ -211,7 +212,7 @@ class TextEncoder:
         self.cfg, self.device = cfg, device
         self.compute_dtype = resolve_compute_dtype(cfg, device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
-        self.model = AutoModel.from_pretrained(cfg.model, revision=cfg.revision)
+        self.model = pretrained_model(AutoModel, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
 
     def batches(self, texts: Sequence[str], batch_seconds: float, sample_rate: int) -> list[list[int]]:
@@ -232,6 +233,22 @@ class TextEncoder:
 
 
 Encoder = SpeechEncoder | WhisperEncoder | TextEncoder
+ALLOW_PICKLE_ENV = "MTSER_ALLOW_PICKLE_WEIGHTS"
+
+
+def pretrained_model(cls: Any, cfg: EncoderConfig) -> Any:
+    """`cls.from_pretrained` of the encoder's model with safetensors weights only: a pickled `pytorch_model.bin`
+    can run code when loaded, and a config or a checkpoint sidecar names the model. `MTSER_ALLOW_PICKLE_WEIGHTS=1`
+    (the user's environment, never a file mtser reads) allows pickled weights too."""
+    allow = os.environ.get(ALLOW_PICKLE_ENV) == "1"
+    try:
+        return cls.from_pretrained(cfg.model, revision=cfg.revision, use_safetensors=None if allow else True)
+    except OSError as exc:
+        if allow or "safetensors" not in str(exc):
+            raise
+        raise ConfigError(f"encoder {cfg.name!r}: {cfg.model} has no safetensors weights and mtser does not load "
+                          f"pickled ones (they can run code); convert the model to safetensors, or set "
+                          f"{ALLOW_PICKLE_ENV}=1 if you trust it") from None
 
 
 def load_encoder(cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128) -> Encoder:

@@ -22,6 +22,9 @@ from mtser.featurestore.segment import Segment, read_segments
 from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
 
 
+COMMIT_RECORD = {"committed_ns", "n_utterances", "encoders"}     # written only with `committed: true`
+
+
 @dataclass
 class Part:
     """One committed part: its commit record and its frames per encoder."""
@@ -61,6 +64,7 @@ class FeatureStore:
         self.url = url
         self._strict = strict
         self.broken_parts: dict[str, str] = {}
+        self.skipped_parts: dict[str, str] = {}              # part -> why it is not read (not committed)
         self.storage_options = storage_options
         self._store = zarr_store(url, storage_options, read_only=True)
         if is_local(url) and not os.path.isdir(local_path(url)):
@@ -96,14 +100,21 @@ class FeatureStore:
     def _load_new_parts(self, known: set[str]) -> dict[str, Part]:
         names = [n for n in sync(alist_dir(self._store, "parts")) if n not in known]
         committed = {}
+        self.skipped_parts = {}
         for name, raw in zip(names, fetch(self._store, [f"parts/{n}/zarr.json" for n in names])):
             try:
-                attrs = json.loads(raw)["attributes"].get("mtser_part", {}) if raw is not None else {}
+                attrs = json.loads(raw)["attributes"].get("mtser_part", {}) if raw is not None else None
             except (ValueError, KeyError, AttributeError) as exc:
                 self._part_failed(name, exc)
                 continue
-            if attrs.get("committed") is True:               # else: being written, or left by a killed writer
+            if attrs is None or (attrs.get("committed") is False and not set(attrs) & COMMIT_RECORD):
+                writer = f" by {attrs['writer']}" if attrs and "writer" in attrs else ""
+                self.skipped_parts[name] = f"not committed: being written{writer}, or left by an interrupted writer"
+            elif attrs.get("committed") is True:
                 committed[name] = attrs
+            else:
+                self._part_failed(name, StoreError("no commit marker (`committed: true`) although the part has a "
+                                                   "commit record: damaged"))
         try:
             return self._load_parts(committed)
         except Exception:                                     # find the unreadable part(s), load the others
@@ -133,10 +144,14 @@ class FeatureStore:
         metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
         parts = {name: Part(name, attrs, {}) for name, attrs in committed.items()}
         for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
-            layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
-            parts[part].segments[enc] = Segment(
+            frames_meta = json.loads(meta) if meta is not None else None
+            layout = FramesLayout.parse(f"{base}/frames", frames_meta) if frames_meta is not None else None
+            seg = parts[part].segments[enc] = Segment(
                 part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
                 layout, self._store, FramesReader(self._source, layout) if layout else None)
+            problems = seg.structure_problems(committed[part]["encoders"][enc], frames_meta)
+            if problems:
+                raise StoreError(f"encoder {enc!r}: {'; '.join(problems)}")
         return parts
 
     # ------------------------------------------------------------------------------------------------ tables
@@ -193,6 +208,13 @@ class FeatureStore:
         arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
                                              part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
         by_column = [arrays[j::len(columns)] for j in range(len(columns))]
+        recorded = {"utterances": "n_utterances", "failures": "n_failures", "warnings": "n_warnings"}[table]
+        for k, part in enumerate(parts):
+            lengths = {len(column[k]) for column in by_column}
+            expected = self._state.parts[part].attrs.get(recorded)
+            if len(lengths) != 1 or (expected is not None and lengths != {int(expected)}):
+                raise StoreError(f"{self.url}: part {part!r}: its {table} table has {sorted(lengths)} rows per "
+                                 f"column, its commit record says {expected}; run `mtser features verify`")
         data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
         if extra:
             data["part"] = np.repeat(np.array(parts, dtype=object), [len(a) for a in by_column[0]])

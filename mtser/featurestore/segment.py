@@ -6,8 +6,11 @@ single or batched: per utterance the byte ranges of the shard file it covers (on
 one per touched inner chunk otherwise), never asking for an inner chunk the shard index marks as not written
 (those read as the fill value, as in zarr). A local source fills one-range reads straight into the result
 (`os.preadv`); a batching (remote) source fetches all ranges of a batch concurrently. Frames arrays in any other
-Zarr layout are sliced through zarr-python. `frames_checksum` is the one checksum of stored frames (writer and
-verify). Imports numpy and zarr only.
+Zarr layout are sliced through zarr-python. `frames_checksum` is the one checksum of stored frames: the writer records
+it, every read checks it (zlib's crc32 runs at several GB/s, faster than the copy the read makes; a segment's crc32
+array is fetched once, in one batch with the other segments of the read), and verify checks every utterance.
+`structure_problems` is what the reader checks of a segment when it opens a part: ids, offsets, frames metadata and
+the commit record must agree. Imports numpy and zarr only.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ import zarr
 from mtser.featurestore.arrays import read_arrays
 from mtser.featurestore.layout import EncoderInfo, StoreError
 from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader
+
+
+class FramesChecksumError(StoreError):
+    """An utterance's stored frames do not match the checksum recorded at commit."""
 
 
 def frames_checksum(frames: np.ndarray, scale: np.ndarray | None) -> int:
@@ -42,6 +49,7 @@ class Segment:
     reader: FramesReader | None = None
     _scale: np.ndarray | None = None
     _array: Any = None
+    _crc: np.ndarray | None = None
 
     @property
     def path(self) -> str:
@@ -58,8 +66,44 @@ class Segment:
             raise StoreError(f"cannot read {self.path}/{name}: {exc}") from exc
 
     def checksums(self) -> np.ndarray:
-        """The crc32 per utterance recorded at commit."""
-        return self.small_array("crc32")
+        """The crc32 per utterance recorded at commit (read once)."""
+        if self._crc is None:
+            self._crc = self._checked_crc(self.small_array("crc32"))
+        return self._crc
+
+    def _checked_crc(self, crc: np.ndarray) -> np.ndarray:
+        if len(crc) != len(self.ids):
+            raise StoreError(f"{self.path}/crc32 has {len(crc)} entries for {len(self.ids)} utterances")
+        return crc
+
+    def structure_problems(self, record: Any, frames_meta: dict | None) -> list[str]:
+        """How the segment's ids, offsets, frames metadata (`frames_meta`, its zarr.json) and its entry in the
+        part's commit record (`record`) contradict each other; found without reading frames."""
+        n, offsets, dim, problems = len(self.ids), self.offsets, self.info.dim, []
+        rows = None
+        if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
+            problems.append(f"offsets are not 0 < ... strictly increasing with {n + 1} entries (one per utterance + 1)")
+        else:
+            rows = int(offsets[-1])
+        if frames_meta is None:
+            problems.append("the frames array has no metadata (zarr.json)")
+        else:
+            shape = frames_meta.get("shape")
+            if rows is not None and shape != [rows, dim]:
+                problems.append(f"frames shape is {shape}, offsets and the encoder's provenance say {[rows, dim]}")
+            if frames_meta.get("data_type") != self.info.dtype:
+                problems.append(f"frames are {frames_meta.get('data_type')}, the encoder's provenance says "
+                                f"{self.info.dtype}")
+        if not isinstance(record, dict):
+            return problems + ["the part's commit record has no entry for this encoder"]
+        expected = {"n": n, "dim": dim, "dtype": self.info.dtype}
+        if rows is not None:
+            expected |= {"frames": rows, "nbytes": rows * dim * np.dtype(self.info.dtype).itemsize}
+        wrong = [f"{key} {record.get(key)!r} (arrays: {value!r})" for key, value in expected.items()
+                 if record.get(key) != value]
+        if wrong:
+            problems.append("the commit record disagrees with the arrays: " + ", ".join(wrong))
+        return problems
 
     def scales(self, i: int) -> np.ndarray | None:
         """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
@@ -109,6 +153,7 @@ def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None
     `into` (one (rows, dim) array per hit, e.g. the rows of a padded batch): fill those instead, with the frames'
     values (int8 dequantised) cast to each array's dtype; where the stored bytes already are the array's dtype, a
     local one-range read goes straight into it. Returns `into` then."""
+    _load_checksums(list({id(seg): seg for seg, _ in hits if seg._crc is None}.values()))
     plans: list[tuple[Segment, int, int, int, list | None]] = []
     requests: dict[ByteSource, list[tuple[str, int, int]]] = {}
     for seg, i in hits:
@@ -131,6 +176,7 @@ def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None
             direct = target is not None and seg.info.dtype != "int8" and target.dtype == seg.layout.dtype
             frames = target if direct else np.empty((stop - start, seg.layout.dim), dtype=seg.layout.dtype)
             seg.reader.source.read_into(seg.layout.shard_key, pieces[0][1], frames)
+            _check(seg, i, frames)
             if direct:
                 out.append(target)
                 continue
@@ -138,11 +184,34 @@ def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None
             got = blobs[seg.reader.source]
             frames = seg.reader.assemble(start, stop, pieces, [next(got) if a != EMPTY_CHUNK else b""
                                                                for _, a, _, _ in pieces])
+        if pieces is None or seg.reader.source.batches or not _one_range(pieces):
+            _check(seg, i, frames)
         if target is not None:
             target[...] = seg.decode(i, frames)
             frames = target
         out.append(frames)
     return out
+
+
+def _load_checksums(segments: list[Segment]) -> None:
+    """The recorded crc32 arrays of `segments`, fetched as one batch per store."""
+    by_store: dict[int, list[Segment]] = {}
+    for seg in segments:
+        by_store.setdefault(id(seg.store), []).append(seg)
+    for group in by_store.values():
+        try:
+            arrays = read_arrays(group[0].store, [f"{seg.path}/crc32" for seg in group])
+        except (KeyError, ValueError, OSError):
+            arrays = [seg.small_array("crc32") for seg in group]     # names the one that cannot be read
+        for seg, crc in zip(group, arrays):
+            seg._crc = seg._checked_crc(crc)
+
+
+def _check(seg: Segment, i: int, stored: np.ndarray) -> None:
+    """The stored frames of position `i` must have the checksum recorded at commit."""
+    if seg.checksum(i, stored) != int(seg._crc[i]):
+        raise FramesChecksumError(f"utterance {seg.ids[i]!r} in {seg.path}: checksum mismatch, its stored frames "
+                                  f"differ from what was written (corrupt bytes; `mtser features verify` lists all)")
 
 
 def _one_range(pieces: list[tuple[int, int, int, int]]) -> bool:

@@ -1,10 +1,15 @@
 """Checkpoints: a directory with `model.safetensors` (weights) and `checkpoint.json` (full config, model input dims,
-label map, store provenance, metrics). Loading never unpickles and needs no store; it reads a local directory or any
-fsspec URL (s3://bucket/run/stage1/<trial>/best) straight into memory. Saving writes a local directory (a search on
-an object store uploads it through `runs.RunFolder`)."""
+label map, store provenance, metrics, and `sha256`: the SHA-256 of each weights file). Loading never unpickles and
+needs no store; it reads a local directory or any fsspec URL (s3://bucket/run/stage1/<trial>/best) straight into
+memory, checks the weights' SHA-256 against the sidecar (a checkpoint written before it was recorded loads with one
+warning) and refuses non-finite weights. Saving writes a local directory (a search on an object store uploads it
+through `runs.RunFolder`)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from mtser.config import Config, from_dict, to_dict
@@ -23,6 +29,7 @@ FORMAT = "mtser-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 SIDECAR = "checkpoint.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -42,6 +49,7 @@ def save_checkpoint(path: Path, model: FusionModel, cfg: Config, meta: dict) -> 
     save_file(state, str(tmp / WEIGHTS))
     sidecar = {
         **meta,
+        "sha256": {WEIGHTS: hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()},
         "format": FORMAT,
         "version": VERSION,
         "config": to_dict(cfg),
@@ -120,9 +128,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storag
     cfg = from_dict(Config, meta["config"])
     model = FusionModel(meta["input_dims"], cfg.model)
     try:
-        weights = load(_read(path, WEIGHTS, storage_options))
+        raw = _read(path, WEIGHTS, storage_options)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {WEIGHTS} is missing") from None
+    _check_sha256(path, meta, raw)
+    try:
+        weights = load(raw)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}/{WEIGHTS}: not a readable safetensors file: {exc}") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: weights contain NaN or inf ({len(bad)} tensors, e.g. {bad[0]!r}); "
+                              f"the checkpoint is unusable")
     for key in [k for k in weights if k.endswith(".pool.attention.2.bias")]:
         del weights[key]        # earlier checkpoints had a score bias, which softmax ignores (model.py): exact to drop
     try:
@@ -130,3 +147,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storag
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model in its config: {exc}") from None
     return model.to(device).eval(), cfg, meta
+
+
+def _check_sha256(path: str | Path, meta: dict, raw: bytes) -> None:
+    """The weights' SHA-256 must equal the sidecar's; a sidecar without one (older mtser) gets one warning."""
+    recorded = meta.get("sha256", {}).get(WEIGHTS) if isinstance(meta.get("sha256"), dict) else None
+    if recorded is None:
+        _warn_unverified(str(path))
+        return
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != recorded:
+        raise CheckpointError(f"{path}/{WEIGHTS}: SHA-256 {actual[:16]}… differs from {recorded[:16]}… recorded in "
+                              f"{SIDECAR}: the weights are damaged or were replaced")
+
+
+@functools.cache
+def _warn_unverified(path: str) -> None:
+    log.warning("%s: %s records no SHA-256 of its weights (written by an older mtser); loaded unverified",
+                path, SIDECAR)

@@ -127,6 +127,19 @@ def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, l
     return table
 
 
+def coverage(store, split: str, scored: int) -> str:
+    """What an evaluation of `split` scored, for the user: the count against the split's original utterances in
+    the store, and the parts the store skipped as not committed (their utterances are in no count)."""
+    table = store.utterances
+    originals = int(((table["split"] == split) & table["augmentation"].isna()).sum())
+    line = f"scored {scored} of the {originals} original utterances of {split} in the store"
+    if scored < originals:
+        line += f" ({originals - scored} lack features of the checkpoint's encoders)"
+    skipped = store.skipped_parts
+    return line + ("; skipped parts: " + "; ".join(f"{name} ({why})" for name, why in sorted(skipped.items()))
+                   if skipped else "; no part skipped")
+
+
 def evaluate(checkpoint: str | Path, store, split: str = "Development", device: str = "auto",
              storage_options: dict | None = None) -> tuple[dict[str, float], pd.DataFrame]:
     """Metrics of a checkpoint on `split` (original utterances, X dropped) and the per-utterance prediction table.
