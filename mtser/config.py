@@ -158,7 +158,8 @@ class MemberSelector:
 
     def __post_init__(self) -> None:
         if self.parent_for is not None and self.stage != 1:
-            raise ConfigError(f"parent_for: only stage-1 grid points are parents of fine-tunings, got stage {self.stage}")
+            raise ConfigError(f"parent_for: only stage-1 grid points are parents of fine-tunings, "
+                              f"got stage {self.stage}")
 
 
 @dataclass

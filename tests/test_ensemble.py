@@ -251,4 +251,5 @@ def test_members_on_different_encoders_are_scored_on_the_ids_all_can_read(tmp_pa
     np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES] + list(ATTRIBUTE_COLUMNS.values())], means,
                                atol=2e-6)
     empty = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", url, "--split", "Test1"])
-    assert empty.exit_code == 1 and "no Test1 utterance has the features every member needs (['a', 'b'])" in empty.output
+    assert empty.exit_code == 1
+    assert "no Test1 utterance has the features every member needs (['a', 'b'])" in empty.output

@@ -130,7 +130,8 @@ def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(te
         checkpoint = random_checkpoint(tmp_path / name, url, [name])
         manifest = tmp_path / f"{name}.json"
         manifest.write_text(json.dumps({"members": {t: [{"trial": name, "checkpoint": checkpoint}] for t in TASKS}}))
-        on_audio = predict_files([u.path for u in utts], manifest).table.set_index("FileName").loc[[u.path for u in utts]]
+        paths = [u.path for u in utts]
+        on_audio = predict_files(paths, manifest).table.set_index("FileName").loc[paths]
         model, _, _ = load_checkpoint(checkpoint)
         probs, attrs = predict(model, store, ids)
         from_store = np.concatenate([probs, attrs], axis=1)
