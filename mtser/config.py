@@ -151,11 +151,18 @@ class FinetuneConfig:
 @dataclass
 class MemberSelector:
     """A finished grid point forced into an attribute's ensemble: the best one matching these fields by that
-    attribute's development CCC (the paper adds the best stage-1 ASP model to valence)."""
+    attribute's development CCC. `parent_for: dim` keeps the stage-1 points the search fine-tuned for that task (the
+    paper adds to valence "the pre-trained model that incorporated attention pooling": the ASP Task-2 parent)."""
 
     stage: Literal[1, 2] = 1
     pooling: Literal["asp", "mean"] | None = None
     task: Literal["multi", "cat", "dim"] | None = None
+    parent_for: Literal["cat", "dim"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.parent_for is not None and self.stage != 1:
+            raise ConfigError(f"parent_for: only stage-1 grid points are parents of fine-tunings, "
+                              f"got stage {self.stage}")
 
 
 @dataclass
@@ -167,14 +174,21 @@ class EnsembleConfig:
     class_from: Literal["all", "cat"] = "cat"         # cat: Task-1 fine-tunings only
     attribute_from: Literal["all", "dim"] = "dim"     # dim: Task-2 fine-tunings only
     extra_members: dict[str, list[MemberSelector]] = field(default_factory=dict)  # attribute -> forced members
+    # attribute -> name of an external prediction file the recipe expects (`mtser ensemble --extra-member`); one
+    # not given is reported and recorded, not an error (the paper: {arousal: baseline, dominance: baseline})
+    external: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("class_top_k", "attribute_top_k"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"ensemble.{key}: must be >= 1, got {getattr(self, key)}")
-        unknown = sorted(set(self.extra_members) - {"arousal", "valence", "dominance"})
-        if unknown:
-            raise ConfigError(f"ensemble.extra_members: {unknown} are not attributes (arousal, valence, dominance)")
+        for key in ("extra_members", "external"):
+            unknown = sorted(set(getattr(self, key)) - {"arousal", "valence", "dominance"})
+            if unknown:
+                raise ConfigError(f"ensemble.{key}: {unknown} are not attributes (arousal, valence, dominance)")
+        blank = sorted(name for name, label in self.external.items() if not label.strip())
+        if blank:
+            raise ConfigError(f"ensemble.external.{blank[0]}: needs a name for the expected file, e.g. baseline")
 
 
 @dataclass

@@ -18,9 +18,10 @@ TINY = {"train.epochs": 2, "train.samples_per_epoch": 64, "train.batch_size": 16
 
 
 def write_grid(path: Path, **changes) -> Path:
-    """A 4-trial stage-1 grid (α 0.5/1 × pooling asp/mean) on configs/demo.yaml; stage 2 adds 1 cat + 1 dim trial."""
+    """A 4-trial stage-1 grid (α 0.5/1 × pooling asp/mean) on configs/demo.yaml; stage 2 adds 1 cat + 1 dim trial
+    (the dim parent: the best ASP point, which demo.yaml's valence ensemble adds as "the pre-trained ASP model")."""
     grid = {"base": str(REPO / "configs" / "demo.yaml"), "alpha": [0.5, 1.0], "beta": [1.0],
-            "pooling": ["asp", "mean"], "sigma": [3.0], "cat_parents": 1, "dim_parents": 1,
+            "pooling": ["asp", "mean"], "sigma": [3.0], "cat_parents": 1, "dim_parents": {"asp": 1},
             "resources": {"cpu": 1.0, "gpu": 0.0}, "max_concurrent": 2, "overrides": TINY}
     grid.update(changes)
     path.write_text(yaml.safe_dump(grid, sort_keys=False))

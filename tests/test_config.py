@@ -20,7 +20,8 @@ def test_paper_config_holds_the_recipe():
     assert (cat.task, cat.epochs, cat.lr, cat.warmup_epochs, cat.select_metric) == ("cat", 20, 1e-5, 0.0, "f1")
     assert (dim.task, dim.epochs, dim.lr, dim.min_lr, dim.warmup_epochs) == ("dim", 30, 5e-6, 1e-7, 0.0)
     assert (cfg.ensemble.class_top_k, cfg.ensemble.attribute_top_k) == (1, 3)
-    assert [(s.stage, s.pooling) for s in cfg.ensemble.extra_members["valence"]] == [(1, "asp")]
+    assert [(s.stage, s.pooling, s.parent_for) for s in cfg.ensemble.extra_members["valence"]] == [(1, "asp", "dim")]
+    assert cfg.ensemble.external == {"arousal": "baseline", "dominance": "baseline"}
     assert cfg.extract.augment == 1
 
 
@@ -71,6 +72,13 @@ def test_grid_and_demo_load():
     ("loss.class_weights", "confusing", "loss.class_weights: expected one of"),
     ("loss.penalty_weight_grad", "yes", "loss.penalty_weight_grad: expected true/false, got 'yes'"),
     ("ensemble.extra_members", {"happiness": []}, "ensemble.extra_members: ['happiness'] are not attributes"),
+    ("ensemble.extra_members", {"valence": [{"stage": 2, "parent_for": "dim"}]},
+     "ensemble.extra_members.valence[0]: parent_for: only stage-1 grid points are parents"),
+    ("ensemble.extra_members", {"valence": [{"parent_for": "multi"}]},
+     "ensemble.extra_members.valence[0].parent_for: expected one of ['cat', 'dim'], got 'multi'"),
+    ("ensemble.external", {"class": "baseline"}, "ensemble.external: ['class'] are not attributes"),
+    ("ensemble.external", {"arousal": " "}, "ensemble.external.arousal: needs a name"),
+    ("ensemble.external", ["baseline"], "ensemble.external: expected a mapping"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -1,6 +1,7 @@
 """`mtser ensemble`: member choice, metrics equal to an independent recomputation, challenge CSVs, manifest."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import EnsembleConfig, load_config
+from mtser.config import EnsembleConfig, MemberSelector, load_config
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.featurestore.store import open_store
 from mtser.trainer.data import evaluation_ids
@@ -40,12 +41,19 @@ def test_ensemble_metrics_equal_recomputation_from_members(dev_ensemble, demo_st
         metric = "f1" if task == "class" else f"ccc_{task}"
         pool = results[results["task"] == ("cat" if task == "class" else "dim")]
         best = pool.sort_values([metric, "trial"], ascending=[False, True]).head(1 if task == "class" else 3)
-        if task == "valence":                                  # + the best stage-1 ASP model by valence CCC
-            asp = results[(results["stage"] == 1) & (results["pooling"] == "asp")]
-            best = pd.concat([best, asp.sort_values([metric, "trial"], ascending=[False, True]).head(1)])
+        if task == "valence":                                  # + the ASP parent of the dim fine-tunings
+            parent = results[(results["stage"] == 1) & (results["pooling"] == "asp")
+                             & results["trial"].isin(results.loc[results["task"] == "dim", "parent"])]
+            assert len(parent) == 1
+            best = pd.concat([best, parent])
         assert [m["trial"] for m in members[task]] == best["trial"].tolist()
         assert [m["dev_metric"] for m in members[task]] == pytest.approx(best[metric].tolist())
     assert [m.get("forced", False) for m in members["valence"]][-1] is True
+    # demo.yaml declares the baseline for arousal and dominance; not given: one line, recorded, not an error
+    assert manifest["missing_external"] == {"arousal": "baseline", "dominance": "baseline"}
+    assert ("ensemble.external: 'baseline' for arousal, dominance not given: built without it (add it with "
+            "--extra-member arousal,dominance=FILE)") in output.splitlines()
+    assert "coverage" in manifest and "scored on" not in output              # all members read the same encoders
 
     tables = {}
     for m in [m for ms in members.values() for m in ms]:        # independent path: loop.evaluate per member
@@ -119,24 +127,40 @@ def test_select_members_ranks_per_task_and_skips_unfinished():
 
 def test_paper_membership_for_a_hand_made_results_table():
     """1 Task-1 model from the cat fine-tunings; 3 per attribute from the dim fine-tunings only; valence also gets
-    the best stage-1 ASP model by valence CCC, even though it ranks below the dim models."""
-    rows = [  # trial, stage, task, pooling, f1, arousal, valence, dominance
-        ("s1_asp_a", 1, "multi", "asp", 0.50, 0.90, 0.40, 0.90), ("s1_asp_b", 1, "multi", "asp", 0.10, 0.10, 0.45, 0.10),
-        ("s1_mean", 1, "multi", "mean", 0.60, 0.95, 0.95, 0.95),
-        ("cat-lr1e-5", 2, "cat", "asp", 0.38, 0.20, 0.20, 0.20), ("cat-lr1e-6", 2, "cat", "asp", 0.36, 0.20, 0.20, 0.20),
-        ("cat-confusion", 2, "cat", "asp", 0.40, 0.20, 0.20, 0.20),
-        ("dim_s3", 2, "dim", "asp", 0.05, 0.70, 0.60, 0.50), ("dim_s5", 2, "dim", "asp", 0.05, 0.60, 0.70, 0.55),
-        ("dim_s7", 2, "dim", "mean", 0.05, 0.65, 0.50, 0.60), ("dim_mse", 2, "dim", "mean", 0.05, 0.50, 0.65, 0.40)]
-    results = pd.DataFrame(rows, columns=["trial", "stage", "task", "pooling", "f1", "ccc_arousal", "ccc_valence",
-                                          "ccc_dominance"]).assign(status="complete", checkpoint=lambda t: "/" + t.trial)
+    the ASP Task-2 parent (the stage-1 point the dim fine-tunings started from), even though it ranks below the dim
+    models and another stage-1 ASP point (the Task-1 parent) has the better valence CCC."""
+    rows = [  # trial, stage, task, pooling, parent, f1, arousal, valence, dominance
+        ("s1_asp_a", 1, "multi", "asp", None, 0.50, 0.90, 0.40, 0.90),
+        ("s1_asp_b", 1, "multi", "asp", None, 0.10, 0.10, 0.45, 0.10),
+        ("s1_mean", 1, "multi", "mean", None, 0.60, 0.95, 0.95, 0.95),
+        ("cat-lr1e-5", 2, "cat", "asp", "s1_asp_b", 0.38, 0.20, 0.20, 0.20),
+        ("cat-lr1e-6", 2, "cat", "asp", "s1_asp_b", 0.36, 0.20, 0.20, 0.20),
+        ("cat-confusion", 2, "cat", "asp", "s1_asp_b", 0.40, 0.20, 0.20, 0.20),
+        ("dim_s3", 2, "dim", "asp", "s1_asp_a", 0.05, 0.70, 0.60, 0.50),
+        ("dim_s5", 2, "dim", "asp", "s1_asp_a", 0.05, 0.60, 0.70, 0.55),
+        ("dim_s7", 2, "dim", "mean", "s1_mean", 0.05, 0.65, 0.50, 0.60),
+        ("dim_mse", 2, "dim", "mean", "s1_mean", 0.05, 0.50, 0.65, 0.40)]
+    results = pd.DataFrame(rows, columns=["trial", "stage", "task", "pooling", "parent", "f1", "ccc_arousal",
+                                          "ccc_valence", "ccc_dominance"]
+                           ).assign(status="complete", checkpoint=lambda t: "/" + t.trial)
     paper = load_config(REPO / "configs" / "paper.yaml").ensemble
     chosen = select_members(results, paper)
     trials = {task: [m["trial"] for m in ms] for task, ms in chosen.items()}
     assert trials == {"class": ["cat-confusion"],
                       "arousal": ["dim_s3", "dim_s7", "dim_s5"],
-                      "valence": ["dim_s5", "dim_mse", "dim_s3", "s1_asp_b"],   # + best stage-1 ASP by valence
+                      "valence": ["dim_s5", "dim_mse", "dim_s3", "s1_asp_a"],   # + the ASP dim parent
                       "dominance": ["dim_s7", "dim_s5", "dim_s3"]}
     assert [m.get("forced", False) for m in chosen["valence"]] == [False, False, False, True]
+    # the best stage-1 ASP model by valence CCC would have been the Task-1 parent
+    best_asp = dataclasses.replace(paper, extra_members={"valence": [MemberSelector(1, "asp")]})
+    assert select_members(results, best_asp)["valence"][-1]["trial"] == "s1_asp_b"
+
+    failed = results.assign(status=lambda t: t["status"].where(t["task"] != "dim", "failed"))
+    with_all = dataclasses.replace(paper, class_from="all", attribute_from="all", attribute_top_k=1)  # failed runs too
+    assert select_members(failed, with_all)["valence"][-1]["trial"] == "s1_asp_a"
+    with pytest.raises(EnsembleError, match=r"extra_members.valence: no finished trial matches .*parent_for: dim "
+                                            r"needs the search's stage-2 dim fine-tunings"):
+        select_members(results[results["stage"] == 1], with_all)
 
 
 def test_an_external_member_changes_the_ensemble_by_exactly_its_share(dev_ensemble, demo_store, tmp_path):
@@ -157,6 +181,7 @@ def test_an_external_member_changes_the_ensemble_by_exactly_its_share(dev_ensemb
     recorded = with_external["members"]["arousal"][-1]
     assert recorded["trial"] == "external:baseline.csv" and recorded["external"] == str(tmp_path / "baseline.csv")
     assert len(recorded["sha256"]) == 64 and "external:baseline.csv" in result.output
+    assert with_external["missing_external"] == {} and "ensemble.external" not in result.output
 
     baseline.iloc[3:].to_csv(tmp_path / "short.csv", index=False)
     short = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--out",
@@ -181,3 +206,50 @@ def test_ensemble_and_report_read_the_run_folder_without_the_tune_driver():
             "print(sorted(m for m in ('mtser.trainer.tune', 'ray', 'ray.tune') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_members_on_different_encoders_are_scored_on_the_ids_all_can_read(tmp_path):
+    """A model on encoder a and one on a + b: Development utterances without b's features are dropped for every
+    member (the first member alone could read them), and the ensemble says how many and why."""
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreWriter
+    from mtser.trainer.checkpoint import load_checkpoint
+    from mtser.trainer.infer import predict
+    from trainer_store import random_checkpoint, write_synthetic_store
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=4, n_dev=12)
+    writer = StoreWriter(url, "a-only")                       # 3 Development utterances with features of a only
+    for i in range(3):
+        writer.add(Utterance(id=f"a_only_{i}.wav", path=None, split="Development", emo_class="H", arousal=4.0,
+                             valence=5.0, dominance=3.0), {"a": np.full((6, 12), 0.1 * i)})
+    writer.commit()
+    run = tmp_path / "run"
+    checkpoints = {"on_a": random_checkpoint(run / "on_a", url, ["a"], seed=0),
+                   "on_ab": random_checkpoint(run / "on_ab", url, ["a", "b"], seed=1)}
+    pd.DataFrame({"stage": 1, "trial": list(checkpoints), "task": "multi", "pooling": "asp", "parent": None,
+                  "status": "complete", "checkpoint": list(checkpoints.values()), "f1": [0.5, 0.4],
+                  **{f"ccc_{a}": [0.5, 0.4] for a in ATTRIBUTES}}).to_csv(run / "results.csv", index=False)
+    overrides = {"ensemble.class_from": "all", "ensemble.attribute_from": "all", "ensemble.class_top_k": 2,
+                 "ensemble.attribute_top_k": 2, "ensemble.extra_members": {}, "ensemble.external": {}}
+    (run / "search.json").write_text(json.dumps({"base": str(REPO / "configs" / "demo.yaml"),
+                                                 "search": {"overrides": overrides}}))
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", url])
+    assert result.exit_code == 0, result.output
+    assert ("Development: scored on the 12 utterances every member can read; dropped 3 (first: a_only_0.wav, "
+            "a_only_1.wav, a_only_2.wav): 3 lack b features (needed by on_ab)") in result.output
+    manifest = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    assert manifest["coverage"]["Development"] == {"scored": 12, "dropped": 3, "lacking": {"b": 3},
+                                                   "needed_by": {"b": ["on_ab"]},
+                                                   "first": ["a_only_0.wav", "a_only_1.wav", "a_only_2.wav"]}
+    assert set(manifest["store_provenance"]["encoders"]) == {"a", "b"}
+    table = pd.read_csv(run / "ensemble" / "Development" / "predictions.csv")
+    store = open_store(url)
+    ids = sorted(evaluation_ids(store, ["a", "b"], "Development"))
+    assert table["FileName"].tolist() == ids and len(ids) == 12
+    means = np.mean([np.concatenate(predict(load_checkpoint(c)[0], store, ids), axis=1)
+                     for c in checkpoints.values()], axis=0)
+    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES] + list(ATTRIBUTE_COLUMNS.values())], means,
+                               atol=2e-6)
+    empty = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", url, "--split", "Test1"])
+    assert empty.exit_code == 1
+    assert "no Test1 utterance has the features every member needs (['a', 'b'])" in empty.output

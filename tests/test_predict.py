@@ -87,8 +87,63 @@ def test_predict_runs_encoders_in_the_compute_dtype_the_store_used():
     info = {"config": {"name": "w", "kind": "speech", "model": "m", "compute_dtype": None}, "dtype": "float16"}
     recorded = {"store": {"encoders": {"w": {**info, "compute_dtype": "bfloat16"}}}}
     older = {"store": {"encoders": {"w": info}}}                 # stores written before compute_dtype was recorded
-    assert encoder_configs([recorded])[0][0].compute_dtype == "bfloat16"
-    assert encoder_configs([older])[0][0].compute_dtype == "float32"
+    assert encoder_configs([recorded])[0].compute_dtype == "bfloat16"
+    assert encoder_configs([older])[0].compute_dtype == "float32"
+    int8 = {"store": {"encoders": {"w": {**info, "dtype": "int8"}}}}    # frames converted as the store keeps them
+    assert encoder_configs([int8])[0].dtype == "int8"
+
+
+STORED_AS = {"f16": ("float16", "none"), "i8": ("int8", "none"), "z16": ("float16", "zstd")}
+
+
+def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(test_encoders_dir, demo_corpus_dir,
+                                                                              tmp_path):
+    """float16, int8 (per-frame scales) and zstd-compressed encoders: `mtser predict` on a file gives what the same
+    model gives the utterance read from the store, because predict converts frames with the store's one definition
+    (`featurestore.frames`); for int8 the unquantised frames give a measurably different prediction."""
+    import json
+
+    import numpy as np
+
+    from mtser.config import EncoderConfig, ExtractConfig
+    from mtser.featurestore.corpus import read_corpus
+    from mtser.featurestore.extract import extract
+    from mtser.featurestore.pipeline import encode_utterances
+    from mtser.featurestore.store import open_store
+    from mtser.trainer.checkpoint import load_checkpoint
+    from mtser.trainer.ensemble import TASKS
+    from mtser.trainer.infer import predict, predict_features
+    from mtser.trainer.predict import encoder_configs, predict_files
+    from trainer_store import random_checkpoint
+
+    utts = [u for u in read_corpus(demo_corpus_dir).utterances if u.split == "Development"][:3]
+    encoders = [EncoderConfig(name, "speech", str(test_encoders_dir / "wavlm"), dtype=dtype, compression=compression)
+                for name, (dtype, compression) in STORED_AS.items()]
+    url = str(tmp_path / "store.zarr")
+    assert extract(utts, ExtractConfig(encoders=encoders), url, workers=0, progress=False).ok
+    store = open_store(url)
+    assert {n: (e.dtype, e.compression) for n, e in store.encoders.items()} == STORED_AS
+    raw, _, _ = encode_utterances([EncoderConfig("raw", "speech", str(test_encoders_dir / "wavlm"), dtype="float32")],
+                                  utts)
+    ids = [u.id for u in utts]
+    for name in STORED_AS:
+        checkpoint = random_checkpoint(tmp_path / name, url, [name])
+        manifest = tmp_path / f"{name}.json"
+        manifest.write_text(json.dumps({"members": {t: [{"trial": name, "checkpoint": checkpoint}] for t in TASKS}}))
+        paths = [u.path for u in utts]
+        on_audio = predict_files(paths, manifest).table.set_index("FileName").loc[paths]
+        model, _, _ = load_checkpoint(checkpoint)
+        probs, attrs = predict(model, store, ids)
+        from_store = np.concatenate([probs, attrs], axis=1)
+        np.testing.assert_allclose(on_audio[PROBS + ATTRS].to_numpy(float), from_store, atol=1e-6, rtol=0,
+                                   err_msg=name)
+        features, _, _ = encode_utterances(encoder_configs([load_checkpoint(checkpoint)[2]]), utts)  # predict's
+        for i in ids:
+            np.testing.assert_array_equal(features[i][name], store.get(i, name, np.float32), err_msg=name)
+        if name == "i8":                           # not vacuous: unquantised frames differ, and so does the prediction
+            assert min(np.abs(raw[i]["raw"] - store.get(i, name, np.float32)).max() for i in ids) > 5e-3
+            unquantised = np.concatenate(predict_features(model, [{name: raw[i]["raw"]} for i in ids]), axis=1)
+            assert np.abs(unquantised - from_store).max() > 1e-5
 
 
 def test_predict_refuses_an_encoder_with_pickled_weights_only(dev_ensemble, demo_corpus_dir, test_encoders_dir,

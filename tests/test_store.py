@@ -16,6 +16,7 @@ import zarr
 from mtser.featurestore.store import (
     StoreError, StoreWriter, create_store, open_store, quantize_int8, register_encoder,
 )
+from mtser.featurestore.frames import StoredFrames, as_stored, store_frames
 from mtser.featurestore.shards import ShardSpool
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
@@ -54,6 +55,7 @@ def test_round_trip_is_exact_for_each_dtype(url: str, dtype: str, compression: s
             np.testing.assert_array_equal(got, x.astype(dtype))
         assert store.length(utt_id, "enc") == len(x)
         assert store.get(utt_id, "enc", dtype=np.float64).dtype == np.float64
+        np.testing.assert_array_equal(store.get(utt_id, "enc", np.float32), as_stored(x, dtype))  # the one definition
     for out_dtype in (np.float16, np.float32):            # rows of a padded batch: the same values, zero after
         out = np.full((len(IDS), 300, 24), np.nan, dtype=out_dtype)
         lengths = store.read_into(IDS, "enc", out)
@@ -192,6 +194,17 @@ def test_add_rejects_bad_features_and_keeps_nothing_of_them(url: str) -> None:
     for features, message in bad.values():
         with pytest.raises(StoreError, match=message):
             writer.add(utterance("x.wav"), {"enc": frames_for("x.wav"), **features})
+    converted = {                                          # frames already converted (the extraction pipeline's)
+        "other dtype": (store_frames(frames_for("x.wav"), "float32"), r"expected a non-empty float16 \(T, 16\) array, "
+                                                                        "got float32"),
+        "scale on floats": (StoredFrames(frames_for("x.wav").astype(np.float16), np.ones(len(frames_for("x.wav")))),
+                            "int8 frames need one scale per frame, float frames none"),
+        "overflow": (store_frames(np.full((5, 16), 1e6), "float16"), r"NaN or inf \(as float16\)"),
+    }
+    for frames, message in converted.values():
+        with pytest.raises(StoreError, match=message):
+            writer.add(utterance("x.wav"), {"enc": frames})
+    writer.add(utterance("pre.wav"), {"enc": store_frames(frames_for("pre.wav"), "float16")})
     with pytest.raises(StoreError, match=r"'y.wav': arousal must be a number or None, got 'high'"):
         writer.add(utterance("y.wav", arousal="high"), {"enc": frames_for("y.wav")})
     with pytest.raises(StoreError, match=r"'y.wav': speaker must be a string or None, got 7"):
@@ -200,7 +213,8 @@ def test_add_rejects_bad_features_and_keeps_nothing_of_them(url: str) -> None:
         writer.add(utterance("ok.wav"), {})
     writer.commit()
     store = open_store(url)
-    assert store.ids() == ["ok.wav"]
+    assert store.ids() == ["ok.wav", "pre.wav"]
+    np.testing.assert_array_equal(store.get("pre.wav", "enc"), frames_for("pre.wav").astype(np.float16))
     with pytest.raises(StoreError, match="already committed or aborted"):
         writer.add(utterance("y.wav"), {})
 

@@ -65,7 +65,8 @@ def ensemble(
     from mtser.featurestore.store import StoreError
     from mtser.trainer.checkpoint import CheckpointError
     from mtser.config import ConfigError
-    from mtser.trainer.ensemble import EnsembleError, build_ensemble, metrics_table, parse_extra_members
+    from mtser.trainer.ensemble import (EnsembleError, build_ensemble, coverage_line, metrics_table,
+                                        missing_external_lines, parse_extra_members)
     from mtser.trainer.runs import RunError
 
     if split not in SPLITS:
@@ -80,6 +81,9 @@ def ensemble(
         _fail(str(exc), 2)
     except (RunError, StoreError, CheckpointError) as exc:
         _fail(str(exc))
+    for line in [*missing_external_lines(manifest["missing_external"]),
+                 *filter(None, [coverage_line(split, manifest["coverage"][split])])]:
+        typer.echo(line)
     table = metrics_table(manifest, split)
     if table[split].notna().any():
         typer.echo(table.to_string(index=False, float_format="%.4f"))

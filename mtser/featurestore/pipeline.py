@@ -18,6 +18,7 @@ from mtser.featurestore.audio import AudioError, augment as augment_wave, augmen
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
 from mtser.featurestore.files import CorpusFiles
+from mtser.featurestore.frames import StoredFrames, store_frames
 
 
 class Failure(NamedTuple):
@@ -38,7 +39,7 @@ class Loaded:
 
 @dataclass
 class PipelineResult:
-    written: list[tuple[Utterance, dict[str, np.ndarray]]]
+    written: list[tuple[Utterance, dict[str, StoredFrames]]]   # StoreWriter.add takes these as they are
     failures: list[Failure]
 
 
@@ -70,7 +71,7 @@ class Pipeline:
         items, waves, source, failed = loaded.items, loaded.waves, loaded.source, dict(loaded.failed)
         if not items:                                   # nothing decoded: tokenizers refuse an empty batch
             return PipelineResult([], list(failed.values()))
-        feats: list[dict[str, np.ndarray]] = [{} for _ in items]
+        feats: list[dict[str, StoredFrames]] = [{} for _ in items]
         asr_text: dict[int, str] = {}
         for name, enc in self.encoders.items():
             if isinstance(enc, TextEncoder):
@@ -102,9 +103,10 @@ class Pipeline:
         written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
         return PipelineResult(written, list(failed.values()))
 
-    def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
-        """float16 encoders keep float16 in memory (a group's features are held until written)."""
-        return frames.astype(np.float16) if self.encoders[name].cfg.dtype == "float16" else frames
+    def _as_stored(self, name: str, frames: np.ndarray) -> StoredFrames:
+        """Frames as the store keeps them (`frames.store_frames`), already in memory: a group's features are held
+        until written, at the stored size."""
+        return store_frames(frames, self.encoders[name].cfg.dtype)
 
     def load(self, utts: Sequence[Utterance], augment: int = 0) -> Loaded:
         """Decoded audio per utterance, then its augmented copies (CPU only: safe in a prefetch thread)."""
@@ -146,7 +148,7 @@ class Pipeline:
             return replace(utt, transcript=asr, transcript_source="asr")
         return replace(utt, transcript=None, transcript_source=None)
 
-    def _encode_texts(self, items: list[Utterance], source: list[int], feats: list[dict[str, np.ndarray]],
+    def _encode_texts(self, items: list[Utterance], source: list[int], feats: list[dict[str, StoredFrames]],
                       failed: dict[str, Failure]) -> None:
         """Text features for originals with a transcript; augmented copies share their original's."""
         rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
@@ -168,10 +170,11 @@ class Pipeline:
 def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
                       batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
-    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D), the utterances with
-    transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
+    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D) values exactly as a reader
+    of a store with these encoders gets them (`frames.as_stored`: float16 rounded, int8 quantised), the utterances
+    with transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
     cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,
                         asr_max_new_tokens=asr_max_new_tokens)
     result = Pipeline(cfg, device).run(utts)
-    features = {u.id: {k: np.asarray(v, dtype=np.float32) for k, v in f.items()} for u, f in result.written}
+    features = {u.id: {k: v.decode(np.float32) for k, v in f.items()} for u, f in result.written}
     return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}

@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 
 from mtser.featurestore.arrays import read_arrays
+from mtser.featurestore.frames import decode_frames
 from mtser.featurestore.layout import EncoderInfo, StoreError
 from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader
 
@@ -119,11 +120,8 @@ class Segment:
         return frames_checksum(stored, self.scales(i))
 
     def decode(self, i: int, stored: np.ndarray, dtype: Any = None) -> np.ndarray:
-        """Stored frames as values: int8 dequantised to float32, then cast to `dtype` if given."""
-        if self.info.dtype == "int8":
-            values = np.multiply(stored, self.scales(i)[:, None], dtype=np.float32)
-            return values if dtype is None else values.astype(dtype, copy=False)
-        return stored if dtype is None else stored.astype(dtype)
+        """Stored frames as values (`frames.decode_frames`): int8 dequantised to float32, then cast to `dtype`."""
+        return decode_frames(stored, self.scales(i), dtype)
 
     def read(self, i: int) -> np.ndarray:
         """Stored frames of the utterance at position `i` (int8 encoders: the int8 values)."""

@@ -27,7 +27,8 @@ from mtser.featurestore.layout import (
     StoreError, create_store, part_state, register_encoder,
 )
 from mtser.featurestore.reader import FeatureStore, open_store
-from mtser.featurestore.writer import StoreWriter, quantize_int8
+from mtser.featurestore.frames import quantize_int8
+from mtser.featurestore.writer import StoreWriter
 
 __all__ = ["CHUNK_TARGET_BYTES", "DTYPES", "FAILURE_COLUMNS", "FLOAT_COLUMNS", "SCHEMA_VERSION", "TABLE_COLUMNS",
            "EncoderInfo", "FeatureStore", "StoreError", "StoreWriter", "create_store", "open_store", "part_state",

@@ -22,6 +22,7 @@ from mtser.featurestore.layout import (
     zarr_store,
 )
 from mtser.featurestore.arrays import encode_strings, string_arrays
+from mtser.featurestore.frames import StoredFrames, store_frames
 from mtser.featurestore.segment import frames_checksum
 from mtser.featurestore.shards import ShardSpool
 
@@ -29,14 +30,6 @@ from mtser.featurestore.shards import ShardSpool
 def _check_part_id(part_id: str) -> None:
     if not isinstance(part_id, str) or not NAME_PATTERN.match(part_id):
         raise StoreError(f"part id {part_id!r}: must match {NAME_PATTERN.pattern}")
-
-
-def quantize_int8(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-frame int8: returns (int8 values, float32 scale per frame); value ≈ int8 * scale."""
-    x = np.asarray(frames, dtype=np.float32)
-    scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
-    q = np.rint(x / np.where(scale > 0, scale, 1.0)[:, None])
-    return np.clip(q, -127, 127).astype(np.int8), scale
 
 
 def _check_row(utt: Utterance) -> None:
@@ -106,31 +99,32 @@ class StoreWriter:
         if self._closed:
             raise StoreError(f"part {self.part_id!r}: writer already committed or aborted")
 
-    def _convert(self, utt_id: str, name: str, frames: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def _convert(self, utt_id: str, name: str, frames: np.ndarray | StoredFrames) -> StoredFrames:
+        """Float (T, D) frames (or frames the pipeline already converted with `store_frames`) as stored."""
         if name not in self._encoders:                        # registered after this writer started?
             self._encoders = read_encoders(self._store)
         info = self._encoders.get(name)
         if info is None:
             raise StoreError(f"utterance {utt_id!r}: encoder {name!r} is not registered in {self.url} "
                              f"(registered: {sorted(self._encoders)})")
-        x = np.asarray(frames)
-        if x.ndim != 2 or x.shape[1] != info.dim or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.floating):
-            raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: expected a non-empty float (T, {info.dim}) "
-                             f"array, got {x.dtype} {x.shape}")
-        if info.dtype == "int8":
-            if not np.isfinite(x).all():
-                raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf")
-            return quantize_int8(x)
-        with np.errstate(over="ignore"):            # overflow shows up as inf, reported just below
-            stored = np.asarray(x, dtype=info.dtype, order="C")
-        if not np.isfinite(stored).all():
+        given = isinstance(frames, StoredFrames)
+        x = frames.values if given else np.asarray(frames)
+        kind_ok = x.dtype == np.dtype(info.dtype) if given else np.issubdtype(x.dtype, np.floating)
+        if x.ndim != 2 or x.shape[1] != info.dim or x.shape[0] == 0 or not kind_ok:
+            raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: expected a non-empty "
+                             f"{info.dtype if given else 'float'} (T, {info.dim}) array, got {x.dtype} {x.shape}")
+        if given and (info.dtype == "int8") != (frames.scale is not None and frames.scale.shape == (len(x),)):
+            raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: int8 frames need one scale per frame, "
+                             "float frames none")
+        stored = frames if given else store_frames(x, info.dtype)
+        if not stored.finite():
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf "
                              f"(as {info.dtype})")
-        return stored, None
+        return stored
 
-    def add(self, utt: Utterance, features: dict[str, np.ndarray]) -> None:
-        """Add one utterance's table row and its (T, D) features per encoder (the frames go to the shard files
-        now); StoreError leaves nothing added."""
+    def add(self, utt: Utterance, features: dict[str, np.ndarray | StoredFrames]) -> None:
+        """Add one utterance's table row and its (T, D) features per encoder, float frames or `store_frames`' output
+        (the frames go to the shard files now); StoreError leaves nothing added."""
         self._check_open()
         if not isinstance(utt.id, str) or not utt.id:
             raise StoreError(f"utterance id {utt.id!r}: must be a non-empty string")
@@ -140,14 +134,14 @@ class StoreWriter:
         converted = {name: self._convert(utt.id, name, frames) for name, frames in features.items()}
         self._rows.append(utt)
         self._ids.add(utt.id)
-        for name, (stored, scale) in converted.items():
-            stream = self._stream(self._encoders[name], stored.dtype)
-            stream.spool.append(stored)
+        for name, stored in converted.items():
+            stream = self._stream(self._encoders[name], stored.values.dtype)
+            stream.spool.append(stored.values)
             stream.ids.append(utt.id)
-            stream.lengths.append(len(stored))
-            stream.checksums.append(frames_checksum(stored, scale))
-            if scale is not None:
-                stream.scales.append(scale)
+            stream.lengths.append(len(stored.values))
+            stream.checksums.append(frames_checksum(stored.values, stored.scale))
+            if stored.scale is not None:
+                stream.scales.append(stored.scale)
 
     def _stream(self, info: EncoderInfo, dtype: np.dtype) -> _EncoderStream:
         stream = self._streams.get(info.name)

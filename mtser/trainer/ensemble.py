@@ -3,11 +3,12 @@
 Task 1 averages the class probabilities of the `ensemble.class_top_k` best Task-1 fine-tunings by development
 macro-F1 (the paper: one model). Per attribute, the mean of the `ensemble.attribute_top_k` best Task-2 fine-tunings
 by that attribute's development CCC (the paper: 3), plus forced members: `ensemble.extra_members` selectors (the
-paper added the best stage-1 ASP model to valence) and external prediction files in the challenge format (the paper
-added the challenge baseline's predictions to arousal and dominance), aligned by `FileName`.
+paper added the ASP Task-2 parent, "the pre-trained model that incorporated attention pooling", to valence) and
+external prediction files in the challenge format (the paper added the challenge baseline's predictions to arousal
+and dominance; `ensemble.external` declares them), aligned by `FileName`.
 
-`build_ensemble` scores members and the ensemble on a split, writes the challenge CSVs and a manifest
-(`ensemble.json`) that `mtser predict` loads.
+`build_ensemble` scores members and the ensemble on a split, on the utterances every member can read (members may
+use different encoders), writes the challenge CSVs and a manifest (`ensemble.json`) that `mtser predict` loads.
 """
 from __future__ import annotations
 
@@ -57,18 +58,23 @@ def _ranked(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return rows[rows[metric].notna()].sort_values([metric, "trial"], ascending=[False, True])
 
 
-def _matches(rows: pd.DataFrame, selector: MemberSelector) -> pd.DataFrame:
+def _matches(rows: pd.DataFrame, selector: MemberSelector, results: pd.DataFrame) -> pd.DataFrame:
+    """`rows` that match `selector`; `parent_for` looks up the `parent` column of the whole results table."""
     keep = rows["stage"] == selector.stage
     if selector.pooling is not None:
         keep &= rows["pooling"] == selector.pooling
     if selector.task is not None:
         keep &= rows["task"] == selector.task
+    if selector.parent_for is not None:
+        parents = results.loc[results["task"] == selector.parent_for, "parent"] if "parent" in results else []
+        keep &= rows["trial"].isin(set(parents))
     return rows[keep]
 
 
 def select_members(results: pd.DataFrame, cfg: EnsembleConfig) -> dict[str, list[dict[str, Any]]]:
     """Members per task from the results table (ties broken by trial name): the top k of the allowed pool, then the
-    attribute's forced `extra_members` (the best match of each selector not already in)."""
+    attribute's forced `extra_members` (the best match of each selector not already in; `parent_for` selectors
+    match the stage-1 points the results table names as `parent` of that task's fine-tunings)."""
     done = results[results["status"].isin(FINISHED) & results["checkpoint"].notna()]
     if done.empty:
         raise EnsembleError("no finished trial with a checkpoint in the results table")
@@ -86,11 +92,13 @@ def select_members(results: pd.DataFrame, cfg: EnsembleConfig) -> dict[str, list
         chosen[task] = [_member(r, metric) for _, r in ranked.iterrows()]
         for selector in cfg.extra_members.get(task, []):
             taken = {m["trial"] for m in chosen[task]}
-            candidates = _ranked(_matches(done, selector), metric)
+            candidates = _ranked(_matches(done, selector, results), metric)
             candidates = candidates[~candidates["trial"].isin(taken)]
             if candidates.empty:
+                hint = (f" (parent_for: {selector.parent_for} needs the search's stage-2 {selector.parent_for} "
+                        "fine-tunings in results.csv)" if selector.parent_for else "")
                 raise EnsembleError(f"ensemble.extra_members.{task}: no finished trial matches {selector} "
-                                    f"beyond the {len(taken)} already chosen")
+                                    f"beyond the {len(taken)} already chosen{hint}")
             chosen[task].append(_member(candidates.iloc[0], metric, forced=True))
     return chosen
 
@@ -174,27 +182,53 @@ def combine(members: dict[str, list[dict[str, Any]]], outputs: dict[str, Predict
     return Predictions(first.ids, probs, attrs)
 
 
-def member_outputs(checkpoints: list[str], store, split: str, storage_options: dict | None = None
-                   ) -> tuple[dict[str, Predictions], dict[str, dict]]:
-    """Predictions of each distinct checkpoint on `split`, plus each checkpoint's sidecar meta."""
+def load_members(checkpoints: list[str], store, storage_options: dict | None = None) -> dict[str, tuple[Any, dict]]:
+    """(model, sidecar meta) of each distinct checkpoint, each checked against the store's encoders."""
     from mtser.trainer.checkpoint import load_checkpoint
-    from mtser.trainer.data import evaluation_ids
-    from mtser.trainer.infer import check_store_matches, predict
+    from mtser.trainer.infer import check_store_matches
 
-    outputs, metas = {}, {}
-    ids: list[str] | None = None
+    loaded = {}
     for path in dict.fromkeys(checkpoints):
-        model, cfg, meta = load_checkpoint(path, storage_options=storage_options)
+        model, _, meta = load_checkpoint(path, storage_options=storage_options)
         check_store_matches(meta, store)
-        encoders = list(model.encoder_dims)
-        if ids is None:
-            ids = evaluation_ids(store, encoders, split)
-            if not ids:
-                raise EnsembleError(f"{store.url}: no {split} utterances with features of {encoders}")
-        probs, attrs = predict(model, store, ids)
-        outputs[path] = Predictions(ids, np.asarray(probs), np.asarray(attrs))
-        metas[path] = meta
-    return outputs, metas
+        loaded[path] = (model, meta)
+    return loaded
+
+
+def common_ids(store, split: str, encoders: dict[str, list[str]]) -> tuple[list[str], dict[str, Any]]:
+    """The `split` utterances every member can read (features of all its encoders; `encoders`: member -> its
+    encoders), in the first member's order, and what the others lack: {"scored": n, "dropped": n, "first": [a few
+    dropped ids], "lacking": {encoder: n dropped without its features}, "needed_by": {encoder: [members]}}."""
+    from mtser.trainer.data import evaluation_ids
+
+    readable = {key: evaluation_ids(store, list(key), split) for key in map(tuple, encoders.values())}
+    common = set.intersection(*map(set, readable.values()))
+    ids = [i for i in next(iter(readable.values())) if i in common]
+    dropped = set().union(*readable.values()) - common
+    lacking = {name: len(dropped - set(store.ids(split=split, encoder=name)))
+               for name in dict.fromkeys(n for names in encoders.values() for n in names)}
+    lacking = {name: n for name, n in lacking.items() if n}
+    return ids, {"scored": len(ids), "dropped": len(dropped), "first": sorted(dropped)[:3], "lacking": lacking,
+                 "needed_by": {name: [m for m, names in encoders.items() if name in names] for name in lacking}}
+
+
+def coverage_line(split: str, coverage: dict[str, Any]) -> str | None:
+    """One line on the utterances that members trained on different encoders cannot all read (None: none)."""
+    if not coverage.get("dropped"):
+        return None
+    why = "; ".join(f"{n} lack {name} features (needed by {', '.join(coverage['needed_by'][name])})"
+                    for name, n in coverage["lacking"].items())
+    return (f"{split}: scored on the {coverage['scored']} utterances every member can read; dropped "
+            f"{coverage['dropped']} (first: {', '.join(coverage['first'])}): {why}")
+
+
+def missing_external_lines(missing: dict[str, str]) -> list[str]:
+    """One line per expected external member (`ensemble.external`) that was not given."""
+    by_name: dict[str, list[str]] = {}
+    for attribute, name in missing.items():
+        by_name.setdefault(name, []).append(attribute)
+    return [f"ensemble.external: {name!r} for {', '.join(attrs)} not given: built without it (add it with "
+            f"--extra-member {','.join(attrs)}=FILE)" for name, attrs in by_name.items()]
 
 
 def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
@@ -214,6 +248,7 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     import dataclasses
 
     from mtser.featurestore.store import open_store
+    from mtser.trainer.infer import predict
 
     run_dir = as_run(run_dir, storage_options)
     out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
@@ -225,10 +260,19 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
         cfg = dataclasses.replace(cfg, class_top_k=k, attribute_top_k=k)
     members = select_members(results, cfg)
     add_external(members, external or {}, storage_options)
+    missing_external = {name: label for name, label in cfg.external.items() if name not in (external or {})}
     store = open_store(store_url, storage_options=storage_options)
     checkpoints = [m["checkpoint"] for ms in members.values() for m in ms if "checkpoint" in m]
-    outputs, metas = member_outputs(checkpoints, store, split, storage_options)
-    ids = next(iter(outputs.values())).ids
+    loaded = load_members(checkpoints, store, storage_options)
+    names = {**dict(zip(results["checkpoint"].astype(str), results["trial"])),
+             **{member_key(m): m["trial"] for ms in members.values() for m in ms}}
+    ids, coverage = common_ids(store, split, {names[path]: list(model.encoder_dims)
+                                              for path, (model, _) in loaded.items()})
+    if not ids:
+        raise EnsembleError(f"{store.url}: no {split} utterance has the features every member needs "
+                            f"({sorted({n for m, _ in loaded.values() for n in m.encoder_dims})})")
+    outputs = {path: Predictions(ids, *map(np.asarray, predict(model, store, ids)))
+               for path, (model, _) in loaded.items()}
     for m in (m for ms in members.values() for m in ms if "external" in m):
         outputs.setdefault(member_key(m), external_predictions(m["external"], ids, storage_options))
     ensemble = combine(members, outputs)
@@ -241,13 +285,15 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     out_dir.write_csv(f"{split}/attributes.csv", table[["FileName", *ATTRIBUTE_COLUMNS.values()]], "%.6f")
     out_dir.write_csv(f"{split}/predictions.csv", table, "%.6f")
 
-    names = {**dict(zip(results["checkpoint"].astype(str), results["trial"])),
-             **{member_key(m): m["trial"] for ms in members.values() for m in ms}}
+    metas = [meta for _, meta in loaded.values()]
     manifest = _merge_previous(out_dir, {
         "class_top_k": cfg.class_top_k, "attribute_top_k": cfg.attribute_top_k, "store": store_url,
         "run": run_dir.url,
-        "store_provenance": next(iter(metas.values()))["store"],
+        "store_provenance": {**metas[0]["store"],          # every member's encoders (members may differ in them)
+                             "encoders": {n: e for meta in metas for n, e in meta["store"]["encoders"].items()}},
         "members": members,
+        "missing_external": missing_external,
+        "coverage": {split: coverage},
         "member_metrics": {split: {names.get(key, key): m for key, m in member_metrics.items()}},
         "metrics": {split: summarize(ensemble.probs, ensemble.attrs, labels)},
         "files": {split: {name: out_dir.url_of(f"{split}/{name}.csv")
@@ -262,7 +308,7 @@ def _merge_previous(out_dir: RunFolder, manifest: dict[str, Any]) -> dict[str, A
     if out_dir.exists(MANIFEST):
         previous = out_dir.read_json(MANIFEST)
         if previous.get("members") == manifest["members"] and previous.get("store") == manifest["store"]:
-            for key in ("member_metrics", "metrics", "files"):
+            for key in ("coverage", "member_metrics", "metrics", "files"):
                 manifest[key] = {**previous.get(key, {}), **manifest[key]}
     return manifest
 

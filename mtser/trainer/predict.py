@@ -1,7 +1,8 @@
 """Audio files → the store's encoders (run on the fly, same config the store records) → an ensemble → one row per file.
 
-The features are rounded to the store's dtype before the models see them, so a file gets exactly the prediction the
-ensemble gives the same utterance read from the store.
+The encoders' frames go through what storing does to them (`featurestore.frames`: float16 rounding, int8
+quantisation) before the models see them, so a file gets exactly the prediction the ensemble gives the same utterance
+read from the store.
 """
 from __future__ import annotations
 
@@ -52,26 +53,18 @@ def _utterance(path: str, transcripts: Path | None) -> Utterance:
     return Utterance(id=path, path=path, transcript=text or None, transcript_source="human" if text else None)
 
 
-def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
-    """The encoders exactly as the store recorded them in the members' checkpoints (run in the compute dtype the
-    store's features were computed in: float32 for stores that predate the record), and each one's stored dtype."""
+def encoder_configs(metas: list[dict]) -> list[EncoderConfig]:
+    """The encoders exactly as the store recorded them in the members' checkpoints: run in the compute dtype the
+    store's features were computed in (float32 for stores that predate the record), their frames converted as the
+    store keeps them (its dtype; `featurestore.frames`)."""
     infos: dict[str, dict] = {}
     for meta in metas:
         for name, info in meta["store"]["encoders"].items():
             if infos.setdefault(name, info) != info:
                 raise EnsembleError(f"ensemble members disagree on encoder {name!r}: {infos[name]} vs {info}")
-    configs = [from_dict(EncoderConfig, {**info["config"], "compute_dtype": info.get("compute_dtype", "float32")})
-               for info in infos.values()]
-    return configs, {name: info["dtype"] for name, info in infos.items()}
-
-
-def as_stored(features: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
-    """Round float features through the store's dtype (float16 storage loses precision the models then see)."""
-    out = {}
-    for name, array in features.items():
-        dtype = dtypes.get(name, "float32")
-        out[name] = array.astype(dtype).astype(np.float32) if dtype.startswith("float") else array
-    return out
+    return [from_dict(EncoderConfig, {**info["config"], "dtype": info["dtype"],
+                                      "compute_dtype": info.get("compute_dtype", "float32")})
+            for info in infos.values()]
 
 
 def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
@@ -98,12 +91,11 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
     for path in paths:
         models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
         metas.append(meta)
-    encoders, dtypes = encoder_configs(metas)
     utts, failures = collect_inputs(inputs, transcripts)
-    features, _, failed = encode_utterances(encoders, utts, device=device) if utts else ({}, {}, {})
+    features, _, failed = encode_utterances(encoder_configs(metas), utts, device=device) if utts else ({}, {}, {})
     failures.update(failed)
     ids = [u.id for u in utts if u.id in features and u.id not in failed]
-    per_utt = [as_stored(features[i], dtypes) for i in ids]
+    per_utt = [features[i] for i in ids]
     outputs = {}
     for path, model in models.items():
         probs, attrs = predict_features(model, per_utt, device=device) if per_utt else (np.zeros((0, 8)),
