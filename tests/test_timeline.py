@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mtser.cli.main import app
 from mtser.config import ConfigError, TimelineConfig, from_dict
 from mtser.featurestore.vad import VAD_RATE, VAD_WINDOW, Span, SpeechActivity, cut_segments, plan_segments
-from search_support import ray_module, search_run  # noqa: F401 (fixtures)
+from search_support import finished_run, ray_module  # noqa: F401 (fixtures)
 
 MTSER = str(Path(sys.executable).with_name("mtser"))
 PROBS = [f"prob_{c}" for c in "ASHUFDCN"]
@@ -119,11 +119,13 @@ def test_vad_segments_find_every_utterance_of_a_recording(recording):
 
 # -------------------------------------------------------------------------------------------- one prediction path
 @pytest.fixture(scope="module")
-def ensemble_dir(search_run, demo_store):
-    run, _ = search_run
-    result = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store)])
+def ensemble_dir(demo_store, tmp_path_factory, ray_module):
+    """The ensemble of the session's shared search (built once; this module's own copy of its manifest)."""
+    run, _ = finished_run(str(demo_store), str(tmp_path_factory.getbasetemp() / "shared-search"))
+    out = tmp_path_factory.mktemp("timeline-ensemble")
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return run / "ensemble"
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +223,13 @@ def test_timeline_command_tables_figures_bad_input_and_resume(ensemble_dir, demo
 
 
 def test_a_killed_timeline_resumes_and_equals_an_uninterrupted_run(ensemble_dir, recording, tmp_path):
-    path, _ = recording
+    path, truth = recording
+    wave, rate = soundfile.read(path, dtype="float32")
     files = []
     for k in range(3):                                       # three files: the kill lands after the first commit
         files.append(tmp_path / f"part{k}.wav")
-        files[-1].write_bytes(path.read_bytes())
+        start, end = truth.start_s.iloc[k] - 0.3, truth.end_s.iloc[k + 1] + 0.3
+        soundfile.write(files[-1], wave[int(start * rate):int(end * rate)], rate)
     out = tmp_path / "killed"
     cmd = [MTSER, "predict", *map(str, files), "--timeline", "--ensemble", str(ensemble_dir), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

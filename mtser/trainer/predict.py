@@ -33,7 +33,7 @@ def collect_inputs(inputs: list[str | Path], transcripts: Path | None = None
     for item in map(Path, inputs):
         if item.is_dir():
             read = read_folder(item)
-            problems.update({str(item): p.reason for p in read.problems})
+            problems.update({p.item or p.source: p.reason for p in read.problems})
             paths += [u.path for u in read.utterances]
         elif item.is_file():
             paths.append(str(item))
