@@ -192,6 +192,40 @@ class EnsembleConfig:
 
 
 @dataclass
+class TimelineConfig:
+    """`mtser predict --timeline`: how long recordings are cut into segments (defaults from MSP-Podcast, whose
+    utterances are mostly 2-12 s)."""
+
+    segment: Literal["vad", "fixed"] = "vad"    # vad: Silero VAD speech regions; fixed: a regular grid of windows
+    min_segment_s: float = 2.0                  # vad: shorter pieces are widened into the surrounding non-speech
+    max_segment_s: float = 12.0                 # vad: longer speech is cut at the quietest point in range
+    max_pause_s: float = 0.5                    # vad: speech regions closer than this are one segment (if it fits)
+    min_speech_s: float = 0.25                  # vad: shorter speech islands are ignored
+    vad_threshold: float = 0.5                  # vad: Silero's speech probability threshold
+    window_s: float = 4.0                       # fixed: window length
+    hop_s: float = 2.0                          # fixed: window start every hop_s
+    block_s: float = 60.0                       # audio decoded at a time (memory is bounded by this, not the file)
+    batch_seconds: float = 60.0                 # audio seconds per encoder batch
+
+    def __post_init__(self) -> None:
+        for name in ("min_segment_s", "max_segment_s", "window_s", "hop_s", "block_s", "batch_seconds"):
+            value = getattr(self, name)
+            if not (value > 0 and value < float("inf")):
+                raise ConfigError(f"timeline.{name}: must be a positive number of seconds, got {value}")
+        for name in ("max_pause_s", "min_speech_s"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"timeline.{name}: must be >= 0 seconds, got {getattr(self, name)}")
+        if not self.max_segment_s >= 2 * self.min_segment_s:
+            raise ConfigError(f"timeline.max_segment_s: must be at least twice min_segment_s (so that any speech "
+                              f"run can be cut into allowed pieces), got {self.max_segment_s} < "
+                              f"2 × {self.min_segment_s}")
+        if not 0 < self.vad_threshold < 1:
+            raise ConfigError(f"timeline.vad_threshold: must be in (0, 1), got {self.vad_threshold}")
+        if self.hop_s > self.window_s:
+            raise ConfigError(f"timeline.hop_s: must not exceed window_s ({self.window_s}), got {self.hop_s}")
+
+
+@dataclass
 class Config:
     extract: ExtractConfig
     model: ModelConfig = field(default_factory=ModelConfig)

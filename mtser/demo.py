@@ -25,6 +25,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
+import pandas as pd
 
 from mtser.featurestore.labels import CLASSES
 
@@ -245,6 +246,48 @@ def _parse_wav_stream(data: bytes) -> tuple[np.ndarray, int]:
     start = data.index(b"data", 12) + 8
     body = data[start:len(data) - (len(data) - start) % 2]
     return np.frombuffer(body, dtype="<i2"), rate
+
+
+# ----------------------------------------------------------------------------------------------------- long recording
+def make_long_recording(corpus: Path, out: Path, utterances: int = 60, pause_s: tuple[float, float] = (0.2, 2.0),
+                        snr_db: float | None = 20.0, repeat_to_s: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """Concatenate demo-corpus utterances (sorted names, cycled) with random pauses into one 16 kHz WAV at `out`,
+    with white background noise at `snr_db` over the whole recording (None: none); with `repeat_to_s` the
+    utterances are cycled until the recording is that long. Written in pieces (hours need no more memory than an
+    utterance). Returns the truth: one row per utterance (`utterance`, `start_s`, `end_s`, `EmoClass`)."""
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    audios = sorted((Path(corpus) / "Audios").glob("*.wav"))
+    labels = _demo_labels(corpus)
+    if not audios:
+        raise ValueError(f"{corpus}: no Audios/*.wav")
+    waves = [soundfile.read(p, dtype="float32")[0] for p in audios]
+    power = float(np.mean([np.mean(w ** 2) for w in waves]))
+    noise = 0.0 if snr_db is None else np.sqrt(power / 10 ** (snr_db / 10))
+    rows, position, k = [], 0, 0
+    with soundfile.SoundFile(out, "w", SAMPLE_RATE, 1, "PCM_16") as f:
+        while k < utterances or position < repeat_to_s * SAMPLE_RATE:
+            i = k % len(audios)
+            pause = np.zeros(int(rng.uniform(*pause_s) * SAMPLE_RATE), np.float32)
+            for piece, name in ((pause, None), (waves[i], audios[i].name)):
+                if name is not None:
+                    rows.append({"utterance": name, "start_s": position / SAMPLE_RATE,
+                                 "end_s": (position + len(piece)) / SAMPLE_RATE, "EmoClass": labels.get(name)})
+                f.write(np.clip(piece + noise * rng.standard_normal(len(piece)), -1, 1))
+                position += len(piece)
+            k += 1
+        tail = np.zeros(int(pause_s[1] * SAMPLE_RATE), np.float32)
+        f.write(np.clip(tail + noise * rng.standard_normal(len(tail)), -1, 1))
+    return pd.DataFrame(rows)
+
+
+def _demo_labels(corpus: Path) -> dict[str, str]:
+    path = Path(corpus) / "Labels" / "labels_consensus.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["FileName"]: row["EmoClass"] for row in csv.DictReader(f)}
 
 
 # ---------------------------------------------------------------------------------------------------------- encoders

@@ -9,6 +9,7 @@ import typer
 def register(app: typer.Typer) -> None:
     app.command("demo-corpus")(demo_corpus)
     app.command("make-test-encoders")(make_test_encoders)
+    app.command("demo-recording")(demo_recording)
 
 
 def demo_corpus(
@@ -42,3 +43,24 @@ def make_test_encoders(
         raise typer.Exit(1) from None
     for name, path in paths.items():
         typer.echo(f"make-test-encoders: {name} -> {path}")
+
+
+def demo_recording(
+    corpus: Path = typer.Argument(..., help="A demo corpus (mtser demo-corpus)."),
+    out: Path = typer.Argument(..., help="The WAV file to write."),
+    utterances: int = typer.Option(60, "--utterances", min=1, help="Utterances in the recording (cycled)."),
+    minutes: float = typer.Option(0.0, "--minutes", min=0.0, help="Cycle utterances until this long."),
+    snr_db: float = typer.Option(20.0, "--snr-db", help="White background noise at this SNR."),
+    seed: int = typer.Option(0, "--seed", help="Pauses and noise."),
+) -> None:
+    """A long recording made of demo utterances with pauses of 0.2-2 s (for `mtser predict --timeline`); the truth
+    (utterance, start_s, end_s, EmoClass) is written next to it as OUT.csv."""
+    from mtser.demo import make_long_recording
+
+    try:
+        truth = make_long_recording(corpus, out, utterances, snr_db=snr_db, repeat_to_s=minutes * 60, seed=seed)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"demo-recording: {exc}", err=True)
+        raise typer.Exit(1) from None
+    truth.to_csv(out.with_suffix(".csv"), index=False)
+    typer.echo(f"demo-recording: {len(truth)} utterances, {truth['end_s'].max():.0f} s -> {out}")

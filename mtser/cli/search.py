@@ -97,22 +97,37 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Audio files and/or directories of audio."),
     ensemble: str = typer.Option(..., "--ensemble",
                                  help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder; a path or URL."),
-    out: Path = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it."),
+    out: str = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it; with --timeline "
+                            "the output folder (path or URL; required)."),
     transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     skip_external: bool = typer.Option(False, "--skip-external", help="Drop the ensemble's external members "
                                        "(prediction files, which cannot score new audio) instead of refusing."),
+    timeline: bool = typer.Option(False, "--timeline", help="Emotion over time: cut each file into speech segments "
+                                  "and predict every segment (tables, summary and figures in --out)."),
+    segment: str = typer.Option("vad", "--segment", help="--timeline: vad (speech segments) or fixed (a grid)."),
+    min_segment: float = typer.Option(2.0, "--min-segment", help="--timeline vad: shortest segment (s)."),
+    max_segment: float = typer.Option(12.0, "--max-segment", help="--timeline vad: longest segment (s)."),
+    window: float = typer.Option(4.0, "--window", help="--timeline fixed: window length (s)."),
+    hop: float = typer.Option(2.0, "--hop", help="--timeline fixed: a window every HOP seconds."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
-    """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance."""
+    """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance (per
+    file, or per segment over time with --timeline)."""
     from mtser.config import ConfigError
     from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError
-    from mtser.trainer.predict import predict_files
 
+    options = parse_storage_options(storage_options)
     try:
+        if timeline:
+            _timeline(inputs, ensemble, out, device, skip_external, options, segment=segment,
+                      min_segment_s=min_segment, max_segment_s=max_segment, window_s=window, hop_s=hop)
+            return
+        from mtser.trainer.predict import long_files, predict_files
+
         run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
-                            storage_options=parse_storage_options(storage_options))
+                            storage_options=options)
     except (EnsembleError, ConfigError) as exc:      # ConfigError: e.g. an encoder with pickled weights only
         _fail(str(exc), 2)
     except CheckpointError as exc:
@@ -122,8 +137,32 @@ def predict(
         typer.echo(f"wrote {len(run.table)} rows to {out}")
     else:
         typer.echo(run.table.to_string(index=False, float_format="%.4f"))
+    for name, seconds in long_files(run.table["FileName"].tolist(), max_segment).items():
+        typer.echo(f"note: {name} is {seconds:.0f} s long: this is one prediction for the whole file; "
+                   "`--timeline` predicts each speech segment over time", err=True)
     for name, reason in run.failures.items():
         typer.echo(f"skipped {name}: {reason}", err=True)
+    if run.failures:
+        raise typer.Exit(1)
+
+
+def _timeline(inputs: list[Path], ensemble: str, out: str | None, device: str, skip_external: bool,
+              options: dict | None, **settings) -> None:
+    from mtser.config import ConfigError, TimelineConfig, from_dict
+    from mtser.trainer.timeline import TimelineError, predict_timeline, status_line
+
+    if not out:
+        _fail("--timeline needs --out FOLDER (tables, summary and figures are written there)", 2)
+    try:
+        cfg = from_dict(TimelineConfig, settings, "timeline")
+        run = predict_timeline(inputs, ensemble, out, cfg, device=device, skip_external=skip_external,
+                               storage_options=options)
+    except (ConfigError, TimelineError) as exc:
+        _fail(str(exc), 2)
+    typer.echo(status_line(run))
+    typer.echo(f"wrote segments.csv/.parquet, summary.csv/.parquet, timeline.html and png/ to {out}")
+    for name, reason in run.failures.items():
+        typer.echo(f"failed {name}: {reason}", err=True)
     if run.failures:
         raise typer.Exit(1)
 

@@ -8,7 +8,8 @@ file for its samples, small ranged reads for a header); messages name the path o
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import numpy as np
@@ -76,6 +77,57 @@ def load_audio(path: str, sample_rate: int = 16000, files: CorpusFiles | None = 
     if rate != sample_rate:
         mono = AF.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def stream_audio(path: str, sample_rate: int = 16000, block_seconds: float = 60.0,
+                 files: CorpusFiles | None = None) -> Iterator[np.ndarray]:
+    """`load_audio`'s samples in consecutive blocks of about `block_seconds`, decoded and resampled block by block,
+    so a recording of any length is never held whole. Blocks are resampled with a margin of real neighbouring
+    samples on each side (cut off afterwards) and start at multiples of the rate ratio's period, so the
+    concatenated blocks equal one resampling of the whole file up to float rounding. Raises `AudioError` like
+    `load_audio` (an all-silent file is not an error here: a timeline reports it as having no speech)."""
+    files = files or CorpusFiles()
+    try:
+        if not is_url(path) and not files.fs(path).isfile(path):
+            raise FileNotFoundError(path)
+        sound = soundfile.SoundFile(files.open_stream(path))
+    except FileNotFoundError:
+        raise AudioError(f"audio file not found: {path}") from None
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise AudioError(f"unreadable or corrupt audio: {path}: {getattr(exc, 'error_string', exc)}") from None
+    with sound:
+        rate = sound.samplerate
+        if sound.frames == 0:
+            raise AudioError("empty audio (0 samples)")
+        period = rate // math.gcd(rate, sample_rate)          # input samples per whole number of output samples
+        block = max(1, round(block_seconds * rate / period)) * period
+        margin = 0 if rate == sample_rate else period * max(1, math.ceil(0.05 * rate / period))  # >= 50 ms
+        out_per_period = sample_rate * period // rate
+        previous = np.zeros(0, np.float32)                    # the margin before the current block
+        current = _read_mono(sound, block, path)
+        while current.size:
+            following = _read_mono(sound, block, path)
+            if rate == sample_rate:
+                yield current
+            else:
+                ahead = following[:margin]
+                window = np.concatenate([previous, current, ahead])
+                resampled = AF.resample(torch.from_numpy(window), rate, sample_rate).numpy()
+                start = len(previous) // period * out_per_period
+                count = math.ceil(len(current) * sample_rate / rate)
+                yield np.ascontiguousarray(resampled[start:start + count], dtype=np.float32)
+            previous = current[-margin:] if margin else previous
+            current = following
+
+
+def _read_mono(sound: soundfile.SoundFile, frames: int, path: str) -> np.ndarray:
+    try:
+        samples = sound.read(frames, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise AudioError(f"unreadable or corrupt audio: {path}: {getattr(exc, 'error_string', exc)}") from None
+    if not np.isfinite(samples).all():
+        raise AudioError("audio has NaN/Inf samples")
+    return samples.mean(axis=1) if samples.size else np.zeros(0, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- augmentation

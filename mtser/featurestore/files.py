@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 HEADER_BLOCK = 64 * 1024        # bytes fetched per request when only an audio file's header is read
+STREAM_BLOCK = 8 * 2**20        # bytes fetched per request when a long recording is decoded block by block
 
 
 def is_url(path: str) -> bool:
@@ -126,6 +127,12 @@ class CorpusFiles:
         if not is_url(path):
             return _local(path)
         return self.fs(path).open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+
+    def open_stream(self, path: str) -> Any:
+        """A seekable file read in large sequential blocks (long recordings decoded in pieces), or the local path."""
+        if not is_url(path):
+            return _local(path)
+        return self.fs(path).open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
 
 
 def _list_local(folder: str) -> dict[str, str]:

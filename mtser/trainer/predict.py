@@ -34,7 +34,7 @@ def collect_inputs(inputs: list[str | Path], transcripts: Path | None = None
     for item in map(Path, inputs):
         if item.is_dir():
             read = read_folder(item)
-            problems.update({str(item): p.reason for p in read.problems})
+            problems.update({p.item or p.source: p.reason for p in read.problems})
             paths += [u.path for u in read.utterances]
         elif item.is_file():
             paths.append(str(item))
@@ -67,38 +67,62 @@ def encoder_configs(metas: list[dict]) -> list[EncoderConfig]:
             for info in infos.values()]
 
 
-def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
-                  transcripts: Path | None = None, skip_external: bool = False,
-                  storage_options: dict | None = None) -> PredictionRun:
-    """Run the ensemble at `ensemble` (manifest file or its directory, local or a URL) on audio files; bad files are
-    skipped. `storage_options` apply to the manifest and the member checkpoints.
+class EnsembleScorer:
+    """An ensemble's member models, loaded once, and the encoders that feed them (as the store recorded them):
+    per-utterance features in, the ensemble's `Predictions` out. Used by `predict_files` and the timeline.
 
     External members (prediction files of a fixed split) cannot predict new audio: an ensemble with them is refused
     (EnsembleError, usage) unless `skip_external` drops them."""
-    from mtser.featurestore.pipeline import encode_utterances
-    from mtser.trainer.checkpoint import load_checkpoint
-    from mtser.trainer.infer import predict_features
 
-    manifest = load_manifest(ensemble, storage_options)
-    external = external_members(manifest)
-    if external and not skip_external:
-        listed = "; ".join(f"{Path(f).name} for {', '.join(tasks)}" for f, tasks in external.items())
-        raise EnsembleError(f"{ensemble}: the ensemble has external members ({listed}), predictions of a fixed split "
-                            "that cannot score new audio; pass --skip-external to predict without them", usage=True)
-    members = without_external(manifest)
-    paths = list(dict.fromkeys(member_key(m) for ms in members.values() for m in ms))
-    models, metas = {}, []
-    for path in paths:
-        models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
-        metas.append(meta)
+    def __init__(self, ensemble: str | Path, device: str = "cpu", skip_external: bool = False,
+                 storage_options: dict | None = None):
+        from mtser.trainer.checkpoint import load_checkpoint
+
+        manifest = load_manifest(ensemble, storage_options)
+        external = external_members(manifest)
+        if external and not skip_external:
+            listed = "; ".join(f"{Path(f).name} for {', '.join(tasks)}" for f, tasks in external.items())
+            raise EnsembleError(f"{ensemble}: the ensemble has external members ({listed}), predictions of a fixed "
+                                "split that cannot score new audio; pass --skip-external to predict without them",
+                                usage=True)
+        self.device, self.members = device, without_external(manifest)
+        self.models, metas = {}, []
+        for path in dict.fromkeys(member_key(m) for ms in self.members.values() for m in ms):
+            self.models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
+            metas.append(meta)
+        self.encoders = encoder_configs(metas)
+
+    def score(self, ids: list[str], features: list[dict[str, np.ndarray]]) -> Predictions:
+        """The ensemble's predictions for utterances given their features as a store reader gets them (float32
+        values of the stored frames: `featurestore.frames`, as `pipeline.encode_utterances` returns them)."""
+        from mtser.trainer.infer import predict_features
+
+        outputs = {}
+        for path, model in self.models.items():
+            probs, attrs = (predict_features(model, features, device=self.device) if features
+                            else (np.zeros((0, 8)), np.zeros((0, 3))))
+            outputs[path] = Predictions(list(ids), np.asarray(probs), np.asarray(attrs))
+        return combine(self.members, outputs)
+
+
+def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = "cpu",
+                  transcripts: Path | None = None, skip_external: bool = False,
+                  storage_options: dict | None = None) -> PredictionRun:
+    """Run the ensemble at `ensemble` (manifest file or its directory, local or a URL) on audio files, one
+    prediction per whole file; bad files are skipped. `storage_options` apply to the manifest and the member
+    checkpoints."""
+    from mtser.featurestore.pipeline import encode_utterances
+
+    scorer = EnsembleScorer(ensemble, device, skip_external, storage_options)
     utts, failures = collect_inputs(inputs, transcripts)
-    features, _, failed = encode_utterances(encoder_configs(metas), utts, device=device) if utts else ({}, {}, {})
+    features, _, failed = encode_utterances(scorer.encoders, utts, device=device) if utts else ({}, {}, {})
     failures.update(failed)
     ids = [u.id for u in utts if u.id in features and u.id not in failed]
-    per_utt = [features[i] for i in ids]
-    outputs = {}
-    for path, model in models.items():
-        probs, attrs = predict_features(model, per_utt, device=device) if per_utt else (np.zeros((0, 8)),
-                                                                                          np.zeros((0, 3)))
-        outputs[path] = Predictions(ids, np.asarray(probs), np.asarray(attrs))
-    return PredictionRun(prediction_table(combine(members, outputs)), failures)
+    return PredictionRun(prediction_table(scorer.score(ids, [features[i] for i in ids])), failures)
+
+
+def long_files(paths: list[str], seconds: float) -> dict[str, float]:
+    """The files among `paths` longer than `seconds` (from their headers), with their lengths."""
+    from mtser.featurestore.audio import audio_durations
+
+    return {p: d for p, d in zip(paths, audio_durations(paths)) if d > seconds}
