@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
+from mtser.cli.errors import DATA, CliError
 from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
 
 features_app = typer.Typer(help="Inspect, export and verify a feature store.", no_args_is_help=True)
@@ -25,9 +26,8 @@ def _open(store: str, storage_options: str | None):
         _fail(exc)
 
 
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+def _fail(exc: Exception) -> NoReturn:
+    raise CliError(str(exc), DATA)
 
 
 def _size(n: int) -> str:
@@ -42,7 +42,12 @@ def _size(n: int) -> str:
 def ls(store: str = typer.Argument(..., help="Store path or URL."), storage_options: Optional[str] = STORAGE_OPTIONS,
        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Encoders, utterance counts per split and bytes."""
-    summary = _open(store, storage_options).summary()
+    from mtser.featurestore.store import StoreError
+
+    try:
+        summary = _open(store, storage_options).summary()
+    except StoreError as exc:
+        _fail(exc)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -66,10 +71,14 @@ def show(store: str = typer.Argument(..., help="Store path or URL."), utt_id: st
     from mtser.featurestore.store import StoreError
 
     fs = _open(store, storage_options)
-    if utt_id not in fs.utterances.index:
+    try:
+        table = fs.utterances
+    except StoreError as exc:
+        _fail(exc)
+    if utt_id not in table.index:
         _fail(StoreError(f"{store}: no utterance {utt_id!r} in the store"))
     typer.echo(utt_id)
-    for column, value in fs.utterances.loc[utt_id].items():
+    for column, value in table.loc[utt_id].items():
         typer.echo(f"  {column}: {value}")
     names = [encoder] if encoder else [n for n in sorted(fs.encoders) if fs.has(utt_id, n)]
     for name in names:

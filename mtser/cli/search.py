@@ -6,12 +6,10 @@ from pathlib import Path
 
 import typer
 
-from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+from mtser.cli.errors import fail as _fail
+from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def tune(
@@ -105,11 +103,12 @@ def predict(
     from mtser.trainer.ensemble import EnsembleError
     from mtser.trainer.predict import predict_files
 
+    check_output_file(out, "--out")
     try:
         run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
                             storage_options=parse_storage_options(storage_options))
     except EnsembleError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), 2 if exc.usage else 1)
     except CheckpointError as exc:
         _fail(f"ensemble member: {exc}")
     if out:

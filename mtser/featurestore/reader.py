@@ -133,6 +133,7 @@ class FeatureStore:
         metas = fetch(self._store, [f"{b}/frames/zarr.json" for b in bases])
         parts = {name: Part(name, attrs, {}) for name, attrs in committed.items()}
         for k, ((part, enc), base, meta) in enumerate(zip(keys, bases, metas)):
+            _check_offsets(base, arrays[2 * k], arrays[2 * k + 1])
             layout = FramesLayout.parse(f"{base}/frames", json.loads(meta)) if meta is not None else None
             parts[part].segments[enc] = Segment(
                 part, self.encoders[enc], np.asarray(arrays[2 * k], dtype=object), arrays[2 * k + 1].astype(np.int64),
@@ -190,8 +191,13 @@ class FeatureStore:
         extra = () if table == "utterances" else ("part",)
         if not parts:
             return _empty_table(columns + extra)
-        arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
-                                             part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
+        try:
+            arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
+                                                 part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
+        except (KeyError, ValueError) as exc:             # a missing array, a corrupt chunk
+            reason = exc.args[0] if exc.args else type(exc).__name__
+            raise StoreError(f"{self.url}: the {table} table is unreadable ({reason}); run `mtser features verify`"
+                             ) from None
         by_column = [arrays[j::len(columns)] for j in range(len(columns))]
         data = {c: _table_column(c, np.concatenate(v)) for c, v in zip(columns, by_column)}
         if extra:
@@ -322,6 +328,12 @@ class FeatureStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_offsets(base: str, ids: np.ndarray, offsets: np.ndarray) -> None:
+    """A segment's offsets: one more than its ids, from 0, never decreasing (ValueError naming the array)."""
+    if len(offsets) != len(ids) + 1 or (len(offsets) and offsets[0] != 0) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{base}/offsets: {len(offsets)} offsets for {len(ids)} ids, not n+1 non-decreasing from 0")
 
 
 def _table_column(name: str, values: np.ndarray) -> np.ndarray:
