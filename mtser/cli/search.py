@@ -2,6 +2,7 @@
 predict,report}."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -18,6 +19,8 @@ def tune(
     out: str = typer.Option(..., "--out", help="Run folder, a path or URL (trials, checkpoints, Ray logs, results.csv)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted search: run only unfinished trials."),
     stage: list[int] = typer.Option([1, 2], "--stage", help="Stages to run (repeat the option); default both."),
+    yes: bool = typer.Option(False, "--yes", help="Run a search whose plan is large (more than 200 grid points, or "
+                             "estimated memory or time beyond this machine) without asking."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
@@ -31,8 +34,15 @@ def tune(
     from mtser.trainer.tune import SearchError, run_search
 
     options = parse_storage_options(storage_options)
+
+    def approve(plan) -> bool:
+        """A large plan is printed; it runs with --yes, or when an interactive user confirms it."""
+        typer.echo(f"{plan.text()}\n  needs approval: {'; '.join(plan.problems())}", err=True)
+        return yes or (sys.stdin.isatty() and typer.confirm("run this search?", err=True))
+
     try:
-        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options)
+        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
+                             approve=approve)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except SearchError as exc:

@@ -217,6 +217,7 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
 
     run_dir = as_run(run_dir, storage_options)
     out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
+    previous = load_manifest(out_dir.url_of(MANIFEST), storage_options) if out_dir.exists(MANIFEST) else None
     results = load_results(run_dir)
     cfg = configured_ensemble(run_dir)
     if k is not None:
@@ -243,7 +244,7 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
 
     names = {**dict(zip(results["checkpoint"].astype(str), results["trial"])),
              **{member_key(m): m["trial"] for ms in members.values() for m in ms}}
-    manifest = _merge_previous(out_dir, {
+    manifest = _merge_previous(previous, {
         "class_top_k": cfg.class_top_k, "attribute_top_k": cfg.attribute_top_k, "store": store_url,
         "run": run_dir.url,
         "store_provenance": next(iter(metas.values()))["store"],
@@ -257,11 +258,11 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     return manifest
 
 
-def _merge_previous(out_dir: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Keep other splits' metrics and files from an earlier call with the same members; an earlier manifest that
-    cannot be read is an error (EnsembleError), not replaced unseen."""
-    if out_dir.exists(MANIFEST):
-        previous = load_manifest(out_dir.url_of(MANIFEST), out_dir.storage_options)
+def _merge_previous(previous: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Keep other splits' metrics and files from an earlier call with the same members (`previous`: the manifest
+    already in the output folder, read and validated before any work, so that a damaged one is named, not replaced
+    unseen)."""
+    if previous is not None:
         if previous.get("members") == manifest["members"] and previous.get("store") == manifest["store"]:
             for key in ("member_metrics", "metrics", "files"):
                 manifest[key] = {**previous.get(key, {}), **manifest[key]}
@@ -324,6 +325,9 @@ def validate_manifest(manifest: Any, path: str) -> None:
         got = sorted(map(str, members))[:10] if isinstance(members, dict) else shown(members)
         raise EnsembleError(f"{path}: not a valid ensemble manifest: members: expected an object with the tasks "
                             f"{list(TASKS)}, got {got}")
+    for key in ("member_metrics", "metrics", "files"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise EnsembleError(f"{path}: not a valid ensemble manifest: {key}: expected an object")
     for task in TASKS:
         if not isinstance(members[task], list) or not members[task]:
             raise EnsembleError(f"{path}: not a valid ensemble manifest: members.{task}: expected a non-empty list")
