@@ -67,11 +67,11 @@ def _check_part(store: FeatureStore, part: Part, report: VerifyReport) -> None:
             if rows != recorded:
                 report.problems.append(Problem(part.name, None, None, f"{name} table has {rows} rows, "
                                                f"commit recorded {recorded}"))
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, StoreError) as exc:
             report.problems.append(Problem(part.name, None, None, f"{name} table unreadable: {exc}"))
     try:
         table = store.part_table(part.name, "utterances")
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, StoreError) as exc:
         report.problems.append(Problem(part.name, None, None, f"utterance table unreadable: {exc}"))
         return
     table_ids = set(table["id"])
