@@ -394,7 +394,7 @@ def parse_yaml(text: str, where: str) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {shown(' '.join(str(exc).split()), 300)}") from None
+        raise ConfigError(f"{where}: not valid YAML: {_cut(' '.join(str(exc).split()), 300)}") from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply") from None
     _check_expanded_size(data, where)
@@ -417,9 +417,12 @@ def _check_expanded_size(data: Any, where: str) -> None:
             stack.extend(node)
 
 
-def shown(value: Any, limit: int = MAX_SHOWN) -> str:
-    """`value` as a message shows it: its repr (strings: the text), cut to `limit` characters."""
-    text = value if isinstance(value, str) and limit > MAX_SHOWN else repr(value)
+def shown(value: Any) -> str:
+    """`value` as a message quotes it: its repr, cut to MAX_SHOWN characters."""
+    return _cut(repr(value), MAX_SHOWN)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
 
 

@@ -193,7 +193,8 @@ class FeatureStore:
             return _empty_table(columns + extra)
         try:
             arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
-                                                 part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
+                                                 part_schema(self._state.parts[p].attrs))
+                                                for p in parts for c in columns])
         except (KeyError, ValueError) as exc:             # a missing array, a corrupt chunk
             reason = exc.args[0] if exc.args else type(exc).__name__
             raise StoreError(f"{self.url}: the {table} table is unreadable ({reason}); run `mtser features verify`"

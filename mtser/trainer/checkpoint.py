@@ -123,8 +123,8 @@ def validate_sidecar(meta: object, path: str | Path) -> None:
         raise CheckpointError(f"{where}: input_dims: names no encoder")
     for name, dim in dims.items():
         if type(dim) is not int or not 1 <= dim <= MAX_INPUT_DIM:
-            raise CheckpointError(f"{where}: input_dims.{name[:MAX_SHOWN]}: expected an integer in [1, {MAX_INPUT_DIM}], "
-                                  f"got {shown(dim)}")
+            raise CheckpointError(f"{where}: input_dims.{name[:MAX_SHOWN]}: expected an integer in "
+                                  f"[1, {MAX_INPUT_DIM}], got {shown(dim)}")
     encoders = meta["store"].get("encoders")
     if not isinstance(encoders, dict) or not all(isinstance(encoders.get(n), dict) for n in dims):
         raise CheckpointError(f"{where}: store.encoders: expected the provenance of each of {sorted(dims)}, "

@@ -25,7 +25,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from mtser.config import Config, ConfigError, GridPoint, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
+from mtser.config import (
+    Config, ConfigError, GridPoint, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict,
+)
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
@@ -168,7 +170,11 @@ def member_cost(spec: TrialSpec, store) -> MemberCost:
 
 def auto_cohort_size(spec: TrialSpec, store, memory_gb: float) -> int:
     """Members of `spec`'s architecture that fit `memory_gb` by `cohort.member_bytes` (at least 1)."""
-    return max(1, int(memory_gb * 2**30 // member_cost(spec, store).bytes))
+    return _members_fitting(memory_gb, member_cost(spec, store).bytes)
+
+
+def _members_fitting(memory_gb: float, member_bytes: int) -> int:
+    return max(1, int(memory_gb * 2**30 // member_bytes))
 
 
 def available_memory() -> int:
@@ -181,8 +187,9 @@ def available_memory() -> int:
         candidates.append(int(fields["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError):
         candidates.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    v1 = "/sys/fs/cgroup/memory/memory"
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                         (f"{v1}.limit_in_bytes", f"{v1}.usage_in_bytes")):
         try:
             with open(limit) as f, open(usage) as g:
                 candidates.append(int(f.read().strip()) - int(g.read().strip()))   # "max": no limit (ValueError)
@@ -253,8 +260,9 @@ def plan_search(search: SearchConfig, base: Path, store, run_dir: RunFolder, thr
 
     Stage-1 points differ only in α, β (loss weights, shared by a cohort) and pooling, so one spec per pooling
     stands for all of its points: the plan of a search of any size costs a few config loads."""
+    resumed = run_dir.exists("search.json")            # else nothing is finished: no look-up per point
     points = [p for p in search.stage1_points()
-              if not is_finished(run_dir, 1, point_name(p.alpha, p.beta, p.pooling))]
+              if not (resumed and is_finished(run_dir, 1, point_name(p.alpha, p.beta, p.pooling)))]
     memory_gb = trial_memory_gb(search)
     cohorts, largest, cohort_bytes, flops, first = 0, 0, 0, 0.0, None
     for pooling in dict.fromkeys(p.pooling for p in points):
@@ -263,7 +271,7 @@ def plan_search(search: SearchConfig, base: Path, store, run_dir: RunFolder, thr
                                                 pooling=[]), base, "cpu")[0]
         cost = member_cost(spec, store)
         first = first or (spec, cost)
-        size = min(n, search.cohort_size or max(1, int(memory_gb * 2**30 // cost.bytes)))
+        size = min(n, search.cohort_size or _members_fitting(memory_gb, cost.bytes))
         cohorts += math.ceil(n / size)
         largest = max(largest, size)
         cohort_bytes = max(cohort_bytes, size * cost.bytes)
@@ -273,9 +281,9 @@ def plan_search(search: SearchConfig, base: Path, store, run_dir: RunFolder, thr
         spec, cost = first
         dim = sum(search.dim_parents.values()) if isinstance(search.dim_parents, dict) else search.dim_parents
         for task, n in (("cat", search.cat_parents * len(search.cat_variants)), ("dim", dim * len(search.sigma))):
+            schedule = spec.config["finetune"][task]
             stage2 += n
-            flops += n * cost.flops * spec.config["finetune"][task]["epochs"] * spec.config["finetune"][task][
-                "samples_per_epoch"]
+            flops += n * cost.flops * schedule["epochs"] * schedule["samples_per_epoch"]
     concurrent = concurrent_trials(search)
     hours = flops / (NOMINAL_FLOPS * threads * min(concurrent, max(cohorts, 1))) / 3600
     return SearchPlan(len(points), stage2, cohorts, largest, cohort_bytes, concurrent, available_memory(), hours)
