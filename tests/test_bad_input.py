@@ -276,14 +276,20 @@ def test_features_ls_and_show_name_a_damaged_store(store, tmp_path, damage, word
     assert_one_line(run(*args), 1, *words)
 
 
-def test_an_unreachable_endpoint_is_one_line(tmp_path):
+@pytest.mark.parametrize("args, words", [
+    (["features", "ls", "s3://bucket/store.zarr"], ["s3://bucket/store.zarr: cannot read the store root"]),
+    (["evaluate", "s3://bucket/run/best", "--store", "{store}"], ["s3://bucket/run/best: cannot read checkpoint.json"]),
+    (["predict", "a.wav", "--ensemble", "s3://bucket/ensemble.json"],
+     ["s3://bucket/ensemble.json: cannot read ensemble manifest"]),
+], ids=["store", "checkpoint", "manifest"])
+def test_an_unreachable_endpoint_is_one_line(store, args, words):
     with socket.socket() as s:                           # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     options = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
                           "config_kwargs": {"retries": {"max_attempts": 1}}})
-    result = run("features", "ls", "s3://bucket/store.zarr", "--storage-options", options)
-    assert_one_line(result, 1, "s3://bucket/store.zarr: cannot read the store root", "Could not connect")
+    result = run(*[a.format(store=store) for a in args], "--storage-options", options)
+    assert_one_line(result, 1, *words, "Could not connect")
 
 
 # ------------------------------------------------------------------------------------------------------------- search

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from mtser.config import MAX_SHOWN, Config, ConfigError, ModelConfig, from_dict, shown, to_dict
+from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.model import FusionModel
 from mtser.trainer.runs import write_atomic
@@ -82,7 +83,12 @@ def update_sidecar(path: Path, **fields) -> None:
 def _read(path: str | Path, name: str, storage_options: dict | None) -> bytes:
     """The bytes of file `name` in checkpoint `path` (a local directory or a URL); FileNotFoundError if missing."""
     fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    return fs.cat_file(f"{root.rstrip('/')}/{name}")
+    try:
+        return fs.cat_file(f"{root.rstrip('/')}/{name}")
+    except FileNotFoundError:
+        raise
+    except (OSError, *remote_errors()) as exc:             # unreachable, forbidden, a folder where a file should be
+        raise CheckpointError(f"{path}: cannot read {name}: {exc}") from None
 
 
 def read_sidecar(path: str | Path, storage_options: dict | None = None) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mtser.config import EnsembleConfig, MemberSelector, shown
+from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -304,9 +305,10 @@ def load_manifest(path: str | Path, storage_options: dict | None = None) -> dict
     folder, _, name = path.rpartition("/")
     try:
         manifest = as_run(folder, storage_options).read_json(name)
-    except OSError as exc:
-        raise EnsembleError(f"{path}: cannot read ensemble manifest: {exc.strerror or 'no such file'}",
-                            usage=True) from None
+    except (OSError, *remote_errors()) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or "no such file"
+        raise EnsembleError(f"{path}: cannot read ensemble manifest: {reason}",
+                            usage=isinstance(exc, FileNotFoundError)) from None     # a wrong path is a usage error
     except ValueError as exc:
         raise EnsembleError(f"{path}: not a valid ensemble manifest: {exc}") from None
     validate_manifest(manifest, path)
