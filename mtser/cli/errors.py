@@ -20,4 +20,5 @@ class CliError(Exception):
 
 
 def fail(message: str, code: int = DATA) -> NoReturn:
+    """Stop the command with `message` and exit code `code`."""
     raise CliError(message, code)

@@ -11,8 +11,6 @@ from mtser.cli.errors import fail as _fail
 from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
 
 
-
-
 def tune(
     search: Path = typer.Option(..., "--search", help="Search space YAML (configs/grid.yaml)."),
     store: str = typer.Option(..., "--store", help="Feature store URL or path."),
