@@ -134,6 +134,9 @@ def test_train_refuses_a_non_empty_out_unless_overwrite(store, checkpoint, tmp_p
     assert_one_line(again, 2, f"--out {out}", "not empty", "best, history.csv", "--overwrite")
     finetune = run("finetune", "--from", checkpoint, "--task", "cat", "--store", store, "--out", out)
     assert_one_line(finetune, 2, "not empty", "--overwrite")
+    into_parent = run("finetune", "--from", out / "best", "--task", "cat", "--store", store, "--out", out,
+                      "--overwrite")
+    assert_one_line(into_parent, 2, "holds the parent checkpoint")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before           # nothing lost
     replaced = run("train", "--config", config, "--store", store, "--out", out, "--no-progress", "--overwrite",
                    "--set", "train.seed=1")

@@ -149,6 +149,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc), 2) from None
         except CheckpointError as exc:
             raise _fail(str(exc), 1) from None
+        if "://" not in from_ and Path(from_).resolve().is_relative_to(out.resolve()):
+            raise _fail(f"--out {out}: holds the parent checkpoint --from {from_}; choose another folder", 2)
         _check_out(out, overwrite)
         _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_,
                            on_epoch=_epoch_printer(cfg.schedule("finetune", task).validation is not None),
