@@ -7,6 +7,7 @@ other dataclass (the search space in `configs/grid.yaml`, for instance).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,17 @@ class ExtractConfig:
     asr_language: str = "en"
     asr_max_new_tokens: int = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "batch_seconds", "shard_seconds", "asr_max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.augment < 0:
+            raise ConfigError(f"augment: must be >= 0, got {self.augment}")
+        for name in ("augment_snr_db", "augment_gain_db", "augment_rt60_s"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ConfigError(f"{name}: need low <= high, got [{low}, {high}]")
 
 
 @dataclass
@@ -266,7 +278,7 @@ class Config:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.model.dropout}")
         weights = self.loss.class_weights
         if isinstance(weights, list) and (len(weights) != 8 or min(weights) < 0):
-            raise ConfigError(f"loss.class_weights: need 8 non-negative values (A,S,H,U,F,D,C,N), got {weights}")
+            raise ConfigError(f"loss.class_weights: need 8 non-negative values (A,S,H,U,F,D,C,N), got {shown(weights)}")
         if self.model.encoders is not None:
             unknown = sorted(set(self.model.encoders) - set(names))
             if unknown:
@@ -352,7 +364,7 @@ class SearchConfig:
         weights += [(f"points[{i}]", v) for i, p in enumerate(self.points) for v in (p.alpha, p.beta)]
         bad = [f"{key}={v}" for key, v in weights if v < 0]
         if bad:
-            raise ConfigError(f"weights must be non-negative, got {bad}")
+            raise ConfigError(f"weights must be non-negative, got {shown(bad)}")
         if self.points:
             zero = [i for i, p in enumerate(self.points) if p.alpha + p.beta == 0]
             if zero:
@@ -369,7 +381,7 @@ class SearchConfig:
             raise ConfigError(f"cohort_memory_gb: must be positive, got {self.cohort_memory_gb}")
         bad_sigma = [s for s in self.sigma if s is not None and s <= 0]
         if bad_sigma:
-            raise ConfigError(f"sigma: must be positive or null, got {bad_sigma}")
+            raise ConfigError(f"sigma: must be positive or null, got {shown(bad_sigma)}")
         if isinstance(self.dim_parents, dict):
             unknown = sorted(set(self.dim_parents) - {"asp", "mean"})
             if unknown:
@@ -394,14 +406,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     return load_yaml_as(path, Config, overrides)
 
 
+MAX_CONFIG_BYTES = 1 << 20        # a recipe is a few KB; anything near this is not a config
+MAX_CONFIG_VALUES = 100_000       # values after YAML aliases are expanded (an "alias bomb" expands to billions)
+MAX_SHOWN = 80                    # characters of a value echoed into an error message
+
+
 def load_yaml_as(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
+    """Load and validate a YAML file as dataclass `cls`; every problem is a ConfigError naming the file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = parse_yaml(_read_text(path), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for dotted, value in (overrides or {}).items():
@@ -412,6 +425,58 @@ def load_yaml_as(path: str | Path, cls: type[T], overrides: dict[str, Any] | Non
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _read_text(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Safe-load YAML text (no Python objects), refusing documents whose aliases expand to more than
+    MAX_CONFIG_VALUES values or that nest too deeply; errors name `where` and never echo a long value."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_cut(' '.join(str(exc).split()), 300)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    _check_expanded_size(data, where)
+    return data
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """Count values as if every alias were copied out (shared nodes count each time they are reached), stopping
+    at MAX_CONFIG_VALUES: linear in the limit however large the expansion."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?); "
+                              "not a config")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def shown(value: Any) -> str:
+    """`value` as a message quotes it: its repr, cut to MAX_SHOWN characters."""
+    return _cut(repr(value), MAX_SHOWN)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
+
+
 def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node = raw
     *parents, last = dotted.split(".")
@@ -419,6 +484,7 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
+    _check_expanded_size(value, dotted)
     node[last] = value
 
 
@@ -439,9 +505,9 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (allowed: {sorted(fields)})")
+        raise ConfigError(f"{_join(where, unknown[0][:MAX_SHOWN])}: unknown key (allowed: {sorted(fields)})")
     kwargs = {}
     for name, f in fields.items():
         key = _join(where, name)
@@ -476,16 +542,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is type(None):
         if value is None or value == "none":
             return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
+        raise ConfigError(f"{key}: expected null, got {shown(value)}")
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {shown(value)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
@@ -494,27 +560,34 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
+        if args[0] is str and not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: keys must be strings, got {shown(list(value))}")
         return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise ConfigError(f"{key}: unsupported type {tp}")

@@ -278,9 +278,9 @@ def test_cli_train_finetune_evaluate(store_url, tmp_path):
 @pytest.mark.parametrize("args, code, message", [
     (["train", "--config", "{cfg}", "--store", "{store}", "--out", "{out}", "--set", "model.dropout=2"], 2,
      "model.dropout: must be in [0, 1)"),
-    (["train", "--config", "{cfg}", "--store", "{store}", "--out", "{out}", "--set", "loss.penalty_weight_grad=maybe"],
-     2, "loss.penalty_weight_grad: expected true/false, got 'maybe'"),
-    (["train", "--config", "{cfg}", "--store", "{out}/missing.zarr", "--out", "{out}"], 1, "missing.zarr"),
+    (["train", "--config", "{cfg}", "--store", "{store}", "--out", "{out}/new", "--set",
+      "loss.penalty_weight_grad=maybe"], 2, "loss.penalty_weight_grad: expected true/false, got 'maybe'"),
+    (["train", "--config", "{cfg}", "--store", "{out}/missing.zarr", "--out", "{out}/new"], 1, "missing.zarr"),
     (["finetune", "--from", "{out}", "--task", "cat", "--store", "{store}", "--out", "{out}"], 1,
      "not a checkpoint directory"),
     (["finetune", "--from", "{out}", "--task", "both", "--store", "{store}", "--out", "{out}"], 2, "--task"),

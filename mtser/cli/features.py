@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
+from mtser.cli.errors import DATA, CliError
 from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
 
 features_app = typer.Typer(help="Inspect, export and verify a feature store.", no_args_is_help=True)
@@ -25,9 +26,8 @@ def _open(store: str, storage_options: str | None):
         _fail(exc)
 
 
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+def _fail(exc: Exception) -> NoReturn:
+    raise CliError(str(exc), DATA)
 
 
 def _size(n: int) -> str:

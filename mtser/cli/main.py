@@ -1,9 +1,13 @@
 """The `mtser` console script: one typer app; each command group lives in its own module with `register(app)`."""
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Callable
 
 import typer
+
+from mtser.cli.errors import INTERRUPTED, CliError
 
 app = typer.Typer(
     name="mtser",
@@ -12,7 +16,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
 
 
 def _version(value: bool) -> None:
@@ -28,10 +31,35 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Multi-task speech emotion recognition: a distributed feature store plus a lightweight trainer."""
 
 
+def _guarded(name: str, command: Callable) -> Callable:
+    """`command` with CliError printed as one line with its exit code, and Ctrl-C as one line with exit code 130."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CliError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.code) from None
+        except KeyboardInterrupt:
+            typer.echo(f"{name}: interrupted", err=True)
+            raise typer.Exit(INTERRUPTED) from None
+    return run
+
+
+def _guard(group: typer.Typer, prefix: str = "") -> None:
+    for info in group.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        info.callback = _guarded(f"{prefix}{name}", info.callback)
+    for sub in group.registered_groups:
+        _guard(sub.typer_instance, f"{prefix}{sub.name} ")
+
+
 # Each module registers its commands; order here is the order `mtser --help` lists them in.
 COMMAND_MODULES = ("demo", "extract", "features", "train", "search")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"mtser.cli.{_name}").register(app)
+_guard(app)
 
 
 def main() -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
+
+from mtser.cli.errors import USAGE, CliError
 
 STORAGE_OPTIONS = typer.Option(None, "--storage-options",
                                help="fsspec options of the command's URLs (store, corpus, run folder, checkpoints, "
@@ -15,9 +18,17 @@ def parse_storage_options(text: str | None) -> dict | None:
     try:
         options = json.loads(text) if text else None
     except json.JSONDecodeError as exc:
-        typer.echo(f"error: --storage-options is not valid JSON: {exc}", err=True)
-        raise typer.Exit(2)
+        raise CliError(f"--storage-options is not valid JSON: {exc}", USAGE) from None
     if options is not None and not isinstance(options, dict):
-        typer.echo("error: --storage-options must be a JSON object", err=True)
-        raise typer.Exit(2)
+        raise CliError("--storage-options must be a JSON object", USAGE)
     return options
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Before any work: `path` (an output file) must not be a folder and its folder must exist (exit 2 otherwise)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CliError(f"{option} {path}: is a folder; give a file name", USAGE)
+    if not path.absolute().parent.is_dir():
+        raise CliError(f"{option} {path}: folder {path.absolute().parent} does not exist", USAGE)

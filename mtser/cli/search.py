@@ -2,16 +2,13 @@
 predict,report}."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+from mtser.cli.errors import fail as _fail
+from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
 
 
 def tune(
@@ -20,6 +17,8 @@ def tune(
     out: str = typer.Option(..., "--out", help="Run folder, a path or URL (trials, checkpoints, Ray logs, results.csv)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted search: run only unfinished trials."),
     stage: list[int] = typer.Option([1, 2], "--stage", help="Stages to run (repeat the option); default both."),
+    yes: bool = typer.Option(False, "--yes", help="Run a search whose plan is large (more than 200 grid points, or "
+                             "estimated memory or time beyond this machine) without asking."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
@@ -33,8 +32,15 @@ def tune(
     from mtser.trainer.tune import SearchError, run_search
 
     options = parse_storage_options(storage_options)
+
+    def approve(plan) -> bool:
+        """A large plan is printed; it runs with --yes, or when an interactive user confirms it."""
+        typer.echo(f"{plan.text()}\n  needs approval: {'; '.join(plan.problems())}", err=True)
+        return yes or (sys.stdin.isatty() and typer.confirm("run this search?", err=True))
+
     try:
-        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options)
+        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
+                             approve=approve)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except SearchError as exc:
@@ -119,6 +125,8 @@ def predict(
     from mtser.trainer.ensemble import EnsembleError
 
     options = parse_storage_options(storage_options)
+    if not timeline:
+        check_output_file(Path(out) if out else None, "--out")
     try:
         if timeline:
             _timeline(inputs, ensemble, out, device, skip_external, options, segment=segment,
@@ -128,8 +136,10 @@ def predict(
 
         run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
                             storage_options=options)
-    except (EnsembleError, ConfigError) as exc:      # ConfigError: e.g. an encoder with pickled weights only
+    except ConfigError as exc:                       # e.g. an encoder with pickled weights only
         _fail(str(exc), 2)
+    except EnsembleError as exc:
+        _fail(str(exc), 2 if exc.usage else 1)
     except CheckpointError as exc:
         _fail(f"ensemble member: {exc}")
     if out:

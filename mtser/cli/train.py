@@ -1,13 +1,16 @@
 """`mtser train` (stage 1), `mtser finetune` (stage 2) and `mtser evaluate`: parse, call mtser.trainer.loop (and infer), print."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+from mtser.cli.errors import CliError
+from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
 
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace the results (best/, history.csv) in a non-empty --out.")
 METRIC_ORDER = ("f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "score", "loss")
 
 
@@ -26,22 +29,38 @@ def _epoch_printer(held_out: bool):
     return show
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+def _fail(message: str, code: int) -> CliError:
+    return CliError(message, code)
 
 
 def _overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs, values parsed as YAML (numbers, null, lists)."""
-    import yaml
+    """`key=value` pairs, values parsed as YAML (numbers, null, lists); ConfigError names a bad one."""
+    from mtser.config import parse_yaml
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise _fail(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=10", 2)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT that holds anything unless `overwrite` (then its earlier best/ and history.csv are removed
+    first, so that a run that fails early leaves none of the old results looking new)."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out}: exists and is not a folder", 2)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise _fail(f"--out {out}: folder is not empty (holds {', '.join(held[:5])}"
+                    f"{', ...' if len(held) > 5 else ''}); pass --overwrite to replace its results, or choose "
+                    "another folder", 2)
+    if held:
+        shutil.rmtree(out / "best", ignore_errors=True)
+        (out / "history.csv").unlink(missing_ok=True)
 
 
 def _run(train_call) -> None:
@@ -67,7 +86,9 @@ def register(app: typer.Typer) -> None:
     def train_command(
         config: Path = typer.Option(..., "--config", help="Recipe config (configs/paper.yaml)."),
         store: str = typer.Option(..., "--store", help="Feature store URL or path."),
-        out: Path = typer.Option(..., "--out", help="Output directory (best/ checkpoint, history.csv)."),
+        out: Path = typer.Option(..., "--out", help="Output directory (best/ checkpoint, history.csv); must be "
+                                                    "empty or new unless --overwrite."),
+        overwrite: bool = OVERWRITE,
         set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=10."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
         storage_options: str = STORAGE_OPTIONS,
@@ -81,6 +102,7 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
         options = parse_storage_options(storage_options)
+        _check_out(out, overwrite)
         _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_epoch_printer(cfg.train.validation is not None),
                            progress=progress, storage_options=options))
 
@@ -89,7 +111,8 @@ def register(app: typer.Typer) -> None:
         from_: str = typer.Option(..., "--from", help="Stage-1 checkpoint directory (path or URL)."),
         task: str = typer.Option(..., "--task", help="cat (classes, plain CE) or dim (attributes)."),
         store: str = typer.Option(..., "--store", help="Feature store URL or path."),
-        out: Path = typer.Option(..., "--out", help="Output directory."),
+        out: Path = typer.Option(..., "--out", help="Output directory; must be empty or new unless --overwrite."),
+        overwrite: bool = OVERWRITE,
         sigma: Optional[str] = typer.Option(None, "--sigma", help="dim: Gaussian-penalty width, or 'none' (plain MSE)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the checkpoint's)."),
         set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set finetune.cat.epochs=5."),
@@ -106,8 +129,10 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--task: expected cat or dim, got {task!r}", 2)
         try:
             width = None if sigma is None or sigma.lower() == "none" else float(sigma)
+            if width is not None and not (math.isfinite(width) and width > 0):
+                raise ValueError
         except ValueError:
-            raise _fail(f"--sigma: expected a number or 'none', got {sigma!r}", 2) from None
+            raise _fail(f"--sigma: expected a positive number or 'none', got {sigma!r}", 2) from None
         if width is not None and task != "dim":
             raise _fail("--sigma: only applies to --task dim", 2)
         options = parse_storage_options(storage_options)
@@ -124,6 +149,9 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc), 2) from None
         except CheckpointError as exc:
             raise _fail(str(exc), 1) from None
+        if "://" not in from_ and Path(from_).resolve().is_relative_to(out.resolve()):
+            raise _fail(f"--out {out}: holds the parent checkpoint --from {from_}; choose another folder", 2)
+        _check_out(out, overwrite)
         _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_,
                            on_epoch=_epoch_printer(cfg.schedule("finetune", task).validation is not None),
                            progress=progress, storage_options=options))
@@ -148,6 +176,7 @@ def register(app: typer.Typer) -> None:
 
         if split not in SPLITS:
             raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
+        check_output_file(predictions, "--predictions")
         options = parse_storage_options(storage_options)
         try:
             fs = open_if_url(store, options)

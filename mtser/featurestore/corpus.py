@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mtser.featurestore.files import CorpusFiles
+from mtser.featurestore.files import CorpusFiles, remote_errors
 from mtser.featurestore.labels import ALL_CLASS_CODES, ATTRIBUTE_RANGE, ATTRIBUTES, SPLITS
 
 
@@ -99,7 +99,7 @@ def read_corpus(path: str | Path, storage_options: dict | None = None) -> Corpus
             return read_folder(path, files=files)
         if files.name(path).lower().endswith((".csv", ".jsonl")):
             return read_manifest(path, files=files)
-    except OSError as exc:          # an unreachable bucket, missing credentials, a permission error
+    except (OSError, *remote_errors()) as exc:   # an unreachable bucket or endpoint, missing credentials, permission
         raise CorpusError(f"{path}: cannot read: {type(exc).__name__}: {exc}") from None
     raise CorpusError(f"{path}: not a corpus (expected a folder, or a .csv / .jsonl manifest)")
 

@@ -24,6 +24,15 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def remote_errors() -> tuple[type[Exception], ...]:
+    """Errors of remote file systems that are not OSError (botocore's, e.g. an unreachable S3 endpoint)."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
+
+
 def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 

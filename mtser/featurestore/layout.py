@@ -18,6 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from mtser import __version__
+from mtser.featurestore.files import remote_errors
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
 SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
@@ -145,7 +146,7 @@ def root_attrs(store: Any, url: str) -> dict:
     """The root's mtser attributes; StoreError when `url` is not an mtser store or one too new to read."""
     try:
         meta = get_json(store, "zarr.json")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, *remote_errors()) as exc:
         raise StoreError(f"{url}: cannot read the store root: {exc}") from exc
     if meta is None:
         raise StoreError(f"{url}: not an mtser feature store (no zarr.json at its root)")

@@ -205,8 +205,14 @@ class FeatureStore:
         extra = () if table == "utterances" else ("part",)
         if not parts:
             return _empty_table(columns + extra)
-        arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
-                                             part_schema(self._state.parts[p].attrs)) for p in parts for c in columns])
+        try:
+            arrays = read_columns(self._store, [(f"parts/{p}/{table}/{c}", c not in FLOAT_COLUMNS,
+                                                 part_schema(self._state.parts[p].attrs))
+                                                for p in parts for c in columns])
+        except (KeyError, ValueError) as exc:             # a missing array, a corrupt chunk
+            reason = exc.args[0] if exc.args else type(exc).__name__
+            raise StoreError(f"{self.url}: the {table} table is unreadable ({reason}); run `mtser features verify`"
+                             ) from None
         by_column = [arrays[j::len(columns)] for j in range(len(columns))]
         recorded = {"utterances": "n_utterances", "failures": "n_failures", "warnings": "n_warnings"}[table]
         for k, part in enumerate(parts):

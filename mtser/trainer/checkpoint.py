@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from mtser.config import Config, from_dict, to_dict
+from mtser.config import MAX_SHOWN, Config, ConfigError, ModelConfig, from_dict, shown, to_dict
+from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.model import FusionModel
 from mtser.trainer.runs import write_atomic
@@ -89,7 +90,12 @@ def update_sidecar(path: Path, **fields) -> None:
 def _read(path: str | Path, name: str, storage_options: dict | None) -> bytes:
     """The bytes of file `name` in checkpoint `path` (a local directory or a URL); FileNotFoundError if missing."""
     fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    return fs.cat_file(f"{root.rstrip('/')}/{name}")
+    try:
+        return fs.cat_file(f"{root.rstrip('/')}/{name}")
+    except FileNotFoundError:
+        raise
+    except (OSError, *remote_errors()) as exc:             # unreachable, forbidden, a folder where a file should be
+        raise CheckpointError(f"{path}: cannot read {name}: {exc}") from None
 
 
 def read_sidecar(path: str | Path, storage_options: dict | None = None) -> dict:
@@ -97,14 +103,54 @@ def read_sidecar(path: str | Path, storage_options: dict | None = None) -> dict:
         meta = json.loads(_read(path, SIDECAR, storage_options))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a checkpoint directory (no {SIDECAR})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}/{SIDECAR}: not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
-    if meta.get("label_map", {}).get("classes") != list(CLASSES):
-        raise CheckpointError(f"{path}: label map {meta.get('label_map')} differs from this mtser's {list(CLASSES)}")
-    meta["config"] = _upgraded(meta.get("config", {}))
+    validate_sidecar(meta, path)
+    meta["config"] = _upgraded(meta["config"])
     return meta
+
+
+MAX_INPUT_DIM = 1 << 16           # features per frame of one encoder (the largest encoders have 1280-4096)
+MAX_PARAMETERS = 1 << 30          # 4 GiB of float32 weights; the paper's model has 66 million
+
+
+def validate_sidecar(meta: object, path: str | Path) -> None:
+    """The sidecar's schema, checked before anything is built from it: a JSON object of this format and version,
+    this mtser's label map, a config object, `input_dims` mapping encoder names to integers in
+    [1, MAX_INPUT_DIM], and `store` provenance naming each of those encoders. CheckpointError names the field."""
+    where = f"{path}/{SIDECAR}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {shown(meta.get('format'))} "
+                              f"v{shown(meta.get('version'))}")
+    label_map = meta.get("label_map")
+    if not isinstance(label_map, dict) or label_map.get("classes") != list(CLASSES):
+        raise CheckpointError(f"{path}: label map {shown(label_map)} differs from this mtser's {list(CLASSES)}")
+    for key in ("config", "input_dims", "store"):
+        if not isinstance(meta.get(key), dict):
+            got = shown(meta[key]) if key in meta else "nothing"
+            raise CheckpointError(f"{where}: {key}: expected an object, got {got}")
+    dims = meta["input_dims"]
+    if not dims:
+        raise CheckpointError(f"{where}: input_dims: names no encoder")
+    for name, dim in dims.items():
+        if type(dim) is not int or not 1 <= dim <= MAX_INPUT_DIM:
+            raise CheckpointError(f"{where}: input_dims.{name[:MAX_SHOWN]}: expected an integer in "
+                                  f"[1, {MAX_INPUT_DIM}], got {shown(dim)}")
+    encoders = meta["store"].get("encoders")
+    if not isinstance(encoders, dict) or not all(isinstance(encoders.get(n), dict) for n in dims):
+        raise CheckpointError(f"{where}: store.encoders: expected the provenance of each of {sorted(dims)}, "
+                              f"got {shown(encoders)}")
+
+
+def _model_within_bounds(dims: dict[str, int], cfg: ModelConfig, path: str | Path) -> None:
+    """Refuse to build a model of more than MAX_PARAMETERS parameters (counted without allocating)."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in FusionModel(dims, cfg).parameters())
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"{path}/{SIDECAR}: its model would have {parameters:,} parameters (at most "
+                              f"{MAX_PARAMETERS:,}); not a checkpoint this mtser wrote")
 
 
 def _upgraded(config: dict) -> dict:
@@ -125,7 +171,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storag
                     ) -> tuple[FusionModel, Config, dict]:
     """Rebuild the model from the sidecar and load its weights (safetensors: no pickle); model in eval mode."""
     meta = read_sidecar(path, storage_options)
-    cfg = from_dict(Config, meta["config"])
+    try:
+        cfg = from_dict(Config, meta["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}/{SIDECAR}: config: {exc}") from None
+    _model_within_bounds(meta["input_dims"], cfg.model, path)
     model = FusionModel(meta["input_dims"], cfg.model)
     try:
         raw = _read(path, WEIGHTS, storage_options)

@@ -330,3 +330,13 @@ def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int
         per_sample += 3 * cfg.proj_dim
     per_sample += cfg.lstm_layers * len(encoder_dims) * 10 * cfg.lstm_hidden
     return 16 * parameters + 4 * batch_size * per_sample
+
+
+def member_flops(encoder_dims: dict[str, int], cfg: ModelConfig, frames: dict[str, int]) -> float:
+    """Rough training FLOPs of one cohort member per sample (forward and backward ≈ 3 × 2 per multiply-add): every
+    parameter once per sample, plus with ASP the attention MLP's first layer over each frame (T·D·attention_dim
+    per encoder). A size for planning a search, not a measurement."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in FusionModel(encoder_dims, cfg).parameters())
+    per_frame = sum(frames[n] * d * cfg.attention_dim for n, d in encoder_dims.items()) if cfg.pooling == "asp" else 0
+    return 6.0 * (parameters + per_frame)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtser.config import EnsembleConfig, MemberSelector
+from mtser.config import EnsembleConfig, MemberSelector, shown
+from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -252,6 +253,7 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
 
     run_dir = as_run(run_dir, storage_options)
     out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
+    previous = load_manifest(out_dir.url_of(MANIFEST), storage_options) if out_dir.exists(MANIFEST) else None
     results = load_results(run_dir)
     cfg = configured_ensemble(run_dir)
     if k is not None:
@@ -286,7 +288,7 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     out_dir.write_csv(f"{split}/predictions.csv", table, "%.6f")
 
     metas = [meta for _, meta in loaded.values()]
-    manifest = _merge_previous(out_dir, {
+    manifest = _merge_previous(previous, {
         "class_top_k": cfg.class_top_k, "attribute_top_k": cfg.attribute_top_k, "store": store_url,
         "run": run_dir.url,
         "store_provenance": {**metas[0]["store"],          # every member's encoders (members may differ in them)
@@ -303,10 +305,11 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     return manifest
 
 
-def _merge_previous(out_dir: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Keep other splits' metrics and files from an earlier call with the same members."""
-    if out_dir.exists(MANIFEST):
-        previous = out_dir.read_json(MANIFEST)
+def _merge_previous(previous: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Keep other splits' metrics and files from an earlier call with the same members (`previous`: the manifest
+    already in the output folder, read and validated before any work, so that a damaged one is named, not replaced
+    unseen)."""
+    if previous is not None:
         if previous.get("members") == manifest["members"] and previous.get("store") == manifest["store"]:
             for key in ("coverage", "member_metrics", "metrics", "files"):
                 manifest[key] = {**previous.get(key, {}), **manifest[key]}
@@ -347,11 +350,41 @@ def load_manifest(path: str | Path, storage_options: dict | None = None) -> dict
         path = f"{path}/{MANIFEST}"
     folder, _, name = path.rpartition("/")
     try:
-        return as_run(folder, storage_options).read_json(name)
-    except OSError as exc:
-        raise EnsembleError(f"{path}: cannot read ensemble manifest: {exc.strerror or 'no such file'}") from None
+        manifest = as_run(folder, storage_options).read_json(name)
+    except (OSError, *remote_errors()) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or "no such file"
+        raise EnsembleError(f"{path}: cannot read ensemble manifest: {reason}",
+                            usage=isinstance(exc, FileNotFoundError)) from None     # a wrong path is a usage error
     except ValueError as exc:
         raise EnsembleError(f"{path}: not a valid ensemble manifest: {exc}") from None
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def validate_manifest(manifest: Any, path: str) -> None:
+    """A manifest's schema, checked before any member is loaded: a JSON object whose `members` maps each of
+    class, arousal, valence and dominance to a non-empty list of members, each a JSON object with a `trial` name and
+    a `checkpoint` or an `external` location (strings). EnsembleError names the field."""
+    if not isinstance(manifest, dict):
+        raise EnsembleError(f"{path}: not a valid ensemble manifest: expected a JSON object, got "
+                            f"{type(manifest).__name__}")
+    members = manifest.get("members")
+    if not isinstance(members, dict) or sorted(members) != sorted(TASKS):
+        got = sorted(map(str, members))[:10] if isinstance(members, dict) else shown(members)
+        raise EnsembleError(f"{path}: not a valid ensemble manifest: members: expected an object with the tasks "
+                            f"{list(TASKS)}, got {got}")
+    for key in ("member_metrics", "metrics", "files"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise EnsembleError(f"{path}: not a valid ensemble manifest: {key}: expected an object")
+    for task in TASKS:
+        if not isinstance(members[task], list) or not members[task]:
+            raise EnsembleError(f"{path}: not a valid ensemble manifest: members.{task}: expected a non-empty list")
+        for i, m in enumerate(members[task]):
+            where = f"{path}: not a valid ensemble manifest: members.{task}[{i}]"
+            if not isinstance(m, dict) or not isinstance(m.get("trial"), str):
+                raise EnsembleError(f"{where}: expected an object with a trial name, got {shown(m)}")
+            if not any(isinstance(m.get(k), str) for k in ("checkpoint", "external")):
+                raise EnsembleError(f"{where}: names no checkpoint (or external file)")
 
 
 def metrics_table(manifest: dict[str, Any], split: str) -> pd.DataFrame:

@@ -20,12 +20,14 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from mtser.config import Config, ConfigError, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict
+from mtser.config import (
+    Config, ConfigError, GridPoint, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict,
+)
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
@@ -144,18 +146,147 @@ def cohort_key(spec: TrialSpec) -> str:
                        "stage": spec.stage, "task": spec.task, "init_from": spec.init_from}, sort_keys=True)
 
 
-def auto_cohort_size(spec: TrialSpec, store, memory_gb: float) -> int:
-    """Members of `spec`'s architecture that fit `memory_gb` by `cohort.member_bytes` (at least 1)."""
-    from mtser.trainer.cohort import member_bytes
+@dataclass
+class MemberCost:
+    """What one member of `spec`'s architecture costs to train: memory (cohort.member_bytes) and rough FLOPs per
+    training sample (cohort.member_flops)."""
+
+    bytes: int
+    flops: float
+
+
+def member_cost(spec: TrialSpec, store) -> MemberCost:
+    from mtser.trainer.cohort import member_bytes, member_flops
     from mtser.trainer.data import training_ids
 
     cfg = from_dict(Config, spec.config)
     encoders = list(cfg.model.encoders) if cfg.model.encoders else sorted(store.encoders)
     ids = training_ids(store, encoders, spec.task)
     frames = {n: int(np.percentile([store.length(i, n) for i in ids], 95)) if ids else 1 for n in encoders}
-    per_member = member_bytes({n: store.encoders[n].dim for n in encoders}, cfg.model, spec.schedule["batch_size"],
-                              frames)
-    return max(1, int(memory_gb * 2**30 // per_member))
+    dims = {n: store.encoders[n].dim for n in encoders}
+    return MemberCost(member_bytes(dims, cfg.model, spec.schedule["batch_size"], frames),
+                      member_flops(dims, cfg.model, frames))
+
+
+def auto_cohort_size(spec: TrialSpec, store, memory_gb: float) -> int:
+    """Members of `spec`'s architecture that fit `memory_gb` by `cohort.member_bytes` (at least 1)."""
+    return _members_fitting(memory_gb, member_cost(spec, store).bytes)
+
+
+def _members_fitting(memory_gb: float, member_bytes: int) -> int:
+    return max(1, int(memory_gb * 2**30 // member_bytes))
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give now: /proc/meminfo's MemAvailable, capped by the cgroup's limit less
+    its usage where one is set (cgroup v2, else v1); the physical memory where /proc is missing."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        candidates.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        candidates.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    v1 = "/sys/fs/cgroup/memory/memory"
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (f"{v1}.limit_in_bytes", f"{v1}.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                candidates.append(int(f.read().strip()) - int(g.read().strip()))   # "max": no limit (ValueError)
+            break
+        except (OSError, ValueError):
+            continue
+    return max(0, min(candidates))
+
+
+def concurrent_trials(search: SearchConfig) -> int:
+    """Cohorts that train at once on one machine: this machine's CPUs over the per-trial CPUs, at most
+    `max_concurrent` when set."""
+    by_cpu = max(1, int((os.cpu_count() or 1) // max(search.resources.cpu, 1e-6)))
+    return min(search.max_concurrent, by_cpu) if search.max_concurrent else by_cpu
+
+
+MEMORY_SHARE = 0.75          # of the available memory, what cohorts may plan for (the rest: batches, Ray, Python)
+
+
+def trial_memory_gb(search: SearchConfig) -> float:
+    """The memory one cohort may plan for: `cohort_memory_gb`, capped by MEMORY_SHARE of the memory available now
+    shared among the cohorts that train at once."""
+    return min(search.cohort_memory_gb, MEMORY_SHARE * available_memory() / concurrent_trials(search) / 2**30)
+
+
+MAX_PLAN_POINTS = 200       # a larger search runs only when approved (`mtser tune --yes`)
+MAX_PLAN_HOURS = 24.0       # likewise a search estimated to take longer
+NOMINAL_FLOPS = 2e10        # float32 FLOP/s of one trial CPU the time estimate assumes (rough; fusion runs faster)
+
+
+@dataclass
+class SearchPlan:
+    """What a search is about to run (stage 1 exactly, stage 2 at most), shown before a large one starts."""
+
+    points: int                 # stage-1 grid points to train
+    stage2_points: int          # stage-2 grid points at most (fine-tunings of the best stage-1 points)
+    cohorts: int                # stage-1 cohorts (Ray Tune trials)
+    largest_cohort: int         # members of the largest
+    cohort_bytes: int           # its estimated training memory
+    concurrent: int             # cohorts that train at once on this machine
+    available_bytes: int        # memory available on this machine now
+    hours: float                # rough training time of stage 1 and at most stage 2, cohorts in parallel
+
+    def problems(self) -> list[str]:
+        """Why this plan needs approval (empty: it does not)."""
+        out = []
+        total = self.points + self.stage2_points
+        if total > MAX_PLAN_POINTS:
+            out.append(f"{total} grid points (more than {MAX_PLAN_POINTS})")
+        memory = self.cohort_bytes * min(self.concurrent, max(self.cohorts, 1))
+        if memory > self.available_bytes:
+            out.append(f"estimated memory {memory / 2**30:.1f} GiB beyond the {self.available_bytes / 2**30:.1f} GiB "
+                       "available")
+        if self.hours > MAX_PLAN_HOURS:
+            out.append(f"estimated time {self.hours:.0f} h (more than {MAX_PLAN_HOURS:.0f} h)")
+        return out
+
+    def text(self) -> str:
+        return (f"search plan: stage 1 {self.points} grid points in {self.cohorts} cohorts (largest "
+                f"{self.largest_cohort} members, ~{self.cohort_bytes / 2**30:.2f} GiB each, {self.concurrent} at once, "
+                f"{self.available_bytes / 2**30:.1f} GiB available); stage 2 at most {self.stage2_points} grid points; "
+                f"roughly {self.hours:.1f} h")
+
+
+def plan_search(search: SearchConfig, base: Path, store, run_dir: RunFolder, threads: int) -> SearchPlan:
+    """The plan of the stage-1 grid points not yet finished, in cohorts as `run_stage` forms them, and an upper
+    count of stage 2; the time assumes NOMINAL_FLOPS per trial thread and no speed-up from fusing members.
+
+    Stage-1 points differ only in α, β (loss weights, shared by a cohort) and pooling, so one spec per pooling
+    stands for all of its points: the plan of a search of any size costs a few config loads."""
+    resumed = run_dir.exists("search.json")            # else nothing is finished: no look-up per point
+    points = [p for p in search.stage1_points()
+              if not (resumed and is_finished(run_dir, 1, point_name(p.alpha, p.beta, p.pooling)))]
+    memory_gb = trial_memory_gb(search)
+    cohorts, largest, cohort_bytes, flops, first = 0, 0, 0, 0.0, None
+    for pooling in dict.fromkeys(p.pooling for p in points):
+        n = sum(p.pooling == pooling for p in points)
+        spec = stage1_specs(dataclasses.replace(search, points=[GridPoint(1.0, 1.0, pooling)], alpha=[], beta=[],
+                                                pooling=[]), base, "cpu")[0]
+        cost = member_cost(spec, store)
+        first = first or (spec, cost)
+        size = min(n, search.cohort_size or _members_fitting(memory_gb, cost.bytes))
+        cohorts += math.ceil(n / size)
+        largest = max(largest, size)
+        cohort_bytes = max(cohort_bytes, size * cost.bytes)
+        flops += n * cost.flops * spec.schedule["epochs"] * spec.schedule["samples_per_epoch"]
+    stage2 = 0
+    if 2 in search.stages and first is not None:
+        spec, cost = first
+        dim = sum(search.dim_parents.values()) if isinstance(search.dim_parents, dict) else search.dim_parents
+        for task, n in (("cat", search.cat_parents * len(search.cat_variants)), ("dim", dim * len(search.sigma))):
+            schedule = spec.config["finetune"][task]
+            stage2 += n
+            flops += n * cost.flops * schedule["epochs"] * schedule["samples_per_epoch"]
+    concurrent = concurrent_trials(search)
+    hours = flops / (NOMINAL_FLOPS * threads * min(concurrent, max(cohorts, 1))) / 3600
+    return SearchPlan(len(points), stage2, cohorts, largest, cohort_bytes, concurrent, available_memory(), hours)
 
 
 def group_cohorts(specs: list[TrialSpec], size_of: Any) -> list[CohortSpec]:
@@ -261,8 +392,9 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     if search.cohort_size is None:
         store = open_store(store_url, storage_options=run_dir.storage_options)
         sizes: dict[str, int] = {}
+        memory_gb = trial_memory_gb(search)
         cohorts = group_cohorts(pending, lambda s: sizes.setdefault(
-            cohort_key(s), auto_cohort_size(s, store, search.cohort_memory_gb)))
+            cohort_key(s), auto_cohort_size(s, store, memory_gb)))
     else:
         cohorts = group_cohorts(pending, lambda s: search.cohort_size)
     resources = trial_resources(search.resources, available_gpus())
@@ -304,9 +436,10 @@ def _status(run_dir: RunFolder, spec: TrialSpec) -> str:
     return read_state(run_dir, spec.stage, spec.name).get("status", "pending")
 
 
-def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Path, resume: bool
-                ) -> tuple[SearchConfig, Path]:
-    """Validate the search, record it in RUN/search.json; on --resume insist that it is the same search and store."""
+def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Path, resume: bool,
+                check: Callable[[SearchConfig, Path], None] | None = None) -> tuple[SearchConfig, Path]:
+    """Validate the search, call `check(search, base)` (which may refuse it), record it in RUN/search.json; on
+    --resume insist that it is the same search and store."""
     search = load_yaml_as(search_file, SearchConfig)
     base = (search_file.parent / search.base).resolve()
     load_config(base, search.overrides)             # fail now, naming the key, rather than in every trial
@@ -327,17 +460,21 @@ def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Pa
             if previous[key] != record[key]:
                 raise SearchError(f"{run_dir}: --resume with a different {key} than the run was started with "
                                   f"({previous[key]!r})", usage=True)
+    if check is not None:
+        check(search, base)
     run_dir.write_json("search.json", record)
     return search, base
 
 
 def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, resume: bool = False,
-               stages: tuple[int, ...] = (1, 2), verbose: int = 1,
-               storage_options: dict | None = None) -> SearchSummary:
+               stages: tuple[int, ...] = (1, 2), verbose: int = 1, storage_options: dict | None = None,
+               approve: Callable[[SearchPlan], bool] | None = None) -> SearchSummary:
     """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed grid points).
 
     `run_dir` is a local path or a URL; `storage_options` apply to it and to the store. A remote store (s3://...) is
-    copied once per node into the node's cache, and the cohorts there read that copy."""
+    copied once per node into the node's cache, and the cohorts there read that copy. With `approve`, a plan that
+    has `problems()` (too many points, too much memory or time) runs only if `approve(plan)` says so; otherwise
+    SearchError (usage) before anything is written."""
     import ray
 
     from mtser.featurestore.store import StoreError, open_store
@@ -346,10 +483,19 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     if "://" not in store_url:              # trials run in Ray workers with another working directory
         store_url = str(Path(store_url).resolve())
     try:
-        open_store(store_url, storage_options=storage_options)
+        store = open_store(store_url, storage_options=storage_options)
     except StoreError as exc:
         raise SearchError(f"cannot open the store: {exc}", usage=True) from None
-    search, base = prepare_run(Path(search_file), store_url, run_dir, resume)
+
+    def check(search: SearchConfig, base: Path) -> None:
+        if approve is None:
+            return
+        plan = plan_search(search, base, store, run_dir, max(1, int(round(search.resources.cpu))))
+        if plan.problems() and not approve(plan):
+            raise SearchError(f"the search plan needs approval ({'; '.join(plan.problems())}); pass --yes to run it",
+                              usage=True)
+
+    search, base = prepare_run(Path(search_file), store_url, run_dir, resume, check)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose > 1)
     device = "cuda" if trial_resources(search.resources, available_gpus())["gpu"] > 0 else "cpu"
