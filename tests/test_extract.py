@@ -255,6 +255,37 @@ def test_usage_errors_exit_2(workdir, manifest, config_path):
     assert missing.exit_code == 2 and "no such file" in missing.output
 
 
+@pytest.mark.parametrize("model, reason", [("demo/encoders/wavlm", "not a hub id"),
+                                           ("nobody/no-such-model", "the hub id cannot be loaded")])
+def test_a_model_neither_a_folder_nor_reachable_exits_2_naming_key_and_paths(tmp_path, monkeypatch, model, reason):
+    """From another folder, a relative `model:` is looked for beside the config, then in the current folder; when it
+    is neither (and no hub id this offline machine has cached), exit 2 before any work, with key, paths and hint."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    raw["extract"]["encoders"][1]["model"] = model
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["extract", "m.csv", "--config", str(config), "--store", "s"])
+    assert result.exit_code == 2, result.output
+    assert f"extract.encoders[0].model: 'demo/encoders/wavlm'" in result.output       # the first bad one, by key
+    if model != "demo/encoders/wavlm":
+        raw["extract"]["encoders"][0]["model"] = "../enc"                            # beside the config: found
+        (tmp_path / "enc").mkdir()
+        config.write_text(yaml.safe_dump(raw))
+        result = CliRunner().invoke(app, ["extract", "m.csv", "--config", str(config), "--store", "s"])
+        assert result.exit_code == 2 and f"extract.encoders[1].model: {model!r}" in result.output
+        assert load_config(config).extract.encoders[0].model == str(tmp_path / "enc")
+    tried = f"tried {tmp_path}/configs/{model}, {elsewhere}/{model}"
+    assert tried in result.output and reason in result.output and "HF_HUB_OFFLINE" in result.output
+    assert not (elsewhere / "s").exists()
+
+
 def test_augmented_copies_are_recorded_and_seeded(workdir, manifest, config_path):
     cfg = load_config(config_path).extract
     utts = read_corpus(manifest).utterances

@@ -36,6 +36,7 @@ def extract(
     """
     from mtser.config import ConfigError, load_config
     from mtser.featurestore.corpus import CorpusError, read_corpus
+    from mtser.featurestore.encoders import check_models
     from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
@@ -47,6 +48,7 @@ def extract(
         _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
     try:
         cfg = load_config(config).extract
+        check_models(cfg.encoders, config.parent)
         read = read_corpus(corpus, options)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
