@@ -146,6 +146,12 @@ def test_killed_worker_has_its_shard_redone_and_store_equals_clean_run(clean_sto
     # the killed worker may have committed a shard before it died; the one it held was redone by another worker
     assert summary.retries >= 1 and summary.ok and summary.pids - {killed}
     assert summary.written == 10
+    # mtser's own lines: which worker died holding which shard, attempt k of n, and where the shard then committed
+    died = [e for e in summary.events if f"(pid {killed}, node " in e and "died while encoding shard shard-" in e]
+    assert len(died) == 1 and "attempt 1 of 3" in died[0] and "goes back to the queue" in died[0], summary.events
+    shard = died[0].split("encoding shard ")[1].split(" ")[0]
+    redone = [e for e in summary.events if e.startswith(f"shard {shard} committed on attempt 2 of 3 by worker ")]
+    assert len(redone) == 1 and f"pid {killed}," not in redone[0], summary.events
     _assert_same_store(clean_store[0], url)
 
 

@@ -1,6 +1,7 @@
 """`mtser extract`: read a corpus, run the encoders (Ray actors), write the feature store; print one summary line."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -15,6 +16,13 @@ def register(app: typer.Typer) -> None:
 def _fail(message: str, code: int) -> None:
     typer.echo(f"extract: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _notify(line: str) -> None:
+    """An event line on stderr, above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"extract: {line}", file=sys.stderr)
 
 
 def extract(
@@ -56,7 +64,7 @@ def extract(
     try:
         summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
                               splits=wanted or None, problems=failed, warnings=warned, storage_options=options,
-                              progress=progress)
+                              progress=progress, notify=_notify)
     except (StoreError, ExtractError) as exc:
         _fail(str(exc), 1)
     except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load

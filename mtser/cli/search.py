@@ -34,7 +34,8 @@ def tune(
 
     options = parse_storage_options(storage_options)
     try:
-        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options)
+        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
+                             notify=lambda line: typer.echo(f"tune: {line}", err=True))
     except ConfigError as exc:
         _fail(str(exc), 2)
     except SearchError as exc:
