@@ -213,7 +213,11 @@ def _bad_corpus(root: Path, demo_corpus_dir: Path) -> Path:
     soundfile.write(root / "Audios" / "nan.wav", nan, 16000, subtype="FLOAT")
     shutil.copy(good[0].path, root / "Audios" / "badtext.wav")
     (root / "Transcripts" / "badtext.txt").write_bytes(b"caf\xe9 au lait \xff")
-    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing", "good1"]
+    (root.parent / "outside.wav").write_bytes(Path(good[0].path).read_bytes())
+    (root / "Audios" / "outside.wav").symlink_to(root.parent / "outside.wav")     # a link out of the corpus
+    (root / "Audios" / "folder.wav").mkdir()                                      # a folder named like audio
+    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing", "good1",
+            "outside", "folder"]
     with (root / "Labels" / "labels_consensus.csv").open("w") as f:
         f.write("FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n")
         f.writelines(f"{r}.wav,N,4.0,4.0,4.0,1,Male,Development\n" for r in rows)
@@ -226,12 +230,18 @@ def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_d
     command = ["extract", str(corpus), "--config", str(config_path), "--store", url, "--workers", "0", "--no-progress"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1, result.output
-    # 8 rows read (badtext kept without transcript, the duplicate good1 row skipped) + 1 row unreadable (missing)
-    assert "written 4, failed 5 of 9 planned (0 from earlier runs); 2 warnings;" in result.output
+    # 8 rows read (badtext kept without transcript, the duplicate good1 row skipped) + 3 rows unreadable (missing,
+    # a symlink out of the corpus, a folder)
+    assert "written 4, failed 7 of 11 planned (0 from earlier runs); 2 warnings;" in result.output
     store = open_store(url)
     assert sorted(store.ids()) == ["badtext.wav", "good1.wav", "good2.wav", "stereo44k.wav"]
     reasons = dict(zip(store.failures["id"], store.failures["reason"]))
-    assert sorted(reasons) == ["corrupt.wav", "empty.wav", "missing.wav", "nan.wav", "silent.wav"]
+    assert sorted(reasons) == ["corrupt.wav", "empty.wav", "folder.wav", "missing.wav", "nan.wav", "outside.wav",
+                               "silent.wav"]
+    assert f"symlink to {workdir / 'outside.wav'}, outside the corpus; not followed (pass --allow-outside-links" \
+        in reasons["outside.wav"]
+    assert "Audios/folder.wav is a folder, not an audio file" in reasons["folder.wav"]
+    assert "extract: failed: outside.wav [read]" in result.output
     assert "unreadable or corrupt" in reasons["corrupt.wav"]
     assert "empty audio" in reasons["empty.wav"]
     assert "all-silent" in reasons["silent.wav"]
@@ -247,7 +257,7 @@ def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_d
     assert table.loc["stereo44k.wav", "duration"] == pytest.approx(table.loc["good1.wav", "duration"], abs=1e-3)
     # Rerunning reports the same outcome without recomputing anything.
     again = CliRunner().invoke(app, command)
-    assert again.exit_code == 1 and "written 4, failed 5 of 9 planned (8 from earlier runs); 2 warnings" in again.output
+    assert again.exit_code == 1 and "written 4, failed 7 of 11 planned (8 from earlier runs); 2 warnings" in again.output
     assert "shards 0/" in again.output
 
 

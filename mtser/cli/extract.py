@@ -35,6 +35,9 @@ def extract(
     augment: int = typer.Option(None, "--augment", min=0, help="Augmented copies per Train utterance (default: config)."),
     splits: list[str] = typer.Option(None, "--splits", help="Only these splits (repeat, or comma-separated)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    allow_outside_links: bool = typer.Option(False, "--allow-outside-links",
+                                             help="Follow symlinks that lead out of the corpus folder (refused and "
+                                                  "reported by default)."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Extract encoder features for every utterance; rerunning the same command resumes (committed shards are kept).
@@ -57,7 +60,7 @@ def extract(
     try:
         cfg = load_config(config).extract
         check_models(cfg.encoders, config.parent)
-        read = read_corpus(corpus, options)
+        read = read_corpus(corpus, options, allow_outside_links=allow_outside_links)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
     failed, warned = reader_problems(read.problems, read.utterances)
