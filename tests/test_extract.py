@@ -257,7 +257,8 @@ def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_d
     assert table.loc["stereo44k.wav", "duration"] == pytest.approx(table.loc["good1.wav", "duration"], abs=1e-3)
     # Rerunning reports the same outcome without recomputing anything.
     again = CliRunner().invoke(app, command)
-    assert again.exit_code == 1 and "written 4, failed 7 of 11 planned (8 from earlier runs); 2 warnings" in again.output
+    assert again.exit_code == 1
+    assert "written 4, failed 7 of 11 planned (8 from earlier runs); 2 warnings" in again.output
     assert "shards 0/" in again.output
 
 

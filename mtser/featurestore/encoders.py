@@ -265,8 +265,8 @@ def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list
 
 # ----------------------------------------------------------------------------------------------- finding the models
 OFFLINE_HINT = ("give a folder (relative to the config file or the current directory) or a hub id this machine can "
-                "reach; offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache, else use a local "
-                "path")
+                "reach; offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache, else use a "
+                "local path")
 
 
 def check_models(encoders: Sequence[EncoderConfig], config_dir: Path) -> None:
