@@ -187,6 +187,7 @@ class ShardWorker:
 
 
 def _where(pid: int, node: str | None) -> str:
+    """A worker as the driver's lines name it: its pid and (short) Ray node id."""
     return f"pid {pid}" + (f", node {node[:8]}" if node else "")
 
 
