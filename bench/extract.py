@@ -1,20 +1,23 @@
 """How fast is `mtser extract` against what a user writes from the transformers docs, and does it scale?
 
-    .venv/bin/python bench/extract.py [--quick | --large] [--utterances N]
+    .venv/bin/python bench/extract.py [--quick | --large | --tiny] [--utterances N] [--workers 1,2]
 
 One run, same corpus (espeak-ng demo corpus: MSP-Podcast layout, ~10 % audio-only Test3 utterances that need ASR)
 and the same randomly initialised encoders of the real architectures (WavLM-large layout, Whisper, RoBERTa) at a
 size where compute dominates:
   (a) naive   one utterance at a time, float32, as the transformers docs show: feature extractor + model per
-              encoder, Whisper's generate() for utterances without a transcript (it runs the encoder again),
-              one float16 .npy per utterance and encoder (what peers store)
-  (b) mtser   extract() with 1 Ray worker (all cores' threads)
-  (c) mtser   extract() with 2 Ray workers (cores split between them)
+              encoder (on the GPU where there is one), Whisper's generate() for utterances without a transcript (it
+              runs the encoder again), one float16 .npy per utterance and encoder (what peers store)
+  (b) mtser   extract() with 1 Ray worker (all cores' threads, or the GPU)
+  (c) mtser   extract() with 2 Ray workers (cores split between them; needs 2 GPUs on a GPU machine), unless
+              --workers leaves it out (bench/gpu.sh does on its one GPU)
 Wall time per mode covers model loading, every forward pass and writing the outputs; the Ray cluster is started
 once beforehand (like joining one with --address). The last line printed is one JSON object; besides the ratios it
-has `audio_hours_per_hour_per_worker` (audio hours one mtser worker extracts per wall-clock hour, 1-worker run),
-the workers' share of time in the encoders and waiting for decoded audio, and on CUDA the GPU utilisation sampled
-over the 1-worker run (`gpu_utilisation_mean`, via torch.cuda.utilization / pynvml; null where unavailable).
+has `audio_hours_per_hour_per_worker` (audio hours one mtser worker extracts per wall-clock hour, 1-worker run;
+on CUDA also as `audio_hours_per_gpu_hour`, one worker per GPU), the workers' share of time in the encoders and
+waiting for decoded audio, and on CUDA the GPU utilisation sampled over the 1-worker run (`gpu_utilisation_mean`,
+via torch.cuda.utilization / pynvml; null where unavailable) and the card's name (`gpu_name`).
+--tiny (bench/gpu.sh --dry-run) runs the same steps with tiny encoders on 10 utterances: it checks, not measures.
 """
 from __future__ import annotations
 
@@ -44,12 +47,15 @@ SIZES = {
     # real sizes: WavLM-large, Whisper-large-v3 (80 mel bins here, v3 has 128: only the first conv's input differs),
     # RoBERTa-large; for a GPU (2.2 B random-init parameters, about 9 GB in float32; not run on the 2-core machine)
     "large": {"wavlm": (1024, 24, 16, 4096), "whisper": (1280, 32, 20, 5120), "roberta": (1024, 24, 16, 4096)},
+    # the dry run's: every step, nothing measured (None: `mtser make-test-encoders`' tiny encoders as they are)
+    "tiny": None,
 }
 ASR_TOKENS = 32
 
 
-def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]]) -> Path:
-    """Random-init models of the real architectures: the demo's tokenizers/processors, resized networks."""
+def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]] | None) -> Path:
+    """Random-init models of the real architectures: the demo's tokenizers/processors, resized networks (None: the
+    demo's tiny test encoders themselves)."""
     import torch
     from transformers import (
         AutoConfig, GenerationConfig, RobertaModel, WavLMModel, WhisperForConditionalGeneration,
@@ -58,6 +64,8 @@ def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]]) -> Pa
     from mtser.demo import make_test_encoders
 
     dirs = make_test_encoders(out, seed=0)
+    if sizes is None:
+        return out
     torch.manual_seed(0)
     hidden, layers, heads, ffn = sizes["wavlm"]
     cfg = AutoConfig.from_pretrained(dirs["wavlm"])
@@ -78,19 +86,19 @@ def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]]) -> Pa
     return out
 
 
-def naive_loop(utts: list[Utterance], encoders: Path, out: Path) -> None:
-    """What the transformers docs show, one utterance at a time in float32."""
+def naive_loop(utts: list[Utterance], encoders: Path, out: Path, device: str = "cpu") -> None:
+    """What the transformers docs show, one utterance at a time in float32 (models moved to `device`)."""
     import soundfile
     import torch
     import torchaudio.functional as AF
     from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer, WhisperForConditionalGeneration
 
     wavlm_fe = AutoFeatureExtractor.from_pretrained(encoders / "wavlm")
-    wavlm = AutoModel.from_pretrained(encoders / "wavlm").eval()
+    wavlm = AutoModel.from_pretrained(encoders / "wavlm").eval().to(device)
     processor = AutoProcessor.from_pretrained(encoders / "whisper")
-    whisper = WhisperForConditionalGeneration.from_pretrained(encoders / "whisper").eval()
+    whisper = WhisperForConditionalGeneration.from_pretrained(encoders / "whisper").eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(encoders / "roberta")
-    roberta = AutoModel.from_pretrained(encoders / "roberta").eval()
+    roberta = AutoModel.from_pretrained(encoders / "roberta").eval().to(device)
     out.mkdir(parents=True)
     with torch.no_grad():
         for utt in utts:
@@ -99,17 +107,18 @@ def naive_loop(utts: list[Utterance], encoders: Path, out: Path) -> None:
                 audio = audio.mean(axis=1)
             if rate != 16000:
                 audio = AF.resample(torch.from_numpy(audio), rate, 16000).numpy()
-            speech = wavlm(**wavlm_fe(audio, sampling_rate=16000, return_tensors="pt")).last_hidden_state[0]
-            features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+            inputs = wavlm_fe(audio, sampling_rate=16000, return_tensors="pt").to(device)
+            speech = wavlm(**inputs).last_hidden_state[0]
+            features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features.to(device)
             encoded = whisper.model.encoder(features).last_hidden_state[0, : math.ceil(len(audio) / 320)]
             text = utt.transcript
             if not text:
                 ids = whisper.generate(features, language="en", task="transcribe", max_new_tokens=ASR_TOKENS)
                 text = processor.batch_decode(ids, skip_special_tokens=True)[0]
-            tokens = roberta(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            tokens = roberta(**tokenizer(text, return_tensors="pt").to(device)).last_hidden_state[0]
             stem = out / Path(utt.id).stem
             for name, x in (("wavlm", speech), ("whisper", encoded), ("roberta", tokens)):
-                np.save(f"{stem}.{name}.npy", x.numpy().astype(np.float16))
+                np.save(f"{stem}.{name}.npy", x.cpu().numpy().astype(np.float16))
 
 
 class GpuSampler:
@@ -146,24 +155,32 @@ class GpuSampler:
 
 
 def add_size_arguments(parser: argparse.ArgumentParser, utterances: int) -> None:
-    """--quick / --large / --utterances, shared by the extraction benches (`utterances`: the full run's corpus)."""
+    """--quick / --large / --tiny / --utterances, shared by the extraction benches (`utterances`: the full run's
+    corpus)."""
     parser.add_argument("--quick", action="store_true", help="small encoders and corpus (under a minute)")
     parser.add_argument("--large", action="store_true",
                         help="real-size encoders (WavLM-large, Whisper-large, RoBERTa-large; for a GPU)")
-    parser.add_argument("--utterances", type=int, default=0, help=f"corpus size (default {utterances}, quick 10)")
+    parser.add_argument("--tiny", action="store_true", help="tiny encoders, 10 utterances: the dry run's check of "
+                                                            "every step (measures nothing)")
+    parser.add_argument("--utterances", type=int, default=0,
+                        help=f"corpus size (default {utterances}, quick and tiny 10)")
 
 
 def run_size(args: argparse.Namespace, utterances: int) -> tuple[str, int]:
     """(encoder size in SIZES, corpus size) chosen by add_size_arguments' flags."""
-    size = "quick" if args.quick else "large" if args.large else "full"
-    return size, args.utterances or (10 if args.quick else utterances)
+    size = "tiny" if args.tiny else "quick" if args.quick else "large" if args.large else "full"
+    return size, args.utterances or {"quick": 10, "tiny": 10}.get(size, utterances)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_size_arguments(parser, 48)
+    parser.add_argument("--workers", default="1,2", help="mtser runs, by Ray workers (comma-separated; default 1,2)")
     args = parser.parse_args()
     size, n = run_size(args, 48)
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    if 1 not in worker_counts:
+        parser.error("--workers must include 1 (the per-worker figures come from the 1-worker run)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
@@ -181,16 +198,21 @@ def main() -> None:
         audio_s = sum(__import__("soundfile").info(u.path).duration for u in utts)
         cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").extract
         cfg = replace(cfg, encoders=[replace(e, model=str(encoders / e.name)) for e in cfg.encoders],
-                      asr_max_new_tokens=ASR_TOKENS, shard_seconds=audio_s / 8, batch_seconds=60.0)
+                      asr_max_new_tokens=ASR_TOKENS, shard_seconds=audio_s / (2 if size == "tiny" else 8),
+                      batch_seconds=60.0)
         print(f"corpus: {len(utts)} utterances, {audio_s:.0f} s audio, {sum(not u.transcript for u in utts)} "
-              f"without transcript; encoders {SIZES[size]}; torch threads {torch.get_num_threads()}", flush=True)
+              f"without transcript; encoders {SIZES[size] or 'the demo test encoders'}; "
+              f"torch threads {torch.get_num_threads()}", flush=True)
         results, summaries = {}, {}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
-        naive_loop(utts, encoders, work / "naive")
+        naive_loop(utts, encoders, work / "naive", device)
+        if device == "cuda":
+            torch.cuda.synchronize()
         results["naive"] = time.perf_counter() - start
         print(f"(a) naive loop:     {results['naive']:.1f} s", flush=True)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-        for workers in (1, 2):
+        for workers in worker_counts:
             start = time.perf_counter()
             with GpuSampler() as gpu:
                 summary = extract(utts, cfg, str(work / f"store{workers}"), workers=workers, progress=False)
@@ -206,15 +228,19 @@ def main() -> None:
     one, gpu_mean = summaries[1]
     busy = {f"{k}_share_1_worker": round(v / (one.wall_seconds * one.workers), 3)
             for k, v in (("encoder_time", one.encode_seconds), ("audio_wait", one.audio_wait_seconds))}
+    two = "mtser_2" in results
     report = {
         "audio_hours_per_hour_per_worker": round(audio_s / results["mtser_1"], 2),
-        "audio_hours_per_hour_per_worker_2_workers": round(audio_s / results["mtser_2"] / 2, 2),
+        "audio_hours_per_gpu_hour": round(audio_s / results["mtser_1"], 2) if one.device == "cuda" else None,
+        "audio_hours_per_hour_per_worker_2_workers": round(audio_s / results["mtser_2"] / 2, 2) if two else None,
         **busy, "device": one.device, "gpu_utilisation_mean": gpu_mean,
+        "gpu_name": torch.cuda.get_device_name(0) if one.device == "cuda" else None,
         "speedup_vs_naive": round(rates["mtser_1"] / rates["naive"], 3),
-        "scaling_2_workers": round(rates["mtser_2"] / rates["mtser_1"], 3),
+        "scaling_2_workers": round(rates["mtser_2"] / rates["mtser_1"], 3) if two else None,
         **{f"{k}_utt_per_s": round(v, 3) for k, v in rates.items()},
         **{f"{k}_audio_s_per_s": round(audio_s / t, 3) for k, t in results.items()},
         "utterances": len(utts), "audio_seconds": round(audio_s, 1), "quick": args.quick, "size": size,
+        "workers": worker_counts,
         "cpus": os.cpu_count(),
     }
     print(json.dumps(report))

@@ -71,8 +71,8 @@ def main() -> None:
     try:
         encoders = build_encoders(work / "encoders", SIZES[size])
         utts = [u for u in read_corpus(make_demo_corpus(work / "corpus", size=n, seed=1)).utterances if u.transcript]
-        print(f"{len(utts)} utterances with transcripts; encoders {SIZES[size]}; device {device}; "
-              f"torch threads {torch.get_num_threads()}", flush=True)
+        print(f"{len(utts)} utterances with transcripts; encoders {SIZES[size] or 'the demo test encoders'}; "
+              f"device {device}; torch threads {torch.get_num_threads()}", flush=True)
         features: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         times: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
         for r in range(args.rounds):

@@ -1,7 +1,7 @@
 """Does the trainer's loader keep up? Loader samples/s versus raw store reads, and the share of training step time
 spent waiting for data.
 
-    .venv/bin/python bench/loader.py [--quick] [--store URL] [--model demo|paper] [--threads N]
+    .venv/bin/python bench/loader.py [--quick | --tiny] [--store URL] [--model demo|paper] [--threads N]
 
 Without --store it writes a synthetic store of realistic shapes through StoreWriter (WavLM-large 1024-d and
 Whisper-large 1280-d frames at 50 frames/s, RoBERTa-large 1024-d tokens at ~3 tokens/s, float16). Both readers
@@ -11,7 +11,8 @@ walk the same sampled batches, alternately, in one run:
           as stored for a GPU (the frames back to back in one buffer, padded on the device: loader_vs_raw), and
           for the CPU (each utterance read into its row of a padded (B, T, D) buffer, converted to float32)
 Then a short `mtser.trainer.loop.train` run reports the fraction of step time spent waiting in next(batch).
-The last line printed is one JSON object.
+--tiny (bench/gpu.sh --dry-run): the same steps on 32 utterances with the model's config shrunk to 16-wide layers
+(`TINY_MODEL`): checks, not measures. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from mtser.trainer import data  # noqa: E402
 ENCODERS = {"wavlm": (1024, 50.0), "whisper": (1280, 50.0), "roberta": (1024, 3.0)}  # dim, frames per second
 CONFIG = Path(__file__).resolve().parent.parent / "configs"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                                       # glibc mallopt parameters
+TINY_MODEL = {"model.attention_dim": 8, "model.proj_dim": 16, "model.lstm_hidden": 16, "model.lstm_layers": 1,
+              "train.batch_size": 8, "train.eval_batch_size": 16}                 # the dry runs' members
 
 
 def write_store(url: str, n: int, seed: int = 0) -> None:
@@ -73,7 +76,8 @@ def time_loader(reader: data.BatchReader, batches: list[list[str]], depth: int) 
     return time.perf_counter() - start
 
 
-def training_wait(url: str, model: str, epochs: int, samples: int, out: Path) -> tuple[float, float]:
+def training_wait(url: str, model: str, epochs: int, samples: int, out: Path, tiny: bool = False
+                  ) -> tuple[float, float]:
     """Mean data-wait fraction and samples/s of a short training run on the store."""
     from mtser.trainer.loop import train
 
@@ -81,7 +85,8 @@ def training_wait(url: str, model: str, epochs: int, samples: int, out: Path) ->
     base = "paper.yaml" if model == "paper" else "demo.yaml"
     cfg = load_config(CONFIG / base, {"extract.encoders": encoders, "model.encoders": list(ENCODERS),
                                       "train.epochs": epochs, "train.samples_per_epoch": samples,
-                                      "train.batch_size": 32, "train.device": "auto"})
+                                      "train.batch_size": 32, "train.device": "auto",
+                                      **(TINY_MODEL if tiny else {})})
     history = train(cfg, url, out).history
     wait = statistics.mean(row["data_wait_fraction"] for row in history)
     speed = sum(samples for _ in history) / sum(row["train_seconds"] for row in history)
@@ -91,6 +96,8 @@ def training_wait(url: str, model: str, epochs: int, samples: int, out: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small store and run (< 60 s)")
+    parser.add_argument("--tiny", action="store_true", help="tiny store and model: the dry run's check of every step "
+                                                            "(measures nothing)")
     parser.add_argument("--store", help="use this store instead of writing a synthetic one")
     parser.add_argument("--model", choices=["demo", "paper"], default="demo", help="model size for the training run")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -102,7 +109,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    n, samples, epochs = (192, 96, 2) if args.quick else (2048, 1024, 3)
+    n, samples, epochs = (32, 16, 1) if args.tiny else (192, 96, 2) if args.quick else (2048, 1024, 3)
+    repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         url = args.store or f"{tmp}/bench.zarr"
         if not args.store:
@@ -126,22 +134,23 @@ def main() -> None:
         time_loader(as_stored, batches[:2], args.prefetch)
         time_loader(as_float32, batches[:2], args.prefetch)
         raw, loader, loader32 = [], [], []
-        for _ in range(args.repeats):  # alternate so drift hits all alike
+        for _ in range(repeats):  # alternate so drift hits all alike
             raw.append(time_raw(store, batches, encoders))
             loader.append(time_loader(as_stored, batches, args.prefetch))
             loader32.append(time_loader(as_float32, batches, args.prefetch))
         raw_sps, loader_sps, loader32_sps = (len(ids) / statistics.median(t) for t in (raw, loader, loader32))
-        print(f"raw store reads : {raw_sps:8.1f} samples/s  (median of {args.repeats}: {statistics.median(raw):.2f} s)")
+        print(f"raw store reads : {raw_sps:8.1f} samples/s  (median of {repeats}: {statistics.median(raw):.2f} s)")
         print(f"trainer loader  : {loader_sps:8.1f} samples/s  (GPU path: packed as stored, masks, prefetch "
               f"depth {args.prefetch})")
         print(f"loader, float32 : {loader32_sps:8.1f} samples/s  (CPU path: converted to float32 in the threads)")
-        wait, train_sps = training_wait(url, args.model, epochs, samples, Path(tmp) / "run")
+        wait, train_sps = training_wait(url, args.model, epochs, samples, Path(tmp) / "run", args.tiny)
         print(f"training ({args.model} model, {epochs} epochs x {samples}): {train_sps:.1f} samples/s, "
               f"{wait:.1%} of step time waiting for data")
     print(json.dumps({"loader_vs_raw": round(loader_sps / raw_sps, 3), "data_wait_fraction": round(wait, 4),
                       "loader_float32_vs_raw": round(loader32_sps / raw_sps, 3),
                       "raw_samples_per_s": round(raw_sps, 1), "loader_samples_per_s": round(loader_sps, 1),
                       "train_samples_per_s": round(train_sps, 1), "model": args.model, "quick": args.quick,
+                      "tiny": args.tiny, "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "batch_size": args.batch_size, "prefetch_batches": args.prefetch,
                       "torch_threads": args.threads}))
 

@@ -402,8 +402,24 @@ class SearchConfig:
 
 # ----------------------------------------------------------------------------------------------------------------- loader
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Load and validate a recipe config; `overrides` maps dotted keys (``"loss.alpha"``) to values."""
-    return load_yaml_as(path, Config, overrides)
+    """Load and validate a recipe config; `overrides` maps dotted keys (``"loss.alpha"``) to values.
+
+    An encoder `model` that is a relative path naming a folder beside the config file becomes that folder's absolute
+    path; any other value is kept as written (a folder relative to the current directory, or a hub id):
+    `model_candidates` lists where such a path is looked for."""
+    cfg = load_yaml_as(path, Config, overrides)
+    for enc in cfg.extract.encoders:
+        beside = model_candidates(enc.model, Path(path).parent)[0]
+        if beside.is_dir() and not Path(enc.model).expanduser().is_absolute():
+            enc.model = str(beside.resolve())
+    return cfg
+
+
+def model_candidates(model: str, config_dir: Path) -> list[Path]:
+    """The folders a config's encoder `model` may name, in the order they are tried: an absolute path itself; a
+    relative one beside the config file, then in the current directory."""
+    path = Path(model).expanduser()
+    return [path] if path.is_absolute() else [config_dir.absolute() / path, Path.cwd() / path]
 
 
 MAX_CONFIG_BYTES = 1 << 20        # a recipe is a few KB; anything near this is not a config

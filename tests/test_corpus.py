@@ -209,3 +209,106 @@ def test_symlinked_audio_counts_as_present(tmp_path: Path) -> None:
     assert [u.id for u in result.utterances] == ["x"]
     dangling = tmp_path / "linked" / "dangling.wav"
     assert [str(p) for p in result.problems] == [f"{manifest}:3: y: audio file {dangling} not found"]
+
+
+# ------------------------------------------------------------------------- look-alike ids, links out, folders as audio
+A1 = "MSP-PODCAST_0001_0001"          # a labelled utterance of the fixture, with a transcript
+
+
+def _msp_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "msp"
+    shutil.copytree(MSP, root)
+    return root
+
+
+@pytest.mark.parametrize("layout, first, second", [
+    ("folder", "caf\u00e9.wav", "cafe\u0301.wav"),                 # NFC and NFD (macOS) spellings of one name
+    ("folder", "x.wav", " x.wav"),                                  # a leading space
+    ("folder", "sub/x.wav", " sub/x.wav"),                          # a space around a folder's name
+    ("manifest", "caf\u00e9", "cafe\u0301"),
+])
+def test_lookalike_ids_are_kept_and_warned_about(tmp_path: Path, layout: str, first: str, second: str) -> None:
+    from mtser.featurestore.extract import reader_problems
+
+    audio = tmp_path / "audio"
+    for i, name in enumerate((first, second)):
+        path = audio / (name if layout == "folder" else f"{i}.wav")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(MANIFESTS / "audio" / "a.wav", path)
+    if layout == "manifest":
+        (tmp_path / "m.csv").write_text(f"id,path\n{first},audio/0.wav\n{second},audio/1.wav\n")
+    result = read_corpus(tmp_path / "m.csv" if layout == "manifest" else audio)
+    assert sorted(u.id for u in result.utterances) == sorted([first, second])     # both kept, as given
+    later, earlier = max(first, second), min(first, second)
+    assert [(p.item, p.reason) for p in result.problems] == [(later, (
+        f"looks like id {earlier!r} (differs only in Unicode normalisation or surrounding spaces); both kept as "
+        "separate ids"))]
+    failures, warnings = reader_problems(result.problems, result.utterances)
+    assert failures == [] and [w.utt.id for w in warnings] == [later]             # a warning, not a failure
+
+
+@pytest.mark.parametrize("where", ["labelled audio", "unlisted test3 audio", "transcript", "folder layout"])
+def test_symlinks_out_of_the_corpus_are_refused_unless_allowed(tmp_path: Path, where: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if where == "folder layout":
+        root = tmp_path / "audio"
+        shutil.copytree(MANIFESTS / "audio", root)
+        name, link = "sub/linked.wav", root / "sub" / "linked.wav"
+        target = elsewhere / "x.wav"
+        shutil.copy(MANIFESTS / "audio" / "a.wav", target)
+    else:
+        root = _msp_copy(tmp_path)
+        name = {"labelled audio": f"{A1}.wav", "unlisted test3 audio": "MSP-PODCAST_test3_0009.wav",
+                "transcript": f"{A1}.wav"}[where]
+        folder, file = ("Transcripts", f"{A1}.txt") if where == "transcript" else ("Audios", name)
+        link = root / folder / file
+        target = elsewhere / file
+        if link.exists():
+            link.rename(target)
+        else:
+            shutil.copy(MSP / "Audios" / f"{A1}.wav", target)
+    link.symlink_to(target)
+    (root / "inside.wav").symlink_to(root / ("sub/c.flac" if where == "folder layout" else f"Audios/{A1}.wav"))
+
+    refused = read_corpus(root)
+    message = f"symlink to {target}, outside the corpus; not followed (pass --allow-outside-links to read it)"
+    problems = [str(p) for p in refused.problems if "symlink" in str(p)]
+    assert len(problems) == 1 and message in problems[0] and name in problems[0], problems
+    utts = _by_id(refused.utterances)
+    allowed = _by_id(read_corpus(root, allow_outside_links=True).utterances)
+    if where == "transcript":
+        assert utts[name].transcript is None and allowed[name].transcript == "I am furious about this."
+    else:
+        assert name not in utts and allowed[name].path == str(link)
+    assert not [p for p in read_corpus(root, allow_outside_links=True).problems if "symlink" in str(p)]
+    if where == "folder layout":                                   # a link that stays inside the corpus is read
+        assert "inside.wav" in utts
+
+
+@pytest.mark.parametrize("layout", ["msp labelled", "msp unlisted", "folder", "manifest"])
+def test_a_folder_named_like_audio_is_reported_not_skipped_silently(tmp_path: Path, layout: str) -> None:
+    if layout.startswith("msp"):
+        root = _msp_copy(tmp_path)
+        name = f"{A1}.wav" if layout == "msp labelled" else "MSP-PODCAST_test3_0009.wav"
+        folder = root / "Audios" / name
+        folder.unlink(missing_ok=True)
+        expected = (f"{LABELS}:2: {name}: Audios/{name} is a folder, not an audio file" if layout == "msp labelled"
+                    else f"Audios: {name}: a folder named like an audio file; skipped")
+    elif layout == "folder":
+        root = tmp_path / "audio"
+        shutil.copytree(MANIFESTS / "audio", root)
+        name, folder = "x.wav", root / "x.wav"
+        expected = f"{root}: x.wav: a folder named like an audio file; not read as audio (audio files inside it are)"
+    else:
+        root = tmp_path / "m.csv"
+        name, folder = "x", tmp_path / "x.wav"
+        root.write_text("id,path\nx,x.wav\n")
+        expected = f"{root}:2: x: audio path {folder} is a folder, not a file"
+    folder.mkdir()
+    (folder / "inner.wav").write_bytes((MANIFESTS / "audio" / "a.wav").read_bytes())
+    result = read_corpus(root)
+    assert expected in [str(p) for p in result.problems]
+    assert name not in _by_id(result.utterances)
+    if layout == "folder":
+        assert "x.wav/inner.wav" in _by_id(result.utterances)

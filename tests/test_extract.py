@@ -146,6 +146,12 @@ def test_killed_worker_has_its_shard_redone_and_store_equals_clean_run(clean_sto
     # the killed worker may have committed a shard before it died; the one it held was redone by another worker
     assert summary.retries >= 1 and summary.ok and summary.pids - {killed}
     assert summary.written == 10
+    # mtser's own lines: which worker died holding which shard, attempt k of n, and where the shard then committed
+    died = [e for e in summary.events if f"(pid {killed}, node " in e and "died while encoding shard shard-" in e]
+    assert len(died) == 1 and "attempt 1 of 3" in died[0] and "goes back to the queue" in died[0], summary.events
+    shard = died[0].split("encoding shard ")[1].split(" ")[0]
+    redone = [e for e in summary.events if e.startswith(f"shard {shard} committed on attempt 2 of 3 by worker ")]
+    assert len(redone) == 1 and f"pid {killed}," not in redone[0], summary.events
     _assert_same_store(clean_store[0], url)
 
 
@@ -207,7 +213,11 @@ def _bad_corpus(root: Path, demo_corpus_dir: Path) -> Path:
     soundfile.write(root / "Audios" / "nan.wav", nan, 16000, subtype="FLOAT")
     shutil.copy(good[0].path, root / "Audios" / "badtext.wav")
     (root / "Transcripts" / "badtext.txt").write_bytes(b"caf\xe9 au lait \xff")
-    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing", "good1"]
+    (root.parent / "outside.wav").write_bytes(Path(good[0].path).read_bytes())
+    (root / "Audios" / "outside.wav").symlink_to(root.parent / "outside.wav")     # a link out of the corpus
+    (root / "Audios" / "folder.wav").mkdir()                                      # a folder named like audio
+    rows = ["good1", "good2", "stereo44k", "corrupt", "empty", "silent", "nan", "badtext", "missing", "good1",
+            "outside", "folder"]
     with (root / "Labels" / "labels_consensus.csv").open("w") as f:
         f.write("FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n")
         f.writelines(f"{r}.wav,N,4.0,4.0,4.0,1,Male,Development\n" for r in rows)
@@ -220,12 +230,18 @@ def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_d
     command = ["extract", str(corpus), "--config", str(config_path), "--store", url, "--workers", "0", "--no-progress"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1, result.output
-    # 8 rows read (badtext kept without transcript, the duplicate good1 row skipped) + 1 row unreadable (missing)
-    assert "written 4, failed 5 of 9 planned (0 from earlier runs); 2 warnings;" in result.output
+    # 8 rows read (badtext kept without transcript, the duplicate good1 row skipped) + 3 rows unreadable (missing,
+    # a symlink out of the corpus, a folder)
+    assert "written 4, failed 7 of 11 planned (0 from earlier runs); 2 warnings;" in result.output
     store = open_store(url)
     assert sorted(store.ids()) == ["badtext.wav", "good1.wav", "good2.wav", "stereo44k.wav"]
     reasons = dict(zip(store.failures["id"], store.failures["reason"]))
-    assert sorted(reasons) == ["corrupt.wav", "empty.wav", "missing.wav", "nan.wav", "silent.wav"]
+    assert sorted(reasons) == ["corrupt.wav", "empty.wav", "folder.wav", "missing.wav", "nan.wav", "outside.wav",
+                               "silent.wav"]
+    assert f"symlink to {workdir / 'outside.wav'}, outside the corpus; not followed (pass --allow-outside-links" \
+        in reasons["outside.wav"]
+    assert "Audios/folder.wav is a folder, not an audio file" in reasons["folder.wav"]
+    assert "extract: failed: outside.wav [read]" in result.output
     assert "unreadable or corrupt" in reasons["corrupt.wav"]
     assert "empty audio" in reasons["empty.wav"]
     assert "all-silent" in reasons["silent.wav"]
@@ -241,7 +257,8 @@ def test_bad_utterances_are_reported_and_the_rest_written(workdir, demo_corpus_d
     assert table.loc["stereo44k.wav", "duration"] == pytest.approx(table.loc["good1.wav", "duration"], abs=1e-3)
     # Rerunning reports the same outcome without recomputing anything.
     again = CliRunner().invoke(app, command)
-    assert again.exit_code == 1 and "written 4, failed 5 of 9 planned (8 from earlier runs); 2 warnings" in again.output
+    assert again.exit_code == 1
+    assert "written 4, failed 7 of 11 planned (8 from earlier runs); 2 warnings" in again.output
     assert "shards 0/" in again.output
 
 
@@ -253,6 +270,37 @@ def test_usage_errors_exit_2(workdir, manifest, config_path):
     missing = runner.invoke(app, ["extract", str(workdir / "nope"), "--config", str(config_path), "--store",
                                   str(workdir / "x")])
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+@pytest.mark.parametrize("model, reason", [("demo/encoders/wavlm", "not a hub id"),
+                                           ("nobody/no-such-model", "the hub id cannot be loaded")])
+def test_a_model_neither_a_folder_nor_reachable_exits_2_naming_key_and_paths(tmp_path, monkeypatch, model, reason):
+    """From another folder, a relative `model:` is looked for beside the config, then in the current folder; when it
+    is neither (and no hub id this offline machine has cached), exit 2 before any work, with key, paths and hint."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    raw["extract"]["encoders"][1]["model"] = model
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["extract", "m.csv", "--config", str(config), "--store", "s"])
+    assert result.exit_code == 2, result.output
+    assert f"extract.encoders[0].model: 'demo/encoders/wavlm'" in result.output       # the first bad one, by key
+    if model != "demo/encoders/wavlm":
+        raw["extract"]["encoders"][0]["model"] = "../enc"                            # beside the config: found
+        (tmp_path / "enc").mkdir()
+        config.write_text(yaml.safe_dump(raw))
+        result = CliRunner().invoke(app, ["extract", "m.csv", "--config", str(config), "--store", "s"])
+        assert result.exit_code == 2 and f"extract.encoders[1].model: {model!r}" in result.output
+        assert load_config(config).extract.encoders[0].model == str(tmp_path / "enc")
+    tried = f"tried {tmp_path}/configs/{model}, {elsewhere}/{model}"
+    assert tried in result.output and reason in result.output and "HF_HUB_OFFLINE" in result.output
+    assert not (elsewhere / "s").exists()
 
 
 def test_augmented_copies_are_recorded_and_seeded(workdir, manifest, config_path):

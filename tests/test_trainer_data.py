@@ -155,3 +155,28 @@ def test_loader_on_object_storage_equals_local(store, moto_s3, s3_bucket):
     remote = open_store(f"s3://{s3_bucket}/s.zarr", storage_options=moto_s3)
     ids = data.evaluation_ids(store, ["a", "b"], "Development")[:12]
     assert_same_batches(data.BatchReader(remote, ["a", "b"], np.float32), store, [ids[:5], ids[5:]], np.float32)
+
+
+@pytest.mark.parametrize("read", ["get_many", "padded batch", "packed batch"])
+def test_a_damaged_batch_names_only_its_damaged_utterances(tmp_path, read):
+    """A batch read that fails names the utterances that fail alone (with their part), not their batch mates."""
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import StoreError, StoreWriter, open_store
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=12, n_dev=0)
+    writer = StoreWriter(url, "part-bad")
+    writer.add(Utterance("bad.wav", None, "Train", "A", 2.0, 3.0, 4.0), {"a": np.ones((5, 12)), "b": np.ones((4, 8))})
+    writer.commit()
+    (tmp_path / "s.zarr/parts/part-bad/features/a/frames/c/0/0").write_bytes(b"")      # its frames are lost
+    store = open_store(url)
+    good = [i for i in store.ids() if i != "bad.wav"][:5]
+    batch = good[:3] + ["bad.wav"] + good[3:]
+    with pytest.raises(StoreError) as caught:
+        if read == "get_many":
+            store.get_many(batch, "a")
+        else:
+            data.BatchReader(store, ["a", "b"], np.float32, packed=read == "packed batch")(batch)
+    message = str(caught.value)
+    assert "cannot read frames of 'bad.wav' (" in message and "part-bad" in message
+    assert "(1 of 6 read together)" in message
+    assert not [i for i in good if i in message], message

@@ -22,8 +22,9 @@ from search_support import TINY, write_grid
 PROBS = [f"prob_{c}" for c in CLASSES]
 
 
-def _kill_first_running_trial(fs, run: str, killed: list[str], stop: threading.Event) -> None:
-    """SIGKILL the process of the first stage-1 grid point whose state.json says running."""
+def _kill_first_running_trial(fs, run: str, killed: list, stop: threading.Event) -> None:
+    """SIGKILL the process of the first stage-1 grid point whose state.json says running; `killed` gets its name
+    and then the pid."""
     while not stop.is_set():
         fs.invalidate_cache()
         for path in fs.glob(f"{run}/stage1/*/state.json"):
@@ -33,7 +34,7 @@ def _kill_first_running_trial(fs, run: str, killed: list[str], stop: threading.E
                 continue
             if state.get("status") == "running" and state.get("pid"):
                 os.kill(state["pid"], signal.SIGKILL)
-                killed.append(path.split("/")[-2])
+                killed += [path.split("/")[-2], state["pid"]]
                 return
         time.sleep(0.05)
 
@@ -68,7 +69,7 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
     try:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        killed: list[str] = []
+        killed: list = []
         stop = threading.Event()
         killer = threading.Thread(target=_kill_first_running_trial, args=(fs, run.removeprefix("s3://"), killed, stop))
         killer.start()
@@ -77,9 +78,14 @@ def test_search_on_s3_over_two_nodes_without_a_shared_disk(demo_store, demo_corp
         finally:
             stop.set()
             killer.join()
-        assert len(killed) == 1 and first.failed == killed               # the other grid point finished
+        killed, pid = killed
+        killed = [killed]
+        assert first.failed == killed                                      # the other grid point finished
         states = first.table.set_index("trial")["status"]
         assert states[killed[0]] == "failed" and (states.drop(killed[0]) == "complete").all()
+        line, = first.events                                         # mtser's own line on the dead trial process
+        assert f"grid points {killed[0]}): its trial process died (pid {pid} on " in line, line
+        assert "attempt 1 of 1" in line and "--resume" in line, line
 
         resumed = CliRunner().invoke(app, ["tune", "--search", str(grid), "--store", store, "--out", run,
                                            "--resume", "--storage-options", options])

@@ -1,6 +1,7 @@
 """`mtser extract`: read a corpus, run the encoders (Ray actors), write the feature store; print one summary line."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -17,6 +18,13 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _notify(line: str) -> None:
+    """An event line on stderr, above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"extract: {line}", file=sys.stderr)
+
+
 def extract(
     corpus: str = typer.Argument(..., help="MSP-Podcast folder, .csv/.jsonl manifest, or a folder of audio files; "
                                            "a local path or an fsspec URL (s3://bucket/MSP-Podcast)."),
@@ -27,6 +35,9 @@ def extract(
     augment: int = typer.Option(None, "--augment", min=0, help="Augmented copies per Train utterance (default: config)."),
     splits: list[str] = typer.Option(None, "--splits", help="Only these splits (repeat, or comma-separated)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    allow_outside_links: bool = typer.Option(False, "--allow-outside-links",
+                                             help="Follow symlinks that lead out of the corpus folder (refused and "
+                                                  "reported by default)."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Extract encoder features for every utterance; rerunning the same command resumes (committed shards are kept).
@@ -36,6 +47,7 @@ def extract(
     """
     from mtser.config import ConfigError, load_config
     from mtser.featurestore.corpus import CorpusError, read_corpus
+    from mtser.featurestore.encoders import check_models
     from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
@@ -47,14 +59,15 @@ def extract(
         _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
     try:
         cfg = load_config(config).extract
-        read = read_corpus(corpus, options)
+        check_models(cfg.encoders, config.parent)
+        read = read_corpus(corpus, options, allow_outside_links=allow_outside_links)
     except (ConfigError, CorpusError) as exc:
         _fail(str(exc), 2)
     failed, warned = reader_problems(read.problems, read.utterances)
     try:
         summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
                               splits=wanted or None, problems=failed, warnings=warned, storage_options=options,
-                              progress=progress)
+                              progress=progress, notify=_notify)
     except (StoreError, ExtractError) as exc:
         _fail(str(exc), 1)
     except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load

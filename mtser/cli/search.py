@@ -40,7 +40,7 @@ def tune(
 
     try:
         summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
-                             approve=approve)
+                             approve=approve, notify=lambda line: typer.echo(f"tune: {line}", err=True))
     except ConfigError as exc:
         _fail(str(exc), 2)
     except SearchError as exc:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mtser.config import ConfigError, EncoderConfig, resolve_compute_dtype
+from mtser.config import ConfigError, EncoderConfig, model_candidates, resolve_compute_dtype
 
 WHISPER_WINDOW_S = 30
 WHISPER_SAMPLES_PER_FRAME = 320
@@ -278,6 +278,42 @@ def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list
             except Exception as exc:  # noqa: BLE001
                 errors[i] = f"{type(exc).__name__}: {exc}"
     return results, errors
+
+
+# ----------------------------------------------------------------------------------------------- finding the models
+OFFLINE_HINT = ("give a folder (relative to the config file or the current directory) or a hub id this machine can "
+                "reach; offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache, else use a "
+                "local path")
+
+
+def check_models(encoders: Sequence[EncoderConfig], config_dir: Path) -> None:
+    """ConfigError naming `extract.encoders[i].model`, the folders tried and what to do, for the first encoder whose
+    model is neither a local folder (`model_candidates`) nor a hub id whose config this machine can load."""
+    for i, enc in enumerate(encoders):
+        tried = model_candidates(enc.model, config_dir)
+        if any(path.is_dir() for path in tried):
+            continue
+        reason = _hub_problem(enc.model, enc.revision)
+        if reason is not None:
+            raise ConfigError(f"extract.encoders[{i}].model: {enc.model!r} is not a folder (tried "
+                              f"{', '.join(str(p) for p in tried)}) and {reason}; {OFFLINE_HINT}")
+
+
+def _hub_problem(model: str, revision: str | None) -> str | None:
+    """None when `model` is a hub id whose config loads (from the cache or the hub), else why not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import AutoConfig
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return "not a hub id ('name' or 'namespace/name')"
+    try:
+        AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"the hub id cannot be loaded ({first[:200]})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- provenance

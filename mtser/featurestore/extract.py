@@ -181,6 +181,15 @@ class ShardWorker:
     def run(self, shard: Shard) -> dict[str, Any]:
         return write_shard(self.pipeline, shard, self.url, self.storage_options, self.augment)
 
+    def where(self) -> str:
+        """"pid P, node N" of this worker, for the driver's messages."""
+        return _where(os.getpid(), _node_id())
+
+
+def _where(pid: int, node: str | None) -> str:
+    """A worker as the driver's lines name it: its pid and (short) Ray node id."""
+    return f"pid {pid}" + (f", node {node[:8]}" if node else "")
+
 
 def _extract_config(data: dict) -> ExtractConfig:
     from mtser.config import from_dict
@@ -209,6 +218,7 @@ class ExtractSummary:
     pids: set[int] = field(default_factory=set)               # worker processes that committed shards
     failures: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): not written
     warnings: list[tuple[str, str, str]] = field(default_factory=list)   # (id, stage, reason): written anyway
+    events: list[str] = field(default_factory=list)           # workers that died, shards retried (as notified)
 
     @property
     def ok(self) -> bool:
@@ -273,9 +283,11 @@ def write_reader_problems(url: str, failures: Sequence[Failure], warnings: Seque
 def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
             augment: int | None = None, splits: Sequence[str] | None = None, problems: Sequence[Failure] = (),
             warnings: Sequence[Failure] = (), storage_options: dict | None = None,
-            progress: bool = True) -> ExtractSummary:
+            progress: bool = True, notify: Callable[[str], None] | None = None) -> ExtractSummary:
     """Extract `utts` into the store at `url` (workers=0: in this process, no Ray). `problems` are corpus rows the
     reader could not read (planned, failed), `warnings` notes on utterances it kept (see `reader_problems`).
+    `notify` gets one line per event the user should see as it happens (a worker died, where its shard went);
+    the lines are also kept in `summary.events`.
 
     The summary describes the plan as it stands in the store, earlier runs' parts included, so a resumed run
     reports the same outcome: every planned row is written or failed (written + failed = planned)."""
@@ -296,6 +308,11 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
         summary.shards_skipped = len(shards) - len(todo)
         bar = _progress_bar(sum(s.rows for s in todo), progress)
 
+        def tell(line: str) -> None:
+            summary.events.append(line)
+            if notify is not None:
+                notify(line)
+
         def record(result: dict[str, Any]) -> None:
             summary.audio_seconds += result["seconds"]
             summary.encode_seconds += result["encode_seconds"]
@@ -311,7 +328,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
             if todo and workers == 0:
                 _run_in_process(todo, cfg, url, storage_options, augment, summary, record)
             elif todo:
-                _run_ray(todo, cfg, url, storage_options, augment, workers, summary, record)
+                _run_ray(todo, cfg, url, storage_options, augment, workers, summary, record, tell)
         finally:
             bar.close()
             summary.wall_seconds = time.perf_counter() - start
@@ -364,6 +381,22 @@ def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_pa
     summary.failed = len(summary.failures) + lost
 
 
+def _identity(ref: Any) -> str:
+    """A dead actor's "pid P, node N" (its `where` answer), or "identity unknown" when it died before answering."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001 - informational only
+        return "identity unknown"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text, at most 200 characters (Ray's are paragraphs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -384,8 +417,11 @@ def _run_in_process(todo: list[Shard], cfg: ExtractConfig, url: str, storage_opt
 
 
 def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: dict | None, augment: int,
-             workers: int, summary: ExtractSummary, record: Callable[[dict], None]) -> None:
-    """Hand shards to actors one at a time; replace dead actors and redo their shards (Ray is initialised)."""
+             workers: int, summary: ExtractSummary, record: Callable[[dict], None],
+             tell: Callable[[str], None]) -> None:
+    """Hand shards to actors one at a time; replace dead actors and redo their shards (Ray is initialised).
+    `tell` gets a line per death (which worker, which shard, attempt k of MAX_SHARD_ATTEMPTS, what happens next) and
+    per retried shard that then committed (on which worker, at which attempt)."""
     import ray
     from ray.exceptions import RayActorError, RayError
 
@@ -405,6 +441,7 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
                                                  **options)
         args = (to_dict(cfg), url, storage_options, threads, augment)
         actors = [remote.remote(*args) for _ in range(workers)]
+        where = [actor.where.remote() for actor in actors]       # answered before the actor's first shard
         queue, idle = deque(todo), list(range(workers))
         inflight: dict[Any, tuple[int, Shard]] = {}
         attempts: Counter[str] = Counter()
@@ -417,20 +454,32 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             slot, shard = inflight.pop(ref)
             idle.append(slot)
+            attempt = f"attempt {attempts[shard.id] + 1} of {MAX_SHARD_ATTEMPTS}"
             try:
-                record(ray.get(ref))
+                result = ray.get(ref)
+                record(result)
                 deaths_in_a_row = 0
+                if attempts[shard.id]:
+                    tell(f"shard {shard.id} committed on {attempt} by worker {slot} "
+                         f"({_where(result['pid'], result['node'])})")
                 continue
             except RayActorError as exc:
                 error = f"worker died: {exc}"
                 deaths_in_a_row += 1
+                next_step = ("the shard goes back to the queue for the next free worker"
+                             if attempts[shard.id] + 1 < MAX_SHARD_ATTEMPTS else "the shard is given up")
+                tell(f"worker {slot} ({_identity(where[slot])}) died while encoding shard {shard.id} "
+                     f"({len(shard.utterances)} utterances), {attempt}; it is replaced and {next_step} "
+                     f"[Ray: {_first_line(exc)}]")
                 if deaths_in_a_row >= workers * MAX_SHARD_ATTEMPTS:
                     raise ExtractError(f"{deaths_in_a_row} workers died in a row without finishing a shard; "
                                        f"last: {error}") from None
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = remote.remote(*args)
+                where[slot] = actors[slot].where.remote()
             except RayError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                tell(f"shard {shard.id} failed on worker {slot}, {attempt}: {_first_line(exc)}")
             attempts[shard.id] += 1
             if attempts[shard.id] < MAX_SHARD_ATTEMPTS:
                 summary.retries += 1

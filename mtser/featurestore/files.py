@@ -11,7 +11,7 @@ import io
 import os
 import posixpath
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import fsspec
 
@@ -92,8 +92,33 @@ class CorpusFiles:
     def file_names(self, folder: str) -> set[str]:
         return {n for n, kind in self.listing(folder).items() if kind == "file"}
 
+    def kind(self, path: str) -> str | None:
+        """"file", "directory" (or "other") from the parent folder's cached listing; None when absent."""
+        return self.listing(self.parent(path)).get(self.name(path))
+
     def is_file(self, path: str) -> bool:
-        return self.listing(self.parent(path)).get(self.name(path)) == "file"
+        return self.kind(path) == "file"
+
+    @staticmethod
+    def outside_links(folder: str, names: Iterable[str], *inside: str) -> dict[str, str]:
+        """{name: real path} of the `/`-separated `names` under local `folder` that a symlink (the file itself or a
+        folder on its way) leads out of `folder` and of every folder in `inside`, compared as real paths. {} for
+        URLs: object stores have no links."""
+        if is_url(folder):
+            return {}
+        bases = [os.path.realpath(_local(f)).rstrip(os.sep) for f in (folder, *inside)]
+        real_dirs: dict[str, str] = {}
+        found = {}
+        for name in names:
+            path = os.path.join(_local(folder), *name.split("/"))
+            parent = os.path.dirname(path)
+            if parent not in real_dirs:
+                real_dirs[parent] = os.path.realpath(parent)
+            real = (os.path.realpath(path) if os.path.islink(path)
+                    else os.path.join(real_dirs[parent], os.path.basename(path)))
+            if not any(real == b or real.startswith(b + os.sep) for b in bases):
+                found[name] = real
+        return found
 
     def is_dir(self, path: str) -> bool:
         return self.fs(path).isdir(_local(path))
@@ -103,9 +128,15 @@ class CorpusFiles:
 
     def find_files(self, root: str) -> list[str]:
         """Every file under `root` (any depth) as a sorted `/`-separated path relative to `root`."""
+        return sorted(name for name, kind in self.find(root).items() if kind == "file")
+
+    def find(self, root: str) -> dict[str, str]:
+        """{`/`-separated path relative to `root`: "file" | "directory"} of everything under `root` (any depth)."""
         fs = self.fs(root)
         base = fs._strip_protocol(_local(root)).rstrip("/")
-        return sorted(posixpath.relpath(p, base) for p in fs.find(_local(root)))
+        found = fs.find(_local(root), withdirs=True, detail=True)
+        return {posixpath.relpath(p, base): _followed(p, info["type"]) for p, info in found.items()
+                if p.rstrip("/") != base}
 
     # ---------------------------------------------------------------------------------------------------- reads
     def read_bytes(self, path: str) -> bytes:
@@ -142,6 +173,13 @@ class CorpusFiles:
         if not is_url(path):
             return _local(path)
         return self.fs(path).open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
+
+
+def _followed(path: str, kind: str) -> str:
+    """A local symlink's kind as what it points to (fsspec says "other"), like `_list_local`."""
+    if kind != "other":
+        return kind
+    return "file" if os.path.isfile(path) else "directory" if os.path.isdir(path) else "other"
 
 
 def _list_local(folder: str) -> dict[str, str]:

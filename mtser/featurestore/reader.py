@@ -311,12 +311,19 @@ class FeatureStore:
 
     @contextmanager
     def _naming_failures(self, utt_ids: list[str], hits: list[tuple[Segment, int]]) -> Iterator[None]:
-        """A failed frames read becomes a StoreError naming the (first few) utterances and their segments."""
+        """A failed frames read becomes a StoreError naming the utterances that fail when read alone (the first
+        few, with their segments): the damaged ones, never their undamaged batch mates."""
         try:
             yield
-        except (OSError, ShardFormatError, ValueError, RuntimeError, StoreError) as exc:
-            where = ", ".join(f"{u!r} ({seg.path})" for u, (seg, _) in list(zip(utt_ids, hits))[:3])
-            raise StoreError(f"{self.url}: cannot read frames of {where}: {exc}") from exc
+        except READ_ERRORS as exc:
+            damaged = [(u, seg) for u, (seg, i) in zip(utt_ids, hits) if not _reads_alone(seg, i)]
+            if not damaged:
+                raise StoreError(f"{self.url}: cannot read frames of a batch of {len(utt_ids)} utterances (each "
+                                 f"reads alone): {exc}") from exc
+            where = ", ".join(f"{u!r} ({seg.path})" for u, seg in damaged[:3])
+            more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+            raise StoreError(f"{self.url}: cannot read frames of {where}{more} ({len(damaged)} of {len(utt_ids)} "
+                             f"read together): {exc}") from exc
 
     # ------------------------------------------------------------------------------------------------ for verify
     def parts(self) -> list[Part]:
@@ -350,6 +357,18 @@ class FeatureStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+READ_ERRORS = (OSError, ShardFormatError, ValueError, RuntimeError, StoreError)
+
+
+def _reads_alone(seg: Segment, i: int) -> bool:
+    """Whether utterance `i` of `seg` reads on its own (to tell a damaged utterance from its batch mates)."""
+    try:
+        read_segments([(seg, i)])
+    except READ_ERRORS:
+        return False
+    return True
 
 
 def _table_column(name: str, values: np.ndarray) -> np.ndarray:

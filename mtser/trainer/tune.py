@@ -78,6 +78,7 @@ class SearchSummary:
     failed: list[str] = field(default_factory=list)      # grid points that failed (trial error or divergence)
     ran: list[str] = field(default_factory=list)         # grid points run by this call (not skipped as finished)
     cohorts: list[str] = field(default_factory=list)     # cohorts (Ray Tune trials) run by this call
+    events: list[str] = field(default_factory=list)      # cohorts whose trial failed or whose process died
 
 
 # ------------------------------------------------------------------------------------------------------------ trial specs
@@ -379,9 +380,9 @@ def trial_resources(wanted: TrialResources, cluster_gpus: float) -> dict[str, fl
 
 
 def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir: RunFolder, store_url: str,
-              verbose: int = 1) -> tuple[list[str], list[str], list[str]]:
+              verbose: int = 1, tell: Any = None) -> tuple[list[str], list[str], list[str]]:
     """Train the unfinished grid points of `specs` in cohorts, one Ray Tune experiment; returns (grid points run,
-    grid points failed, cohorts run)."""
+    grid points failed, cohorts run). `tell(line)` hears of each cohort whose trial failed (`cohort_failure`)."""
     from ray import tune
 
     from mtser.featurestore.store import open_store
@@ -420,6 +421,8 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
         cohort = (result.config or {}).get("cohort")    # cohorts an interruption left unstarted have no config
         if cohort is not None and result.error is not None:
             error = str(result.error).strip().splitlines()[-1][:500]
+            if tell is not None:
+                tell(cohort_failure(run_dir, cohort, result.error))
             for spec in cohort["members"]:
                 if not is_finished(run_dir, spec["stage"], spec["name"]):
                     mark_state(run_dir, spec["stage"], spec["name"], status="failed", cohort=cohort["name"],
@@ -430,6 +433,24 @@ def run_stage(stage: int, specs: list[TrialSpec], search: SearchConfig, run_dir:
     if unfinished:
         raise SearchError(f"stage {stage} interrupted; unfinished grid points {unfinished} (finish with --resume)")
     return [s.name for s in pending], failed, [c.name for c in cohorts]
+
+
+def cohort_failure(run_dir: RunFolder, cohort: dict[str, Any], error: BaseException) -> str:
+    """One line on a cohort whose Ray Tune trial ended in `error`: its grid points, the process (pid and host from
+    the first member's state) and whether it died or raised, attempt 1 of 1 (a search retries no trial itself)."""
+    from ray.exceptions import RayActorError
+
+    first = cohort["members"][0]
+    state = read_state(run_dir, first["stage"], first["name"])
+    where = f"pid {state['pid']} on {state.get('node')}" if state.get("pid") else "not started"
+    text = str(error)
+    died = isinstance(error, RayActorError) or "ActorDiedError" in text or "died" in text.lower()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = (lines[0] if died else lines[-1]) if lines else type(error).__name__
+    names = ", ".join(m["name"] for m in cohort["members"])
+    what = "its trial process died" if died else "its trial raised"
+    return (f"cohort {cohort['name']} (stage {first['stage']}, grid points {names}): {what} ({where}), attempt 1 of 1; "
+            f"its unfinished grid points are marked failed; rerun with --resume to retrain them [Ray: {reason[:200]}]")
 
 
 def _status(run_dir: RunFolder, spec: TrialSpec) -> str:
@@ -468,13 +489,14 @@ def prepare_run(search_file: Path, store_url: str, run_dir: RunFolder | str | Pa
 
 def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, resume: bool = False,
                stages: tuple[int, ...] = (1, 2), verbose: int = 1, storage_options: dict | None = None,
-               approve: Callable[[SearchPlan], bool] | None = None) -> SearchSummary:
+               approve: Callable[[SearchPlan], bool] | None = None, notify: Any = None) -> SearchSummary:
     """Both stages of the search; writes RUN/results.csv and returns the table (finished and failed grid points).
 
     `run_dir` is a local path or a URL; `storage_options` apply to it and to the store. A remote store (s3://...) is
     copied once per node into the node's cache, and the cohorts there read that copy. With `approve`, a plan that
     has `problems()` (too many points, too much memory or time) runs only if `approve(plan)` says so; otherwise
-    SearchError (usage) before anything is written."""
+    SearchError (usage) before anything is written. `notify(line)` hears of each cohort whose trial failed or whose
+    process died as the stage ends; the lines are kept in `summary.events`."""
     import ray
 
     from mtser.featurestore.store import StoreError, open_store
@@ -502,8 +524,13 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     summary = SearchSummary(pd.DataFrame())
     specs = stage1_specs(search, base, device)
 
+    def tell(line: str) -> None:
+        summary.events.append(line)
+        if notify is not None:
+            notify(line)
+
     def run(stage: int, stage_specs: list[TrialSpec]) -> None:
-        ran, failed, cohorts = run_stage(stage, stage_specs, search, run_dir, store_url, verbose)
+        ran, failed, cohorts = run_stage(stage, stage_specs, search, run_dir, store_url, verbose, tell)
         summary.ran += ran
         summary.failed += failed
         summary.cohorts += cohorts
