@@ -83,7 +83,8 @@ class Segment:
         n, offsets, dim, problems = len(self.ids), self.offsets, self.info.dim, []
         rows = None
         if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
-            problems.append(f"offsets are not 0 < ... strictly increasing with {n + 1} entries (one per utterance + 1)")
+            problems.append(f"offsets are not 0 < ... strictly increasing with {n + 1} entries (one per utterance + 1): "
+                            f"{len(offsets)} offsets for {n} ids")
         else:
             rows = int(offsets[-1])
         if frames_meta is None:
