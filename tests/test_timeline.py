@@ -174,7 +174,8 @@ def test_batching_of_segments_never_changes_a_result(timeline, recording):
 def bad_inputs(folder: Path, demo_corpus_dir: Path) -> dict[str, str]:
     """Files a user might pass, each with the word its row must carry."""
     speech, rate = soundfile.read(sorted((demo_corpus_dir / "Audios").glob("*.wav"))[0], dtype="float32")
-    files = {"broken.wav": "unreadable", "empty.wav": "empty", "dir.wav": "directory", "quiet.wav": "no speech"}
+    files = {"broken.wav": "unreadable", "empty.wav": "empty", "dir.wav": "folder named like an audio file",
+             "quiet.wav": "no speech"}
     (folder / "broken.wav").write_bytes(b"RIFF not really a wav")
     soundfile.write(folder / "empty.wav", np.zeros(0, np.float32), rate)
     (folder / "dir.wav").mkdir()
