@@ -283,7 +283,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
-    with _ray_session(address) if workers else _no_session():
+    with ray_session(address) if workers else _no_session():
         cfg = with_compute_dtypes(cfg, _worker_device(workers))
         register_encoders(url, cfg, storage_options)
         summary = ExtractSummary()
@@ -320,7 +320,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
 
 
 @contextmanager
-def _ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None) -> Iterator[None]:
     """Ray as the caller has it, else started (or joined at `address`) for the duration and shut down after."""
     import ray
 
@@ -349,6 +349,23 @@ def _worker_device(workers: int) -> str:
     import ray
 
     return "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
+
+
+def actor_options(workers: int, tasks: int) -> tuple[int, int, dict[str, Any]]:
+    """(actors, torch threads per actor, Ray actor options) for `workers` asked and `tasks` to do: one GPU per actor
+    where the cluster has GPUs, else CPU actors splitting the cores; spread over the nodes (Ray is initialised)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    workers = max(1, min(workers, gpus or cpus, tasks))
+    node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
+    options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
+    # Ray renices its workers to 15: beside any other busy process (the driver included) an encoder actor then
+    # gets a few percent of a core. Actors run at the driver's priority instead, as Ray's job supervisor does.
+    priority = {"env_vars": {"RAY_worker_niceness": str(os.getpriority(os.PRIO_PROCESS, 0))}}
+    return workers, threads, {**options, "scheduling_strategy": "SPREAD", "runtime_env": priority}
 
 
 def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
@@ -391,18 +408,9 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
 
     actors: list[Any] = []
     try:
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        workers = max(1, min(workers, gpus or cpus, len(todo)))
-        node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
-        threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
-        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
-        summary.workers, summary.device = workers, "cuda" if gpus else "cpu"
-        # Ray renices its workers to 15: beside any other busy process (the driver included) an encoder actor then
-        # gets a few percent of a core. Actors run at the driver's priority instead, as Ray's job supervisor does.
-        priority = {"env_vars": {"RAY_worker_niceness": str(os.getpriority(os.PRIO_PROCESS, 0))}}
-        remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", runtime_env=priority,
-                                                 **options)
+        workers, threads, options = actor_options(workers, len(todo))
+        summary.workers, summary.device = workers, "cuda" if options.get("num_gpus") else "cpu"
+        remote = ray.remote(ShardWorker).options(max_restarts=0, **options)
         args = (to_dict(cfg), url, storage_options, threads, augment)
         actors = [remote.remote(*args) for _ in range(workers)]
         queue, idle = deque(todo), list(range(workers))

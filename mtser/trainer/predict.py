@@ -52,14 +52,20 @@ def _utterance(path: str, transcripts: Path | None) -> Utterance:
     return Utterance(id=path, path=path, transcript=text or None, transcript_source="human" if text else None)
 
 
-def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
-    """The encoders exactly as the store recorded them in the members' checkpoints (run in the compute dtype the
-    store's features were computed in: float32 for stores that predate the record), and each one's stored dtype."""
+def encoder_provenance(metas: list[dict]) -> dict[str, dict]:
+    """Each encoder's provenance (the store's EncoderInfo record) as the members' checkpoints recorded it."""
     infos: dict[str, dict] = {}
     for meta in metas:
         for name, info in meta["store"]["encoders"].items():
             if infos.setdefault(name, info) != info:
                 raise EnsembleError(f"ensemble members disagree on encoder {name!r}: {infos[name]} vs {info}")
+    return infos
+
+
+def encoder_configs(metas: list[dict]) -> tuple[list[EncoderConfig], dict[str, str]]:
+    """The encoders exactly as the store recorded them in the members' checkpoints (run in the compute dtype the
+    store's features were computed in: float32 for stores that predate the record), and each one's stored dtype."""
+    infos = encoder_provenance(metas)
     configs = [from_dict(EncoderConfig, {**info["config"], "compute_dtype": info.get("compute_dtype", "float32")})
                for info in infos.values()]
     return configs, {name: info["dtype"] for name, info in infos.items()}
@@ -98,6 +104,7 @@ class EnsembleScorer:
             self.models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
             metas.append(meta)
         self.encoders, self.dtypes = encoder_configs(metas)
+        self.provenance = encoder_provenance(metas)
 
     def score(self, ids: list[str], features: list[dict[str, np.ndarray]]) -> Predictions:
         """The ensemble's predictions for utterances given their features (rounded to the store's dtypes first)."""
