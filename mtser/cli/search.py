@@ -96,7 +96,8 @@ def predict(
     out: str = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it; with --timeline "
                             "the output folder (path or URL; required)."),
     transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (--workers: each actor uses its GPU where it "
+                                "has one)."),
     skip_external: bool = typer.Option(False, "--skip-external", help="Drop the ensemble's external members "
                                        "(prediction files, which cannot score new audio) instead of refusing."),
     timeline: bool = typer.Option(False, "--timeline", help="Emotion over time: cut each file into speech segments "
