@@ -53,3 +53,6 @@ $MTSER report "$DEMO_DIR/run"
 echo
 echo "demo: done in $(( $(date +%s) - start )) s. Predict on new audio with:"
 echo "  $MTSER predict $DEMO_DIR/corpus/Audios/MSP-PODCAST_test3_0001.wav --ensemble $DEMO_DIR/run/ensemble"
+echo "and emotion over time in a long recording made of demo utterances with:"
+echo "  $MTSER demo-recording $DEMO_DIR/corpus $DEMO_DIR/episode.wav"
+echo "  $MTSER predict $DEMO_DIR/episode.wav --timeline --ensemble $DEMO_DIR/run/ensemble --out $DEMO_DIR/timeline"

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages (espeak-ng), a venv in .venv, pinned dependencies, mtser itself (editable).
+# Idempotent set-up: system packages (espeak-ng, chromium), a venv in .venv, pinned dependencies, mtser itself (editable).
 # Re-running is cheap: pip work is skipped while requirements.lock and pyproject.toml are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
-    echo "setup: installing espeak-ng (demo corpus speech synthesis)"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q espeak-ng >/dev/null; }
-fi
+# System packages: espeak-ng (the demo corpus's speech), chromium (the tests render the HTML pages headless).
+for tool in espeak-ng chromium; do
+    if ! command -v $tool >/dev/null 2>&1; then
+        echo "setup: installing $tool"
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+        $SUDO apt-get install -y -q $tool >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $tool >/dev/null; }
+    fi
+done
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

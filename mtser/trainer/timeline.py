@@ -283,8 +283,8 @@ def predict_timeline(inputs: list[str | Path], ensemble: str | Path, out: str | 
 
     cfg = cfg or TimelineConfig()
     folder = TimelineFolder(out, storage_options)
-    folder.check_record({"ensemble": str(ensemble), "timeline": to_dict(cfg)})
     scorer = EnsembleScorer(ensemble, device, skip_external, storage_options)
+    folder.check_record({"ensemble": str(ensemble), "timeline": to_dict(cfg)})
     if store:
         register_store(store, scorer, storage_options)
     utts, failures = collect_inputs(inputs)
@@ -336,13 +336,16 @@ class AudioHoursBar:
     def __enter__(self) -> "AudioHoursBar":
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=sum(self.durations) / 3600, unit="h", desc="timeline", disable=not self.enabled,
+        self.bar = tqdm(total=sum(self.durations) / 3600, desc="timeline", disable=not self.enabled,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h "
-                                   "[{elapsed}<{remaining}, {rate_fmt}]", dynamic_ncols=True)
+                                   "[{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
         return self
 
     def update(self, seconds: float) -> None:
         self.bar.update(min(seconds / 3600, self.bar.total - self.bar.n))   # float sums never overshoot the total
+        elapsed = self.bar.format_dict["elapsed"]
+        if elapsed > 0:
+            self.bar.set_postfix_str(f"{self.bar.n * 3600 / elapsed:.1f}x real time")
 
     def __exit__(self, *exc) -> None:
         self.bar.close()

@@ -25,8 +25,8 @@ border-bottom:1px solid #ddd;white-space:nowrap}td.num{text-align:right;font-var
 p.note{color:#555;font-size:.9rem}"""
 
 
-def file_figure(rows: pd.DataFrame, title: str):
-    """The plotly figure of one file's segments (rows of the segment table)."""
+def file_figure(rows: pd.DataFrame, duration_s: float):
+    """The plotly figure of one file's segments (rows of the segment table) on a time axis of the whole file."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -35,30 +35,31 @@ def file_figure(rows: pd.DataFrame, title: str):
     width = (rows["end_s"] - rows["start_s"]).to_numpy()
     words = [html.escape(t) if isinstance(t, str) and t else "" for t in rows["transcript"]]
     span = [f"{s:.2f}-{e:.2f} s" for s, e in zip(rows["start_s"], rows["end_s"])]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.55, 0.45],
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.55, 0.45],
                         subplot_titles=("class probabilities", "attributes (1-7)"))
     for c in CLASSES:
         fig.add_trace(go.Bar(x=mid, y=rows[f"prob_{c}"], width=width, name=f"{c} {CLASS_NAMES[c]}",
-                             marker_color=CLASS_COLOURS[c], marker_line_width=0, legendgroup="classes",
+                             marker_color=CLASS_COLOURS[c], marker_line_width=0,
                              customdata=np.stack([span, words], axis=1) if len(rows) else None,
                              hovertemplate=f"{CLASS_NAMES[c]} %{{y:.2f}}<br>%{{customdata[0]}}<br>"
                                            "%{customdata[1]}<extra></extra>"), row=1, col=1)
     for a, name in ATTRIBUTE_NAMES.items():
-        fig.add_trace(go.Scatter(x=mid, y=rows[a], mode="lines+markers", name=name, legendgroup="attributes",
+        fig.add_trace(go.Scatter(x=mid, y=rows[a], mode="lines+markers", name=name,
                                  line={"color": ATTRIBUTE_COLOURS[a]}, marker={"size": 5},
                                  customdata=np.stack([span, words], axis=1) if len(rows) else None,
                                  hovertemplate=f"{name} %{{y:.2f}}<br>%{{customdata[0]}}<br>"
                                                "%{customdata[1]}<extra></extra>"), row=2, col=1)
-    fig.update_layout(barmode="stack", bargap=0, height=520, title={"text": html.escape(title), "font": {"size": 14}},
-                      margin={"l": 50, "r": 20, "t": 60, "b": 40}, legend={"orientation": "h", "y": -0.12},
+    fig.update_layout(barmode="stack", bargap=0, height=520, margin={"l": 50, "r": 20, "t": 70, "b": 40},
+                      legend={"orientation": "h", "x": 0, "y": 1.08, "yanchor": "bottom", "traceorder": "normal"},
                       template="plotly_white", hovermode="closest")
     fig.update_yaxes(range=[0, 1], row=1, col=1)
     fig.update_yaxes(range=[1, 7], row=2, col=1)
+    fig.update_xaxes(range=[0, duration_s])
     fig.update_xaxes(title_text="time (s)", row=2, col=1)
     return fig
 
 
-def png_figure(rows: pd.DataFrame, title: str) -> bytes:
+def png_figure(rows: pd.DataFrame, title: str, duration_s: float) -> bytes:
     """The same figure as a static PNG (matplotlib)."""
     import matplotlib
 
@@ -78,7 +79,7 @@ def png_figure(rows: pd.DataFrame, title: str) -> bytes:
     mid = (rows["start_s"] + rows["end_s"]) / 2
     for a, name in ATTRIBUTE_NAMES.items():
         bottom.plot(mid, rows[a], marker="o", markersize=3, color=ATTRIBUTE_COLOURS[a], label=name)
-    bottom.set(ylim=(1, 7), ylabel="attribute", xlabel="time (s)")
+    bottom.set(ylim=(1, 7), xlim=(0, duration_s), ylabel="attribute", xlabel="time (s)")
     bottom.legend(ncol=3, fontsize=8, loc="upper right")
     fig.tight_layout()
     out = io.BytesIO()
@@ -96,15 +97,16 @@ def write_figures(folder: RunFolder, segments: pd.DataFrame, summary: pd.DataFra
     for _, row in summary.iterrows():
         rows = segments[segments["file"] == row["file"]]
         heading = f"<h2>{html.escape(str(row['file']))}</h2>"
+        detail = f"<p class='note'>{row['segments']} segments, {row['speech_s']:.1f} s of speech in {row['duration_s']:.1f} s</p>"
         if row["status"] != "ok" or rows["EmoClass"].isna().all():
             sections.append(f"{heading}<p class='note'>{html.escape(str(row['status']))}: "
                             f"{html.escape(str(row.get('reason') or ''))}</p>")
             continue
-        fig = file_figure(rows, f"{row['file']} — {row['segments']} segments, {row['speech_s']:.1f} s of speech")
-        sections.append(heading + fig.to_html(full_html=False, include_plotlyjs=first,
-                                              config={"responsive": True, "displaylogo": False}))
+        fig = file_figure(rows, float(row["duration_s"]))
+        sections.append(heading + detail + fig.to_html(full_html=False, include_plotlyjs=first,
+                                                       config={"responsive": True, "displaylogo": False}))
         first = False
-        folder.write_bytes(f"png/{file_key(str(row['file']))}.png", png_figure(rows, str(row["file"])))
+        folder.write_bytes(f"png/{file_key(str(row['file']))}.png", png_figure(rows, str(row["file"]), float(row["duration_s"])))
     folder.write_bytes("timeline.html", page(summary, sections).encode())
 
 
