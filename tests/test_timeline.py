@@ -405,9 +405,12 @@ def test_a_killed_worker_s_file_is_run_again(ensemble_dir, parts, parts_table, t
     same_predictions(finished["run"].segments, parts_table)
 
 
-def test_timeline_options_need_the_timeline(ensemble_dir, parts):
+def test_timeline_options_need_the_timeline_and_address_needs_workers(ensemble_dir, parts, tmp_path):
     result = CliRunner().invoke(app, ["predict", str(parts[0]), "--ensemble", str(ensemble_dir), "--workers", "2"])
     assert result.exit_code == 2 and "--timeline" in result.output
+    result = CliRunner().invoke(app, ["predict", str(parts[0]), "--timeline", "--ensemble", str(ensemble_dir),
+                                      "--out", str(tmp_path), "--address", "auto"])
+    assert result.exit_code == 2 and "--address" in result.output and "--workers" in result.output
 
 
 def test_a_store_whose_encoders_differ_is_refused(ensemble_dir, parts, tmp_path):

@@ -124,6 +124,8 @@ def predict(
     options = parse_storage_options(storage_options)
     if not timeline and (workers or address or store):
         _fail("--workers, --address and --store work with --timeline only", 2)
+    if address and not workers:
+        _fail("--address names the Ray cluster for --workers N; give --workers too", 2)
     try:
         if timeline:
             _timeline(inputs, ensemble, out, device, skip_external, options, workers, address, store,
