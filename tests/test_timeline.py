@@ -237,14 +237,32 @@ def test_timeline_command_tables_figures_bad_input_and_resume(ensemble_dir, demo
     assert other.exit_code == 2 and "timeline" in other.output and "another --out" in other.output
 
 
-def test_a_killed_timeline_resumes_and_equals_an_uninterrupted_run(ensemble_dir, recording, tmp_path):
+@pytest.fixture(scope="module")
+def parts(recording, tmp_path_factory) -> list[Path]:
+    """Three short files cut from the recording (two utterances each)."""
     path, truth = recording
     wave, rate = soundfile.read(path, dtype="float32")
+    folder = tmp_path_factory.mktemp("parts")
     files = []
-    for k in range(3):                                       # three files: the kill lands after the first commit
-        files.append(tmp_path / f"part{k}.wav")
+    for k in range(3):
+        files.append(folder / f"part{k}.wav")
         start, end = truth.start_s.iloc[k] - 0.3, truth.end_s.iloc[k + 1] + 0.3
         soundfile.write(files[-1], wave[int(start * rate):int(end * rate)], rate)
+    return files
+
+
+@pytest.fixture(scope="module")
+def parts_table(ensemble_dir, parts, tmp_path_factory) -> pd.DataFrame:
+    """The segments of `parts` from an uninterrupted run in this process."""
+    out = tmp_path_factory.mktemp("parts-fresh")
+    fresh = CliRunner().invoke(app, ["predict", *map(str, parts), "--timeline", "--ensemble", str(ensemble_dir),
+                                     "--out", str(out)])
+    assert fresh.exit_code == 0, fresh.output
+    return pd.read_parquet(out / "segments.parquet")
+
+
+def test_a_killed_timeline_resumes_and_equals_an_uninterrupted_run(ensemble_dir, parts, parts_table, tmp_path):
+    files = parts                                            # three files: the kill lands after the first commit
     out = tmp_path / "killed"
     cmd = [MTSER, "predict", *map(str, files), "--timeline", "--ensemble", str(ensemble_dir), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -259,11 +277,7 @@ def test_a_killed_timeline_resumes_and_equals_an_uninterrupted_run(ensemble_dir,
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({committed} finished earlier)" in resumed.stdout
-    fresh = CliRunner().invoke(app, ["predict", *map(str, files), "--timeline", "--ensemble", str(ensemble_dir),
-                                     "--out", str(tmp_path / "fresh")])
-    assert fresh.exit_code == 0, fresh.output
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "segments.parquet"),
-                                  pd.read_parquet(tmp_path / "fresh" / "segments.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "segments.parquet"), parts_table)
 
 
 def test_whole_file_predict_on_a_long_file_mentions_the_timeline(ensemble_dir, recording):
@@ -293,3 +307,124 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) < 150, out.stdout
+
+
+# ------------------------------------------------------------------------------------- workers, URLs, feature store
+def same_predictions(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Equal rows, predictions within float tolerance (actors run other thread counts than this process)."""
+    assert table[["file", "segment", "start_s", "end_s", "EmoClass"]].equals(
+        expected[["file", "segment", "start_s", "end_s", "EmoClass"]])
+    np.testing.assert_allclose(table[PROBS + ATTRS].to_numpy(float), expected[PROBS + ATTRS].to_numpy(float),
+                               atol=1e-4)
+
+
+def test_workers_commit_files_to_s3_and_write_segment_features_to_a_store(ensemble_dir, parts, parts_table, timeline,
+                                                                          moto_s3, s3_bucket):
+    import json
+
+    import s3fs
+
+    from mtser.featurestore.pipeline import Loaded
+    from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.store import open_store
+
+    out, store = f"s3://{s3_bucket}/timeline", f"s3://{s3_bucket}/segments.zarr"
+    result = CliRunner().invoke(app, ["predict", *map(str, parts), "--timeline", "--ensemble", str(ensemble_dir),
+                                      "--out", out, "--store", store, "--storage-options", json.dumps(moto_s3),
+                                      "--workers", "2"])            # two actors share the three files
+    assert result.exit_code == 0, result.output
+    fs = s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True)
+    assert len(fs.glob(f"{out}/files/*.json")) == 3                  # each file committed by its actor
+    with fs.open(f"{out}/segments.parquet") as f:
+        table = pd.read_parquet(f)
+    same_predictions(table, parts_table)
+
+    features = open_store(store, storage_options=moto_s3)
+    assert sorted(features.utterances.index) == sorted(table["segment"])
+    row = table.iloc[-1]
+    span = Span(round(row.start_s * VAD_RATE), round(row.end_s * VAD_RATE))
+    (_, wave), = timeline.cut(row.file, [span])
+    utt = Utterance(id=row.segment, path=row.file, duration=len(wave) / VAD_RATE)
+    (_, expected), = timeline.pipeline.encode(Loaded([utt], [wave], [0], {})).written
+    assert set(features.encoders) == set(expected)
+    for name, frames in expected.items():                          # float16 in both: one rounding step apart at most
+        np.testing.assert_allclose(features.get(row.segment, name, dtype=np.float32), frames.astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+    listed = CliRunner().invoke(app, ["features", "ls", store, "--storage-options", json.dumps(moto_s3)])
+    assert listed.exit_code == 0 and f"3 committed parts, {len(table)} utterances" in listed.output, listed.output
+
+    # a run killed after a file's store part was committed, before the file was, redoes the file: its part stays
+    timeline.store, timeline.storage_options = store, moto_s3
+    try:
+        again = timeline.run_file(str(parts[1]))
+    finally:
+        timeline.store, timeline.storage_options = None, None
+    assert again.status == "ok"
+    assert again.segments["segment"].tolist() == table[table["file"] == str(parts[1])]["segment"].tolist()
+    assert len(open_store(store, storage_options=moto_s3).utterances) == len(table)
+
+
+def descendants() -> list[tuple[int, str]]:
+    """(pid, command line) of this process's descendants (Ray's workers run under its raylet), from /proc."""
+    parent, title = {}, {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            title[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def under_me(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [(pid, title[pid]) for pid in parent if under_me(pid)]
+
+
+def test_a_killed_worker_s_file_is_run_again(ensemble_dir, parts, parts_table, tmp_path):
+    """SIGKILL the actor while it runs a file: Ray restarts it and the file is run again; nothing is lost."""
+    import threading
+
+    from mtser.trainer.timeline import predict_timeline
+
+    finished: dict = {}
+    run = threading.Thread(target=lambda: finished.update(run=predict_timeline(
+        list(map(str, parts)), ensemble_dir, tmp_path / "out", workers=1, progress=False, figures=False)))
+    run.start()
+    killed, deadline = None, time.time() + 300
+    while killed is None and run.is_alive() and time.time() < deadline:
+        killed = next((pid for pid, title in descendants() if "TimelineWorker.run" in title), None)
+        if killed is not None:
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    run.join()
+    assert killed is not None
+    assert finished["run"].summary["status"].tolist() == ["ok"] * 3 and not finished["run"].failures
+    same_predictions(finished["run"].segments, parts_table)
+
+
+def test_timeline_options_need_the_timeline_and_address_needs_workers(ensemble_dir, parts, tmp_path):
+    result = CliRunner().invoke(app, ["predict", str(parts[0]), "--ensemble", str(ensemble_dir), "--workers", "2"])
+    assert result.exit_code == 2 and "--timeline" in result.output
+    result = CliRunner().invoke(app, ["predict", str(parts[0]), "--timeline", "--ensemble", str(ensemble_dir),
+                                      "--out", str(tmp_path), "--address", "auto"])
+    assert result.exit_code == 2 and "--address" in result.output and "--workers" in result.output
+
+
+def test_a_store_whose_encoders_differ_is_refused(ensemble_dir, parts, tmp_path):
+    from dataclasses import replace
+
+    from mtser.featurestore.store import EncoderInfo, create_store, register_encoder
+    from mtser.trainer.predict import EnsembleScorer
+
+    store = str(tmp_path / "other.zarr")
+    create_store(store)
+    name, info = next(iter(EnsembleScorer(ensemble_dir).provenance.items()))
+    register_encoder(store, replace(EncoderInfo.from_dict(info), dim=info["dim"] * 2))
+    result = CliRunner().invoke(app, ["predict", str(parts[0]), "--timeline", "--ensemble", str(ensemble_dir),
+                                      "--out", str(tmp_path / "out"), "--store", store])
+    assert result.exit_code == 2, result.output
+    assert "--store" in result.output and name in result.output and "different provenance" in result.output

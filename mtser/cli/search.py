@@ -106,7 +106,8 @@ def predict(
     out: str = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it; with --timeline "
                             "the output folder (path or URL; required)."),
     transcripts: Path = typer.Option(None, "--transcripts", help="Folder of <audio stem>.txt transcripts (else ASR)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (--workers: each actor uses its GPU where it "
+                                "has one)."),
     skip_external: bool = typer.Option(False, "--skip-external", help="Drop the ensemble's external members "
                                        "(prediction files, which cannot score new audio) instead of refusing."),
     timeline: bool = typer.Option(False, "--timeline", help="Emotion over time: cut each file into speech segments "
@@ -116,6 +117,13 @@ def predict(
     max_segment: float = typer.Option(12.0, "--max-segment", help="--timeline vad: longest segment (s)."),
     window: float = typer.Option(4.0, "--window", help="--timeline fixed: window length (s)."),
     hop: float = typer.Option(2.0, "--hop", help="--timeline fixed: a window every HOP seconds."),
+    workers: int = typer.Option(0, "--workers", min=0, help="--timeline: run the files in N Ray actors (one per GPU "
+                                "where the cluster has GPUs, else CPU actors splitting the cores); each commits its "
+                                "files to --out. 0: in this process."),
+    address: str = typer.Option(None, "--address", help="--timeline --workers: an existing Ray cluster (e.g. "
+                                "ray://head:10001 or auto); default: a local Ray for the run."),
+    store: str = typer.Option(None, "--store", help="--timeline: also write each segment's encoder features to this "
+                              "feature store (path or URL; ids <file>#<start_ms>-<end_ms>, one part per file)."),
     storage_options: str = STORAGE_OPTIONS,
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance (per
@@ -125,12 +133,17 @@ def predict(
     from mtser.trainer.ensemble import EnsembleError
 
     options = parse_storage_options(storage_options)
+    if not timeline and (workers or address or store):
+        _fail("--workers, --address and --store work with --timeline only", 2)
+    if address and not workers:
+        _fail("--address names the Ray cluster for --workers N; give --workers too", 2)
     if not timeline:
         check_output_file(Path(out) if out else None, "--out")
     try:
         if timeline:
-            _timeline(inputs, ensemble, out, device, skip_external, options, segment=segment,
-                      min_segment_s=min_segment, max_segment_s=max_segment, window_s=window, hop_s=hop)
+            _timeline(inputs, ensemble, out, device, skip_external, options, workers, address, store,
+                      segment=segment, min_segment_s=min_segment, max_segment_s=max_segment, window_s=window,
+                      hop_s=hop)
             return
         from mtser.trainer.predict import long_files, predict_files
 
@@ -157,7 +170,7 @@ def predict(
 
 
 def _timeline(inputs: list[Path], ensemble: str, out: str | None, device: str, skip_external: bool,
-              options: dict | None, **settings) -> None:
+              options: dict | None, workers: int, address: str | None, store: str | None, **settings) -> None:
     from mtser.config import ConfigError, TimelineConfig, from_dict
     from mtser.trainer.timeline import TimelineError, predict_timeline, status_line
 
@@ -166,11 +179,13 @@ def _timeline(inputs: list[Path], ensemble: str, out: str | None, device: str, s
     try:
         cfg = from_dict(TimelineConfig, settings, "timeline")
         run = predict_timeline(inputs, ensemble, out, cfg, device=device, skip_external=skip_external,
-                               storage_options=options)
+                               storage_options=options, workers=workers, address=address, store=store)
     except (ConfigError, TimelineError) as exc:
         _fail(str(exc), 2)
     typer.echo(status_line(run))
     typer.echo(f"wrote segments.csv/.parquet, summary.csv/.parquet, timeline.html and png/ to {out}")
+    if store:
+        typer.echo(f"segment features in the feature store {store} (`mtser features ls {store}`)")
     for name, reason in run.failures.items():
         typer.echo(f"failed {name}: {reason}", err=True)
     if run.failures:

@@ -295,7 +295,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
     augment = cfg.augment if augment is None else augment
     if splits:
         utts = [u for u in utts if u.split in set(splits)]
-    with _ray_session(address) if workers else _no_session():
+    with ray_session(address) if workers else _no_session():
         cfg = with_compute_dtypes(cfg, _worker_device(workers))
         register_encoders(url, cfg, storage_options)
         summary = ExtractSummary()
@@ -337,7 +337,7 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
 
 
 @contextmanager
-def _ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None) -> Iterator[None]:
     """Ray as the caller has it, else started (or joined at `address`) for the duration and shut down after."""
     import ray
 
@@ -368,6 +368,23 @@ def _worker_device(workers: int) -> str:
     return "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
 
 
+def actor_options(workers: int, tasks: int) -> tuple[int, int, dict[str, Any]]:
+    """(actors, torch threads per actor, Ray actor options) for `workers` asked and `tasks` to do: one GPU per actor
+    where the cluster has GPUs, else CPU actors splitting the cores; spread over the nodes (Ray is initialised)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    workers = max(1, min(workers, gpus or cpus, tasks))
+    node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
+    options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
+    # Ray renices its workers to 15: beside any other busy process (the driver included) an encoder actor then
+    # gets a few percent of a core. Actors run at the driver's priority instead, as Ray's job supervisor does.
+    priority = {"env_vars": {"RAY_worker_niceness": str(os.getpriority(os.PRIO_PROCESS, 0))}}
+    return workers, threads, {**options, "scheduling_strategy": "SPREAD", "runtime_env": priority}
+
+
 def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
     """Written, failed and warnings of the plan's parts as the store has them now."""
     mine = {s.id for s in shards} | {reader_part}
@@ -391,7 +408,7 @@ def _identity(ref: Any) -> str:
         return "identity unknown"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text, at most 200 characters (Ray's are paragraphs)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]
@@ -427,18 +444,9 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
 
     actors: list[Any] = []
     try:
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        workers = max(1, min(workers, gpus or cpus, len(todo)))
-        node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
-        threads = max(1, min(cpus // workers, node_cpus))        # an actor asking more than a node has never starts
-        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}
-        summary.workers, summary.device = workers, "cuda" if gpus else "cpu"
-        # Ray renices its workers to 15: beside any other busy process (the driver included) an encoder actor then
-        # gets a few percent of a core. Actors run at the driver's priority instead, as Ray's job supervisor does.
-        priority = {"env_vars": {"RAY_worker_niceness": str(os.getpriority(os.PRIO_PROCESS, 0))}}
-        remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", runtime_env=priority,
-                                                 **options)
+        workers, threads, options = actor_options(workers, len(todo))
+        summary.workers, summary.device = workers, "cuda" if options.get("num_gpus") else "cpu"
+        remote = ray.remote(ShardWorker).options(max_restarts=0, **options)
         args = (to_dict(cfg), url, storage_options, threads, augment)
         actors = [remote.remote(*args) for _ in range(workers)]
         where = [actor.where.remote() for actor in actors]       # answered before the actor's first shard
@@ -470,7 +478,7 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
                              if attempts[shard.id] + 1 < MAX_SHARD_ATTEMPTS else "the shard is given up")
                 tell(f"worker {slot} ({_identity(where[slot])}) died while encoding shard {shard.id} "
                      f"({len(shard.utterances)} utterances), {attempt}; it is replaced and {next_step} "
-                     f"[Ray: {_first_line(exc)}]")
+                     f"[Ray: {first_line(exc)}]")
                 if deaths_in_a_row >= workers * MAX_SHARD_ATTEMPTS:
                     raise ExtractError(f"{deaths_in_a_row} workers died in a row without finishing a shard; "
                                        f"last: {error}") from None
@@ -479,7 +487,7 @@ def _run_ray(todo: list[Shard], cfg: ExtractConfig, url: str, storage_options: d
                 where[slot] = actors[slot].where.remote()
             except RayError as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                tell(f"shard {shard.id} failed on worker {slot}, {attempt}: {_first_line(exc)}")
+                tell(f"shard {shard.id} failed on worker {slot}, {attempt}: {first_line(exc)}")
             attempts[shard.id] += 1
             if attempts[shard.id] < MAX_SHARD_ATTEMPTS:
                 summary.retries += 1

@@ -53,18 +53,23 @@ def _utterance(path: str, transcripts: Path | None) -> Utterance:
     return Utterance(id=path, path=path, transcript=text or None, transcript_source="human" if text else None)
 
 
-def encoder_configs(metas: list[dict]) -> list[EncoderConfig]:
-    """The encoders exactly as the store recorded them in the members' checkpoints: run in the compute dtype the
-    store's features were computed in (float32 for stores that predate the record), their frames converted as the
-    store keeps them (its dtype; `featurestore.frames`)."""
+def encoder_provenance(metas: list[dict]) -> dict[str, dict]:
+    """Each encoder's provenance (the store's EncoderInfo record) as the members' checkpoints recorded it."""
     infos: dict[str, dict] = {}
     for meta in metas:
         for name, info in meta["store"]["encoders"].items():
             if infos.setdefault(name, info) != info:
                 raise EnsembleError(f"ensemble members disagree on encoder {name!r}: {infos[name]} vs {info}")
+    return infos
+
+
+def encoder_configs(metas: list[dict]) -> list[EncoderConfig]:
+    """The encoders exactly as the store recorded them in the members' checkpoints: run in the compute dtype the
+    store's features were computed in (float32 for stores that predate the record), their frames converted as the
+    store keeps them (its dtype; `featurestore.frames`)."""
     return [from_dict(EncoderConfig, {**info["config"], "dtype": info["dtype"],
                                       "compute_dtype": info.get("compute_dtype", "float32")})
-            for info in infos.values()]
+            for info in encoder_provenance(metas).values()]
 
 
 class EnsembleScorer:
@@ -91,6 +96,7 @@ class EnsembleScorer:
             self.models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
             metas.append(meta)
         self.encoders = encoder_configs(metas)
+        self.provenance = encoder_provenance(metas)
 
     def score(self, ids: list[str], features: list[dict[str, np.ndarray]]) -> Predictions:
         """The ensemble's predictions for utterances given their features as a store reader gets them (float32

@@ -4,15 +4,20 @@ per segment, a summary per file, and a timeline figure per file (trainer.timelin
 
 Each file's rows are committed to `OUT/files/` when the file is done (table first, then its status record), so a
 killed run resumed with the same command skips finished files. Audio is decoded in blocks of `block_s` and encoded
-in groups of `batch_seconds`: memory is bounded by those, not by the length of a recording.
+in groups of `batch_seconds`: memory is bounded by those, not by the length of a recording. With `store`, each
+file's segment features also go to a feature store, one part per file (ids `<file>#<start_ms>-<end_ms>`), under
+the encoder provenance the ensemble's checkpoints recorded. With `workers`, the per-file work runs in Ray actors
+(trainer.timeline_workers); without, in this process.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,6 +28,9 @@ from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, CLASSES
 from mtser.featurestore.vad import VAD_RATE, Span
 from mtser.trainer.predict import EnsembleScorer
 from mtser.trainer.runs import RunFolder
+
+if TYPE_CHECKING:
+    from mtser.featurestore.store import StoreWriter
 
 PROBS = [f"prob_{c}" for c in CLASSES]
 ATTRS = list(ATTRIBUTE_COLUMNS.values())                  # EmoAct, EmoVal, EmoDom
@@ -57,16 +65,37 @@ def file_key(path: str) -> str:
     return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 
+def segment_part(path: str, cfg: TimelineConfig) -> str:
+    """The feature-store part of a file's segments: named from the file and the settings that cut them."""
+    settings = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"timeline-{file_key(path)}-{settings}"
+
+
+def register_store(url: str, scorer: EnsembleScorer, storage_options: dict | None = None) -> None:
+    """Create the feature store at `url` (if needed) and register the ensemble's encoders with the provenance its
+    checkpoints recorded; TimelineError if the store has an encoder of that name with other provenance."""
+    from mtser.featurestore.store import EncoderInfo, StoreError, create_store, register_encoder
+
+    try:
+        create_store(url, storage_options)
+        for name, info in scorer.provenance.items():
+            register_encoder(url, EncoderInfo.from_dict(info, f"encoder {name!r}"), storage_options)
+    except StoreError as exc:
+        raise TimelineError(f"--store: {exc}") from None
+
+
 class Timeline:
     """The models and the VAD, loaded once, and the per-file work."""
 
     def __init__(self, scorer: EnsembleScorer, cfg: TimelineConfig, device: str = "cpu",
-                 storage_options: dict | None = None, asr_max_new_tokens: int = 128):
+                 storage_options: dict | None = None, asr_max_new_tokens: int = 128, store: str | None = None):
+        """`store`: a feature store (registered: `register_store`) that also gets each file's segment features."""
         from mtser.featurestore.files import CorpusFiles
         from mtser.featurestore.pipeline import Pipeline
         from mtser.featurestore.vad import load_vad
 
         self.scorer, self.cfg, self.files = scorer, cfg, CorpusFiles(storage_options)
+        self.store, self.storage_options = store, storage_options
         self.pipeline = Pipeline(ExtractConfig(encoders=scorer.encoders, batch_seconds=cfg.batch_seconds,
                                                asr_max_new_tokens=asr_max_new_tokens), device, storage_options)
         self.vad = load_vad()
@@ -84,18 +113,41 @@ class Timeline:
         return plan_segments(activity, self.cfg), activity.samples
 
     def run_file(self, path: str) -> FileResult:
-        """Plan, then encode and score the segments of one file in groups of `batch_seconds` of audio."""
+        """Plan, then encode and score the segments of one file in groups of `batch_seconds` of audio (and commit
+        their features as one store part, with a store)."""
         from mtser.featurestore.audio import AudioError
 
-        try:
-            spans, samples = self.plan(path)
-            if not spans:
-                return FileResult(path, "no speech", "the VAD found no speech", samples / VAD_RATE)
-            tables = [self.score(path, group) for group in self._groups(self.cut(path, spans))]
-        except AudioError as exc:
-            return FileResult(path, "failed", str(exc))
+        with self._part(path) as part:                    # left uncommitted (aborted) unless the file is scored
+            try:
+                spans, samples = self.plan(path)
+                if not spans:
+                    return FileResult(path, "no speech", "the VAD found no speech", samples / VAD_RATE)
+                tables = [self.score(path, group, part) for group in self._groups(self.cut(path, spans))]
+            except AudioError as exc:
+                return FileResult(path, "failed", str(exc))
+            if part is not None:
+                part.commit()
         table = pd.concat(tables, ignore_index=True).sort_values("start_s", kind="stable").reset_index(drop=True)
         return FileResult(path, "ok", "", samples / VAD_RATE, table)
+
+    def commit_file(self, path: str, folder: TimelineFolder) -> FileResult:
+        """`run_file`, then the result committed to the output folder."""
+        result = self.run_file(path)
+        folder.commit(result)
+        return result
+
+    def _part(self, path: str) -> ContextManager[StoreWriter | None]:
+        """The writer of the file's store part; none without a store or when an earlier run committed the part
+        (killed after the part's commit, before the file's)."""
+        from mtser.featurestore.layout import zarr_store
+        from mtser.featurestore.store import StoreWriter, part_state
+
+        if self.store is None:
+            return nullcontext()
+        part = segment_part(path, self.cfg)
+        if (part_state(zarr_store(self.store, self.storage_options, read_only=True), part) or {}).get("committed"):
+            return nullcontext()
+        return StoreWriter(self.store, part, self.storage_options)
 
     def cut(self, path: str, spans: list[Span]) -> Iterator[tuple[Span, np.ndarray]]:
         from mtser.featurestore.vad import cut_segments
@@ -113,14 +165,20 @@ class Timeline:
         if group:
             yield group
 
-    def score(self, path: str, group: list[tuple[Span, np.ndarray]]) -> pd.DataFrame:
-        """One row per segment of `group`: the pipeline's features of its samples → the ensemble. A segment the
-        encoders fail on keeps its row with empty predictions (the others go on)."""
+    def score(self, path: str, group: list[tuple[Span, np.ndarray]], part: StoreWriter | None = None
+              ) -> pd.DataFrame:
+        """One row per segment of `group`: the pipeline's features of its samples → the ensemble (and into `part`).
+        A segment the encoders fail on keeps its row with empty predictions (the others go on)."""
         from mtser.featurestore.pipeline import Loaded
 
         items = [Utterance(id=span.segment_id(path, VAD_RATE), path=path, duration=len(w) / VAD_RATE)
                  for span, w in group]
         result = self.pipeline.encode(Loaded(items, [w for _, w in group], list(range(len(items))), {}))
+        if part is not None:
+            for utt, stored in result.written:
+                part.add(utt, stored)
+            for f in result.failures:
+                part.add_failure(f.utt.id, f.utt.path, f.stage, f.reason)
         written = {u.id: (u, {name: frames.decode(np.float32) for name, frames in stored.items()})
                    for u, stored in result.written}               # as a reader of the store gets them
         ids = [u.id for u in items if u.id in written]
@@ -215,10 +273,12 @@ class TimelineFolder:
 
 def predict_timeline(inputs: list[str | Path], ensemble: str | Path, out: str | Path,
                      cfg: TimelineConfig | None = None, device: str = "cpu", skip_external: bool = False,
-                     storage_options: dict | None = None, progress: bool = True,
-                     figures: bool = True) -> TimelineRun:
+                     storage_options: dict | None = None, progress: bool = True, figures: bool = True,
+                     workers: int = 0, address: str | None = None, store: str | None = None) -> TimelineRun:
     """Emotion over time for each audio file (named or found in folders): see the module docstring. Writes
-    `segments.{csv,parquet}`, `summary.{csv,parquet}`, `timeline.html` and `png/` under `out` (path or URL)."""
+    `segments.{csv,parquet}`, `summary.{csv,parquet}`, `timeline.html` and `png/` under `out` (path or URL).
+    `workers` > 0: that many Ray actors (at most one per GPU, or per core) do the files, in the Ray cluster at
+    `address` or a local one; `store`: the segments' encoder features also go to this feature store."""
     from mtser.featurestore.audio import audio_durations
     from mtser.trainer.predict import collect_inputs
 
@@ -226,23 +286,36 @@ def predict_timeline(inputs: list[str | Path], ensemble: str | Path, out: str | 
     folder = TimelineFolder(out, storage_options)
     scorer = EnsembleScorer(ensemble, device, skip_external, storage_options)
     folder.check_record({"ensemble": str(ensemble), "timeline": to_dict(cfg)})
+    if store:
+        register_store(store, scorer, storage_options)
     utts, failures = collect_inputs(inputs)
-    paths = [u.path for u in utts]
-    timeline: Timeline | None = None
-    results, resumed = [], []
+    paths = list(dict.fromkeys(u.path for u in utts))
+    by_file: dict[str, FileResult] = {}
+    resumed = []
     with AudioHoursBar(audio_durations(paths), progress) as bar:
-        for path, seconds in zip(paths, bar.durations):
+        seconds = dict(zip(paths, bar.durations))
+
+        def done(result: FileResult) -> None:
+            by_file[result.file] = result
+            bar.update(seconds[result.file])
+
+        for path in paths:
             result = folder.finished(path)
             if result is not None:
                 resumed.append(path)
-            else:
-                timeline = timeline or Timeline(scorer, cfg, device, storage_options)
-                result = timeline.run_file(path)
-                folder.commit(result)
-            if result.status == "failed":
-                failures[path] = result.reason
-            results.append(result)
-            bar.update(seconds)
+                done(result)
+        todo = [p for p in paths if p not in by_file]
+        if todo and workers:
+            from mtser.trainer.timeline_workers import TimelineJob, run_in_actors
+
+            job = TimelineJob(str(ensemble), cfg, str(out), skip_external, storage_options, store)
+            run_in_actors(todo, job, workers, address, done)
+        elif todo:
+            timeline = Timeline(scorer, cfg, device, storage_options, store=store)
+            for path in todo:
+                done(timeline.commit_file(path, folder))
+    results = [by_file[p] for p in paths]
+    failures.update({r.file: r.reason for r in results if r.status == "failed"})
     ok = [r.segments for r in results if len(r.segments)]
     segments = (pd.concat(ok, ignore_index=True) if ok else pd.DataFrame(columns=SEGMENT_COLUMNS))[SEGMENT_COLUMNS]
     summary = pd.DataFrame([summarise(r) for r in results] + [
@@ -270,7 +343,7 @@ class AudioHoursBar:
         return self
 
     def update(self, seconds: float) -> None:
-        self.bar.update(seconds / 3600)
+        self.bar.update(min(seconds / 3600, self.bar.total - self.bar.n))   # float sums never overshoot the total
         elapsed = self.bar.format_dict["elapsed"]
         if elapsed > 0:
             self.bar.set_postfix_str(f"{self.bar.n * 3600 / elapsed:.1f}x real time")
