@@ -4,10 +4,16 @@ Used by extraction (`extract.write_shard`, inside Ray actors) and by `mtser pred
 process, no store). Knows nothing about shards, Ray or the store. Imports torch and transformers (via `audio` and
 `encoders`). `load` (decode, resample, augment) and `encode` (the encoders) are separate steps so the extraction
 can decode the next group of utterances while the current one runs through the encoders.
+
+Memory is bounded by the batch, not by an utterance's length: every audio encoder runs on pieces of at most
+`window_seconds` (speech) or 30 s (Whisper), batched by `batch_seconds`, and an utterance's frames are stitched from
+its pieces (see `encoders.SpeechEncoder.pieces`). An utterance an encoder cannot encode (too short, out of memory,
+any error) fails with that error as its reason; the others go on.
 """
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
@@ -16,7 +22,9 @@ import numpy as np
 from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
+from mtser.featurestore.encoders import (
+    Piece, SpeechEncoder, TextEncoder, WhisperEncoder, load_encoder, run_batched,
+)
 from mtser.featurestore.files import CorpusFiles
 
 
@@ -66,29 +74,16 @@ class Pipeline:
 
     def encode(self, loaded: Loaded) -> PipelineResult:
         """Run the encoders on decoded audio (the step that uses the device)."""
-        sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
         items, waves, source, failed = loaded.items, loaded.waves, loaded.source, dict(loaded.failed)
-        if not items:                                   # nothing decoded: tokenizers refuse an empty batch
-            return PipelineResult([], list(failed.values()))
         feats: list[dict[str, np.ndarray]] = [{} for _ in items]
         asr_text: dict[int, str] = {}
         for name, enc in self.encoders.items():
-            if isinstance(enc, TextEncoder):
-                continue
-            if isinstance(enc, WhisperEncoder):
-                inputs: list = [(w, name == self.asr and source[i] == i and not has_transcript(items[i]))
-                                for i, w in enumerate(waves)]
-            else:
-                inputs = waves
-            results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
-            for i, out in results.items():
-                if isinstance(enc, WhisperEncoder):
-                    out, text = out
+            if not isinstance(enc, TextEncoder):
+                transcribe = [name == self.asr and source[i] == i and not has_transcript(u) for i, u in enumerate(items)]
+                for i, (frames, text) in self._encode_audio(name, enc, items, waves, transcribe, failed).items():
+                    feats[i][name] = frames
                     if text is not None:
                         asr_text[i] = text
-                feats[i][name] = self._as_stored(name, out)
-            for i, reason in errors.items():
-                failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
         items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
         self._encode_texts(items, source, feats, failed)
         for i, u in enumerate(items):
@@ -101,6 +96,44 @@ class Pipeline:
                 failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
         written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
         return PipelineResult(written, list(failed.values()))
+
+    def _encode_audio(self, name: str, enc: SpeechEncoder | WhisperEncoder, items: list[Utterance],
+                      waves: list[np.ndarray], transcribe: list[bool], failed: dict[str, Failure]
+                      ) -> dict[int, tuple[np.ndarray, str | None]]:
+        """(frames, ASR transcript or None) per item not failed yet: each wave cut into the encoder's pieces, the
+        pieces batched by length across items, an item's frames its pieces' kept frames in order. An item that is
+        too short for the encoder, or whose piece fails, is added to `failed` with the reason."""
+        cfg, sr = self.cfg, self.cfg.sample_rate
+        pieces: list[Piece] = []
+        owner: list[int] = []
+        for i, wave in enumerate(waves):
+            if items[i].id in failed:
+                continue
+            try:
+                cut = enc.pieces(wave, sr, cfg.window_seconds, cfg.window_context_seconds)
+            except ValueError as exc:
+                failed[items[i].id] = Failure(items[i], f"encode:{name}", str(exc))
+                continue
+            pieces += cut
+            owner += [i] * len(cut)
+        whisper = isinstance(enc, WhisperEncoder)
+        inputs: list = [(p.wave, transcribe[owner[j]]) for j, p in enumerate(pieces)] if whisper else pieces
+        batches = enc.batches([p.wave for p in pieces], cfg.batch_seconds, sr)
+        results, errors = run_batched(lambda b: enc.forward(b, sr), inputs, batches)
+        for j, reason in sorted(errors.items()):
+            failed.setdefault(items[owner[j]].id, Failure(items[owner[j]], f"encode:{name}", reason))
+        frames: dict[int, list[np.ndarray]] = defaultdict(list)
+        texts: dict[int, list[str]] = defaultdict(list)
+        for j in sorted(results):                       # pieces in order; stored dtype at once (less to hold)
+            out = results.pop(j)
+            if items[owner[j]].id in failed:
+                continue
+            if whisper:
+                out, text = out
+                texts[owner[j]] += [text] if text else []
+            frames[owner[j]].append(self._as_stored(name, out))
+        return {i: (f[0] if len(f) == 1 else np.concatenate(f),
+                    " ".join(texts[i]) if whisper and transcribe[i] else None) for i, f in frames.items()}
 
     def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
         """float16 encoders keep float16 in memory (a group's features are held until written)."""
@@ -151,6 +184,8 @@ class Pipeline:
         """Text features for originals with a transcript; augmented copies share their original's."""
         rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
         texts = [items[i].transcript for i in rows]
+        if not texts:                                   # tokenizers refuse an empty batch (IndexError)
+            return
         for name, enc in self.encoders.items():
             if not isinstance(enc, TextEncoder):
                 continue
