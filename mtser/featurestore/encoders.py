@@ -186,7 +186,8 @@ class SpeechEncoder:
 
     @torch.inference_mode()
     def forward(self, items: Sequence[Piece | np.ndarray], sample_rate: int) -> list[np.ndarray]:
-        """The kept frames of each piece (a bare wave is a whole utterance)."""
+        """The kept frames of each piece (a bare wave is a whole utterance); a window's are a copy, so the batch's
+        host array is not kept alive by the few frames it contributes."""
         pieces = [p if isinstance(p, Piece) else Piece(p) for p in items]
         x, mask = self.input_values(pieces)
         out = self.model(x.to(TORCH_DTYPES[self.compute_dtype]),
@@ -194,7 +195,7 @@ class SpeechEncoder:
                          output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
         frames = _host_frames(states, [self.frames(len(p.wave)) for p in pieces])
-        return [f[p.keep] for f, p in zip(frames, pieces)]
+        return [f if p.keep == slice(None) else f[p.keep].copy() for f, p in zip(frames, pieces)]
 
 
 class WhisperEncoder:

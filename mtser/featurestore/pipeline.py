@@ -122,18 +122,20 @@ class Pipeline:
         results, errors = run_batched(lambda b: enc.forward(b, sr), inputs, batches)
         for j, reason in sorted(errors.items()):
             failed.setdefault(items[owner[j]].id, Failure(items[owner[j]], f"encode:{name}", reason))
-        frames: dict[int, list[np.ndarray]] = defaultdict(list)
-        texts: dict[int, list[str]] = defaultdict(list)
-        for j in sorted(results):                       # pieces in order; stored dtype at once (less to hold)
-            out = results.pop(j)
-            if items[owner[j]].id in failed:
+        pieces_of: dict[int, list[int]] = defaultdict(list)
+        for j, i in enumerate(owner):
+            pieces_of[i].append(j)
+        out: dict[int, tuple[np.ndarray, str | None]] = {}
+        for i, rows in pieces_of.items():
+            parts = [results.pop(j, None) for j in rows]
+            if items[i].id in failed:
                 continue
+            text = None
             if whisper:
-                out, text = out
-                texts[owner[j]] += [text] if text else []
-            frames[owner[j]].append(self._as_stored(name, out))
-        return {i: (f[0] if len(f) == 1 else np.concatenate(f),
-                    " ".join(texts[i]) if whisper and transcribe[i] else None) for i, f in frames.items()}
+                text = " ".join(t for _, t in parts if t) if transcribe[i] else None
+                parts = [f for f, _ in parts]
+            out[i] = (self._as_stored(name, stitch(parts)), text)
+        return out
 
     def _as_stored(self, name: str, frames: np.ndarray) -> np.ndarray:
         """float16 encoders keep float16 in memory (a group's features are held until written)."""
@@ -198,6 +200,20 @@ class Pipeline:
             for i in range(len(items)):
                 if source[i] != i and name in feats[source[i]]:
                     feats[i][name] = feats[source[i]][name]
+
+
+def stitch(parts: list[np.ndarray]) -> np.ndarray:
+    """The pieces' frames one after another, each piece released as soon as it is copied (`parts` is emptied), so
+    a long utterance's frames are held about once, not twice."""
+    if len(parts) == 1:
+        return parts.pop()
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    row = 0
+    while parts:
+        piece = parts.pop(0)
+        out[row: row + len(piece)] = piece
+        row += len(piece)
+    return out
 
 
 def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
