@@ -154,8 +154,9 @@ class Pipeline:
                 if not utt.path:
                     raise AudioError("no audio path")
                 wave = load_audio(utt.path, sr, self.files)
-            except AudioError as exc:
-                failed[utt.id] = Failure(utt, "audio", str(exc))
+            except (AudioError, MemoryError) as exc:       # a recording too long to hold fails alone
+                reason = str(exc) if isinstance(exc, AudioError) else f"out of memory decoding the audio: {exc}"
+                failed[utt.id] = Failure(utt, "audio", reason)
                 for copy in copies:                       # planned rows too: each is written or failed
                     aug = replace(utt, id=f"{utt.id}#aug{copy}", source_id=utt.id)
                     failed[aug.id] = Failure(aug, "audio", f"source utterance {utt.id} failed")
