@@ -130,9 +130,9 @@ def long_audio_memory(work: Path, quick: bool) -> dict:
         corpus = work / f"long-{seconds}"
         corpus.mkdir()
         synthetic_wav(corpus / f"rec{seconds}.wav", seconds)
-        out = subprocess.run([sys.executable, "-c", LONG_CHILD, str(config), str(corpus), str(work / f"{seconds}.zarr")],
-                             check=True, cwd=work, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        store = str(work / f"{seconds}.zarr")
+        out = subprocess.run([sys.executable, "-c", LONG_CHILD, str(config), str(corpus), store], check=True,
+                             cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         runs[seconds] = json.loads(out.stdout.strip().splitlines()[-1])
         shutil.rmtree(corpus)
         print(f"long audio {seconds:5d} s: peak RSS {runs[seconds]['peak_MB']:7.1f} MB (RSS before extract "

@@ -52,7 +52,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mtser-windowing-", dir=args.workdir))
     try:
         encoders = make_test_encoders(work / "encoders", seed=0)
-        corpus = make_demo_corpus(work / "corpus", size=int(max(lengths) / 2) + 10, seed=0)
+        corpus = make_demo_corpus(work / "corpus", size=int(max(args.seconds) / 2) + 10, seed=0)   # quick: same audio
         utts = sorted(read_corpus(corpus).utterances, key=lambda u: u.id)
         speech = np.concatenate([load_audio(u.path) for u in utts])
         encoder = SpeechEncoder(EncoderConfig("wavlm", "speech", str(encoders["wavlm"])))

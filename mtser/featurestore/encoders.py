@@ -137,7 +137,9 @@ class SpeechEncoder:
 
     def frames(self, samples: int) -> int:
         """Frames the model gives for `samples` of audio: frame f sees samples [f·hop, f·hop + receptive)."""
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(samples))) if samples >= self.receptive else 0
+        if samples < self.receptive:
+            return 0
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(samples)))
 
     def pieces(self, wave: np.ndarray, sample_rate: int, window_s: float, context_s: float) -> list[Piece]:
         """The whole utterance when it has at most `window_s` of frames; else windows of that many frames whose

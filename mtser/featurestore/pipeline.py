@@ -79,7 +79,8 @@ class Pipeline:
         asr_text: dict[int, str] = {}
         for name, enc in self.encoders.items():
             if not isinstance(enc, TextEncoder):
-                transcribe = [name == self.asr and source[i] == i and not has_transcript(u) for i, u in enumerate(items)]
+                transcribe = [name == self.asr and source[i] == i and not has_transcript(u)
+                              for i, u in enumerate(items)]
                 for i, (frames, text) in self._encode_audio(name, enc, items, waves, transcribe, failed).items():
                     feats[i][name] = frames
                     if text is not None:
