@@ -67,6 +67,10 @@ class ExtractConfig:
     augment_rt60_s: tuple[float, float] = (0.2, 0.8)
     asr_language: str = "en"
     asr_max_new_tokens: int = 128
+    # speech encoders: an utterance longer than window_seconds is encoded in windows of that length overlapping by
+    # 2 × window_context_seconds, each keeping its central frames (self-attention over a whole recording is quadratic)
+    window_seconds: float = 30.0
+    window_context_seconds: float = 5.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -257,6 +261,12 @@ class Config:
                 raise ConfigError(f"extract.encoders[{i}].mean_last_k: must be >= 1, got {enc.mean_last_k}")
             if enc.asr and enc.kind != "whisper":
                 raise ConfigError(f"extract.encoders[{i}].asr: only a whisper encoder can transcribe")
+        window, context = self.extract.window_seconds, self.extract.window_context_seconds
+        if not (math.isfinite(context) and context >= 0):
+            raise ConfigError(f"extract.window_context_seconds: must be a finite number >= 0, got {context}")
+        if not (math.isfinite(window) and window > 2 * context):
+            raise ConfigError(f"extract.window_seconds: must be finite and longer than 2 × window_context_seconds "
+                              f"({2 * context:g} s), got {window}")
         for key, tc in (("train", self.train), ("finetune.cat", self.finetune.cat), ("finetune.dim", self.finetune.dim)):
             for name in ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size"):
                 if getattr(tc, name) < 1:

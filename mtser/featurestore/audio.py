@@ -52,7 +52,8 @@ def audio_durations(paths: Sequence[str], files: CorpusFiles | None = None) -> l
 
 
 def load_audio(path: str, sample_rate: int = 16000, files: CorpusFiles | None = None) -> np.ndarray:
-    """Mono float32 samples at `sample_rate`: channels averaged, resampled with torchaudio, nothing else changed."""
+    """Mono float32 samples at `sample_rate`: channels averaged, resampled with torchaudio, nothing else changed.
+    A mono file at `sample_rate` is held once (4 bytes per sample; the checks make no full-length temporaries)."""
     files = files or CorpusFiles()
     try:
         if not is_url(path) and not files.fs(path).isfile(path):   # a URL's absence shows when it is read
@@ -69,10 +70,10 @@ def load_audio(path: str, sample_rate: int = 16000, files: CorpusFiles | None = 
         raise AudioError(f"unreadable or corrupt audio: {detail}") from None
     if samples.size == 0:
         raise AudioError("empty audio (0 samples)")
-    if not np.isfinite(samples).all():
+    if not (np.isfinite(samples.min()) and np.isfinite(samples.max())):     # min/max propagate NaN
         raise AudioError("audio has NaN/Inf samples")
-    mono = samples.mean(axis=1)
-    if float(np.abs(mono).max()) < SILENCE_PEAK:
+    mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)
+    if max(float(mono.max()), -float(mono.min())) < SILENCE_PEAK:
         raise AudioError("all-silent audio (peak below -100 dBFS)")
     if rate != sample_rate:
         mono = AF.resample(torch.from_numpy(mono), rate, sample_rate).numpy()

@@ -1,13 +1,19 @@
 """Frozen encoders through transformers: a speech SSL model, the Whisper encoder (+ASR from the same states), and a
 text model on transcripts. Each takes a hub id or a local directory and returns one (T, D) float32 array per input.
 
+Each audio encoder cuts an utterance into `Piece`s that run as rows of a batch, and the utterance's frames are its
+pieces' kept frames in order (`pieces`), so a long recording never becomes one quadratic self-attention:
+- speech: the whole utterance up to `window_seconds`; a longer one in overlapping windows, each keeping its central
+  frames, stitched to exactly the frame count of a whole-utterance forward (`SpeechEncoder.pieces`).
+- whisper: consecutive 30 s windows, each padded to 30 s as the model requires; ceil(samples / 320) frames are kept
+  per window. Utterances without a transcript are decoded from the same encoder states, window by window.
+- text: the transcript truncated to `max_tokens`; one vector per token.
+
 Batching never changes an utterance's features:
 - speech: length-sorted batches with an attention mask when the model normalises its conv features per frame
   (`feat_extract_norm="layer"`, WavLM-large); with group norm (`"group"`, WavLM-base) padding would change the
-  statistics, so only utterances of identical length share a batch. Frames kept: the model's conv output length.
-- whisper: every 30 s window is padded to 30 s as the model requires; ceil(samples / 320) frames are kept per window
-  and windows are concatenated. Utterances without a transcript are decoded from the same encoder states.
-- text: right-padded batches with an attention mask; one vector per token.
+  statistics, so only pieces of identical length share a batch.
+- whisper: every window is padded to 30 s anyway. text: right-padded batches with an attention mask.
 
 Keeping a GPU busy: each model runs in its `compute_dtype` (default bfloat16 on CUDA, float32 on CPU); the speech
 models' input normalisation and Whisper's log-mel spectrogram are computed on the device from one padded batch
@@ -20,7 +26,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +77,25 @@ def _host_frames(states: torch.Tensor, counts: Sequence[int]) -> list[np.ndarray
     return [host[j, :n] for j, n in enumerate(counts)]
 
 
+class Piece(NamedTuple):
+    """Samples of one utterance that run as one row of a batch (a view into its wave, never a copy)."""
+
+    wave: np.ndarray
+    keep: slice = slice(None)                   # frames of this piece's output that are the utterance's
+    stats: tuple[float, float] | None = None    # (mean, variance) to normalise with: the whole utterance's, for a
+                                                # window of a long one (None: the piece's own samples)
+
+
+def wave_stats(wave: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
+    """(mean, population variance) of the samples in float64, a block at a time (no full-length temporary)."""
+    mean = sum(float(wave[s: s + block].sum(dtype=np.float64)) for s in range(0, len(wave), block)) / len(wave)
+    squares = 0.0
+    for s in range(0, len(wave), block):
+        centred = wave[s: s + block].astype(np.float64) - mean
+        squares += float(centred @ centred)
+    return mean, squares / len(wave)
+
+
 MAX_PADDING = 0.15               # a batch's longest item is at most 15 % longer than its shortest
 
 
@@ -92,7 +117,8 @@ def length_batches(lengths: Sequence[int], budget: float, equal_only: bool = Fal
 
 
 class SpeechEncoder:
-    """A speech SSL model (WavLM, wav2vec 2.0, HuBERT, ... any AutoModel taking raw 16 kHz audio).
+    """A speech SSL model (WavLM, wav2vec 2.0, HuBERT, ... any AutoModel taking raw 16 kHz audio through a conv
+    feature encoder: `conv_kernel`, `conv_stride` in its config).
 
     Its feature extractor's per-utterance normalisation runs on the device, on the padded batch."""
 
@@ -105,33 +131,74 @@ class SpeechEncoder:
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.pads_safely = getattr(self.model.config, "feat_extract_norm", "layer") != "group"
+        self.normalises = bool(getattr(self.extractor, "do_normalize", False))
+        strides, kernels = self.model.config.conv_stride, self.model.config.conv_kernel
+        self.hop = math.prod(strides)                                   # samples per frame (320 for WavLM)
+        self.receptive = 1 + sum((k - 1) * math.prod(strides[:i]) for i, k in enumerate(kernels))   # 400
+
+    def frames(self, samples: int) -> int:
+        """Frames the model gives for `samples` of audio: frame f sees samples [f·hop, f·hop + receptive)."""
+        if samples < self.receptive:
+            return 0
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(samples)))
+
+    def pieces(self, wave: np.ndarray, sample_rate: int, window_s: float, context_s: float) -> list[Piece]:
+        """The whole utterance when it has at most `window_s` of frames; else windows of that many frames whose
+        starts are multiples of `hop` samples, so a window's frame j is the utterance's frame start + j, computed
+        from the same samples. Consecutive windows overlap by at least 2 × `context_s`; each keeps its frames up to
+        the middle of its overlaps (the first from frame 0, the last to the end), so every frame comes from exactly
+        one window and has at least `context_s` of audio on both sides inside it (short of the recording's ends).
+        All windows normalise with the utterance's mean and variance. ValueError for audio shorter than one frame."""
+        total = self.frames(len(wave))
+        if total < 1:
+            raise ValueError(f"audio too short for encoder {self.cfg.name}: {len(wave)} samples "
+                             f"({1000 * len(wave) / sample_rate:.1f} ms); one frame needs {self.receptive} "
+                             f"({1000 * self.receptive / sample_rate:.0f} ms)")
+        span = max(1, round(window_s * sample_rate / self.hop))             # frames per window
+        if total <= span:
+            return [Piece(wave)]
+        context = min(round(context_s * sample_rate / self.hop), (span - 1) // 2)
+        starts = [*range(0, total - span, span - 2 * context), total - span]
+        cuts = [0, *((a + b + span) // 2 for a, b in zip(starts, starts[1:])), total]
+        size = self.hop * (span - 1) + self.receptive                        # samples of `span` frames
+        stats = wave_stats(wave) if self.normalises else None
+        return [Piece(wave[s * self.hop: s * self.hop + size], slice(lo - s, hi - s), stats)
+                for s, lo, hi in zip(starts, cuts, cuts[1:])]
 
     def batches(self, waves: Sequence[np.ndarray], batch_seconds: float, sample_rate: int) -> list[list[int]]:
         return length_batches([len(w) for w in waves], batch_seconds * sample_rate, equal_only=not self.pads_safely)
 
-    def input_values(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_values(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
         """(padded, normalised input values, attention mask) on the device, as the feature extractor makes them:
-        zero mean and unit variance over each utterance's own samples when it normalises, padding_value after."""
-        sizes = [len(w) for w in waves]
+        zero mean and unit variance over each piece's own samples (or its `stats`) when it normalises,
+        padding_value after."""
+        sizes = [len(p.wave) for p in pieces]
         lengths = torch.tensor(sizes, device=self.device)
-        x = padded_batch(waves, max(sizes), self.device)
+        x = padded_batch([p.wave for p in pieces], max(sizes), self.device)
         mask = torch.arange(x.shape[1], device=self.device)[None, :] < lengths[:, None]
-        if getattr(self.extractor, "do_normalize", False):
+        if self.normalises:
             n = lengths[:, None].to(torch.float32)
             mean = x.sum(dim=1, keepdim=True) / n
             var = ((x - mean).pow(2) * mask).sum(dim=1, keepdim=True) / n
+            given = [j for j, p in enumerate(pieces) if p.stats is not None]
+            if given:
+                stats = torch.tensor([pieces[j].stats for j in given], dtype=torch.float32, device=self.device)
+                mean[given], var[given] = stats[:, :1], stats[:, 1:]
             x = (x - mean) / torch.sqrt(var + 1e-7)
         return torch.where(mask, x, float(getattr(self.extractor, "padding_value", 0.0))), mask
 
     @torch.inference_mode()
-    def forward(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
-        x, mask = self.input_values(waves)
+    def forward(self, items: Sequence[Piece | np.ndarray], sample_rate: int) -> list[np.ndarray]:
+        """The kept frames of each piece (a bare wave is a whole utterance); a window's are a copy, so the batch's
+        host array is not kept alive by the few frames it contributes."""
+        pieces = [p if isinstance(p, Piece) else Piece(p) for p in items]
+        x, mask = self.input_values(pieces)
         out = self.model(x.to(TORCH_DTYPES[self.compute_dtype]),
                          attention_mask=mask.long() if self.pads_safely else None,
                          output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
-        frames = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
-        return _host_frames(states, [int(n) for n in frames])
+        frames = _host_frames(states, [self.frames(len(p.wave)) for p in pieces])
+        return [f if p.keep == slice(None) else f[p.keep].copy() for f, p in zip(frames, pieces)]
 
 
 class WhisperEncoder:
@@ -152,6 +219,13 @@ class WhisperEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision) if cfg.asr else None
         multilingual = bool(getattr(self.model.generation_config, "lang_to_id", None))
         self.generate_kwargs = {"language": language, "task": "transcribe"} if multilingual else {}
+
+    def pieces(self, wave: np.ndarray, sample_rate: int, window_s: float = 0.0, context_s: float = 0.0
+               ) -> list[Piece]:
+        """Consecutive 30 s windows, the input length the model was trained on (`window_s`/`context_s`, the speech
+        encoders' windows, do not apply)."""
+        size = WHISPER_WINDOW_S * sample_rate
+        return [Piece(wave[s: s + size]) for s in range(0, len(wave), size)]
 
     def batches(self, waves: Sequence[np.ndarray], batch_seconds: float, sample_rate: int) -> list[list[int]]:
         windows = [max(1, math.ceil(len(w) / (WHISPER_WINDOW_S * sample_rate))) for w in waves]
@@ -175,8 +249,7 @@ class WhisperEncoder:
     def forward(self, items: Sequence[tuple[np.ndarray, bool]], sample_rate: int
                 ) -> list[tuple[np.ndarray, str | None]]:
         """items: (wave, transcribe?) → (frames, transcript or None) per item."""
-        window = WHISPER_WINDOW_S * sample_rate
-        pieces = [(i, w[s: s + window]) for i, (w, _) in enumerate(items) for s in range(0, len(w), window)]
+        pieces = [(i, p.wave) for i, (w, _) in enumerate(items) for p in self.pieces(w, sample_rate)]
         features = self.log_mel([p for _, p in pieces]).to(TORCH_DTYPES[self.compute_dtype])
         enc = self.model.model.encoder(features, output_hidden_states=wants_hidden_states(self.cfg))
         states = select_hidden(enc, self.cfg.layer, self.cfg.mean_last_k)
@@ -189,7 +262,7 @@ class WhisperEncoder:
         if asr_rows:
             for j, text in zip(asr_rows, self.transcribe(enc.last_hidden_state[asr_rows])):
                 texts[pieces[j][0]].append(text)
-        return [(np.concatenate(f), " ".join(t).strip() if want else None)
+        return [(np.concatenate(f), " ".join(filter(None, t)).strip() if want else None)
                 for f, t, (_, want) in zip(frames, texts, items)]
 
     def transcribe(self, last_hidden_state: torch.Tensor) -> list[str]:
@@ -261,7 +334,8 @@ def load_encoder(cfg: EncoderConfig, device: str = "cpu", language: str = "en", 
 
 def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list[list[int]]
                 ) -> tuple[dict[int, Any], dict[int, str]]:
-    """Run `forward` per batch; when a batch fails, retry its items one by one so only the bad ones fail."""
+    """Run `forward` per batch; when a batch fails, retry its items one by one so only the bad ones fail (a batch
+    too big for memory may fit item by item). An error is kept as `Type: first line of its message`."""
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     for batch in batches:
@@ -270,13 +344,13 @@ def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list
             continue
         except Exception as exc:  # noqa: BLE001 - one bad input must not fail the others
             if len(batch) == 1:
-                errors[batch[0]] = f"{type(exc).__name__}: {exc}"
+                errors[batch[0]] = _reason(exc)
                 continue
         for i in batch:
             try:
                 results[i] = forward([inputs[i]])[0]
             except Exception as exc:  # noqa: BLE001
-                errors[i] = f"{type(exc).__name__}: {exc}"
+                errors[i] = _reason(exc)
     return results, errors
 
 
@@ -314,6 +388,11 @@ def _hub_problem(model: str, revision: str | None) -> str | None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"the hub id cannot be loaded ({first[:200]})"
     return None
+
+
+def _reason(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 # ------------------------------------------------------------------------------------------------------- provenance

@@ -58,8 +58,9 @@ class Shard:
 def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int,
                 storage_options: dict | None = None) -> list[Shard]:
     """Balance utterances into ceil(total / shard_seconds) shards by audio seconds (largest first onto the lightest
-    shard). Ids hash the config and member ids, so the same corpus and config always plan the same shards.
-    Utterances without a duration get their audio header's."""
+    shard). Ids hash the config and member ids (and the speech encoders' windowing when a member is longer than
+    `window_seconds`: it changes only such utterances' features), so the same corpus and config always plan the same
+    shards. Utterances without a duration get their audio header's."""
     copies = {u.id: 1 + (augment if u.split == "Train" else 0) for u in utts}
     seconds = _durations(utts, CorpusFiles(storage_options))
     # the header durations travel with the shard: its actor groups by them without reading the headers again
@@ -81,7 +82,10 @@ def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int,
     shards = []
     for i, group in enumerate(members):
         group.sort(key=lambda u: u.id)
-        digest = hashlib.sha256("\n".join([fingerprint, *(u.id for u in group)]).encode()).hexdigest()[:12]
+        lines = [fingerprint, *(u.id for u in group)]
+        if max(u.duration or 0.0 for u in group) > cfg.window_seconds:
+            lines.insert(1, f"window {cfg.window_seconds} {cfg.window_context_seconds}")
+        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
         shards.append(Shard(f"shard-{i:05d}-{digest}", tuple(group), sum(copies[u.id] for u in group),
                             sum(weight[u.id] for u in group)))
     return shards

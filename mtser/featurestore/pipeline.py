@@ -4,10 +4,16 @@ Used by extraction (`extract.write_shard`, inside Ray actors) and by `mtser pred
 process, no store). Knows nothing about shards, Ray or the store. Imports torch and transformers (via `audio` and
 `encoders`). `load` (decode, resample, augment) and `encode` (the encoders) are separate steps so the extraction
 can decode the next group of utterances while the current one runs through the encoders.
+
+Memory is bounded by the batch, not by an utterance's length: every audio encoder runs on pieces of at most
+`window_seconds` (speech) or 30 s (Whisper), batched by `batch_seconds`, and an utterance's frames are stitched from
+its pieces (see `encoders.SpeechEncoder.pieces`). An utterance an encoder cannot encode (too short, out of memory,
+any error) fails with that error as its reason; the others go on.
 """
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
@@ -16,7 +22,9 @@ import numpy as np
 from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.encoders import TextEncoder, WhisperEncoder, load_encoder, run_batched
+from mtser.featurestore.encoders import (
+    Piece, SpeechEncoder, TextEncoder, WhisperEncoder, load_encoder, run_batched,
+)
 from mtser.featurestore.files import CorpusFiles
 from mtser.featurestore.frames import StoredFrames, store_frames
 
@@ -67,29 +75,17 @@ class Pipeline:
 
     def encode(self, loaded: Loaded) -> PipelineResult:
         """Run the encoders on decoded audio (the step that uses the device)."""
-        sr, batch_s = self.cfg.sample_rate, self.cfg.batch_seconds
         items, waves, source, failed = loaded.items, loaded.waves, loaded.source, dict(loaded.failed)
-        if not items:                                   # nothing decoded: tokenizers refuse an empty batch
-            return PipelineResult([], list(failed.values()))
         feats: list[dict[str, StoredFrames]] = [{} for _ in items]
         asr_text: dict[int, str] = {}
         for name, enc in self.encoders.items():
-            if isinstance(enc, TextEncoder):
-                continue
-            if isinstance(enc, WhisperEncoder):
-                inputs: list = [(w, name == self.asr and source[i] == i and not has_transcript(items[i]))
-                                for i, w in enumerate(waves)]
-            else:
-                inputs = waves
-            results, errors = run_batched(lambda b, e=enc: e.forward(b, sr), inputs, enc.batches(waves, batch_s, sr))
-            for i, out in results.items():
-                if isinstance(enc, WhisperEncoder):
-                    out, text = out
+            if not isinstance(enc, TextEncoder):
+                transcribe = [name == self.asr and source[i] == i and not has_transcript(u)
+                              for i, u in enumerate(items)]
+                for i, (frames, text) in self._encode_audio(name, enc, items, waves, transcribe, failed).items():
+                    feats[i][name] = frames
                     if text is not None:
                         asr_text[i] = text
-                feats[i][name] = self._as_stored(name, out)
-            for i, reason in errors.items():
-                failed.setdefault(items[i].id, Failure(items[i], f"encode:{name}", reason))
         items = [self._with_transcript(u, items[source[i]], asr_text.get(source[i])) for i, u in enumerate(items)]
         self._encode_texts(items, source, feats, failed)
         for i, u in enumerate(items):
@@ -102,6 +98,46 @@ class Pipeline:
                 failed[u.id] = Failure(u, "transcript", "no transcript and no whisper encoder with asr: true")
         written = [(u, feats[i]) for i, u in enumerate(items) if u.id not in failed]
         return PipelineResult(written, list(failed.values()))
+
+    def _encode_audio(self, name: str, enc: SpeechEncoder | WhisperEncoder, items: list[Utterance],
+                      waves: list[np.ndarray], transcribe: list[bool], failed: dict[str, Failure]
+                      ) -> dict[int, tuple[StoredFrames, str | None]]:
+        """(frames, ASR transcript or None) per item not failed yet: each wave cut into the encoder's pieces, the
+        pieces batched by length across items, an item's frames its pieces' kept frames in order. An item that is
+        too short for the encoder, or whose piece fails, is added to `failed` with the reason."""
+        cfg, sr = self.cfg, self.cfg.sample_rate
+        pieces: list[Piece] = []
+        owner: list[int] = []
+        for i, wave in enumerate(waves):
+            if items[i].id in failed:
+                continue
+            try:
+                cut = enc.pieces(wave, sr, cfg.window_seconds, cfg.window_context_seconds)
+            except ValueError as exc:
+                failed[items[i].id] = Failure(items[i], f"encode:{name}", str(exc))
+                continue
+            pieces += cut
+            owner += [i] * len(cut)
+        whisper = isinstance(enc, WhisperEncoder)
+        inputs: list = [(p.wave, transcribe[owner[j]]) for j, p in enumerate(pieces)] if whisper else pieces
+        batches = enc.batches([p.wave for p in pieces], cfg.batch_seconds, sr)
+        results, errors = run_batched(lambda b: enc.forward(b, sr), inputs, batches)
+        for j, reason in sorted(errors.items()):
+            failed.setdefault(items[owner[j]].id, Failure(items[owner[j]], f"encode:{name}", reason))
+        pieces_of: dict[int, list[int]] = defaultdict(list)
+        for j, i in enumerate(owner):
+            pieces_of[i].append(j)
+        out: dict[int, tuple[StoredFrames, str | None]] = {}
+        for i, rows in pieces_of.items():
+            parts = [results.pop(j, None) for j in rows]
+            if items[i].id in failed:
+                continue
+            text = None
+            if whisper:
+                text = " ".join(t for _, t in parts if t) if transcribe[i] else None
+                parts = [f for f, _ in parts]
+            out[i] = (self._as_stored(name, stitch(parts)), text)
+        return out
 
     def _as_stored(self, name: str, frames: np.ndarray) -> StoredFrames:
         """Frames as the store keeps them (`frames.store_frames`), already in memory: a group's features are held
@@ -121,8 +157,9 @@ class Pipeline:
                 if not utt.path:
                     raise AudioError("no audio path")
                 wave = load_audio(utt.path, sr, self.files)
-            except AudioError as exc:
-                failed[utt.id] = Failure(utt, "audio", str(exc))
+            except (AudioError, MemoryError) as exc:       # a recording too long to hold fails alone
+                reason = str(exc) if isinstance(exc, AudioError) else f"out of memory decoding the audio: {exc}"
+                failed[utt.id] = Failure(utt, "audio", reason)
                 for copy in copies:                       # planned rows too: each is written or failed
                     aug = replace(utt, id=f"{utt.id}#aug{copy}", source_id=utt.id)
                     failed[aug.id] = Failure(aug, "audio", f"source utterance {utt.id} failed")
@@ -153,6 +190,8 @@ class Pipeline:
         """Text features for originals with a transcript; augmented copies share their original's."""
         rows = [i for i, u in enumerate(items) if source[i] == i and u.transcript is not None and u.id not in failed]
         texts = [items[i].transcript for i in rows]
+        if not texts:                                   # tokenizers refuse an empty batch (IndexError)
+            return
         for name, enc in self.encoders.items():
             if not isinstance(enc, TextEncoder):
                 continue
@@ -165,6 +204,20 @@ class Pipeline:
             for i in range(len(items)):
                 if source[i] != i and name in feats[source[i]]:
                     feats[i][name] = feats[source[i]][name]
+
+
+def stitch(parts: list[np.ndarray]) -> np.ndarray:
+    """The pieces' frames one after another, each piece released as soon as it is copied (`parts` is emptied), so
+    a long utterance's frames are held about once, not twice."""
+    if len(parts) == 1:
+        return parts.pop()
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    row = 0
+    while parts:
+        piece = parts.pop(0)
+        out[row: row + len(piece)] = piece
+        row += len(piece)
+    return out
 
 
 def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
