@@ -64,6 +64,91 @@ print(json.dumps({"increase_MB": peak - start, "batch_MB": batch_bytes / 2**20,
 """
 
 
+WRITERS_CHILD = r"""
+import json, os, sys, time
+import numpy as np
+from mtser.featurestore.corpus import Utterance
+from mtser.featurestore.store import PartClaimed, PartCommitted, StoreWriter
+
+url, name, parts, utts, go = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+frames = np.random.default_rng(0).standard_normal((100, 256), dtype=np.float32).astype(np.float16)
+open(f"{go}.{name}", "w").close()                         # ready: imports done
+while not os.path.exists(go):
+    time.sleep(0.001)
+start, committed = time.perf_counter(), 0
+for part in parts:
+    try:
+        writer = StoreWriter(url, part)
+    except (PartClaimed, PartCommitted):                     # the same plan as another writer: its part
+        continue
+    for i in range(utts):
+        writer.add(Utterance(id=f"{part}-u{i:03d}.wav", path=None, split="Train"), {"enc": frames})
+    writer.commit()
+    committed += 1
+print(json.dumps({"seconds": time.perf_counter() - start, "committed": committed}))
+"""
+
+
+def concurrent_writers(workdir: str | None, quick: bool, rounds: int) -> dict:
+    """Commit throughput of 1 and of 3 concurrent writer processes into one local store (parts of `utts`
+    utterances x 100 frames x 256-d float16, claimed and committed one by one), rounds alternated, median; then 3
+    writers racing over one plan of part ids (each part must be committed exactly once). Every store is verified."""
+    from mtser.featurestore.store import EncoderInfo, create_store, open_store, register_encoder
+    from mtser.featurestore.verify import verify_store
+
+    n_parts, utts = (15, 20) if quick else (60, 20)
+    work = Path(tempfile.mkdtemp(prefix="mtser-writers-", dir=workdir))
+
+    def run(writers: int, same_plan: bool) -> list[dict]:
+        url = str(work / "concurrent.zarr")
+        shutil.rmtree(url, ignore_errors=True)
+        create_store(url)
+        register_encoder(url, EncoderInfo(name="enc", kind="speech", model="enc", revision=None, content_hash=None,
+                                          layer=-1, mean_last_k=1, dim=256, frame_rate=50.0, dtype="float16",
+                                          compression="none", sample_rate=16000, mtser_version="bench", config={}))
+        go = str(work / f"go-{writers}-{same_plan}")
+        plans = [[f"p{j:04d}" if same_plan else f"w{w}-p{j:04d}" for j in range(n_parts)] for w in range(writers)]
+        procs = [subprocess.Popen([sys.executable, "-c", WRITERS_CHILD, url, str(w), json.dumps(plan), str(utts), go],
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                 for w, plan in enumerate(plans)]
+        while not all(os.path.exists(f"{go}.{w}") for w in range(writers)):
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError("a writer process failed")
+        Path(go).touch()
+        results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        report = verify_store(url)
+        committed = len(open_store(url).committed_parts())
+        expected = n_parts if same_plan else n_parts * writers
+        if not report.ok or committed != expected or sum(r["committed"] for r in results) != expected:
+            raise RuntimeError(f"store corrupt after {writers} writers: {committed} parts of {expected}, "
+                               f"{report.problems[:3]}")
+        shutil.rmtree(url, ignore_errors=True)
+        for w in range(writers):
+            os.remove(f"{go}.{w}")
+        os.remove(go)
+        return results
+
+    solo, trio = [], []
+    try:
+        for _ in range(rounds):
+            solo += [n_parts / r["seconds"] for r in run(1, False)]
+            trio.append([n_parts / r["seconds"] for r in run(3, False)])
+        race = run(3, True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    solo_rate = statistics.median(solo)
+    per_writer = statistics.median(statistics.mean(t) for t in trio)
+    aggregate = statistics.median(sum(t) for t in trio)
+    print(f"commits: 1 writer {solo_rate:.1f} parts/s; 3 writers {per_writer:.1f} parts/s each "
+          f"({per_writer / solo_rate:.2f} x, aggregate {aggregate:.1f} parts/s); 3 writers racing over one plan of "
+          f"{n_parts} parts committed {sum(r['committed'] for r in race)}; every store verified")
+    return {"cw_parts_per_writer": n_parts, "cw_utterances_per_part": utts, "cw_rounds": rounds,
+            "cw_solo_parts_per_s": round(solo_rate, 2), "cw_trio_parts_per_s_per_writer": round(per_writer, 2),
+            "cw_trio_vs_solo": round(per_writer / solo_rate, 2), "cw_trio_aggregate_parts_per_s": round(aggregate, 2),
+            "cw_race_committed": sum(r["committed"] for r in race), "cw_verified": True, "cw_cpus": os.cpu_count(),
+            "cw_load_1min": round(os.getloadavg()[0], 1)}
+
+
 def measure(code_root: Path, workdir: Path, minutes: float, batch_seconds: float) -> dict:
     url = workdir / "store.zarr"
     shutil.rmtree(url, ignore_errors=True)
@@ -105,6 +190,7 @@ def main() -> None:
         print(f"{name:6s} peak RSS increase {increase:8.1f} MB = {increase / batch_mb:5.2f} x one batch "
               f"({batch_mb:.1f} MB); the part holds {part_mb:.1f} MB of frames")
     result.update(rounds=rounds, before=args.before, quick=args.quick)
+    result.update(concurrent_writers(args.workdir, args.quick, rounds))
     print(json.dumps(result))
 
 
