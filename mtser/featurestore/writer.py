@@ -87,13 +87,6 @@ class StoreWriter:
         self._store = zarr_store(url, storage_options, read_only=False)
         root_attrs(self._store, url)
         self._check_uncommitted(replaces)                     # cheap refusal before claiming
-        self._claim = Claim(url, storage_options, part_id, lease_s)
-        self._claim.acquire()
-        try:
-            self._check_uncommitted(replaces)                 # committed by the previous holder meanwhile?
-        except StoreError:
-            self._claim.release()
-            raise
         self._encoders = read_encoders(self._store)
         self._rows: list[Utterance] = []
         self._ids: set[str] = set()
@@ -103,6 +96,13 @@ class StoreWriter:
         self._failures: list[tuple[str, str, str, str]] = []
         self._warnings: list[tuple[str, str, str, str]] = []
         self._closed = False
+        self._claim = Claim(url, storage_options, part_id, lease_s)
+        self._claim.acquire()
+        try:
+            self._check_uncommitted(replaces)                 # committed by the previous holder meanwhile?
+        except BaseException:
+            self._claim.release()
+            raise
 
     def _check_uncommitted(self, replaces: int | None) -> None:
         try:
