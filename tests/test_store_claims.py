@@ -148,6 +148,44 @@ def test_a_writer_whose_heartbeat_stopped_does_not_commit(tmp_path) -> None:
     assert (Path(url) / "parts/p0").exists()                           # not deleted: may be a successor's now
 
 
+RACER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from mtser.featurestore.store import PartClaimed, PartCommitted, StoreWriter
+from store_helpers import frames_for, utterance
+url, options, plan = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].split(",")
+committed = []
+for part in plan:                                       # like a run of extract: skip parts others hold or committed
+    try:
+        writer = StoreWriter(url, part, options)
+    except (PartClaimed, PartCommitted):
+        continue
+    for k in range(3):
+        writer.add(utterance(f"{{part}}-{{k}}.wav"), {{"enc": frames_for(f"{{part}}-{{k}}.wav")}})
+    writer.commit()
+    committed.append(part)
+print(json.dumps(committed))
+""".format(tests=str(TESTS))
+
+
+@pytest.mark.parametrize("where, plans", [("local", ["p0,p1", "p0,p1", "p1,p2"]),     # two identical jobs and an
+                                          ("s3", ["p0,p1,p2", "p0,p2,p1"])], indirect=["where"])  # overlapping one
+def test_writer_processes_racing_over_the_same_and_overlapping_plans_commit_each_part_once(where, plans) -> None:
+    url, options = where
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, url, json.dumps(options), plan], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for plan in plans]
+    done = []
+    for racer in racers:
+        out, err = racer.communicate()
+        assert racer.returncode == 0, err
+        done += json.loads(out)
+    assert sorted(done) == ["p0", "p1", "p2"]                          # every part committed, none twice
+    store = open_store(url, storage_options=options)
+    assert store.ids() == sorted(f"p{j}-{k}.wav" for j in range(3) for k in range(3))
+    report = verify_store(url, options)
+    assert report.ok and report.utterances == 9, report.problems
+
+
 def test_holder_records_this_process() -> None:
     me = Holder.me("tok")
     assert me.live(LEASE_SECONDS) and me.host == socket.gethostname() and me.pid == os.getpid()
