@@ -149,8 +149,8 @@ def concurrent_writers(workdir: str | None, quick: bool, rounds: int) -> dict:
     cpu_ms = [1e3 * statistics.median(r["cpu_seconds"] / n_parts for r in runs) for runs in (solo, sum(trio, []))]
     claim_ms = [1e3 * statistics.median(r["claim_seconds"] / n_parts for r in runs) for runs in (solo, sum(trio, []))]
     print(f"commits: 1 writer {solo_rate:.1f} parts/s; 3 writers {per_writer:.1f} parts/s each "
-          f"({per_writer / solo_rate:.2f} x, aggregate {aggregate:.1f} parts/s); CPU per part {cpu_ms[0]:.0f} ms alone, "
-          f"{cpu_ms[1]:.0f} ms with 3 writers, of which claiming {claim_ms[0]:.1f} / {claim_ms[1]:.1f} ms (wall); "
+          f"({per_writer / solo_rate:.2f} x, aggregate {aggregate:.1f} parts/s); "
+          f"CPU per part {cpu_ms[0]:.0f} ms alone, {cpu_ms[1]:.0f} ms with 3 writers, of which claiming {claim_ms[0]:.1f} / {claim_ms[1]:.1f} ms (wall); "
           f"3 writers racing over one plan of {n_parts} parts committed {sum(r['committed'] for r in race)}; "
           f"every store verified")
     return {"cw_parts_per_writer": n_parts, "cw_utterances_per_part": utts, "cw_rounds": rounds,

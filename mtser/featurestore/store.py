@@ -32,5 +32,5 @@ from mtser.featurestore.reader import FeatureStore, open_store
 from mtser.featurestore.writer import PartCommitted, StoreWriter, quantize_int8
 
 __all__ = ["CHUNK_TARGET_BYTES", "DTYPES", "FAILURE_COLUMNS", "FLOAT_COLUMNS", "SCHEMA_VERSION", "TABLE_COLUMNS",
-           "EncoderInfo", "FeatureStore", "PartClaimed", "PartCommitted", "StoreError", "StoreWriter", "create_store", "open_store", "part_state",
-           "quantize_int8", "register_encoder"]
+           "EncoderInfo", "FeatureStore", "PartClaimed", "PartCommitted", "StoreError", "StoreWriter", "create_store",
+           "open_store", "part_state", "quantize_int8", "register_encoder"]

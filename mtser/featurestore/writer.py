@@ -105,19 +105,17 @@ class StoreWriter:
             raise
 
     def _check_uncommitted(self, replaces: int | None) -> None:
-        try:
-            state = part_state(self._store, self.part_id)
-        except ValueError:                                    # garbled metadata: no commit, leftovers to delete
-            return
-        if state and state.get("committed") and (replaces is None or state.get("committed_ns") != replaces):
-            raise PartCommitted(f"{self.url}: part {self.part_id!r} is already committed; committed parts are immutable, "
-                             f"write to a new part id")
+        state = self._state()
+        if state.get("committed") and (replaces is None or state.get("committed_ns") != replaces):
+            raise PartCommitted(f"{self.url}: part {self.part_id!r} is already committed; committed parts are "
+                                f"immutable, write to a new part id")
 
-    def _committed_before(self) -> bool:
+    def _state(self) -> dict:
+        """The part's record as it stands ({} when missing; garbled metadata is no commit, only leftovers)."""
         try:
-            return bool((part_state(self._store, self.part_id) or {}).get("committed"))
+            return part_state(self._store, self.part_id) or {}
         except ValueError:
-            return False
+            return {}
 
     @property
     def _path(self) -> str:
@@ -194,7 +192,7 @@ class StoreWriter:
         if self._started:
             return
         upgrade_root(self._store, self.url)
-        if self._committed_before():                              # a damaged commit being redone:
+        if self._state().get("committed"):                        # a damaged commit being redone:
             zarr.open_group(self._store, path=self._path, mode="r+").update_attributes(   # hidden first, then deleted
                 {"mtser_part": {"committed": False, "writer": _writer_id()}})
         sync(self._store.delete_dir(self._path))
