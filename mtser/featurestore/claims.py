@@ -10,7 +10,7 @@ be created twice); they stay as a small record of who wrote each part.
 A claim records its writer (`host`, the kernel's `boot_id`, `pid`, the process's start time) and a `heartbeat`
 time its writer renews every lease/5 seconds. It is stale when its writer released it, when its writer ran on this
 machine (same host and boot id) and that process is gone, or, from another machine, when its heartbeat is older
-than the lease (`LEASE_SECONDS`). Imports fsspec only.
+than the lease (`LEASE_SECONDS`). Imports fsspec and `layout` only.
 """
 from __future__ import annotations
 

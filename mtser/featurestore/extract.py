@@ -425,14 +425,10 @@ def _worker_device(workers: int) -> str:
 def _outcome(summary: ExtractSummary, shards: list[Shard], reader_part: str | None, url: str,
              storage_options: dict | None) -> None:
     """Written, failed and warnings of the plan's parts as the store has them now."""
-    with FeatureStore(url, storage_options, strict=False) as store:
-        _count(summary, store, shards, reader_part)
-
-
-def _count(summary: ExtractSummary, store: FeatureStore, shards: list[Shard], reader_part: str | None) -> None:
     mine = {s.id for s in shards} | {reader_part}
-    summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
-    failures, warnings = store.failures, store.warnings
+    with FeatureStore(url, storage_options, strict=False) as store:
+        summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
+        failures, warnings = store.failures, store.warnings
     summary.failures = list(failures[failures["part"].isin(mine)][["id", "stage", "reason"]]
                             .itertuples(index=False, name=None))
     summary.warnings = list(warnings[warnings["part"].isin(mine)][["id", "stage", "reason"]]
