@@ -80,6 +80,8 @@ def extract(
         typer.echo(f"extract: failed: {utt_id} [{stage}] {reason}", err=True)
     if len(summary.failures) > 20:
         typer.echo(f"extract: ... {len(summary.failures) - 20} more in the store's failures table", err=True)
+    for shard, problem in summary.damaged.items():
+        typer.echo(f"extract: part {shard} was committed but damaged, redone: {problem}", err=True)
     for shard, error in summary.shards_failed.items():
         typer.echo(f"extract: shard {shard} failed after retries: {error}", err=True)
     typer.echo(f"extract: {summary.line()}")

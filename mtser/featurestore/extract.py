@@ -30,16 +30,19 @@ from typing import Any, Callable, Sequence
 from mtser import __version__
 from mtser.config import ExtractConfig, resolve_compute_dtype, to_dict
 from mtser.featurestore.audio import audio_durations
+from mtser.featurestore.claims import holder_of
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import content_hash, encoder_dim_and_rate
 from mtser.featurestore.files import CorpusFiles
 from mtser.featurestore.pipeline import Failure, Loaded, Pipeline
 from mtser.featurestore.store import (
-    EncoderInfo, StoreError, StoreWriter, create_store, open_store, register_encoder,
+    EncoderInfo, FeatureStore, PartClaimed, PartCommitted, StoreError, StoreWriter, create_store, register_encoder,
 )
+from mtser.featurestore.verify import damaged_parts
 
 MAX_SHARD_ATTEMPTS = 3          # a shard whose worker dies this often is reported failed, not retried forever
 GROUP_BATCHES = 4               # a shard is decoded and encoded this many batches (batch_seconds) at a time
+CLAIM_POLL_SECONDS = 2.0        # how often a run looks again at shards another writer holds
 
 
 class ExtractError(RuntimeError):
@@ -53,6 +56,7 @@ class Shard:
     utterances: tuple[Utterance, ...]
     rows: int                                # utterances + augmented copies it will write
     seconds: float                           # audio seconds of work, augmented copies included
+    replaces: int | None = None              # committed_ns of a damaged commit of this part to redo
 
 
 def plan_shards(utts: Sequence[Utterance], cfg: ExtractConfig, augment: int,
@@ -96,8 +100,17 @@ def write_shard(pipeline: Pipeline, shard: Shard, url: str, storage_options: dic
 
     The shard is encoded in groups of about GROUP_BATCHES batches of audio, each group's features streamed to the
     part before the next is encoded, while a prefetch thread decodes the group after it: a worker holds at most two
-    groups, not its shard."""
-    writer = StoreWriter(url, shard.id, storage_options)
+    groups, not its shard. A shard another writer holds or committed meanwhile is not encoded: the result then has
+    "elsewhere" (why) instead of counts."""
+    try:
+        writer = StoreWriter(url, shard.id, storage_options, replaces=shard.replaces)
+    except (PartClaimed, PartCommitted) as exc:
+        return {"shard": shard.id, "elsewhere": str(exc)}
+    with writer:
+        return _encode_into(writer, pipeline, shard, augment)
+
+
+def _encode_into(writer: StoreWriter, pipeline: Pipeline, shard: Shard, augment: int) -> dict[str, Any]:
     failures: list[Failure] = []
     written, seconds, encode_s, wait_s = 0, 0.0, 0.0, 0.0
     groups = _groups(shard.utterances, pipeline.cfg.batch_seconds * GROUP_BATCHES, pipeline.files)
@@ -208,8 +221,11 @@ class ExtractSummary:
     written: int = 0                          # rows of the plan in the store, earlier runs included
     failed: int = 0                           # rows of the plan not written (failure rows, rows of failed shards)
     skipped: int = 0                          # rows of shards already committed by an earlier run
+    concurrent: int = 0                       # rows of shards another writer committed during this run
     shards: int = 0
     shards_skipped: int = 0
+    shards_concurrent: int = 0
+    damaged: dict[str, str] = field(default_factory=dict)         # shard id -> why its committed part was redone
     shards_failed: dict[str, str] = field(default_factory=dict)   # shard id -> last error
     retries: int = 0                          # shard re-submissions after a worker died or a shard raised
     audio_seconds: float = 0.0                # audio written by this run
@@ -229,9 +245,12 @@ class ExtractSummary:
         return self.failed == 0 and not self.shards_failed
 
     def line(self) -> str:
+        others = f", {self.concurrent} by concurrent writers" if self.shards_concurrent else ""
         text = (f"written {self.written}, failed {self.failed} of {self.planned} planned "
-                f"({self.skipped} from earlier runs); {len(self.warnings)} warnings; "
-                f"shards {self.shards - self.shards_skipped}/{self.shards} run")
+                f"({self.skipped} from earlier runs{others}); {len(self.warnings)} warnings; "
+                f"shards {self.shards - self.shards_skipped - self.shards_concurrent}/{self.shards} run")
+        if self.damaged:
+            text += f", {len(self.damaged)} damaged parts redone"
         if self.shards_failed:
             text += f", {len(self.shards_failed)} shards FAILED"
         return text + f"; {self.audio_seconds / 3600:.3f} h audio in {self.wall_seconds:.1f} s"
@@ -274,14 +293,21 @@ def write_reader_problems(url: str, failures: Sequence[Failure], warnings: Seque
         return None
     content = [[(p.utt.id, p.stage, p.reason) for p in rows] for rows in (failures, warnings)]
     part = f"reader-{hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]}"
-    if part not in open_store(url, storage_options=storage_options).committed_parts():
-        writer = StoreWriter(url, part, storage_options)
-        for p in failures:
-            writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
-        for p in warnings:
-            writer.add_warning(p.utt.id, p.utt.path, p.stage, p.reason)
-        writer.commit()
-    return part
+    while True:                                         # a concurrent run writes the same part: let it finish
+        try:
+            writer = StoreWriter(url, part, storage_options)
+        except PartCommitted:
+            return part
+        except PartClaimed:
+            time.sleep(CLAIM_POLL_SECONDS)
+            continue
+        with writer:
+            for p in failures:
+                writer.add_failure(p.utt.id, p.utt.path, p.stage, p.reason)
+            for p in warnings:
+                writer.add_warning(p.utt.id, p.utt.path, p.stage, p.reason)
+            writer.commit()
+        return part
 
 
 def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers: int = 1, address: str | None = None,
@@ -305,12 +331,12 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
         summary = ExtractSummary()
         reader_part = write_reader_problems(url, problems, warnings, storage_options)
         shards = plan_shards(utts, cfg, augment, storage_options)
-        committed = open_store(url, storage_options=storage_options).committed_parts()
-        todo = sorted((s for s in shards if s.id not in committed), key=lambda s: (-s.seconds, s.id))
         summary.planned, summary.shards = sum(s.rows for s in shards) + len(problems), len(shards)
-        summary.skipped = sum(s.rows for s in shards if s.id in committed)
-        summary.shards_skipped = len(shards) - len(todo)
+        done, todo, summary.damaged = _store_state(shards, url, storage_options)
+        summary.skipped, summary.shards_skipped = sum(s.rows for s in shards if s.id in done), len(done)
+        todo.sort(key=lambda s: (-s.seconds, s.id))
         bar = _progress_bar(sum(s.rows for s in todo), progress)
+        elsewhere: set[str] = set()                     # shards another writer holds or committed meanwhile
 
         def tell(line: str) -> None:
             summary.events.append(line)
@@ -318,6 +344,9 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
                 notify(line)
 
         def record(result: dict[str, Any]) -> None:
+            if "elsewhere" in result:
+                elsewhere.add(result["shard"])
+                return
             summary.audio_seconds += result["seconds"]
             summary.encode_seconds += result["encode_seconds"]
             summary.audio_wait_seconds += result["audio_wait_seconds"]
@@ -328,16 +357,58 @@ def extract(utts: Sequence[Utterance], cfg: ExtractConfig, url: str, *, workers:
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{summary.audio_seconds / 3600 / max(elapsed, 1e-9):.4f} audio h/s")
 
+        def run(shards_: list[Shard]) -> None:
+            if shards_ and workers == 0:
+                _run_in_process(shards_, cfg, url, storage_options, augment, summary, record)
+            elif shards_:
+                _run_ray(shards_, cfg, url, storage_options, augment, workers, summary, record, tell)
+
         try:
-            if todo and workers == 0:
-                _run_in_process(todo, cfg, url, storage_options, augment, summary, record)
-            elif todo:
-                _run_ray(todo, cfg, url, storage_options, augment, workers, summary, record, tell)
+            run(todo)
+            _await_others([s for s in todo if s.id in elsewhere], elsewhere, run, url, storage_options, summary,
+                          bar)
         finally:
             bar.close()
             summary.wall_seconds = time.perf_counter() - start
-    _outcome(summary, open_store(url, storage_options=storage_options), shards, reader_part)
+    _outcome(summary, shards, reader_part, url, storage_options)
     return summary
+
+
+def _store_state(shards: Sequence[Shard], url: str,
+                 storage_options: dict | None) -> tuple[set[str], list[Shard], dict[str, str]]:
+    """(ids of the shards committed whole, the shards to do, {shard id: why its committed part is damaged}). A
+    damaged part (unreadable; tables, index arrays or shard index wrong) is redone: its shard to do carries the
+    commit to replace."""
+    store = FeatureStore(url, storage_options, strict=False)
+    try:
+        ids = {s.id for s in shards}
+        damaged = damaged_parts(store, ids)
+        commits = {p.name: p.committed_ns for p in store.parts()}
+        done = (store.committed_parts() & ids) - set(damaged)
+    finally:
+        store.close()
+    todo = [replace(s, replaces=commits.get(s.id)) if s.id in damaged else s for s in shards if s.id not in done]
+    return done, todo, damaged
+
+
+def _await_others(waiting: list[Shard], elsewhere: set[str], run: Callable[[list[Shard]], None], url: str,
+                  storage_options: dict | None, summary: ExtractSummary, bar: Any) -> None:
+    """Wait for the shards other writers hold (a concurrent run of the same plan, a retried job): each ends
+    committed by them (counted in `summary.concurrent`), or is taken over and run here once its claim is released
+    or stale (its writer died)."""
+    while waiting:
+        bar.set_postfix_str(f"waiting for {len(waiting)} shards other writers hold")
+        time.sleep(CLAIM_POLL_SECONDS)
+        done, todo, _ = _store_state(waiting, url, storage_options)
+        finished = [s for s in waiting if s.id in done]
+        summary.concurrent += sum(s.rows for s in finished)
+        summary.shards_concurrent += len(finished)
+        bar.update(sum(s.rows for s in finished))
+        free = [s for s in todo if holder_of(url, storage_options, s.id) is None]
+        elsewhere.clear()
+        run(free)
+        held = {s.id for s in todo} - {s.id for s in free} | elsewhere
+        waiting = [s for s in todo if s.id in held]
 
 
 @contextmanager
@@ -389,11 +460,13 @@ def actor_options(workers: int, tasks: int) -> tuple[int, int, dict[str, Any]]:
     return workers, threads, {**options, "scheduling_strategy": "SPREAD", "runtime_env": priority}
 
 
-def _outcome(summary: ExtractSummary, store: Any, shards: list[Shard], reader_part: str | None) -> None:
+def _outcome(summary: ExtractSummary, shards: list[Shard], reader_part: str | None, url: str,
+             storage_options: dict | None) -> None:
     """Written, failed and warnings of the plan's parts as the store has them now."""
     mine = {s.id for s in shards} | {reader_part}
-    summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
-    failures, warnings = store.failures, store.warnings
+    with FeatureStore(url, storage_options, strict=False) as store:
+        summary.written = sum(p.n_utterances for p in store.parts() if p.name in mine)
+        failures, warnings = store.failures, store.warnings
     summary.failures = list(failures[failures["part"].isin(mine)][["id", "stage", "reason"]]
                             .itertuples(index=False, name=None))
     summary.warnings = list(warnings[warnings["part"].isin(mine)][["id", "stage", "reason"]]

@@ -199,7 +199,7 @@ def create_store(url: str, storage_options: dict | None = None) -> None:
     """
     store = zarr_store(url, storage_options, read_only=False)
     if get_json(store, "zarr.json") is None:
-        if set(sync(alist_dir(store, ""))) - {"encoders", "parts"}:
+        if set(sync(alist_dir(store, ""))) - {"encoders", "parts", "claims"}:
             raise StoreError(f"{url}: exists and is not empty, but is not an mtser feature store")
         attrs = {"mtser": {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
                            "created_by": f"mtser {__version__}"}}

@@ -15,8 +15,9 @@ Layout (every node is standard Zarr v3 in core data types only; zarr-python and 
     parts/<part>/features/<enc>/crc32      uint32 per utterance, zlib.crc32 of its stored bytes (+ its scales)
     parts/<part>/features/<enc>/scale      float32 per frame, int8 encoders only (value = int8 * scale)
 
-A writer owns its part; the part's `committed` attribute is written last, in one metadata write, so readers see
-a part whole or not at all. Imports numpy, pandas, zarr and fsspec only.
+A writer claims its part first (`claims/<part>/<generation>.json`, created exclusively: one live writer per part)
+and owns it; the part's `committed` attribute is written last, in one metadata write, so readers see a part whole
+or not at all. Imports numpy, pandas, zarr and fsspec only.
 
 This module is the public face; the work is done in `layout` (shared records, store access, creation), `writer`
 (StoreWriter), `reader` (FeatureStore), `shards` (the frames fast path), `arrays` (batched index reads) and
@@ -26,10 +27,11 @@ from mtser.featurestore.layout import (
     CHUNK_TARGET_BYTES, DTYPES, FAILURE_COLUMNS, FLOAT_COLUMNS, SCHEMA_VERSION, TABLE_COLUMNS, EncoderInfo,
     StoreError, create_store, part_state, register_encoder,
 )
+from mtser.featurestore.claims import PartClaimed
 from mtser.featurestore.reader import FeatureStore, open_store
 from mtser.featurestore.frames import quantize_int8
-from mtser.featurestore.writer import StoreWriter
+from mtser.featurestore.writer import PartCommitted, StoreWriter
 
 __all__ = ["CHUNK_TARGET_BYTES", "DTYPES", "FAILURE_COLUMNS", "FLOAT_COLUMNS", "SCHEMA_VERSION", "TABLE_COLUMNS",
-           "EncoderInfo", "FeatureStore", "StoreError", "StoreWriter", "create_store", "open_store", "part_state",
-           "quantize_int8", "register_encoder"]
+           "EncoderInfo", "FeatureStore", "PartClaimed", "PartCommitted", "StoreError", "StoreWriter", "create_store",
+           "open_store", "part_state", "quantize_int8", "register_encoder"]

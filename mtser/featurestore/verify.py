@@ -62,7 +62,22 @@ def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
         store.close()
 
 
-def _check_part(store: FeatureStore, part: Part, report: VerifyReport) -> None:
+def damaged_parts(store: FeatureStore, names: set[str]) -> dict[str, str]:
+    """Those of the committed parts `names` that are unreadable or structurally broken: name -> the first problem.
+
+    Everything but the frames' bytes is checked (tables, index arrays and their row counts against the commit
+    record, the shard files' indexes): a few small reads per part, cheap enough for every rerun of an extraction."""
+    found = {name: f"unreadable part: {reason}" for name, reason in store.broken_parts.items() if name in names}
+    for part in store.parts():
+        if part.name in names:
+            report = VerifyReport()
+            _check_part(store, part, report, frames=False)
+            if report.problems:
+                found[part.name] = str(report.problems[0])
+    return found
+
+
+def _check_part(store: FeatureStore, part: Part, report: VerifyReport, frames: bool = True) -> None:
     for name, recorded in (("failures", part.n_failures), ("warnings", part.n_warnings)):
         if name == "warnings" and "n_warnings" not in part.attrs:          # schema 1: no warnings table
             continue
@@ -84,7 +99,7 @@ def _check_part(store: FeatureStore, part: Part, report: VerifyReport) -> None:
                                        f"{len(table_ids)} distinct ids, commit recorded {part.n_utterances}"))
     for name, seg in part.segments.items():
         report.problems += [Problem(part.name, name, None, m) for m in _index_problems(seg, table_ids)]
-        _check_frames(seg, report)
+        _check_frames(seg, report, frames)
 
 
 def _index_problems(seg: Segment, table_ids: set[str]) -> list[str]:
@@ -92,13 +107,18 @@ def _index_problems(seg: Segment, table_ids: set[str]) -> list[str]:
     return [f"{len(missing)} ids have frames but no table row, e.g. {missing[:3]}"] if missing else []
 
 
-def _check_frames(seg: Segment, report: VerifyReport) -> None:
+def _check_frames(seg: Segment, report: VerifyReport, frames: bool) -> None:
+    """The checksum array and the shard index; then, if `frames`, every utterance's bytes against its checksum."""
     try:
         seg.checksums()                                 # loaded (and checked) once for the part
         seg.check_shard_index()
+        if seg.reader is None:                        # not mtser's shard layout, or its frames array is gone
+            seg.zarr_rows(0, 1)
     except (StoreError, ShardFormatError, OSError, ValueError) as exc:
         report.problems.append(Problem(seg.part, seg.info.name, None,
                                        f"{exc}; all {len(seg.ids)} utterances of this part are affected"))
+        return
+    if not frames:
         return
     for i, utt_id in enumerate(map(str, seg.ids)):
         report.utterances += 1

@@ -22,9 +22,14 @@ from mtser.featurestore.layout import (
     zarr_store,
 )
 from mtser.featurestore.arrays import encode_strings, string_arrays
+from mtser.featurestore.claims import LEASE_SECONDS, Claim
 from mtser.featurestore.frames import StoredFrames, store_frames
 from mtser.featurestore.segment import frames_checksum
 from mtser.featurestore.shards import ShardSpool
+
+
+class PartCommitted(StoreError):
+    """The part is committed already (committed parts are immutable)."""
 
 
 def _check_part_id(part_id: str) -> None:
@@ -61,19 +66,20 @@ class StoreWriter:
     Frames stream to the part's shard file (one per encoder) as utterances are added, so memory stays bounded by
     one utterance, not the part; the table, ids and offsets are kept until commit. Local stores get the shard file
     in place inside the (uncommitted, hence invisible) part; remote stores get a local spool file uploaded at
-    commit. Commit writes the small arrays, then marks the part committed in one metadata write. A part left
-    uncommitted by a killed writer is deleted when a writer with the same part id starts.
+    commit. Commit writes the small arrays, then marks the part committed in one metadata write. A writer first
+    claims its part id (`claims.Claim`: one live writer per part, on any number of processes or machines), so the
+    leftovers of a killed writer it deletes before its first write are never another live writer's files.
     """
 
-    def __init__(self, url: str, part_id: str, storage_options: dict | None = None):
+    def __init__(self, url: str, part_id: str, storage_options: dict | None = None, replaces: int | None = None,
+                 lease_s: float = LEASE_SECONDS):
+        """Claims the part (PartClaimed when another live writer holds it). `replaces`: the `committed_ns` of a
+        committed part of this id found damaged, which this writer may redo (any other commit is refused)."""
         _check_part_id(part_id)
         self.url, self.part_id, self.storage_options = url, part_id, storage_options
         self._store = zarr_store(url, storage_options, read_only=False)
         root_attrs(self._store, url)
-        state = part_state(self._store, part_id)
-        if state and state.get("committed"):
-            raise StoreError(f"{url}: part {part_id!r} is already committed; committed parts are immutable, "
-                             f"write to a new part id")
+        self._check_uncommitted(replaces)                     # cheap refusal before claiming
         self._encoders = read_encoders(self._store)
         self._rows: list[Utterance] = []
         self._ids: set[str] = set()
@@ -83,6 +89,26 @@ class StoreWriter:
         self._failures: list[tuple[str, str, str, str]] = []
         self._warnings: list[tuple[str, str, str, str]] = []
         self._closed = False
+        self._claim = Claim(url, storage_options, part_id, lease_s)
+        self._claim.acquire()
+        try:
+            self._check_uncommitted(replaces)                 # committed by the previous holder meanwhile?
+        except BaseException:
+            self._claim.release()
+            raise
+
+    def _check_uncommitted(self, replaces: int | None) -> None:
+        state = self._state()
+        if state.get("committed") and (replaces is None or state.get("committed_ns") != replaces):
+            raise PartCommitted(f"{self.url}: part {self.part_id!r} is already committed; committed parts are "
+                                f"immutable, write to a new part id")
+
+    def _state(self) -> dict:
+        """The part's record as it stands ({} when missing; garbled metadata is no commit, only leftovers)."""
+        try:
+            return part_state(self._store, self.part_id) or {}
+        except ValueError:
+            return {}
 
     @property
     def _path(self) -> str:
@@ -160,6 +186,9 @@ class StoreWriter:
         if self._started:
             return
         upgrade_root(self._store, self.url)
+        if self._state().get("committed"):                        # a damaged commit being redone:
+            zarr.open_group(self._store, path=self._path, mode="r+").update_attributes(   # hidden first, then deleted
+                {"mtser_part": {"committed": False, "writer": _writer_id()}})
         sync(self._store.delete_dir(self._path))
         zarr.create_group(self._store, path=self._path,
                           attributes={"mtser_part": {"committed": False, "writer": _writer_id()}})
@@ -178,12 +207,19 @@ class StoreWriter:
         self._warnings.append((str(utt_id), path or "", str(stage), str(reason)))
 
     def abort(self) -> None:
-        """Drop everything: what was streamed is deleted, nothing stays in the store."""
+        """Drop everything: what was streamed is deleted, nothing stays in the store, the claim is released."""
+        self._drop(delete=self._started)
+
+    def _drop(self, delete: bool) -> None:
+        """Close the spools, delete the part's files if `delete`, give the claim up, forget everything."""
         for stream in self._streams.values():
             stream.spool.close()
-        if self._started:
-            sync(self._store.delete_dir(self._path))
-        self._cleanup()
+        try:
+            if delete:
+                sync(self._store.delete_dir(self._path))
+            self._cleanup()
+        finally:
+            self._claim.release()
         self._rows, self._ids, self._streams, self._failures, self._warnings = [], set(), {}, [], []
         self._closed = True
 
@@ -196,9 +232,7 @@ class StoreWriter:
         """Finish the shard files, write the small arrays, then mark the part committed (the one write that makes
         it visible)."""
         self._check_open()
-        state = part_state(self._store, self.part_id)
-        if state and state.get("committed"):
-            raise StoreError(f"{self.url}: part {self.part_id!r} was committed by another writer meanwhile")
+        self._check_claim()
         self._start()
         try:
             group = zarr.open_group(self._store, path=self._path, mode="r+")
@@ -210,6 +244,7 @@ class StoreWriter:
                        for name, stream in sorted(self._streams.items())}
         finally:
             self._cleanup()
+        self._check_claim()
         now = time.time_ns()
         group.update_attributes({"mtser_part": {
             "committed": True, "committed_ns": now, "schema_version": SCHEMA_VERSION,
@@ -217,6 +252,14 @@ class StoreWriter:
             "writer": _writer_id(), "mtser_version": __version__, "n_utterances": len(self._rows),
             "n_failures": len(self._failures), "n_warnings": len(self._warnings), "encoders": summary}})
         self._closed = True
+        self._claim.release()
+
+    def _check_claim(self) -> None:
+        """Refuse to commit once the claim's lease ran out (another machine may be writing this part now)."""
+        if not self._claim.valid():
+            self._drop(delete=False)                      # the part's files may be another writer's by now
+            raise StoreError(f"{self.url}: part {self.part_id!r}: this writer's claim expired (no heartbeat for "
+                             f"{self._claim.lease_s:.0f} s); nothing committed, rerun to redo the part")
 
     def _write_encoder(self, group: zarr.Group, info: EncoderInfo, stream: _EncoderStream) -> dict[str, Any]:
         prefix, spool = f"features/{info.name}", stream.spool
