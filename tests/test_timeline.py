@@ -348,7 +348,7 @@ def test_workers_commit_files_to_s3_and_write_segment_features_to_a_store(ensemb
     (_, expected), = timeline.pipeline.encode(Loaded([utt], [wave], [0], {})).written
     assert set(features.encoders) == set(expected)
     for name, frames in expected.items():                          # float16 in both: one rounding step apart at most
-        np.testing.assert_allclose(features.get(row.segment, name, dtype=np.float32), frames.astype(np.float32),
+        np.testing.assert_allclose(features.get(row.segment, name, dtype=np.float32), frames.decode(np.float32),
                                    rtol=2e-3, atol=2e-3)
     listed = CliRunner().invoke(app, ["features", "ls", store, "--storage-options", json.dumps(moto_s3)])
     assert listed.exit_code == 0 and f"3 committed parts, {len(table)} utterances" in listed.output, listed.output
