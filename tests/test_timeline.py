@@ -329,21 +329,28 @@ def test_workers_commit_files_to_s3_and_write_segment_features_to_a_store(ensemb
     from mtser.featurestore.store import open_store
 
     out, store = f"s3://{s3_bucket}/timeline", f"s3://{s3_bucket}/segments.zarr"
-    result = CliRunner().invoke(app, ["predict", *map(str, parts), "--timeline", "--ensemble", str(ensemble_dir),
+    fs = s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True)
+    inputs = f"s3://{s3_bucket}/in"                                  # the audio on S3 too (a folder URL)
+    for path in parts:
+        fs.put(str(path), f"{inputs}/{path.name}")
+    result = CliRunner().invoke(app, ["predict", inputs, "--timeline", "--ensemble", str(ensemble_dir),
                                       "--out", out, "--store", store, "--storage-options", json.dumps(moto_s3),
                                       "--workers", "2"])            # two actors share the three files
     assert result.exit_code == 0, result.output
-    fs = s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True)
     assert len(fs.glob(f"{out}/files/*.json")) == 3                  # each file committed by its actor
     with fs.open(f"{out}/segments.parquet") as f:
         table = pd.read_parquet(f)
-    same_predictions(table, parts_table)
+    expected = parts_table.copy()
+    for path in parts:                                               # the same audio, named by its URL
+        expected["file"] = expected["file"].replace(str(path), f"{inputs}/{path.name}")
+        expected["segment"] = expected["segment"].str.replace(str(path), f"{inputs}/{path.name}", regex=False)
+    same_predictions(table, expected)
 
     features = open_store(store, storage_options=moto_s3)
     assert sorted(features.utterances.index) == sorted(table["segment"])
     row = table.iloc[-1]
     span = Span(round(row.start_s * VAD_RATE), round(row.end_s * VAD_RATE))
-    (_, wave), = timeline.cut(row.file, [span])
+    (_, wave), = timeline.cut(str(parts[-1]), [span])                # the local copy of the last file
     utt = Utterance(id=row.segment, path=row.file, duration=len(wave) / VAD_RATE)
     (_, expected), = timeline.pipeline.encode(Loaded([utt], [wave], [0], {})).written
     assert set(features.encoders) == set(expected)

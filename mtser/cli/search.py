@@ -100,7 +100,7 @@ def ensemble(
 
 
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="Audio files and/or directories of audio."),
+    inputs: list[str] = typer.Argument(..., help="Audio files and/or folders of audio (paths or fsspec URLs)."),
     ensemble: str = typer.Option(..., "--ensemble",
                                  help="Ensemble manifest (RUN/ensemble/ensemble.json) or its folder; a path or URL."),
     out: str = typer.Option(None, "--out", help="Write the table as CSV here instead of printing it; with --timeline "
@@ -160,7 +160,7 @@ def predict(
         typer.echo(f"wrote {len(run.table)} rows to {out}")
     else:
         typer.echo(run.table.to_string(index=False, float_format="%.4f"))
-    for name, seconds in long_files(run.table["FileName"].tolist(), max_segment).items():
+    for name, seconds in long_files(run.table["FileName"].tolist(), max_segment, options).items():
         typer.echo(f"note: {name} is {seconds:.0f} s long: this is one prediction for the whole file; "
                    "`--timeline` predicts each speech segment over time", err=True)
     for name, reason in run.failures.items():
@@ -169,7 +169,7 @@ def predict(
         raise typer.Exit(1)
 
 
-def _timeline(inputs: list[Path], ensemble: str, out: str | None, device: str, skip_external: bool,
+def _timeline(inputs: list[str], ensemble: str, out: str | None, device: str, skip_external: bool,
               options: dict | None, workers: int, address: str | None, store: str | None, **settings) -> None:
     from mtser.config import ConfigError, TimelineConfig, from_dict
     from mtser.trainer.timeline import TimelineError, predict_timeline, status_line

@@ -221,13 +221,14 @@ def stitch(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], device: str = "cpu",
-                      batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128
+                      batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128,
+                      storage_options: dict | None = None
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
     """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D) values exactly as a reader
     of a store with these encoders gets them (`frames.as_stored`: float16 rounded, int8 quantised), the utterances
     with transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
     cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,
                         asr_max_new_tokens=asr_max_new_tokens)
-    result = Pipeline(cfg, device).run(utts)
+    result = Pipeline(cfg, device, storage_options).run(utts)
     features = {u.id: {k: v.decode(np.float32) for k, v in f.items()} for u, f in result.written}
     return features, {u.id: u for u, _ in result.written}, {f.utt.id: f"{f.stage}: {f.reason}" for f in result.failures}

@@ -23,23 +23,25 @@ class PredictionRun:
     failures: dict[str, str] = field(default_factory=dict)  # file -> reason
 
 
-def collect_inputs(inputs: list[str | Path], transcripts: Path | None = None
+def collect_inputs(inputs: list[str | Path], transcripts: Path | None = None, storage_options: dict | None = None
                    ) -> tuple[list[Utterance], dict[str, str]]:
-    """Audio files named directly or found in directories (corpus.read_folder); id = the file's path as given.
-    With `transcripts`, `<transcripts>/<audio stem>.txt` is used where it exists; otherwise Whisper
-    transcribes (when the store's Whisper encoder has `asr`)."""
+    """Audio files named directly or found in folders (corpus.read_folder), local or at fsspec URLs read with
+    `storage_options`; id = the file's path or URL as given. With `transcripts`, `<transcripts>/<audio stem>.txt`
+    is used where it exists; otherwise Whisper transcribes (when the store's Whisper encoder has `asr`)."""
     from mtser.featurestore.corpus import read_folder
+    from mtser.featurestore.files import CorpusFiles
 
+    files = CorpusFiles(storage_options)
     paths, problems = [], {}
-    for item in map(Path, inputs):
-        if item.is_dir():
-            read = read_folder(item)
+    for item in map(str, inputs):
+        if files.is_dir(item):
+            read = read_folder(item, files=files)
             problems.update({p.item or p.source: p.reason for p in read.problems})
             paths += [u.path for u in read.utterances]
-        elif item.is_file():
-            paths.append(str(item))
+        elif files.is_file(item):
+            paths.append(item)
         else:
-            problems[str(item)] = "no such file or directory"
+            problems[item] = "no such file or directory"
     return [_utterance(path, transcripts) for path in paths], problems
 
 
@@ -120,15 +122,17 @@ def predict_files(inputs: list[str | Path], ensemble: str | Path, device: str = 
     from mtser.featurestore.pipeline import encode_utterances
 
     scorer = EnsembleScorer(ensemble, device, skip_external, storage_options)
-    utts, failures = collect_inputs(inputs, transcripts)
-    features, _, failed = encode_utterances(scorer.encoders, utts, device=device) if utts else ({}, {}, {})
+    utts, failures = collect_inputs(inputs, transcripts, storage_options)
+    features, _, failed = (encode_utterances(scorer.encoders, utts, device=device, storage_options=storage_options)
+                           if utts else ({}, {}, {}))
     failures.update(failed)
     ids = [u.id for u in utts if u.id in features and u.id not in failed]
     return PredictionRun(prediction_table(scorer.score(ids, [features[i] for i in ids])), failures)
 
 
-def long_files(paths: list[str], seconds: float) -> dict[str, float]:
+def long_files(paths: list[str], seconds: float, storage_options: dict | None = None) -> dict[str, float]:
     """The files among `paths` longer than `seconds` (from their headers), with their lengths."""
     from mtser.featurestore.audio import audio_durations
+    from mtser.featurestore.files import CorpusFiles
 
-    return {p: d for p, d in zip(paths, audio_durations(paths)) if d > seconds}
+    return {p: d for p, d in zip(paths, audio_durations(paths, CorpusFiles(storage_options))) if d > seconds}

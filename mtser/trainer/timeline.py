@@ -280,6 +280,7 @@ def predict_timeline(inputs: list[str | Path], ensemble: str | Path, out: str | 
     `workers` > 0: that many Ray actors (at most one per GPU, or per core) do the files, in the Ray cluster at
     `address` or a local one; `store`: the segments' encoder features also go to this feature store."""
     from mtser.featurestore.audio import audio_durations
+    from mtser.featurestore.files import CorpusFiles
     from mtser.trainer.predict import collect_inputs
 
     cfg = cfg or TimelineConfig()
@@ -288,11 +289,11 @@ def predict_timeline(inputs: list[str | Path], ensemble: str | Path, out: str | 
     folder.check_record({"ensemble": str(ensemble), "timeline": to_dict(cfg)})
     if store:
         register_store(store, scorer, storage_options)
-    utts, failures = collect_inputs(inputs)
+    utts, failures = collect_inputs(inputs, storage_options=storage_options)
     paths = list(dict.fromkeys(u.path for u in utts))
     by_file: dict[str, FileResult] = {}
     resumed = []
-    with AudioHoursBar(audio_durations(paths), progress) as bar:
+    with AudioHoursBar(audio_durations(paths, CorpusFiles(storage_options)), progress) as bar:
         seconds = dict(zip(paths, bar.durations))
 
         def done(result: FileResult) -> None:
