@@ -138,7 +138,7 @@ def test_a_ten_sample_file_alone_fails_with_its_reason(tmp_path, config_path):
 
 @pytest.mark.parametrize("text, key", [
     ("window_seconds: 0", "extract.window_seconds: must be finite and longer than 2 × window_context_seconds"),
-    ("window_seconds: .nan", "extract.window_seconds: must be finite"),
+    ("window_seconds: .nan", "extract.window_seconds: expected a finite number, got nan"),
     ("{window_seconds: 10, window_context_seconds: 5}", "extract.window_seconds: must be finite and longer than 2 × "
                                                         "window_context_seconds (10 s), got 10"),
     ("window_context_seconds: -1", "extract.window_context_seconds: must be a finite number >= 0, got -1"),
