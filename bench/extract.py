@@ -86,39 +86,56 @@ def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]] | None
     return out
 
 
+class NaiveEncoders:
+    """What the transformers docs show, one utterance at a time in float32 on `device`: feature extractor + model per
+    encoder, Whisper's generate() for an utterance without a transcript (it runs the encoder again)."""
+
+    def __init__(self, wavlm: Path, whisper: Path, roberta: Path, asr_tokens: int = ASR_TOKENS, device: str = "cpu"):
+        from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer, WhisperForConditionalGeneration
+
+        self.device = device
+        self.wavlm_fe = AutoFeatureExtractor.from_pretrained(wavlm)
+        self.wavlm = AutoModel.from_pretrained(wavlm).eval().to(device)
+        self.processor = AutoProcessor.from_pretrained(whisper)
+        self.whisper = WhisperForConditionalGeneration.from_pretrained(whisper).eval().to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(roberta)
+        self.roberta = AutoModel.from_pretrained(roberta).eval().to(device)
+        self.asr_tokens = asr_tokens
+
+    def features(self, audio: np.ndarray, transcript: str | None = None) -> dict[str, np.ndarray]:
+        """(T, D) float32 features of one 16 kHz utterance (up to 30 s) per encoder."""
+        import torch
+
+        with torch.no_grad():
+            inputs = self.wavlm_fe(audio, sampling_rate=16000, return_tensors="pt").to(self.device)
+            speech = self.wavlm(**inputs).last_hidden_state[0]
+            features = self.processor(audio, sampling_rate=16000, return_tensors="pt").input_features.to(self.device)
+            encoded = self.whisper.model.encoder(features).last_hidden_state[0, : math.ceil(len(audio) / 320)]
+            text = transcript
+            if not text:
+                ids = self.whisper.generate(features, language="en", task="transcribe", max_new_tokens=self.asr_tokens)
+                text = self.processor.batch_decode(ids, skip_special_tokens=True)[0]
+            tokens = self.roberta(**self.tokenizer(text, return_tensors="pt").to(self.device)).last_hidden_state[0]
+        return {"wavlm": speech.cpu().numpy(), "whisper": encoded.cpu().numpy(), "roberta": tokens.cpu().numpy()}
+
+
 def naive_loop(utts: list[Utterance], encoders: Path, out: Path, device: str = "cpu") -> None:
-    """What the transformers docs show, one utterance at a time in float32 (models moved to `device`)."""
+    """NaiveEncoders per utterance on `device`, one float16 .npy per utterance and encoder (what peers store)."""
     import soundfile
     import torch
     import torchaudio.functional as AF
-    from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer, WhisperForConditionalGeneration
 
-    wavlm_fe = AutoFeatureExtractor.from_pretrained(encoders / "wavlm")
-    wavlm = AutoModel.from_pretrained(encoders / "wavlm").eval().to(device)
-    processor = AutoProcessor.from_pretrained(encoders / "whisper")
-    whisper = WhisperForConditionalGeneration.from_pretrained(encoders / "whisper").eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(encoders / "roberta")
-    roberta = AutoModel.from_pretrained(encoders / "roberta").eval().to(device)
+    naive = NaiveEncoders(encoders / "wavlm", encoders / "whisper", encoders / "roberta", device=device)
     out.mkdir(parents=True)
-    with torch.no_grad():
-        for utt in utts:
-            audio, rate = soundfile.read(utt.path, dtype="float32")
-            if audio.ndim > 1:
-                audio = audio.mean(axis=1)
-            if rate != 16000:
-                audio = AF.resample(torch.from_numpy(audio), rate, 16000).numpy()
-            inputs = wavlm_fe(audio, sampling_rate=16000, return_tensors="pt").to(device)
-            speech = wavlm(**inputs).last_hidden_state[0]
-            features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features.to(device)
-            encoded = whisper.model.encoder(features).last_hidden_state[0, : math.ceil(len(audio) / 320)]
-            text = utt.transcript
-            if not text:
-                ids = whisper.generate(features, language="en", task="transcribe", max_new_tokens=ASR_TOKENS)
-                text = processor.batch_decode(ids, skip_special_tokens=True)[0]
-            tokens = roberta(**tokenizer(text, return_tensors="pt").to(device)).last_hidden_state[0]
-            stem = out / Path(utt.id).stem
-            for name, x in (("wavlm", speech), ("whisper", encoded), ("roberta", tokens)):
-                np.save(f"{stem}.{name}.npy", x.cpu().numpy().astype(np.float16))
+    for utt in utts:
+        audio, rate = soundfile.read(utt.path, dtype="float32")
+        if audio.ndim > 1:
+            audio = audio.mean(axis=1)
+        if rate != 16000:
+            audio = AF.resample(torch.from_numpy(audio), rate, 16000).numpy()
+        stem = out / Path(utt.id).stem
+        for name, x in naive.features(audio, utt.transcript).items():
+            np.save(f"{stem}.{name}.npy", x.astype(np.float16))
 
 
 class GpuSampler:
