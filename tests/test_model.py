@@ -201,7 +201,9 @@ def test_a_cached_native_library_is_loaded_only_when_its_sha256_matches(monkeypa
     assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
     original = built.read_bytes()
     if damage == "swapped":                         # another library in its place: it must not be loaded
-        built.write_bytes(b"\x7fELF not the library built for " + source[:40].encode())
+        swapped = built.with_name("swapped.tmp")    # put in place by rename: overwriting the file this process has
+        swapped.write_bytes(b"\x7fELF not the library built for " + source[:40].encode())   # mapped would be
+        swapped.replace(built)                      # a SIGBUS when the library's pages are next touched (at exit)
     else:
         record.unlink()
     again = build("moments")

@@ -361,13 +361,16 @@ def test_workers_commit_files_to_s3_and_write_segment_features_to_a_store(ensemb
     assert listed.exit_code == 0 and f"3 committed parts, {len(table)} utterances" in listed.output, listed.output
 
     # a run killed after a file's store part was committed, before the file was, redoes the file: its part stays
-    timeline.store, timeline.storage_options = store, moto_s3
+    from mtser.featurestore.files import CorpusFiles
+
+    second = f"{inputs}/{parts[1].name}"
+    timeline.store, timeline.storage_options, timeline.files = store, moto_s3, CorpusFiles(moto_s3)
     try:
-        again = timeline.run_file(str(parts[1]))
+        again = timeline.run_file(second)
     finally:
-        timeline.store, timeline.storage_options = None, None
+        timeline.store, timeline.storage_options, timeline.files = None, None, CorpusFiles()
     assert again.status == "ok"
-    assert again.segments["segment"].tolist() == table[table["file"] == str(parts[1])]["segment"].tolist()
+    assert again.segments["segment"].tolist() == table[table["file"] == second]["segment"].tolist()
     assert len(open_store(store, storage_options=moto_s3).utterances) == len(table)
 
 
