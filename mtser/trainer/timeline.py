@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 PROBS = [f"prob_{c}" for c in CLASSES]
 ATTRS = list(ATTRIBUTE_COLUMNS.values())                  # EmoAct, EmoVal, EmoDom
 SEGMENT_COLUMNS = ["file", "segment", "start_s", "end_s", "EmoClass", *PROBS, *ATTRS, "transcript"]
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                # glibc's mallopt parameters (malloc.h)
+ALLOCATOR_THRESHOLD = 256 * 1024
 RECORD = "timeline.json"                                  # what the run folder's tables were made with
 
 
@@ -84,6 +87,24 @@ def register_store(url: str, scorer: EnsembleScorer, storage_options: dict | Non
         raise TimelineError(f"--store: {exc}") from None
 
 
+def bound_allocator_caches() -> None:
+    """Keep memory flat over hours of segments of ever new lengths (each a new tensor shape, so new block sizes):
+    glibc returns freed blocks over 256 KiB to the system at once, with a fixed mmap and trim threshold instead of the
+    dynamic one, which rises with every large block freed and then keeps such blocks (measured: a 60-minute file's
+    growth +448 MB by default, +202 MB with this; docs/benchmarks.md, Timeline). Process-wide; not where the user
+    set glibc's MALLOC_*_THRESHOLD_ variables, nor on another C library."""
+    import ctypes
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        libc.mallopt(option, ALLOCATOR_THRESHOLD)
+
+
 class Timeline:
     """The models and the VAD, loaded once, and the per-file work."""
 
@@ -94,6 +115,7 @@ class Timeline:
         from mtser.featurestore.pipeline import Pipeline
         from mtser.featurestore.vad import load_vad
 
+        bound_allocator_caches()
         self.scorer, self.cfg, self.files = scorer, cfg, CorpusFiles(storage_options)
         self.store, self.storage_options = store, storage_options
         self.pipeline = Pipeline(ExtractConfig(encoders=scorer.encoders, batch_seconds=cfg.batch_seconds,
