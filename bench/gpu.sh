@@ -8,6 +8,8 @@
 #   tune     bench/tune.py --model paper --device auto   paper-size members: member-steps/s fused vs one after
 #            another, data-wait fraction, cohort_speedup
 #   loader   bench/loader.py --model paper          loader vs raw reads, data-wait fraction of a paper-size run
+#   timeline bench/timeline.py --device auto        `predict --timeline` (length-bucketed batches) against the naive
+#            per-segment loop on the GPU (timeline_vs_naive; goal >= 2 there), segmentation, class agreement
 #
 # Writes DIR/gpu.jsonl: a first line on the device, then one line per bench ({"bench", "command", "seconds",
 # "dry_run", "result": the bench's own last JSON line}); each bench's full output in DIR/NAME.log. A bench that
@@ -38,11 +40,13 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
 # seconds each bench may take on the H100 (480 in all; the dry run's only guard against a hang) and its sizes
 if (( dry )); then
-    budget=(600 600 600)
+    budget=(600 600 600 600)
     extract_size=(--tiny) tune_size=(--tiny) loader_size=(--tiny)
+    timeline_size=(--quick --segment-minutes 0.5 --encode-minutes 0.25 --rounds 1)
 else
-    budget=(200 200 80)
+    budget=(180 180 60 60)
     extract_size=(--large) tune_size=(--epochs 2) loader_size=()
+    timeline_size=(--quick --encode-minutes 2)
 fi
 
 "$PYTHON" - "$dry" >> "$out/gpu.jsonl" <<'EOF'
@@ -81,4 +85,5 @@ run() {  # NAME BUDGET SCRIPT ARGS...: one line of gpu.jsonl from the script's l
 run extract "${budget[0]}" extract.py "${extract_size[@]}" --workers 1
 run tune "${budget[1]}" tune.py --model paper --device auto "${tune_size[@]}"
 run loader "${budget[2]}" loader.py --model paper "${loader_size[@]}"
+run timeline "${budget[3]}" timeline.py --device auto --workdir "$out/timeline-work" "${timeline_size[@]}"
 echo "gpu.sh: done in $SECONDS s; results in $out/gpu.jsonl" >&2

@@ -194,7 +194,7 @@ class NaiveTimeline:
     """The loop a user writes from Silero's and transformers' docs: the whole file decoded, Silero's speech
     timestamps, each segment through the encoders and then through the ensemble's member models one by one."""
 
-    def __init__(self, ensemble: Path):
+    def __init__(self, ensemble: Path, device: str = "cpu"):
         from silero_vad import load_silero_vad
 
         from mtser.trainer.checkpoint import load_checkpoint
@@ -204,15 +204,16 @@ class NaiveTimeline:
         self.members = without_external(load_manifest(ensemble))
         self.models, metas = {}, []
         for path in dict.fromkeys(member_key(m) for ms in self.members.values() for m in ms):
-            self.models[path], _, meta = load_checkpoint(path)
+            self.models[path], _, meta = load_checkpoint(path, device=device)
             metas.append(meta)
-        configs, _ = encoder_configs(metas)
+        self.device = device
+        configs = encoder_configs(metas)
         self.names = {c.kind: c.name for c in configs}             # the encoders' names in the models' inputs
         if sorted(self.names) != ["speech", "text", "whisper"] or len(configs) != 3:
             raise SystemExit(f"{ensemble}: the naive loop knows one speech, one whisper and one text encoder; "
                              f"the ensemble has {[(c.name, c.kind) for c in configs]}")
         paths = {c.kind: Path(c.model) for c in configs}
-        self.encoders = NaiveEncoders(paths["speech"], paths["whisper"], paths["text"], ASR_TOKENS)
+        self.encoders = NaiveEncoders(paths["speech"], paths["whisper"], paths["text"], ASR_TOKENS, device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)            # torch.jit.load's deprecation notice
             self.vad = load_silero_vad()
@@ -231,7 +232,8 @@ class NaiveTimeline:
             out = self.encoders.features(wave[stamp["start"]:stamp["end"]])
             features = {self.names[kind]: out[key].astype(np.float16).astype(np.float32)   # stored as float16
                         for kind, key in (("speech", "wavlm"), ("whisper", "whisper"), ("text", "roberta"))}
-            preds = {p: [np.asarray(x)[0] for x in predict_features(m, [features])] for p, m in self.models.items()}
+            preds = {p: [np.asarray(x)[0] for x in predict_features(m, [features], device=self.device)]
+                     for p, m in self.models.items()}
             probs = np.mean([preds[member_key(m)][0] for m in self.members["class"]], axis=0)
             row = {"start_s": stamp["start"] / rate, "end_s": stamp["end"] / rate,
                    "EmoClass": CLASSES[int(np.argmax(probs))]}
@@ -258,11 +260,11 @@ def class_metrics(segments: pd.DataFrame, truth: pd.DataFrame, alone: dict[str, 
             "agreement_segments": int(keep.sum())}
 
 
-def predict_alone(ensemble: Path, corpus: Path, names: list[str]) -> dict[str, str]:
+def predict_alone(ensemble: Path, corpus: Path, names: list[str], device: str = "cpu") -> dict[str, str]:
     """Each utterance's class when its own file is predicted (`predict_files`)."""
     from mtser.trainer.predict import predict_files
 
-    table = predict_files([corpus / "Audios" / n for n in names], ensemble).table
+    table = predict_files([corpus / "Audios" / n for n in names], ensemble, device=device).table
     return {Path(f).name: c for f, c in zip(table["FileName"], table["EmoClass"])}
 
 
@@ -282,6 +284,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="demo corpus the recordings are made of (default: built, cached)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mtser-bench-timeline"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (the memory runs stay on the CPU)")
     parser.add_argument("--segment-minutes", type=float, help="segmentation recording (default 30, quick 3)")
     parser.add_argument("--encode-minutes", type=float, help="speed/accuracy recording (default 5, quick 0.75)")
     parser.add_argument("--rounds", type=int, help="alternated rounds (default 3, quick 2)")
@@ -303,6 +306,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     load_before = os.getloadavg()
     started = time.perf_counter()
     work = args.workdir
@@ -323,8 +327,8 @@ def main() -> None:
                   vad_plan_seconds=round(time.perf_counter() - start, 2))
     print(f"segmentation of {segment_minutes:g} min: {json.dumps(report)}", flush=True)
 
-    timeline = Timeline(EnsembleScorer(ensemble), cfg)
-    naive = NaiveTimeline(ensemble)
+    timeline = Timeline(EnsembleScorer(ensemble, device), cfg, device)
+    naive = NaiveTimeline(ensemble, device)
     warm, _ = recording(work, corpus, 0.25, seed=1)
     timeline.run_file(str(warm))                                 # first calls (allocators, oneDNN) out of the timing
     naive.run(warm)
@@ -350,14 +354,14 @@ def main() -> None:
                   timeline_segments=len(segments), naive_segments=len(outputs["naive"]))
     print(f"speed on {encode_minutes:g} min: timeline {t_timeline:.1f} s, naive {t_naive:.1f} s", flush=True)
 
-    alone = predict_alone(ensemble, corpus, sorted(set(truth["utterance"])))
+    alone = predict_alone(ensemble, corpus, sorted(set(truth["utterance"])), device)
     report.update(class_metrics(segments, truth, alone))
     report["class_agreement_naive"] = class_metrics(outputs["naive"], truth, alone)["class_agreement"]
 
     out = work / "predict-timeline"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    predict_timeline([path], ensemble, out, cfg, progress=False)
+    predict_timeline([path], ensemble, out, cfg, device=device, progress=False)
     report["predict_timeline_audio_s_per_s"] = round(audio_s / (time.perf_counter() - start), 2)
 
     memory = {}
@@ -372,7 +376,7 @@ def main() -> None:
                                          (m["peak_rss_mb"] - m["rss_with_models_mb"]) / hours, 1),
                                      "segments": m["segments"], "seconds": round(m["seconds"], 1)}
         print(f"memory, {minutes:g} min: {json.dumps(memory[f'{minutes:g}min'])}", flush=True)
-    report.update(memory=memory, threads=args.threads, rounds=rounds, quick=args.quick,
+    report.update(memory=memory, device=device, threads=args.threads, rounds=rounds, quick=args.quick,
                   ensemble=str(ensemble), ensemble_built_now=built, prepare_seconds=round(prepared - started, 1),
                   total_seconds=round(time.perf_counter() - started, 1),
                   load_average_before=round(load_before[0], 2), load_average_after=round(os.getloadavg()[0], 2))

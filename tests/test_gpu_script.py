@@ -20,6 +20,8 @@ KEYS = {
              "data_wait_fraction_single", "data_wait_fraction_cohorts", "cohort_speedup", "cohort_speedup_in_memory",
              "store_reads_per_member_sample"],
     "loader": ["loader_vs_raw", "data_wait_fraction", "loader_samples_per_s", "train_samples_per_s"],
+    "timeline": ["timeline_vs_naive", "segment_recall", "segment_boundary_error_s", "class_agreement",
+                 "class_agreement_alone"],
 }
 ON_GPU_ONLY = {"audio_hours_per_gpu_hour", "gpu_utilisation_mean", "gpu_name"}
 
@@ -34,7 +36,7 @@ def test_gpu_script_dry_run_writes_every_line_and_key(tmp_path):
     run = _gpu_sh("--dry-run", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
-    assert [line["bench"] for line in lines] == ["device", "extract", "tune", "loader"]
+    assert [line["bench"] for line in lines] == ["device", "extract", "tune", "loader", "timeline"]
     assert all(line["dry_run"] is True for line in lines)
     device = lines[0]["result"]
     assert device["device"] == "cpu" and device["gpu_name"] is None and device["gpus"] == 0
@@ -42,6 +44,7 @@ def test_gpu_script_dry_run_writes_every_line_and_key(tmp_path):
     assert by_bench["extract"]["command"] == "bench/extract.py --tiny --workers 1"
     assert by_bench["tune"]["command"] == "bench/tune.py --model paper --device auto --tiny"
     assert by_bench["loader"]["command"] == "bench/loader.py --model paper --tiny"
+    assert by_bench["timeline"]["command"].startswith("bench/timeline.py --device auto --workdir")
     for bench, keys in KEYS.items():
         line = by_bench[bench]
         result = line["result"]
