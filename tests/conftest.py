@@ -65,3 +65,18 @@ def s3_bucket(moto_s3: dict) -> str:
     name = f"features-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True).mkdir(name)
     return name
+
+
+@pytest.fixture
+def pickled_roberta(test_encoders_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the test RoBERTa whose weights are only a pickled `pytorch_model.bin` (no safetensors)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    pickled = tmp_path / "roberta"
+    shutil.copytree(test_encoders_dir / "roberta", pickled)
+    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    return pickled

@@ -394,17 +394,9 @@ def test_prefetch_decodes_the_next_group_while_the_current_one_is_encoded():
         list(prefetched([[0], [1]], failing))
 
 
-def test_extract_refuses_an_encoder_with_pickled_weights_only(workdir, manifest, config_path, test_encoders_dir,
+def test_extract_refuses_an_encoder_with_pickled_weights_only(workdir, manifest, config_path, pickled_roberta,
                                                               tmp_path):
-    import shutil
-
-    import torch
-    from transformers import AutoModel
-
-    pickled = tmp_path / "roberta"
-    shutil.copytree(test_encoders_dir / "roberta", pickled)
-    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
-    (pickled / "model.safetensors").unlink()
+    pickled = pickled_roberta
     raw = yaml.safe_load(config_path.read_text())
     next(e for e in raw["extract"]["encoders"] if e["name"] == "roberta")["model"] = str(pickled)
     config = tmp_path / "pickled.yaml"

@@ -146,18 +146,12 @@ def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(te
             assert np.abs(unquantised - from_store).max() > 1e-5
 
 
-def test_predict_refuses_an_encoder_with_pickled_weights_only(dev_ensemble, demo_corpus_dir, test_encoders_dir,
+def test_predict_refuses_an_encoder_with_pickled_weights_only(dev_ensemble, demo_corpus_dir, pickled_roberta,
                                                               tmp_path):
     import json
     import shutil
 
-    import torch
-    from transformers import AutoModel
-
-    pickled = tmp_path / "roberta"
-    shutil.copytree(test_encoders_dir / "roberta", pickled)
-    torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
-    (pickled / "model.safetensors").unlink()
+    pickled = pickled_roberta
     text = (dev_ensemble / "ensemble.json").read_text()
     checkpoints = sorted({m["checkpoint"] for ms in json.loads(text)["members"].values() for m in ms
                           if "checkpoint" in m})
