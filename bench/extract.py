@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.corpus import Utterance, read_corpus  # noqa: E402
+from mtser.trainer.config import load_config  # noqa: E402
 
 # Encoder sizes (hidden, layers, heads, ffn): full is WavLM-base / Whisper-base / RoBERTa-base scale.
 SIZES = {

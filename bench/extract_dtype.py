@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import SIZES, add_size_arguments, build_encoders, run_size  # noqa: E402  (bench/extract.py)
 
-from mtser.config import EncoderConfig  # noqa: E402
+from mtser.featurestore.config import EncoderConfig  # noqa: E402
 from mtser.featurestore.corpus import read_corpus  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.corpus import Utterance  # noqa: E402
 from mtser.featurestore.labels import CLASSES  # noqa: E402
 from mtser.featurestore.store import EncoderInfo, StoreWriter, create_store, open_store, register_encoder  # noqa: E402
 from mtser.trainer import data  # noqa: E402
+from mtser.trainer.config import load_config  # noqa: E402
 
 ENCODERS = {"wavlm": (1024, 50.0), "whisper": (1280, 50.0), "roberta": (1024, 3.0)}  # dim, frames per second
 CONFIG = Path(__file__).resolve().parent.parent / "configs"

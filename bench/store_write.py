@@ -179,9 +179,9 @@ def measure(code_root: Path, workdir: Path, minutes: float, batch_seconds: float
 
 LONG_CHILD = r"""
 import json, sys, time
-from mtser.config import load_config
 from mtser.featurestore.corpus import read_corpus
 from mtser.featurestore.extract import extract
+from mtser.trainer.config import load_config
 
 config, corpus, store = sys.argv[1:4]
 

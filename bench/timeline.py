@@ -66,7 +66,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 from extract import NaiveEncoders  # noqa: E402  (bench/extract.py: the encoders as the transformers docs show)
 from timing import alternated  # noqa: E402
 
-from mtser.config import TimelineConfig  # noqa: E402
+from mtser.featurestore.config import TimelineConfig  # noqa: E402
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES  # noqa: E402
 from mtser.featurestore.vad import VAD_RATE  # noqa: E402
 
@@ -79,7 +79,7 @@ ASR_TOKENS = 128                     # what `mtser predict` gives Whisper (Timel
 CHILD = r"""
 import json, sys, time
 import torch
-from mtser.config import TimelineConfig
+from mtser.featurestore.config import TimelineConfig
 from mtser.trainer.predict import EnsembleScorer
 from mtser.trainer.timeline import Timeline
 
@@ -120,10 +120,10 @@ def build_ensemble(work: Path, corpus: Path) -> tuple[Path, bool]:
     out = work / "ensemble"
     if (out / MANIFEST).is_file():
         return out, False
-    from mtser.config import load_config
     from mtser.demo import make_test_encoders
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
+    from mtser.trainer.config import load_config
     from mtser.trainer.loop import train
 
     for stale in ("encoders", "store", "train"):

@@ -57,9 +57,9 @@ from loader import ENCODERS, TINY_MODEL, write_store  # noqa: E402  (bench/loade
 from store_read import evict  # noqa: E402  (drops a folder's files from the page cache)
 from timing import alternated  # noqa: E402
 
-from mtser.config import load_config  # noqa: E402
 from mtser.featurestore.store import open_store  # noqa: E402
 from mtser.trainer import data  # noqa: E402
+from mtser.trainer.config import load_config  # noqa: E402
 
 CONFIGS = {"demo": BENCH.parent / "configs" / "demo.yaml", "paper": BENCH.parent / "configs" / "paper.yaml"}
 ENCODER_RECIPE = {"extract.encoders": [{"name": n, "kind": "speech", "model": f"bench/{n}"} for n in ENCODERS],

@@ -31,9 +31,9 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory, demo_corpus_dir: Path, 
     """The demo corpus extracted in-process with the test encoders (configs/demo.yaml); a store path, read-only."""
     from dataclasses import replace
 
-    from mtser.config import load_config
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
+    from mtser.trainer.config import load_config
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml").extract
     cfg.encoders = [replace(e, model=str(test_encoders_dir / e.name)) for e in cfg.encoders]

@@ -19,7 +19,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import load_config, to_dict
+from mtser.configio import to_dict
+from mtser.trainer.config import load_config
 from trainer_store import DIMS, one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,9 +54,10 @@ def store(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(store, tmp_path_factory) -> Path:
     """An untrained checkpoint of the small model on `store` (enough to load, match and evaluate)."""
-    from mtser.config import Config, from_dict
+    from mtser.configio import from_dict
     from mtser.featurestore.store import open_store
     from mtser.trainer.checkpoint import save_checkpoint
+    from mtser.trainer.config import Config
     from mtser.trainer.model import FusionModel
 
     cfg = from_dict(Config, small_config())
@@ -112,7 +114,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly_under_a_memory_cap(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines + ["extract: *a8", ""]))
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
-            "from mtser.config import ConfigError, load_config\n"
+            "from mtser.configio import ConfigError\nfrom mtser.trainer.config import load_config\n"
             "try:\n    load_config(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc); sys.exit(2)")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=60,
@@ -317,10 +319,11 @@ def test_a_huge_search_prints_its_plan_and_needs_yes(store, tmp_path):
 def test_cohorts_are_capped_by_the_memory_available(store, tmp_path):
     """cohort_memory_gb asks for 1 PB; each member (~1.3 GB) gets MEMORY_SHARE of the available memory shared among
     the cohorts that run at once, so a cohort holds fewer than the search's 100 points."""
-    from mtser.config import SearchConfig, from_dict
+    from mtser.configio import from_dict
     from mtser.featurestore.store import open_store
     from mtser.trainer.runs import RunFolder
-    from mtser.trainer.tune import MEMORY_SHARE, available_memory, concurrent_trials, plan_search
+    from mtser.trainer.search_config import SearchConfig
+    from mtser.trainer.search_plan import MEMORY_SHARE, available_memory, concurrent_trials, plan_search
 
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(_set(_set(small_config(), "model.proj_dim", 4096), "model.lstm_hidden", 2048)))

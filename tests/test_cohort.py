@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtser.config import AshaConfig, load_config
 from mtser.trainer import data
 from mtser.trainer.checkpoint import load_checkpoint
+from mtser.trainer.config import load_config
 from mtser.trainer.infer import evaluate
 from mtser.trainer.loop import Member, lr_factor, seed_everything, train_cohort
 from mtser.trainer.losses import build_loss
 from mtser.trainer.model import FusionModel
+from mtser.trainer.search_config import AshaConfig
 from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -132,7 +133,7 @@ def test_member_checkpoints_evaluate_to_the_recorded_metrics(store_url, tmp_path
 
 
 def test_members_must_share_architecture_and_batch_stream(store_url, tmp_path):
-    from mtser.config import ConfigError
+    from mtser.configio import ConfigError
 
     with pytest.raises(ConfigError, match="one architecture per cohort"):
         train_cohort([Member("a", config(), tmp_path / "a"),
@@ -228,8 +229,8 @@ def test_float16_loss_scaling_keeps_members_independent():
     `torch.amp.GradScaler` on a model alone (same scales, same skipped step). Device-independent: runs on the CPU."""
     import copy
 
-    from mtser.config import LossConfig
     from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+    from mtser.trainer.config import LossConfig
 
     cfg = config(model__dropout=0.0).model
     torch.manual_seed(0)

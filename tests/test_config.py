@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from mtser.config import ConfigError, SearchConfig, load_config, load_yaml_as
+from mtser.configio import ConfigError, load_yaml_as
+from mtser.trainer.config import load_config
+from mtser.trainer.search_config import SearchConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -15,11 +15,11 @@ import s3fs
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import load_config
 from mtser.featurestore.audio import AudioError, audio_duration, load_audio
 from mtser.featurestore.corpus import CorpusError, read_corpus
 from mtser.featurestore.extract import extract
 from mtser.featurestore.store import open_store
+from mtser.trainer.config import load_config
 from test_encoders import F16
 
 
@@ -113,7 +113,7 @@ def test_extraction_fetches_only_the_audio_it_encodes(demo_corpus_dir: Path, tes
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing is downloaded up front: of a corpus on S3, a two-utterance extraction reads those two files whole
     (once each) and at most headers of them for planning; the other audio in the bucket is never fetched."""
-    from mtser.config import EncoderConfig, ExtractConfig
+    from mtser.featurestore.config import EncoderConfig, ExtractConfig
     from mtser.featurestore.files import CorpusFiles
 
     s3.put(str(demo_corpus_dir / "Audios"), f"{s3_bucket}/c/Audios", recursive=True)

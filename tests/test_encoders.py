@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer, WhisperForConditionalGeneration
 
-from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import load_audio
+from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.corpus import Utterance, read_corpus
 from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder, length_batches, load_encoder
 from mtser.featurestore.pipeline import Pipeline, encode_utterances
@@ -216,7 +216,9 @@ def test_only_an_inner_layer_asks_the_model_for_every_hidden_state(test_encoders
 
 
 def test_compute_dtype_default_explicit_bfloat16_on_cpu_and_validation(test_encoders_dir, utterances, tmp_path):
-    from mtser.config import ConfigError, load_config, resolve_compute_dtype
+    from mtser.configio import ConfigError
+    from mtser.featurestore.config import resolve_compute_dtype
+    from mtser.trainer.config import load_config
 
     base = EncoderConfig("wavlm", "speech", str(test_encoders_dir / "wavlm"))
     assert resolve_compute_dtype(base, "cpu") == "float32" and resolve_compute_dtype(base, "cuda:0") == "bfloat16"
@@ -244,7 +246,7 @@ def test_pickled_encoder_weights_load_only_when_the_user_opts_in(test_encoders_d
                                                                  model):
     import shutil
 
-    from mtser.config import ConfigError
+    from mtser.configio import ConfigError
     from mtser.featurestore.encoders import ALLOW_PICKLE_ENV
 
     pickled = tmp_path / model

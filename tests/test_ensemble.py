@@ -11,9 +11,9 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import EnsembleConfig, MemberSelector, load_config
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.featurestore.store import open_store
+from mtser.trainer.config import EnsembleConfig, MemberSelector, load_config
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.ensemble import EnsembleError, select_members
 from mtser.trainer.infer import evaluate

@@ -20,11 +20,11 @@ import yaml
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import load_config
 from mtser.featurestore.audio import load_audio
 from mtser.featurestore.corpus import read_corpus
 from mtser.featurestore.extract import extract
 from mtser.featurestore.store import StoreError, open_store, part_state
+from mtser.trainer.config import load_config
 from test_encoders import F16, DirectReference
 
 MTSER = str(Path(sys.executable).with_name("mtser"))

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 
-from mtser.config import load_config
 from mtser.featurestore.corpus import read_corpus
 from mtser.featurestore.extract import extract
 from mtser.featurestore.pipeline import encode_utterances
 from mtser.featurestore.store import open_store
+from mtser.trainer.config import load_config
 from test_encoders import F16
 
 

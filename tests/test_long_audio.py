@@ -18,13 +18,15 @@ import yaml
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import ConfigError, EncoderConfig, ExtractConfig, load_config
+from mtser.configio import ConfigError
 from mtser.featurestore.audio import load_audio
+from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.corpus import Utterance, read_corpus
 from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder
 from mtser.featurestore.extract import plan_shards
 from mtser.featurestore.pipeline import encode_utterances
 from mtser.featurestore.store import open_store
+from mtser.trainer.config import load_config
 
 SR = 16000
 
@@ -173,7 +175,7 @@ def test_windowing_enters_shard_ids_only_for_shards_with_a_longer_utterance(test
 
 CAPPED = textwrap.dedent("""
     import json, resource, sys
-    from mtser.config import EncoderConfig, ExtractConfig
+    from mtser.featurestore.config import EncoderConfig, ExtractConfig
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
     from mtser.featurestore.store import open_store

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtser.config import ConfigError, LossConfig
+from mtser.configio import ConfigError
+from mtser.trainer.config import LossConfig
 from mtser.trainer.losses import (build_loss, class_weights_from_counts, gaussian_penalty_mse, masked_mse,
                                   weighted_cross_entropy)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtser.config import ModelConfig, load_config
+from mtser.trainer.config import ModelConfig, load_config
 from mtser.trainer.data import pad
 from mtser.trainer.model import AttentiveStatsPooling, FusionModel, MeanPooling, count_parameters, tanh_linear
 

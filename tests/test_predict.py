@@ -105,7 +105,7 @@ def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(te
 
     import numpy as np
 
-    from mtser.config import EncoderConfig, ExtractConfig
+    from mtser.featurestore.config import EncoderConfig, ExtractConfig
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
     from mtser.featurestore.pipeline import encode_utterances

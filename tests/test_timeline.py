@@ -15,7 +15,8 @@ import soundfile
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
-from mtser.config import ConfigError, TimelineConfig, from_dict
+from mtser.configio import ConfigError, from_dict
+from mtser.featurestore.config import TimelineConfig
 from mtser.featurestore.vad import VAD_RATE, VAD_WINDOW, Span, SpeechActivity, cut_segments, plan_segments
 from search_support import finished_run, ray_module  # noqa: F401 (fixtures)
 
@@ -324,8 +325,8 @@ def test_workers_commit_files_to_s3_and_write_segment_features_to_a_store(ensemb
 
     import s3fs
 
-    from mtser.featurestore.pipeline import Loaded
     from mtser.featurestore.corpus import Utterance
+    from mtser.featurestore.pipeline import Loaded
     from mtser.featurestore.store import open_store
 
     out, store = f"s3://{s3_bucket}/timeline", f"s3://{s3_bucket}/segments.zarr"

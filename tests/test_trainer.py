@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mtser.config import Config, ConfigError, from_dict, load_config, to_dict
+from mtser.configio import ConfigError, from_dict, to_dict
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtser.trainer.config import Config, load_config
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.infer import evaluate, predict
 from mtser.trainer.loop import finetune_config, lr_factor, train

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtser.config import load_config
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.trainer.config import load_config
 from mtser.trainer.infer import evaluate
 from mtser.trainer.loop import train
 from mtser.trainer.metrics import LabelArrays, summarize

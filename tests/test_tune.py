@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.trainer.checkpoint import read_sidecar
-from mtser.config import TrialResources
 from mtser.trainer.runs import RESULT_COLUMNS
-from mtser.trainer.tune import prepare_run, run_search, stage2_specs, trial_resources
+from mtser.trainer.search_config import TrialResources
+from mtser.trainer.grid import group_cohorts, stage1_specs, stage2_specs
+from mtser.trainer.tune import prepare_run, run_search, trial_resources
 from search_support import REPO, TINY, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
 
 
@@ -111,7 +112,8 @@ def test_asha_stopped_trials_count_as_finished(demo_store, tmp_path, ray_module)
 
 
 def test_stage2_specs_pick_parents_by_task_metric(tmp_path):
-    from mtser.config import SearchConfig, load_yaml_as
+    from mtser.configio import load_yaml_as
+    from mtser.trainer.search_config import SearchConfig
 
     search = load_yaml_as(write_grid(tmp_path / "grid.yaml", sigma=[None, 5.0], dim_parents=2), SearchConfig)
     stage1 = pd.DataFrame({
@@ -124,15 +126,16 @@ def test_stage2_specs_pick_parents_by_task_metric(tmp_path):
         ("cat-base__q", "cat", None, "/c/q"),
         ("dim_mse__r", "dim", None, "/c/r"), ("dim_s5__r", "dim", 5.0, "/c/r"),
         ("dim_mse__p", "dim", None, "/c/p"), ("dim_s5__p", "dim", 5.0, "/c/p")]
-    assert specs[0].schedule["select_metric"] == "f1" and specs[0].config["model"]["pooling"] == "asp"
-    assert specs[2].config["loss"]["sigma"] == 5.0 and specs[2].schedule["select_metric"] == "ccc_mean"
-    assert specs[1].config["model"]["pooling"] == "mean" and specs[1].schedule["task"] == "dim"
+    assert specs[0].schedule.select_metric == "f1" and specs[0].config.model.pooling == "asp"
+    assert specs[2].config.loss.sigma == 5.0 and specs[2].schedule.select_metric == "ccc_mean"
+    assert specs[1].config.model.pooling == "mean" and specs[1].schedule.task == "dim"
 
 
 def test_stage2_runs_the_papers_variants_and_parents_per_pooling(tmp_path):
     """cat_variants become members with their own lr / class weights; dim parents are the best per pooling,
     among the points whose parent_for allows it."""
-    from mtser.config import SearchConfig, load_yaml_as
+    from mtser.configio import load_yaml_as
+    from mtser.trainer.search_config import SearchConfig
 
     points = [{"alpha": 0.5, "beta": 1.0, "pooling": "asp", "parent_for": ["cat"]},
               {"alpha": 1.0, "beta": 1.0, "pooling": "asp", "parent_for": ["dim"]},
@@ -153,24 +156,24 @@ def test_stage2_runs_the_papers_variants_and_parents_per_pooling(tmp_path):
     # cat: the best by F1 among the cat-allowed points (a1_b1_asp has a higher F1 but is a dim parent only)
     cat = [s for s in specs if s.task == "cat"]
     assert [s.name for s in cat] == ["cat-lr1e-5__a0.5_b1_asp", "cat-lr1e-6__a0.5_b1_asp", "cat-confusion__a0.5_b1_asp"]
-    assert [s.schedule["lr"] for s in cat] == [1e-5, 1e-6, 1e-5]
-    assert [s.schedule["epochs"] for s in cat] == [2, 2, 2]              # TINY's finetune.cat.epochs
-    assert [s.config["loss"]["class_weights"] for s in cat] == ["auto", "auto", "confusion"]
+    assert [s.schedule.lr for s in cat] == [1e-5, 1e-6, 1e-5]
+    assert [s.schedule.epochs for s in cat] == [2, 2, 2]                 # TINY's finetune.cat.epochs
+    assert [s.config.loss.class_weights for s in cat] == ["auto", "auto", "confusion"]
     # dim: the best ASP and the best mean point by mean CCC that may be dim parents (the cat-only points score
     # higher), each with every sigma
-    dim = [(s.name, s.sigma, s.schedule["select_metric"]) for s in specs if s.task == "dim"]
+    dim = [(s.name, s.sigma, s.schedule.select_metric) for s in specs if s.task == "dim"]
     assert dim == [("dim_s3__a1_b1_asp", 3.0, "ccc_mean"), ("dim_mse__a1_b1_asp", None, "ccc_mean"),
                    ("dim_s3__a0.5_b1_mean", 3.0, "ccc_mean"), ("dim_mse__a0.5_b1_mean", None, "ccc_mean")]
-    from mtser.trainer.tune import group_cohorts
     cohorts = group_cohorts(specs, lambda s: 8)     # the lr variants share one cohort (lr is per member)
     assert [(c.name, len(c.members)) for c in cohorts] == [("cat__a0.5_b1_asp-c0", 3), ("dim__a1_b1_asp-c0", 2),
                                                            ("dim__a0.5_b1_mean-c0", 2)]
 
 
 def test_grid_points_group_into_cohorts_by_architecture_schedule_and_parent(demo_store, tmp_path):
-    from mtser.config import SearchConfig, load_yaml_as
+    from mtser.configio import load_yaml_as
     from mtser.featurestore.store import open_store
-    from mtser.trainer.tune import auto_cohort_size, group_cohorts, stage1_specs
+    from mtser.trainer.search_config import SearchConfig
+    from mtser.trainer.search_plan import auto_cohort_size
 
     search = load_yaml_as(write_grid(tmp_path / "grid.yaml", alpha=[0.25, 0.5, 1.0], beta=[0.5, 1.0]), SearchConfig)
     base = REPO / "configs" / "demo.yaml"

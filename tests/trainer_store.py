@@ -75,9 +75,9 @@ def random_checkpoint(path: Path, store_url: str, encoders: list[str], seed: int
     sidecar records the store's provenance as a trained one does; its path."""
     import dataclasses
 
-    from mtser.config import load_config
     from mtser.featurestore.store import open_store
     from mtser.trainer.checkpoint import save_checkpoint
+    from mtser.trainer.config import load_config
     from mtser.trainer.model import FusionModel
 
     store = open_store(store_url)

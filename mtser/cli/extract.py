@@ -45,12 +45,13 @@ def extract(
     Exit code 0: all written; 1: some utterances failed (the rest are written; see the store's failures table);
     2: usage or config error.
     """
-    from mtser.config import ConfigError, load_config
+    from mtser.configio import ConfigError
     from mtser.featurestore.corpus import CorpusError, read_corpus
     from mtser.featurestore.encoders import check_models
     from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
+    from mtser.trainer.config import load_config
 
     options = parse_storage_options(storage_options)
     wanted = [s.strip() for item in (splits or []) for s in item.split(",") if s.strip()]

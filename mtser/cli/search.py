@@ -27,7 +27,7 @@ def tune(
     the node's cache ($MTSER_CACHE_DIR, default ~/.cache/mtser); the trials there read that copy."""
     import pandas as pd
 
-    from mtser.config import ConfigError
+    from mtser.configio import ConfigError
     from mtser.trainer.runs import RunFolder
     from mtser.trainer.tune import SearchError, run_search
 
@@ -67,10 +67,10 @@ def ensemble(
     """The paper's ensembles: the best Task-1 fine-tuning(s) for classes; per attribute the best Task-2 fine-tunings
     plus the recipe's forced members and any --extra-member files. Prints metrics (ours and challenge-comparable),
     writes challenge CSVs and a manifest."""
+    from mtser.configio import ConfigError
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
     from mtser.trainer.checkpoint import CheckpointError
-    from mtser.config import ConfigError
     from mtser.trainer.ensemble import (EnsembleError, build_ensemble, coverage_line, metrics_table,
                                         missing_external_lines, parse_extra_members)
     from mtser.trainer.runs import RunError
@@ -128,7 +128,7 @@ def predict(
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance (per
     file, or per segment over time with --timeline)."""
-    from mtser.config import ConfigError
+    from mtser.configio import ConfigError
     from mtser.trainer.checkpoint import CheckpointError
     from mtser.trainer.ensemble import EnsembleError
 
@@ -171,7 +171,8 @@ def predict(
 
 def _timeline(inputs: list[str], ensemble: str, out: str | None, device: str, skip_external: bool,
               options: dict | None, workers: int, address: str | None, store: str | None, **settings) -> None:
-    from mtser.config import ConfigError, TimelineConfig, from_dict
+    from mtser.configio import ConfigError, from_dict
+    from mtser.featurestore.config import TimelineConfig
     from mtser.trainer.timeline import TimelineError, predict_timeline, status_line
 
     if not out:

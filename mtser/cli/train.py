@@ -35,7 +35,7 @@ def _fail(message: str, code: int) -> CliError:
 
 def _overrides(pairs: list[str]) -> dict:
     """`key=value` pairs, values parsed as YAML (numbers, null, lists); ConfigError names a bad one."""
-    from mtser.config import parse_yaml
+    from mtser.configio import parse_yaml
 
     out = {}
     for pair in pairs:
@@ -65,7 +65,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _run(train_call) -> None:
     """Run a training call, turning known errors into messages and exit codes (2: config, 1: data/store)."""
-    from mtser.config import ConfigError
+    from mtser.configio import ConfigError
     from mtser.featurestore.store import StoreError
     from mtser.trainer.checkpoint import CheckpointError
 
@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
         storage_options: str = STORAGE_OPTIONS,
     ) -> None:
         """Stage 1: multi-task pre-training on the store's Train split, selected on Development."""
-        from mtser.config import ConfigError, load_config
+        from mtser.configio import ConfigError
+        from mtser.trainer.config import load_config
         from mtser.trainer.loop import train
 
         try:
@@ -121,8 +122,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage 2: fine-tune a stage-1 checkpoint for one task, with that task's schedule (finetune.cat or
         finetune.dim)."""
-        from mtser.config import Config, ConfigError, apply_override, from_dict, load_config, to_dict
+        from mtser.configio import ConfigError, apply_override, from_dict, to_dict
         from mtser.trainer.checkpoint import CheckpointError, read_sidecar
+        from mtser.trainer.config import Config, load_config
         from mtser.trainer.loop import finetune_config, train
 
         if task not in ("cat", "dim"):
@@ -168,7 +170,7 @@ def register(app: typer.Typer) -> None:
         """Score a checkpoint on a split: macro-F1 over 8 classes, CCC per attribute and their mean."""
         import json
 
-        from mtser.config import ConfigError
+        from mtser.configio import ConfigError
         from mtser.featurestore.labels import SPLITS
         from mtser.featurestore.store import StoreError
         from mtser.trainer.checkpoint import CheckpointError

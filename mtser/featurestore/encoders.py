@@ -31,7 +31,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from mtser.config import ConfigError, EncoderConfig, model_candidates, resolve_compute_dtype
+from mtser.configio import ConfigError
+from mtser.featurestore.config import EncoderConfig, model_candidates, resolve_compute_dtype
 
 WHISPER_WINDOW_S = 30
 WHISPER_SAMPLES_PER_FRAME = 320

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from mtser import __version__
-from mtser.config import ExtractConfig, resolve_compute_dtype, to_dict
+from mtser.configio import to_dict
 from mtser.featurestore.audio import audio_durations
 from mtser.featurestore.claims import holder_of
+from mtser.featurestore.config import ExtractConfig, resolve_compute_dtype
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import content_hash, encoder_dim_and_rate
 from mtser.featurestore.files import CorpusFiles
@@ -209,7 +210,7 @@ def _where(pid: int, node: str | None) -> str:
 
 
 def _extract_config(data: dict) -> ExtractConfig:
-    from mtser.config import from_dict
+    from mtser.configio import from_dict
 
     return from_dict(ExtractConfig, data)
 

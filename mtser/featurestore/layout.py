@@ -56,7 +56,7 @@ class EncoderInfo:
     compression: str              # "none" | "zstd"
     sample_rate: int
     mtser_version: str
-    config: dict                  # mtser.config.to_dict(EncoderConfig) the features were extracted with
+    config: dict                  # mtser.configio.to_dict(EncoderConfig) the features were extracted with
     compute_dtype: str = "float32"  # the forward pass's dtype: "float32" | "bfloat16" | "float16" (older stores:
                                     # float32, the only one mtser computed in before)
 

@@ -19,8 +19,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from mtser.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.audio import AudioError, augment as augment_wave, augmentation_rng, load_audio
+from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.encoders import (
     Piece, SpeechEncoder, TextEncoder, WhisperEncoder, load_encoder, run_batched,

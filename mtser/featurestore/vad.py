@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtser.config import TimelineConfig
+from mtser.featurestore.config import TimelineConfig
 
 VAD_WINDOW = 512           # samples per Silero VAD decision at 16 kHz (32 ms)
 VAD_RATE = 16000

@@ -20,9 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from mtser.config import MAX_SHOWN, Config, ConfigError, ModelConfig, from_dict, shown, to_dict
+from mtser.configio import MAX_SHOWN, ConfigError, from_dict, shown, to_dict
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
+from mtser.trainer.config import Config, ModelConfig
 from mtser.trainer.model import FusionModel
 from mtser.trainer.runs import write_atomic
 

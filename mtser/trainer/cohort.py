@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtser.config import ModelConfig
+from mtser.trainer.config import ModelConfig
 from mtser.trainer.model import GEMM_ROWS, Features, FusionModel, attention_moments, head_outputs, tanh_linear
 
 

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtser.config import EnsembleConfig, MemberSelector, shown
+from mtser.configio import shown
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
+from mtser.trainer.config import EnsembleConfig, MemberSelector
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
 from mtser.trainer.runs import FINISHED, RunFolder, as_run, load_results, load_search_record
@@ -318,7 +319,7 @@ def _merge_previous(previous: dict[str, Any] | None, manifest: dict[str, Any]) -
 
 def configured_ensemble(run_dir: RunFolder | str | Path) -> EnsembleConfig:
     """The `ensemble` section of the search's recipe, with the search's overrides."""
-    from mtser.config import load_config
+    from mtser.trainer.config import load_config
 
     record = load_search_record(run_dir)
     return load_config(record["base"], record["search"].get("overrides") or {}).ensemble

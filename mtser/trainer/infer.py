@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtser.config import ConfigError
+from mtser.configio import ConfigError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint

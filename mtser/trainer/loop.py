@@ -24,14 +24,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mtser.config import AshaConfig, Config, ConfigError, TrainConfig
+from mtser.configio import ConfigError
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_sidecar
 from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+from mtser.trainer.config import Config, TrainConfig
 from mtser.trainer.infer import Precision, check_store_matches, open_if_url, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
 from mtser.trainer.metrics import computable, confusion_matrix, summarize
 from mtser.trainer.model import FusionModel
+from mtser.trainer.search_config import AshaConfig
 
 Stage = Literal["pretrain", "finetune"]
 Status = Literal["running", "complete", "stopped", "failed"]

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtser.config import ConfigError, LossConfig
+from mtser.configio import ConfigError
 from mtser.featurestore.labels import CLASSES
+from mtser.trainer.config import LossConfig
 
 Task = Literal["multi", "cat", "dim"]
 

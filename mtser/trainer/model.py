@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtser.config import ModelConfig
 from mtser.featurestore.labels import ATTRIBUTES, ATTRIBUTE_RANGE, CLASSES
 from mtser.trainer import native
+from mtser.trainer.config import ModelConfig
 
 Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B, T, D), mask (B, T) True = frame)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtser.config import EncoderConfig, from_dict
+from mtser.configio import from_dict
+from mtser.featurestore.config import EncoderConfig
 from mtser.featurestore.corpus import Utterance
 from mtser.trainer.ensemble import (EnsembleError, Predictions, combine, external_members, load_manifest, member_key,
                                     prediction_table, without_external)

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 import numpy as np
 import pandas as pd
 
-from mtser.config import ExtractConfig, TimelineConfig, to_dict
+from mtser.configio import to_dict
+from mtser.featurestore.config import ExtractConfig, TimelineConfig
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, CLASSES
 from mtser.featurestore.vad import VAD_RATE, Span

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from mtser.config import TimelineConfig
+from mtser.featurestore.config import TimelineConfig
 from mtser.trainer.timeline import FileResult
 
 MAX_FILE_ATTEMPTS = 3           # runs of one file whose worker keeps dying before it is reported failed
