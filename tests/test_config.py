@@ -1,11 +1,18 @@
 """Config files load into typed dataclasses; bad keys and values are errors that name the key."""
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mtser.configio import ConfigError, load_yaml_as
-from mtser.trainer.config import load_config
-from mtser.trainer.search_config import SearchConfig
+from mtser.featurestore.config import EncoderConfig, ExtractConfig
+from mtser.trainer.config import (
+    CatFinetuneConfig, DimFinetuneConfig, LossConfig, ModelConfig, TrainConfig, load_config,
+)
+from mtser.trainer.search_config import AshaConfig, SearchConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -107,3 +114,38 @@ def test_search_rejects_all_zero_weights(tmp_path):
     grid.write_text("base: paper.yaml\nalpha: [0]\nbeta: [0]\npooling: [asp]\nsigma: [null]\n")
     with pytest.raises(ConfigError, match="both weights 0"):
         load_yaml_as(grid, SearchConfig)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TrainConfig(batch_size=0), "batch_size: must be >= 1, got 0"),
+    (lambda: CatFinetuneConfig(lr=1e-9, min_lr=1e-7), "lr/min_lr: need 0 <= min_lr <= lr"),
+    (lambda: LossConfig(alpha=0.0, beta=0.0), "alpha/beta: need non-negative and not both 0"),
+    (lambda: ModelConfig(dropout=1.0), "dropout: must be in [0, 1)"),
+    (lambda: EncoderConfig("w", "speech", "x", layer=3, mean_last_k=2), "mean_last_k: cannot be combined with layer=3"),
+    (lambda: ExtractConfig([EncoderConfig("w", "speech", "x")] * 2), "encoders: duplicate encoder names ['w', 'w']"),
+    (lambda: AshaConfig(reduction_factor=1), "reduction_factor: must be >= 2, got 1"),
+])
+def test_each_section_validates_itself_when_built_directly(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(message)
+
+
+def test_a_nested_section_error_names_the_full_key(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: paper.yaml\nalpha: [1]\nbeta: [1]\npooling: [asp]\nasha: {grace_period: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml_as(grid, SearchConfig)
+    assert str(err.value) == f"{grid}: asha.grace_period: must be >= 1, got 0"
+
+
+def test_recipes_pickle_by_reference_and_the_store_config_needs_no_trainer():
+    """Ray ships configs to trials by pickle (the stage-2 schedule types are built by a factory); the feature store's
+    config imports neither the trainer nor torch nor Ray."""
+    cfg = load_config(CONFIGS / "paper.yaml")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and type(cfg.finetune.dim) is DimFinetuneConfig
+    code = ("import sys, mtser.featurestore.config\n"
+            "print(sorted(m for m in ('mtser.trainer', 'torch', 'ray', 'pydantic') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
