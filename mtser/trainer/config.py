@@ -116,8 +116,8 @@ DimFinetuneConfig = _stage2_schedule("dim", "ccc_mean", 30, 5e-6,
 class FinetuneConfig:
     """Stage 2: one full schedule per task (`mtser finetune --task cat|dim` and the search take the task's)."""
 
-    cat: CatFinetuneConfig = field(default_factory=CatFinetuneConfig)  # type: ignore[valid-type]
-    dim: DimFinetuneConfig = field(default_factory=DimFinetuneConfig)  # type: ignore[valid-type]
+    cat: CatFinetuneConfig = field(default_factory=CatFinetuneConfig)
+    dim: DimFinetuneConfig = field(default_factory=DimFinetuneConfig)
 
 
 @dataclass
