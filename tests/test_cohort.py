@@ -155,9 +155,13 @@ def test_a_mixed_task_cohort_gives_each_member_only_its_tasks_targets(tmp_path):
                          dominance=4.0), {"a": rng.normal(size=(5, 12)), "b": rng.normal(size=(5, 8))})
     writer.commit()
     store = open_store(url)
-    cohort = setup_data([Member("multi", config(), tmp_path / "m"),
-                         Member("dim", config(train__task="dim", train__select_metric="ccc_mean"), tmp_path / "d")], store)
+    multi, dim = (Member("multi", config(), tmp_path / "m"),
+                  Member("dim", config(train__task="dim", train__select_metric="ccc_mean"), tmp_path / "d"))
+    cohort, reordered = setup_data([multi, dim], store), setup_data([dim, multi], store)
     assert "partial.wav" in cohort.train_pool
+    # the batch stream draws from the task pools in the members' order, whatever the interpreter's hash seed
+    assert cohort.train_pool == list(dict.fromkeys(cohort.pools["multi"] + cohort.pools["dim"]))
+    assert reordered.train_pool == list(dict.fromkeys(cohort.pools["dim"] + cohort.pools["multi"])) != cohort.train_pool
     batch = data.BatchReader(store, ["a", "b"], np.float32)(["partial.wav", "Train_0001.wav"])
     classes, attributes = cohort.targets("multi", batch)
     assert classes[0] == batch.classes[0] >= 0 and attributes[0, 0] == 5.0

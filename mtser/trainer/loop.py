@@ -7,9 +7,9 @@ scored for all members. A member ends as `complete` (all epochs), `stopped` (suc
 `failed` (`nonfinite_patience` consecutive non-finite losses); ended members leave the fused tensors. Every member
 writes what a model trained alone writes: <out>/best (its best Development checkpoint) and <out>/history.csv.
 
-`train_cohort` sets up (`_setup_data`, `_setup_model`, `_setup_optimizer`), then runs the loop: per epoch, per
-batch the forward, the members' losses and their step; after the epoch `evaluate_and_save` and `halve`. All a
-member's state is one `MemberState`, which knows the member's position in the fused model.
+`train_cohort` sets up (`setup.setup_data`, `setup_model`, `setup_optimizer`), then runs the loop: per epoch, per
+batch the forward, the members' losses and their step; after the epoch `evaluate_and_save` and `halve`. All of a
+member's state is one `MemberState`, which holds the member's position in the fused model.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     setup = setup_model(members, store, cd)
     model, states = setup.model, _member_states(members, setup, cd)
     optimizer = setup_optimizer(model, [s.tc for s in states], cd)
-    tc, total_steps, step = cd.tc, cd.tc.epochs * cd.steps_per_epoch, 0
+    tc, step = cd.tc, 0
     milestones = halving_milestones(halving, tc.epochs)
     for epoch in range(1, tc.epochs + 1):
         running = [s for s in states if s.running]
@@ -203,7 +203,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                 logits, attrs = model(batch.features)
             losses = torch.stack([s.loss(logits[s.index], attrs[s.index], *cd.targets(s.tc.task, batch))
                                   for s in running])
-            finite = optimizer.step(model, losses, [s.lr(step, total_steps) for s in running])
+            finite = optimizer.step(model, losses, [s.lr(step, cd.total_steps) for s in running])
             step += 1
             failed = _count_step(running, losses, finite, len(batch.ids), epoch, step)
             if failed:
@@ -217,7 +217,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
         train_seconds = time.perf_counter() - started
         if running:
             timing = {"data_wait_fraction": batches.waited / train_seconds, "train_seconds": train_seconds}
-            reports += evaluate_and_save(model, cd, running, epoch, [s.lr(step, total_steps) for s in running],
+            reports += evaluate_and_save(model, cd, running, epoch, [s.lr(step, cd.total_steps) for s in running],
                                          timing, cohort_size=len(states))
             if epoch in milestones and len(running) > 1:
                 reports = halve(model, optimizer, running, reports, halving.reduction_factor)

@@ -70,6 +70,10 @@ class CohortData:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.tc.samples_per_epoch / self.tc.batch_size)
 
+    @property
+    def total_steps(self) -> int:
+        return self.tc.epochs * self.steps_per_epoch
+
     def epoch_batches(self, epoch: int) -> data.WaitClock:
         """The epoch's training batches, read ahead in the background, timing the waits for them."""
         tc = self.tc
