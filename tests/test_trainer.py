@@ -216,6 +216,18 @@ def test_history_csv_is_replaced_whole_each_epoch(store_url, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "history.csv"]
 
 
+def test_training_does_not_import_inference():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, mtser.trainer.loop, mtser.trainer.tune, mtser.trainer.cohort; "
+            "print('mtser.trainer.infer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "False"
+
+
 def test_finetune_rejects_a_different_model(trained, store_url, tmp_path):
     cfg = finetune_config(small_config(model__proj_dim=16), "cat")
     with pytest.raises(CheckpointError, match="differs from the config"):

@@ -144,6 +144,8 @@ def _union(pools: Iterable[list[str]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelSetup:
+    """What `setup_model` gives, in the members' order."""
+
     model: CohortModel                    # the members' initial models fused, on the device
     losses: list[RecipeLoss]              # per member
     best_models: list[FusionModel]        # per member, to hold its best epoch's weights (made here: a model's
