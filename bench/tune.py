@@ -146,7 +146,7 @@ class StepBench:
     def __init__(self, store_url: str, setup: Setup, k: int, steps: int, pooling: str = "asp"):
         import torch
 
-        from mtser.trainer.infer import Precision
+        from mtser.trainer.device import Precision
         from mtser.trainer.losses import build_loss
         from mtser.trainer.model import FusionModel
 

@@ -12,10 +12,11 @@ from mtser.trainer import data
 from mtser.trainer.checkpoint import load_checkpoint
 from mtser.trainer.config import load_config
 from mtser.trainer.infer import evaluate
-from mtser.trainer.loop import Member, lr_factor, seed_everything, train_cohort
+from mtser.trainer.loop import Member, lr_factor, train_cohort
 from mtser.trainer.losses import build_loss
 from mtser.trainer.model import FusionModel
 from mtser.trainer.search_config import AshaConfig
+from mtser.trainer.setup import seed_everything
 from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -146,7 +147,7 @@ def test_members_must_share_architecture_and_batch_stream(store_url, tmp_path):
 def test_a_mixed_task_cohort_gives_each_member_only_its_tasks_targets(tmp_path):
     from mtser.featurestore.corpus import Utterance
     from mtser.featurestore.store import StoreWriter, open_store
-    from mtser.trainer.loop import _Cohort
+    from mtser.trainer.setup import setup_data
 
     url = write_synthetic_store(tmp_path / "s.zarr", n_train=40, n_dev=24)
     writer = StoreWriter(url, "part-partial")          # arousal known, valence unknown: multi trains on it, dim not
@@ -155,13 +156,17 @@ def test_a_mixed_task_cohort_gives_each_member_only_its_tasks_targets(tmp_path):
                          dominance=4.0), {"a": rng.normal(size=(5, 12)), "b": rng.normal(size=(5, 8))})
     writer.commit()
     store = open_store(url)
-    cohort = _Cohort([Member("multi", config(), tmp_path / "m"),
-                      Member("dim", config(train__task="dim", train__select_metric="ccc_mean"), tmp_path / "d")], store)
+    multi, dim = (Member("multi", config(), tmp_path / "m"),
+                  Member("dim", config(train__task="dim", train__select_metric="ccc_mean"), tmp_path / "d"))
+    cohort, reordered = setup_data([multi, dim], store), setup_data([dim, multi], store)
     assert "partial.wav" in cohort.train_pool
+    # the batch stream draws from the task pools in the members' order, whatever the interpreter's hash seed
+    assert cohort.train_pool == list(dict.fromkeys(cohort.pools["multi"] + cohort.pools["dim"]))
+    assert reordered.train_pool == list(dict.fromkeys(cohort.pools["dim"] + cohort.pools["multi"])) != cohort.train_pool
     batch = data.BatchReader(store, ["a", "b"], np.float32)(["partial.wav", "Train_0001.wav"])
-    classes, attributes = cohort.member_targets(0, batch)
+    classes, attributes = cohort.targets("multi", batch)
     assert classes[0] == batch.classes[0] >= 0 and attributes[0, 0] == 5.0
-    classes, attributes = cohort.member_targets(1, batch)
+    classes, attributes = cohort.targets("dim", batch)
     assert classes[0] == -1 and torch.isnan(attributes[0]).all()
     assert torch.equal(attributes[1], batch.attributes[1])
 

@@ -201,6 +201,34 @@ def test_an_unreadable_utterance_is_skipped_not_fatal(tmp_path):
     assert list(meta["unreadable_utterances"]) == ["bad.wav"] and "bad.wav" in meta["unreadable_utterances"]["bad.wav"]
 
 
+def test_history_csv_is_replaced_whole_each_epoch(store_url, tmp_path):
+    """A reader that opened history.csv after epoch 1 still reads epoch 1's complete file after epoch 2: each epoch's
+    file is written aside and renamed over the old one, never rewritten in place; no temporary file stays behind."""
+    opened = []
+
+    def on_epoch(epoch, row, best_dir):
+        if epoch == 1:
+            opened.append(open(tmp_path / "history.csv"))
+
+    result = train(small_config(train__epochs=2, train__samples_per_epoch=64), store_url, tmp_path, on_epoch=on_epoch)
+    with opened[0] as first:
+        assert pd.read_csv(first)["epoch"].tolist() == [1]
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [row["epoch"] for row in result.history] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "history.csv"]
+
+
+def test_training_does_not_import_inference():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, mtser.trainer.loop, mtser.trainer.tune, mtser.trainer.cohort; "
+            "print('mtser.trainer.infer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "False"
+
+
 def test_finetune_rejects_a_different_model(trained, store_url, tmp_path):
     cfg = finetune_config(small_config(model__proj_dim=16), "cat")
     with pytest.raises(CheckpointError, match="differs from the config"):

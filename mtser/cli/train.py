@@ -174,7 +174,8 @@ def register(app: typer.Typer) -> None:
         from mtser.featurestore.labels import SPLITS
         from mtser.featurestore.store import StoreError
         from mtser.trainer.checkpoint import CheckpointError
-        from mtser.trainer.infer import coverage, evaluate, open_if_url
+        from mtser.trainer.data import open_if_url
+        from mtser.trainer.infer import coverage, evaluate
 
         if split not in SPLITS:
             raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)

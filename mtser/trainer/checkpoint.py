@@ -3,9 +3,10 @@ label map, store provenance, metrics, and `sha256`: the SHA-256 of each weights 
 needs no store; it reads a local directory or any fsspec URL (s3://bucket/run/stage1/<trial>/best) straight into
 memory, checks the weights' SHA-256 against the sidecar (a checkpoint written before it was recorded loads with one
 warning) and refuses non-finite weights. Saving writes a local directory (a search on an object store uploads it
-through `runs.RunFolder`)."""
+through `runs.RunFolder`). `check_store_matches`: does a store hold the features a checkpoint was trained on."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -216,3 +217,19 @@ def _check_sha256(path: str | Path, meta: dict, raw: bytes) -> None:
 def _warn_unverified(path: str) -> None:
     log.warning("%s: %s records no SHA-256 of its weights (written by an older mtser); loaded unverified",
                 path, SIDECAR)
+
+
+PROVENANCE_FIELDS = ("kind", "model", "revision", "content_hash", "layer", "mean_last_k", "dim")
+
+
+def check_store_matches(meta: dict, store) -> None:
+    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...)."""
+    for name, trained in meta["store"]["encoders"].items():
+        info = store.encoders.get(name)
+        if info is None:
+            raise CheckpointError(f"store {store.url} lacks encoder {name!r} the checkpoint was trained on")
+        current = dataclasses.asdict(info)
+        differing = [f for f in PROVENANCE_FIELDS if current.get(f) != trained.get(f)]
+        if differing:
+            raise CheckpointError(f"store {store.url}: encoder {name!r} differs from the checkpoint's in "
+                                  + ", ".join(f"{f} ({current.get(f)!r} vs {trained.get(f)!r})" for f in differing))

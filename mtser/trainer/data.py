@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -21,12 +22,19 @@ import pandas as pd
 import torch
 
 from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
-from mtser.featurestore.store import StoreError
+from mtser.featurestore.store import StoreError, open_store
 from mtser.trainer.losses import Task
 from mtser.trainer.metrics import LabelArrays
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def open_if_url(store, storage_options: dict | None = None):
+    """An open FeatureStore as given, or one opened read-only from its URL."""
+    if not isinstance(store, (str, Path)):
+        return store
+    return open_store(str(store), storage_options=storage_options)
 
 
 # ------------------------------------------------------------------------------------------------------ selection

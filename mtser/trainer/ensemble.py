@@ -186,8 +186,7 @@ def combine(members: dict[str, list[dict[str, Any]]], outputs: dict[str, Predict
 
 def load_members(checkpoints: list[str], store, storage_options: dict | None = None) -> dict[str, tuple[Any, dict]]:
     """(model, sidecar meta) of each distinct checkpoint, each checked against the store's encoders."""
-    from mtser.trainer.checkpoint import load_checkpoint
-    from mtser.trainer.infer import check_store_matches
+    from mtser.trainer.checkpoint import check_store_matches, load_checkpoint
 
     loaded = {}
     for path in dict.fromkeys(checkpoints):

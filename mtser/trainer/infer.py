@@ -1,8 +1,6 @@
-"""Inference: one predict path for store ids and for in-memory features, the prediction table, `evaluate`, and the
-check that a store holds the features a checkpoint was trained on."""
+"""Inference: one predict path for store ids and for in-memory features, the prediction table and `evaluate`."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,71 +11,11 @@ import torch
 from mtser.configio import ConfigError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer import data
-from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
+from mtser.trainer.checkpoint import check_store_matches, load_checkpoint
+from mtser.trainer.data import open_if_url
+from mtser.trainer.device import resolve_device, run_model
 from mtser.trainer.metrics import LabelArrays, summarize
 from mtser.trainer.model import FusionModel
-
-PROVENANCE_FIELDS = ("kind", "model", "revision", "content_hash", "layer", "mean_last_k", "dim")
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def open_if_url(store, storage_options: dict | None = None):
-    """An open FeatureStore as given, or one opened read-only from its URL."""
-    if not isinstance(store, (str, Path)):
-        return store
-    from mtser.featurestore.store import open_store
-
-    return open_store(str(store), storage_options=storage_options)
-
-
-def check_store_matches(meta: dict, store) -> None:
-    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...)."""
-    for name, trained in meta["store"]["encoders"].items():
-        info = store.encoders.get(name)
-        if info is None:
-            raise CheckpointError(f"store {store.url} lacks encoder {name!r} the checkpoint was trained on")
-        current = dataclasses.asdict(info)
-        differing = [f for f in PROVENANCE_FIELDS if current.get(f) != trained.get(f)]
-        if differing:
-            raise CheckpointError(f"store {store.url}: encoder {name!r} differs from the checkpoint's in "
-                                  + ", ".join(f"{f} ({current.get(f)!r} vs {trained.get(f)!r})" for f in differing))
-
-
-class Precision:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling, `loss_scaling`: training
-    scales each member's loss by its own scale, `cohort.MemberGradScaler`); float32 on CPU."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device_type = device.type
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.loss_scaling = self.enabled and self.dtype == torch.float16
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-
-@torch.no_grad()
-def run_model(model: torch.nn.Module, batches, device: torch.device, precision: Precision | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated (logits, attributes) of `batches` (each a Batch or a features dict), float32 on CPU.
-
-    A FusionModel gives (N, 8) and (N, 3); a CohortModel (G, N, 8) and (G, N, 3), all members from one read."""
-    model.eval()
-    precision = precision or Precision(device, enabled=False)
-    logits, attrs = [], []
-    for batch in batches:
-        features = data.features_to(batch.features if isinstance(batch, data.Batch) else batch, device)
-        with precision.autocast():
-            out_logits, out_attrs = model(features)
-        logits.append(out_logits.float().cpu())
-        attrs.append(out_attrs.float().cpu())
-    return torch.cat(logits, dim=-2), torch.cat(attrs, dim=-2)
 
 
 def _unsorted(order: np.ndarray, *arrays: torch.Tensor) -> list[np.ndarray]:
