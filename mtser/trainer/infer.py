@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtser.configio import ConfigError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer import data
 from mtser.trainer.checkpoint import check_store_matches, load_checkpoint
