@@ -121,7 +121,7 @@ def build_ensemble(work: Path, corpus: Path) -> tuple[Path, bool]:
     if (out / MANIFEST).is_file():
         return out, False
     from mtser.config import load_config
-    from mtser.demo import make_test_encoders
+    from mtser.demo_encoders import make_test_encoders
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
     from mtser.trainer.loop import train

@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     from mtser.config import EncoderConfig
-    from mtser.demo import make_demo_corpus, make_test_encoders
+    from mtser.demo import make_demo_corpus
+    from mtser.demo_encoders import make_test_encoders
     from mtser.featurestore.audio import load_audio
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.encoders import SpeechEncoder

@@ -18,6 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from mtser import __version__
+from mtser.errors import MtserError
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
@@ -35,7 +36,7 @@ FAILURE_COLUMNS = ("id", "path", "stage", "reason")          # columns of the fa
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class StoreError(Exception):
+class StoreError(MtserError):
     """Anything wrong with a store, an utterance or an encoder; the message names the item and the reason."""
 
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from mtser.config import MAX_SHOWN, Config, ConfigError, ModelConfig, from_dict, shown, to_dict
+from mtser.errors import MtserError
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.model import FusionModel
@@ -33,7 +34,7 @@ SIDECAR = "checkpoint.json"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(Exception):
+class CheckpointError(MtserError):
     """A checkpoint directory is missing, incomplete or does not match its config; the message names the path."""
 
 

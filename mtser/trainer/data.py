@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtser.errors import DataError
 from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
 from mtser.featurestore.store import StoreError
 from mtser.trainer.losses import Task
@@ -96,7 +97,7 @@ def selection_split(store, encoders: Sequence[str], fraction: float, seed: int, 
         chosen.add(names[k])
         held += int(sizes[names[k]])
     if len(chosen) == len(names):
-        raise ValueError(f"store {store.url}: {split} has {len(names)} speaker group(s); holding out {fraction:g} of "
+        raise DataError(f"store {store.url}: {split} has {len(names)} speaker group(s); holding out {fraction:g} of "
                          "it would leave nothing to train on")
     return [i for i in ids if groups[i] in chosen]
 

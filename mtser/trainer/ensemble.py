@@ -23,6 +23,7 @@ import pandas as pd
 
 from mtser.config import EnsembleConfig, MemberSelector, shown
 from mtser.featurestore.files import remote_errors
+from mtser.errors import DATA, USAGE, MtserError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -33,12 +34,11 @@ TASKS: tuple[str, ...] = ("class", *ATTRIBUTES)          # "class" uses f1; each
 STAGE2_TASK = {"class": "cat", **{name: "dim" for name in ATTRIBUTES}}
 
 
-class EnsembleError(RuntimeError):
-    """An ensemble cannot be built or loaded (the message says why); `usage` marks a wrong invocation (exit 2)."""
+class EnsembleError(MtserError, RuntimeError):
+    """An ensemble cannot be built or loaded (the message says why); `usage` marks a wrong invocation (exit code 2)."""
 
     def __init__(self, message: str, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
+        super().__init__(message, USAGE if usage else DATA)
 
 
 def task_metric(task: str) -> str:

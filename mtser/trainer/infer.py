@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from mtser.config import ConfigError
+from mtser.errors import DataError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
@@ -150,7 +151,7 @@ def evaluate(checkpoint: str | Path, store, split: str = "Development", device: 
     check_store_matches(meta, store)
     ids = data.evaluation_ids(store, list(model.encoder_dims), split)
     if not ids:
-        raise ValueError(f"store {store.url}: split {split!r} has no utterances with features for "
+        raise DataError(f"store {store.url}: split {split!r} has no utterances with features for "
                          f"{list(model.encoder_dims)}")
     probs, attrs = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
     labels = data.label_arrays(store.utterances, ids)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mtser.config import ConfigError, LossConfig
+from mtser.errors import DataError
 from mtser.featurestore.labels import CLASSES
 
 Task = Literal["multi", "cat", "dim"]
@@ -53,7 +54,7 @@ def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     if total == 0:
-        raise ValueError("class weights: no training utterance has one of the 8 class labels")
+        raise DataError("class weights: no training utterance has one of the 8 class labels")
     return np.divide(total, len(counts) * counts, out=np.zeros_like(counts), where=counts > 0).astype(np.float32)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import fsspec
 import pandas as pd
 
+from mtser.errors import MtserError
+
 METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
                   "challenge_ccc_mean"]                   # on the selection split, at the best epoch
 TEST_COLUMNS = [f"test_{m}" for m in METRIC_COLUMNS]      # on Development when the selection split was held out
@@ -36,7 +38,7 @@ FINISHED = ("complete", "stopped")
 RESULTS = "results.csv"
 
 
-class RunError(RuntimeError):
+class RunError(MtserError, RuntimeError):
     """A run folder is missing what the caller needs (the message says what and how to make it)."""
 
 

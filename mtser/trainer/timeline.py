@@ -25,6 +25,7 @@ import pandas as pd
 
 from mtser.config import ExtractConfig, TimelineConfig, to_dict
 from mtser.featurestore.corpus import Utterance
+from mtser.errors import UsageError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, CLASSES
 from mtser.featurestore.vad import VAD_RATE, Span
 from mtser.trainer.predict import EnsembleScorer
@@ -41,7 +42,7 @@ ALLOCATOR_THRESHOLD = 256 * 1024
 RECORD = "timeline.json"                                  # what the run folder's tables were made with
 
 
-class TimelineError(RuntimeError):
+class TimelineError(UsageError, RuntimeError):
     """The timeline cannot run as asked (usage), e.g. an output folder made with another ensemble or settings."""
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from mtser.config import (
     Config, ConfigError, GridPoint, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict,
 )
+from mtser.errors import DATA, USAGE, MtserError
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
@@ -35,12 +36,11 @@ from mtser.trainer.runs import (
 OBJECTIVE = "objective"        # reported each epoch: the best member's own selection metric (f1, ccc_mean or score)
 
 
-class SearchError(RuntimeError):
-    """The search cannot start or continue (the message says why); `usage` marks a wrong invocation (exit 2)."""
+class SearchError(MtserError, RuntimeError):
+    """The search cannot start or continue (the message says why); `usage` marks a wrong invocation (exit code 2)."""
 
     def __init__(self, message: str, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
+        super().__init__(message, USAGE if usage else DATA)
 
 
 @dataclass
