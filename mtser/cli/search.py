@@ -24,7 +24,7 @@ def tune(
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
 
     OUT may be a URL (s3://bucket/run): trials on every node write there. A remote store is copied once per node into
-    the node's cache ($MTSER_CACHE_DIR, default ~/.cache/mtser); the trials there read that copy."""
+    the node's cache ($MTSER_CACHE_DIR, else $XDG_CACHE_HOME/mtser, else ~/.cache/mtser); the trials there read that copy."""
     import pandas as pd
 
     from mtser.trainer.runs import RunFolder

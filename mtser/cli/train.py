@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
         """Stage 2: fine-tune a stage-1 checkpoint for one task, with that task's schedule (finetune.cat or
         finetune.dim)."""
         from mtser.config import Config, apply_override, from_dict, load_config, to_dict
+        from mtser.featurestore.files import absolute, is_url
         from mtser.trainer.checkpoint import read_sidecar
         from mtser.trainer.loop import finetune_config, train
 
@@ -128,7 +129,7 @@ def register(app: typer.Typer) -> None:
                 apply_override(raw, key, value)
             cfg = from_dict(Config, raw)
         cfg = from_dict(Config, to_dict(finetune_config(cfg, task, width)))  # re-validated
-        if "://" not in from_ and Path(from_).resolve().is_relative_to(out.resolve()):
+        if not is_url(from_) and Path(absolute(from_)).is_relative_to(out.resolve()):
             raise UsageError(f"--out {out}: holds the parent checkpoint --from {from_}; choose another folder")
         _check_out(out, overwrite)
         _print_result(train(cfg, store, out, stage="finetune", task=task, init_from=from_,

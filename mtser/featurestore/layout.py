@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from mtser import __version__
 from mtser.errors import MtserError
-from mtser.featurestore.files import remote_errors
+from mtser.featurestore.files import is_url, remote_errors
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
 SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
@@ -98,7 +98,8 @@ class EncoderInfo:
 
 # --------------------------------------------------------------------------------------------------------- store access
 def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    """A local path or file:// URL: not `files.is_url`."""
+    return not is_url(url)
 
 
 def local_path(url: str) -> str:

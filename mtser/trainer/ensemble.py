@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from mtser.config import EnsembleConfig, MemberSelector, shown
-from mtser.featurestore.files import remote_errors
 from mtser.errors import DATA, USAGE, MtserError
+from mtser.featurestore.files import absolute, remote_errors
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -112,7 +112,7 @@ def add_external(members: dict[str, list[dict[str, Any]]], external: dict[str, s
         if name not in ATTRIBUTES:
             raise EnsembleError(f"--extra-member: {name!r} is not an attribute ({', '.join(ATTRIBUTES)}); external "
                                 "files in the challenge format have no class probabilities", usage=True)
-        location = str(location) if "://" in str(location) else str(Path(location).resolve())
+        location = absolute(location)
         digest = hashlib.sha256(_read_external(location, storage_options, usage=True)).hexdigest()
         members[name].append({"trial": f"external:{location.rstrip('/').rsplit('/', 1)[-1]}", "external": location,
                               "sha256": digest, "metric": task_metric(name), "forced": True})

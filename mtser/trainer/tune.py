@@ -29,6 +29,7 @@ from mtser.config import (
     Config, ConfigError, GridPoint, SearchConfig, TrialResources, from_dict, load_config, load_yaml_as, to_dict,
 )
 from mtser.errors import DATA, USAGE, MtserError
+from mtser.featurestore.files import absolute
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
 )
@@ -502,8 +503,7 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     from mtser.featurestore.store import StoreError, open_store
 
     run_dir = RunFolder(run_dir, storage_options)
-    if "://" not in store_url:              # trials run in Ray workers with another working directory
-        store_url = str(Path(store_url).resolve())
+    store_url = absolute(store_url)          # trials run in Ray workers with another working directory
     try:
         store = open_store(store_url, storage_options=storage_options)
     except StoreError as exc:
