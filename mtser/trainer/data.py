@@ -1,4 +1,5 @@
-"""Store → batches: label filtering per task, epoch sampling, padding with masks, background prefetching.
+"""Store → batches: label filtering per task, epoch sampling, padding with masks (prefetched in the background by
+`featurestore.prefetch`).
 
 Training draws `samples_per_epoch` utterances of the Train split (augmented copies included); evaluation walks a
 whole split in length-sorted batches over original utterances only.
@@ -10,9 +11,7 @@ import math
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from mtser.errors import DataError
+from mtser.featurestore.prefetch import prefetch  # noqa: F401  (loop.py reads batches through data.prefetch)
 from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
 from mtser.featurestore.store import StoreError
 from mtser.trainer.losses import Task
@@ -309,27 +309,6 @@ class BatchReader:
             log.warning("skipping unreadable utterance %s: %s", utt_id, exc)
             return False
         return True
-
-
-# ------------------------------------------------------------------------------------------------------ prefetch
-def prefetch(load: Callable[[T], object], items: Iterable[T], depth: int = 4, workers: int = 2) -> Iterator:
-    """Yield load(item) for every item, in order, computed by `workers` background threads up to `depth` ahead.
-
-    An exception in `load` is raised at its item. Stopping early (break / close) cancels what is still queued.
-    """
-    pending: deque[Future] = deque()
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mtser-prefetch") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(load, item))
-                if len(pending) > max(1, depth):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 class WaitClock:

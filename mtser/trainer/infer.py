@@ -13,6 +13,7 @@ import torch
 from mtser.config import ConfigError
 from mtser.errors import DataError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
 from mtser.trainer.metrics import LabelArrays, summarize
@@ -96,7 +97,7 @@ def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, de
     sorted_ids = [ids[k] for k in order]
     gpu = device.type == "cuda"
     reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu)
-    batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
+    batches = prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
 
