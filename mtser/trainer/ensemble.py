@@ -24,7 +24,7 @@ import pandas as pd
 from mtser.config import EnsembleConfig, MemberSelector, shown
 from mtser.errors import DATA, USAGE, MtserError
 from mtser.featurestore.files import absolute, remote_errors
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
 from mtser.trainer.runs import FINISHED, RunFolder, as_run, load_results, load_search_record
@@ -233,11 +233,12 @@ def missing_external_lines(missing: dict[str, str]) -> list[str]:
 
 
 def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
-    """infer.prediction_table with FileName for id, attributes clipped to 1..7, sorted by FileName."""
+    """The ensemble's predictions in the challenge's form: `infer.prediction_table` by FileName, attributes clipped
+    to 1..7, sorted by FileName."""
     from mtser.trainer.infer import prediction_table as per_utterance
 
-    table = per_utterance(pred.ids, pred.probs, np.clip(pred.attrs, *ATTRIBUTE_RANGE), labels)
-    return table.rename(columns={"id": "FileName"}).sort_values("FileName", kind="stable").reset_index(drop=True)
+    table = per_utterance(pred.ids, pred.probs, pred.attrs, labels, id_column="FileName", clip=True)
+    return table.sort_values("FileName", kind="stable").reset_index(drop=True)
 
 
 def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Development", k: int | None = None,

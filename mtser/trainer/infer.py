@@ -12,7 +12,7 @@ import torch
 
 from mtser.config import ConfigError
 from mtser.errors import DataError
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES, CLASSES
 from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
@@ -114,14 +114,17 @@ def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], 
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
 
 
-def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None
-                     ) -> pd.DataFrame:
-    """One row per utterance: id, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom, true_* labels."""
-    table = pd.DataFrame({"id": list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
+def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None,
+                     id_column: str = "id", clip: bool = False) -> pd.DataFrame:
+    """The one prediction table (evaluate, ensembles, predict, the timeline): one row per id, in the given order:
+    `id_column`, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom (clipped to the attribute range 1..7
+    with `clip`, as the challenge reports them), and with `labels` the true_* columns."""
+    table = pd.DataFrame({id_column: list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
     for k, c in enumerate(CLASSES):
         table[f"prob_{c}"] = probs[:, k]
+    values = np.clip(attrs, *ATTRIBUTE_RANGE) if clip else attrs
     for k, name in enumerate(ATTRIBUTES):
-        table[ATTRIBUTE_COLUMNS[name]] = attrs[:, k]
+        table[ATTRIBUTE_COLUMNS[name]] = values[:, k]
     if labels is not None:
         table["true_EmoClass"] = [CLASSES[k] if k >= 0 else None for k in labels.classes]
         for k, name in enumerate(ATTRIBUTES):
