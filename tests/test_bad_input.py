@@ -359,6 +359,15 @@ def test_only_the_errors_that_carry_an_exit_code_are_one_line(case, tmp_path):
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "absent.zarr" in done.stderr
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="demo-corpus checks for espeak-ng first")
+def test_a_refused_file_operation_is_one_line_with_exit_code_1(tmp_path):
+    """An OSError (here: a folder to create under a file) is the system refusing, not a bug: one line, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("demo-corpus", blocker / "corpus", "--size", "10")
+    assert_one_line(result, 1, "error: ", "Not a directory", str(blocker))
+
+
 def test_library_errors_carry_their_exit_codes():
     from mtser.config import ConfigError
     from mtser.errors import DATA, USAGE, MtserError
