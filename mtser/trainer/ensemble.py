@@ -233,8 +233,7 @@ def missing_external_lines(missing: dict[str, str]) -> list[str]:
 
 
 def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
-    """The ensemble's predictions in the challenge's form: `infer.prediction_table` by FileName, attributes clipped
-    to 1..7, sorted by FileName."""
+    """The challenge's form of `infer.prediction_table`: by FileName, attributes clipped to 1..7, sorted."""
     from mtser.trainer.infer import prediction_table as per_utterance
 
     table = per_utterance(pred.ids, pred.probs, pred.attrs, labels, id_column="FileName", clip=True)
