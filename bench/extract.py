@@ -61,7 +61,7 @@ def build_encoders(out: Path, sizes: dict[str, tuple[int, int, int, int]] | None
         AutoConfig, GenerationConfig, RobertaModel, WavLMModel, WhisperForConditionalGeneration,
     )
 
-    from mtser.demo import make_test_encoders
+    from mtser.demo_encoders import make_test_encoders
 
     dirs = make_test_encoders(out, seed=0)
     if sizes is None:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtser.featurestore.corpus import Utterance  # noqa: E402
 from mtser.featurestore.labels import CLASSES  # noqa: E402
+from mtser.featurestore.prefetch import prefetch  # noqa: E402
 from mtser.featurestore.store import EncoderInfo, StoreWriter, create_store, open_store, register_encoder  # noqa: E402
 from mtser.trainer import data  # noqa: E402
 from mtser.trainer.config import load_config  # noqa: E402
@@ -71,7 +72,7 @@ def time_raw(store, batches: list[list[str]], encoders: list[str]) -> float:
 def time_loader(reader: data.BatchReader, batches: list[list[str]], depth: int) -> float:
     """One pass of the trainer's loader; the reader lives across passes, as it lives across a run's epochs."""
     start = time.perf_counter()
-    for _ in data.prefetch(reader, batches, depth=depth):
+    for _ in prefetch(reader, batches, depth=depth):
         pass
     return time.perf_counter() - start
 

@@ -214,7 +214,7 @@ def long_audio_memory(work: Path, quick: bool) -> dict:
     """Peak RSS of extracting one file of each length with the demo config and encoders (see the docstring)."""
     import yaml
 
-    from mtser.demo import make_test_encoders
+    from mtser.demo_encoders import make_test_encoders
 
     encoders = work / "encoders"
     make_test_encoders(encoders, seed=0)

@@ -120,7 +120,7 @@ def build_ensemble(work: Path, corpus: Path) -> tuple[Path, bool]:
     out = work / "ensemble"
     if (out / MANIFEST).is_file():
         return out, False
-    from mtser.demo import make_test_encoders
+    from mtser.demo_encoders import make_test_encoders
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.extract import extract
     from mtser.trainer.config import load_config

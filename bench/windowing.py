@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[60.0, 90.0])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    from mtser.demo import make_demo_corpus, make_test_encoders
+    from mtser.demo import make_demo_corpus
+    from mtser.demo_encoders import make_test_encoders
     from mtser.featurestore.audio import load_audio
     from mtser.featurestore.config import EncoderConfig
     from mtser.featurestore.corpus import read_corpus

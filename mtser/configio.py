@@ -18,10 +18,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from mtser.errors import UsageError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override is invalid; the message names the offending key.
 
     Raised as `ConfigError(reason, key)` by a dataclass's own checks: the message is `key: reason`, and `from_dict`

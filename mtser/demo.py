@@ -1,4 +1,4 @@
-"""Demo data: a synthetic MSP-Podcast-style corpus spoken by espeak-ng, and small local encoders.
+"""Demo data: a synthetic MSP-Podcast-style corpus spoken by espeak-ng, and a long recording made of it.
 
 `make_demo_corpus` writes `Audios/`, `Transcripts/` and `Labels/labels_consensus.csv` exactly as an MSP-Podcast
 release lays them out. Every labelled utterance's wording carries its emotion (class-specific words in shared
@@ -7,14 +7,12 @@ dominance, pitch range follows valence and the class), so the labels are learnab
 alone. Test3 utterances (`MSP-PODCAST_test3_NNNN.wav`) are audio only: no transcript and no row in the label file,
 as in the 2025 challenge release. The same seed gives byte-identical files.
 
-`make_test_encoders` builds small randomly initialised models of the real architectures (WavLM, Whisper with a
-working tokenizer and generation config, RoBERTa) and saves them with `save_pretrained`, so every consumer loads
-them through `from_pretrained` exactly like the real checkpoints.
+`make_long_recording` strings demo utterances into one long WAV with pauses and noise (for the timeline), with its
+truth. The small local encoders the demo runs on are in `mtser.demo_encoders`.
 """
 from __future__ import annotations
 
 import csv
-import json
 import random
 import shutil
 import subprocess
@@ -27,10 +25,16 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pandas as pd
 
+from mtser.errors import DataError, MtserError
 from mtser.featurestore.labels import CLASSES
 
 SAMPLE_RATE = 16000
 LABEL_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
+
+
+class DemoError(MtserError, RuntimeError):
+    """The demo corpus cannot be synthesised (espeak-ng missing or failing): exit code 1."""
+
 
 # ------------------------------------------------------------------------------------------------------------ wording
 CLASS_WORDS: dict[str, tuple[str, ...]] = {
@@ -133,7 +137,7 @@ def make_demo_corpus(out: Path, size: int, seed: int = 0, overwrite: bool = Fals
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (overwrite=True, or --overwrite, replaces it)")
     if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng not found on PATH: install it (apt-get install espeak-ng) to synthesise speech")
+        raise DemoError("espeak-ng not found on PATH: install it (apt-get install espeak-ng) to synthesise speech")
     plan = plan_demo_corpus(size, seed)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -225,8 +229,8 @@ def _write_audio(path: Path, utt: DemoUtterance, seed: int) -> None:
 
     proc = subprocess.run(espeak_command(utt), capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"espeak-ng failed on {utt.file_name} (exit {proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace').strip()}")
+        raise DemoError(f"espeak-ng failed on {utt.file_name} (exit {proc.returncode}): "
+                         f"{proc.stderr.decode(errors='replace').strip()}")
     pcm, rate = _parse_wav_stream(proc.stdout)
     audio = resample_poly(pcm.astype(np.float64), SAMPLE_RATE, rate) if rate != SAMPLE_RATE else pcm.astype(np.float64)
     noise_seed = [seed, *path.stem.encode()]
@@ -241,7 +245,7 @@ def _write_audio(path: Path, utt: DemoUtterance, seed: int) -> None:
 def _parse_wav_stream(data: bytes) -> tuple[np.ndarray, int]:
     """16-bit mono PCM and its rate from a WAV written to a pipe (espeak-ng leaves the sizes unset)."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise RuntimeError("espeak-ng did not write a WAV stream")
+        raise DemoError("espeak-ng did not write a WAV stream")
     rate = int.from_bytes(data[24:28], "little")
     start = data.index(b"data", 12) + 8
     body = data[start:len(data) - (len(data) - start) % 2]
@@ -261,7 +265,7 @@ def make_long_recording(corpus: Path, out: Path, utterances: int = 60, pause_s: 
     audios = sorted((Path(corpus) / "Audios").glob("*.wav"))
     labels = _demo_labels(corpus)
     if not audios:
-        raise ValueError(f"{corpus}: no Audios/*.wav")
+        raise DataError(f"{corpus}: no Audios/*.wav")
     waves = [soundfile.read(p, dtype="float32")[0] for p in audios]
     power = float(np.mean([np.mean(w ** 2) for w in waves]))
     noise = 0.0 if snr_db is None else np.sqrt(power / 10 ** (snr_db / 10))
@@ -288,118 +292,3 @@ def _demo_labels(corpus: Path) -> dict[str, str]:
         return {}
     with open(path, newline="") as f:
         return {row["FileName"]: row["EmoClass"] for row in csv.DictReader(f)}
-
-
-# ---------------------------------------------------------------------------------------------------------- encoders
-def make_test_encoders(out_dir: Path, sentences: list[str] | None = None, seed: int = 0) -> dict[str, Path]:
-    """Build small random-init WavLM, Whisper (+tokenizer, processor, generation config) and RoBERTa models.
-
-    Tokenizers are byte-level BPEs trained on `sentences` (default: the demo sentences), so any text encodes.
-    Returns {"wavlm": dir, "whisper": dir, "roberta": dir}; each loads with `from_pretrained`.
-    """
-    out_dir = Path(out_dir)
-    texts = list(sentences) if sentences is not None else demo_sentences()
-    return {
-        "wavlm": _save_wavlm(out_dir / "wavlm", seed),
-        "whisper": _save_whisper(out_dir / "whisper", texts, seed),
-        "roberta": _save_roberta(out_dir / "roberta", texts, seed),
-    }
-
-
-def _train_bpe(
-    texts: list[str], vocab_size: int, special_tokens: list[str]
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary and merge list trained on `texts` (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    model = json.loads(tokenizer.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return model["vocab"], merges
-
-
-def _save_wavlm(out: Path, seed: int) -> Path:
-    import torch
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
-
-    torch.manual_seed(seed)
-    config = WavLMConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        conv_dim=(32,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),  # 320 samples/frame
-        feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4, num_buckets=64, max_bucket_distance=200,
-    )
-    WavLMModel(config).eval().save_pretrained(out)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True,
-    ).save_pretrained(out)
-    return out
-
-
-WHISPER_LANGUAGES = ("en", "de", "fr", "es")  # a prefix of Whisper's language order, so token ids follow its scheme
-
-
-def _save_whisper(out: Path, texts: list[str], seed: int) -> Path:
-    import torch
-    from transformers import (
-        GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor,
-        WhisperTokenizer,
-    )
-
-    vocab, merges = _train_bpe(texts, vocab_size=600, special_tokens=[])
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
-    # Whisper's special tokens follow the text vocabulary in the real order: end of text, start of transcript,
-    # languages, tasks, ..., no-timestamps, then the 1501 timestamp tokens (timestamp_begin = no_timestamps + 1).
-    specials = ["<|endoftext|>", "<|startoftranscript|>", *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES],
-                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                "<|notimestamps|>", *[f"<|{i * 0.02:.2f}|>" for i in range(1501)]]
-    tokenizer.add_tokens(specials, special_tokens=True)
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in specials}
-    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
-    # Random weights would happily emit control or timestamp tokens forever; suppress them so output is text.
-    suppress = [ids[tok] for tok in specials if tok != "<|endoftext|>"]
-
-    torch.manual_seed(seed)
-    config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=128, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=1500, max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
-        decoder_start_token_id=sot, begin_suppress_tokens=[eot], suppress_tokens=suppress,
-    )
-    model = WhisperForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, max_length=448,
-        is_multilingual=True, return_timestamps=False,
-        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
-        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
-        begin_suppress_tokens=[eot], suppress_tokens=suppress,
-    )
-    model.save_pretrained(out)
-    extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE)
-    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
-    return out
-
-
-def _save_roberta(out: Path, texts: list[str], seed: int) -> Path:
-    import torch
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
-
-    vocab, merges = _train_bpe(texts, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges)
-    torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        max_position_embeddings=514, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    RobertaModel(config).eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out

@@ -11,7 +11,7 @@ DEMO_CORPUS_SIZE = 80
 @pytest.fixture(scope="session")
 def test_encoders_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with wavlm/, whisper/ and roberta/ random-init models (as `mtser make-test-encoders` writes)."""
-    from mtser.demo import make_test_encoders
+    from mtser.demo_encoders import make_test_encoders
 
     out = tmp_path_factory.mktemp("encoders")
     make_test_encoders(out, seed=0)

@@ -337,8 +337,52 @@ def test_cohorts_are_capped_by_the_memory_available(store, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- guard
-def test_a_programming_error_keeps_its_traceback():
-    from mtser.cli.main import _guarded
+GUARDED_RUN = """
+import sys
+import mtser.featurestore.store as store
+if sys.argv[1] == "bug":
+    store.open_store = lambda *args, **kwargs: 1 / 0      # a programming error inside a real command
+from mtser.cli.main import main
+sys.argv = ["mtser", "features", "ls", sys.argv[2]]
+main()
+"""
 
-    with pytest.raises(ZeroDivisionError):
-        _guarded("x", lambda: 1 / 0)()
+
+@pytest.mark.parametrize("case", ["bug", "data"])
+def test_only_the_errors_that_carry_an_exit_code_are_one_line(case, tmp_path):
+    """The guard in cli/main prints an MtserError as one line with its exit code; anything else propagates with
+    its traceback (the console script then exits 1 after printing it)."""
+    done = subprocess.run([sys.executable, "-c", GUARDED_RUN, case, str(tmp_path / "absent.zarr")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if case == "bug":
+        assert done.returncode == 1 and "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
+        assert "error:" not in done.stderr, done.stderr
+    else:
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "absent.zarr" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="demo-corpus checks for espeak-ng first")
+def test_a_refused_file_operation_is_one_line_with_exit_code_1(tmp_path):
+    """An OSError (here: a folder to create under a file) is the system refusing, not a bug: one line, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("demo-corpus", blocker / "corpus", "--size", "10")
+    assert_one_line(result, 1, "error: ", "Not a directory", str(blocker))
+
+
+def test_library_errors_carry_their_exit_codes():
+    from mtser.configio import ConfigError
+    from mtser.errors import DATA, MtserError, USAGE
+    from mtser.featurestore.corpus import CorpusError
+    from mtser.featurestore.store import StoreError
+    from mtser.trainer.checkpoint import CheckpointError
+    from mtser.trainer.ensemble import EnsembleError
+    from mtser.trainer.runs import RunError
+    from mtser.trainer.tune import SearchError
+
+    cases = [(ConfigError("c"), USAGE), (CorpusError("c"), USAGE), (StoreError("s"), DATA),
+             (CheckpointError("c"), DATA), (RunError("r"), DATA), (EnsembleError("e"), DATA),
+             (EnsembleError("e", usage=True), USAGE), (SearchError("s"), DATA), (SearchError("s", usage=True), USAGE)]
+    assert all(isinstance(error, MtserError) for error, _ in cases)
+    assert [error.exit_code for error, _ in cases] == [code for _, code in cases]

@@ -169,7 +169,7 @@ def test_report_writes_panels_and_a_readable_self_contained_page(search_run, dem
 
     tables = Tables(page)
     settings = pd.read_csv(folder / "table1.csv")
-    for metric in report.TABLE1_METRICS:                              # the best of each Table 1 column is marked
+    for metric in report.METRIC_COLUMNS:                              # the best of each Table 1 column is marked
         cells = tables.column("table1", metric)
         assert all("num" in classes and re.fullmatch(r"\d\.\d{4}", text) for classes, text in cells)
         marked = {text for classes, text in cells if "best" in classes}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
 
@@ -82,7 +83,7 @@ def test_prefetch_reads_ahead_in_order_and_raises_at_the_bad_item():
             raise ValueError("bad item 6")
         return i * i
 
-    stream = data.prefetch(load, range(10), depth=3, workers=2)
+    stream = prefetch(load, range(10), depth=3, workers=2)
     assert next(stream) == 0
     time.sleep(0.1)
     assert len(started) >= 4  # items 1..3 were loaded in the background while the consumer waited
@@ -91,9 +92,19 @@ def test_prefetch_reads_ahead_in_order_and_raises_at_the_bad_item():
         next(stream)
 
 
+def test_prefetch_one_ahead_loads_only_the_next_item_while_the_caller_works():
+    """depth=1, one worker: extraction's shape (decode the next group of audio while the current one is encoded)."""
+    started: list[int] = []
+    stream = prefetch(lambda i: started.append(i) or i, range(5), depth=1, workers=1)
+    assert next(stream) == 0
+    time.sleep(0.05)
+    assert started == [0, 1]
+    assert list(stream) == [1, 2, 3, 4] and started == [0, 1, 2, 3, 4]
+
+
 def test_prefetch_stops_when_the_consumer_does():
     loaded: list[int] = []
-    stream = data.prefetch(lambda i: loaded.append(i) or i, range(1000), depth=2)
+    stream = prefetch(lambda i: loaded.append(i) or i, range(1000), depth=2)
     assert next(stream) == 0
     stream.close()
     time.sleep(0.05)

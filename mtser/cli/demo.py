@@ -21,11 +21,7 @@ def demo_corpus(
     """Synthesise a small MSP-Podcast-style corpus with espeak-ng (emotion in wording and prosody)."""
     from mtser.demo import make_demo_corpus
 
-    try:
-        make_demo_corpus(out, size, seed, overwrite=overwrite)
-    except (FileExistsError, RuntimeError, OSError) as exc:
-        typer.echo(f"demo-corpus: {exc}", err=True)
-        raise typer.Exit(1) from None
+    make_demo_corpus(out, size, seed, overwrite=overwrite)
     typer.echo(f"demo-corpus: wrote {size} utterances to {out}")
 
 
@@ -34,13 +30,9 @@ def make_test_encoders(
     seed: int = typer.Option(0, "--seed", help="torch seed of the random initialisation."),
 ) -> None:
     """Save small randomly initialised WavLM, Whisper and RoBERTa models (loadable with from_pretrained)."""
-    from mtser.demo import make_test_encoders as build
+    from mtser.demo_encoders import make_test_encoders as build
 
-    try:
-        paths = build(out, seed=seed)
-    except OSError as exc:
-        typer.echo(f"make-test-encoders: {exc}", err=True)
-        raise typer.Exit(1) from None
+    paths = build(out, seed=seed)
     for name, path in paths.items():
         typer.echo(f"make-test-encoders: {name} -> {path}")
 
@@ -57,10 +49,6 @@ def demo_recording(
     (utterance, start_s, end_s, EmoClass) is written next to it as OUT.csv."""
     from mtser.demo import make_long_recording
 
-    try:
-        truth = make_long_recording(corpus, out, utterances, snr_db=snr_db, repeat_to_s=minutes * 60, seed=seed)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"demo-recording: {exc}", err=True)
-        raise typer.Exit(1) from None
+    truth = make_long_recording(corpus, out, utterances, snr_db=snr_db, repeat_to_s=minutes * 60, seed=seed)
     truth.to_csv(out.with_suffix(".csv"), index=False)
     typer.echo(f"demo-recording: {len(truth)} utterances, {truth['end_s'].max():.0f} s -> {out}")

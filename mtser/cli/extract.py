@@ -7,15 +7,11 @@ from pathlib import Path
 import typer
 
 from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+from mtser.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
     app.command("extract")(extract)
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"extract: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _notify(line: str) -> None:
@@ -45,36 +41,24 @@ def extract(
     Exit code 0: all written; 1: some utterances failed (the rest are written; see the store's failures table);
     2: usage or config error.
     """
-    from mtser.configio import ConfigError
-    from mtser.featurestore.corpus import CorpusError, read_corpus
+    from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.encoders import check_models
-    from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
+    from mtser.featurestore.extract import extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
-    from mtser.featurestore.store import StoreError
     from mtser.trainer.config import load_config
 
     options = parse_storage_options(storage_options)
     wanted = [s.strip() for item in (splits or []) for s in item.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SPLITS))
     if unknown:
-        _fail(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}", 2)
-    try:
-        cfg = load_config(config).extract
-        check_models(cfg.encoders, config.parent)
-        read = read_corpus(corpus, options, allow_outside_links=allow_outside_links)
-    except (ConfigError, CorpusError) as exc:
-        _fail(str(exc), 2)
+        raise UsageError(f"--splits: unknown split(s) {unknown}; expected some of {list(SPLITS)}")
+    cfg = load_config(config).extract
+    check_models(cfg.encoders, config.parent)
+    read = read_corpus(corpus, options, allow_outside_links=allow_outside_links)
     failed, warned = reader_problems(read.problems, read.utterances)
-    try:
-        summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
-                              splits=wanted or None, problems=failed, warnings=warned, storage_options=options,
-                              progress=progress, notify=_notify)
-    except (StoreError, ExtractError) as exc:
-        _fail(str(exc), 1)
-    except (OSError, ValueError) as exc:            # ConfigError, a model path transformers cannot load
-        _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; committed shards are kept: rerun the same command to resume", 130)
+    summary = run_extract(read.utterances, cfg, store, workers=workers, address=address, augment=augment,
+                          splits=wanted or None, problems=failed, warnings=warned, storage_options=options,
+                          progress=progress, notify=_notify)
     for utt_id, stage, reason in summary.warnings[:20]:
         typer.echo(f"extract: warning: {utt_id} [{stage}] {reason}", err=True)
     for utt_id, stage, reason in summary.failures[:20]:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
-from mtser.cli.errors import DATA, CliError
 from mtser.cli.options import STORAGE_OPTIONS, parse_storage_options
+from mtser.errors import MtserError
 
 features_app = typer.Typer(help="Inspect, export and verify a feature store.", no_args_is_help=True)
 
@@ -17,17 +17,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _open(store: str, storage_options: str | None):
-    from mtser.featurestore.store import StoreError, open_store
+    from mtser.featurestore.store import open_store
 
-    options = parse_storage_options(storage_options)
-    try:
-        return open_store(store, storage_options=options)
-    except StoreError as exc:
-        _fail(exc)
-
-
-def _fail(exc: Exception) -> NoReturn:
-    raise CliError(str(exc), DATA)
+    return open_store(store, storage_options=parse_storage_options(storage_options))
 
 
 def _size(n: int) -> str:
@@ -42,12 +34,7 @@ def _size(n: int) -> str:
 def ls(store: str = typer.Argument(..., help="Store path or URL."), storage_options: Optional[str] = STORAGE_OPTIONS,
        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Encoders, utterance counts per split and bytes."""
-    from mtser.featurestore.store import StoreError
-
-    try:
-        summary = _open(store, storage_options).summary()
-    except StoreError as exc:
-        _fail(exc)
+    summary = _open(store, storage_options).summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -71,21 +58,15 @@ def show(store: str = typer.Argument(..., help="Store path or URL."), utt_id: st
     from mtser.featurestore.store import StoreError
 
     fs = _open(store, storage_options)
-    try:
-        table = fs.utterances
-    except StoreError as exc:
-        _fail(exc)
+    table = fs.utterances
     if utt_id not in table.index:
-        _fail(StoreError(f"{store}: no utterance {utt_id!r} in the store"))
+        raise StoreError(f"{store}: no utterance {utt_id!r} in the store")
     typer.echo(utt_id)
     for column, value in table.loc[utt_id].items():
         typer.echo(f"  {column}: {value}")
     names = [encoder] if encoder else [n for n in sorted(fs.encoders) if fs.has(utt_id, n)]
     for name in names:
-        try:
-            x = fs.get(utt_id, name, dtype=np.float32)
-        except StoreError as exc:
-            _fail(exc)
+        x = fs.get(utt_id, name, dtype=np.float32)
         typer.echo(f"  [{name}] shape {x.shape} {fs.encoders[name].dtype}: mean {x.mean():.4f} std {x.std():.4f} "
                    f"min {x.min():.4f} max {x.max():.4f}")
 
@@ -100,31 +81,23 @@ def export(store: str = typer.Argument(..., help="Store path or URL."),
     """Write one encoder's frames as .npz or as OUT/<name>.npy files; names are ids escaped into safe file names,
     listed with their ids in index.json (docs/store-format.md, "Exporting")."""
     from mtser.featurestore.export import export_dir, export_npz
-    from mtser.featurestore.store import StoreError
 
     fs = _open(store, storage_options)
-    try:
-        chosen = list(ids) if ids else fs.ids(split=split, encoder=encoder)
-        arrays = dict(zip(chosen, fs.get_many(chosen, encoder)))
-    except StoreError as exc:
-        _fail(exc)
+    chosen = list(ids) if ids else fs.ids(split=split, encoder=encoder)
+    arrays = dict(zip(chosen, fs.get_many(chosen, encoder)))
     try:
         (export_npz if out.suffix == ".npz" else export_dir)(out, encoder, arrays)
     except OSError as exc:
-        _fail(OSError(f"cannot export to {out}: {exc.strerror or exc}"))
+        raise MtserError(f"cannot export to {out}: {exc.strerror or exc}") from None
     typer.echo(f"exported {len(arrays)} utterances of {encoder!r} to {out}")
 
 
 @features_app.command("verify")
 def verify(store: str = typer.Argument(..., help="Store path or URL."), storage_options: Optional[str] = STORAGE_OPTIONS) -> None:
     """Check index consistency and every utterance's checksum; exit code 1 when anything is wrong."""
-    from mtser.featurestore.store import StoreError
     from mtser.featurestore.verify import verify_store
 
-    try:
-        report = verify_store(store, parse_storage_options(storage_options))
-    except StoreError as exc:
-        _fail(exc)
+    report = verify_store(store, parse_storage_options(storage_options))
     for problem in report.problems:
         typer.echo(f"CORRUPT {problem}")
     typer.echo(f"{'ok' if report.ok else 'FAILED'}: {report.parts} parts, {report.utterances} utterance frame blocks, "

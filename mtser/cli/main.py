@@ -7,7 +7,7 @@ from typing import Callable
 
 import typer
 
-from mtser.cli.errors import INTERRUPTED, CliError
+from mtser.errors import DATA, INTERRUPTED, MtserError
 
 app = typer.Typer(
     name="mtser",
@@ -31,18 +31,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Multi-task speech emotion recognition: a distributed feature store plus a lightweight trainer."""
 
 
+# What an interrupted command keeps, added to its "interrupted" line.
+INTERRUPTED_NOTES = {"extract": "committed shards are kept: rerun the same command to resume"}
+
+
 def _guarded(name: str, command: Callable) -> Callable:
-    """`command` with CliError printed as one line with its exit code, and Ctrl-C as one line with exit code 130."""
+    """`command` with the one place that turns errors into exit codes: an `MtserError` (the library's and the
+    commands' own) is printed as one line with its `exit_code`, an `OSError` (a file or the network refused) as one
+    line with exit code 1, Ctrl-C as one line with exit code 130. Any other exception is a programming error: it
+    propagates with its traceback."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except CliError as exc:
+        except MtserError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.code) from None
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(DATA) from None
         except KeyboardInterrupt:
-            typer.echo(f"{name}: interrupted", err=True)
+            note = INTERRUPTED_NOTES.get(name)
+            typer.echo(f"{name}: interrupted" + (f"; {note}" if note else ""), err=True)
             raise typer.Exit(INTERRUPTED) from None
     return run
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mtser.cli.errors import USAGE, CliError
+from mtser.errors import UsageError
 
 STORAGE_OPTIONS = typer.Option(None, "--storage-options",
                                help="fsspec options of the command's URLs (store, corpus, run folder, checkpoints, "
@@ -18,9 +18,9 @@ def parse_storage_options(text: str | None) -> dict | None:
     try:
         options = json.loads(text) if text else None
     except json.JSONDecodeError as exc:
-        raise CliError(f"--storage-options is not valid JSON: {exc}", USAGE) from None
+        raise UsageError(f"--storage-options is not valid JSON: {exc}") from None
     if options is not None and not isinstance(options, dict):
-        raise CliError("--storage-options must be a JSON object", USAGE)
+        raise UsageError("--storage-options must be a JSON object")
     return options
 
 
@@ -29,6 +29,6 @@ def check_output_file(path: Path | None, option: str) -> None:
     if path is None:
         return
     if path.is_dir():
-        raise CliError(f"{option} {path}: is a folder; give a file name", USAGE)
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
     if not path.absolute().parent.is_dir():
-        raise CliError(f"{option} {path}: folder {path.absolute().parent} does not exist", USAGE)
+        raise UsageError(f"{option} {path}: folder {path.absolute().parent} does not exist")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from mtser.cli.errors import fail as _fail
 from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
+from mtser.errors import MtserError, UsageError
 
 
 def tune(
@@ -24,12 +24,11 @@ def tune(
     """Ray Tune search: stage 1 α × β × pooling (multi-task), stage 2 fine-tuning from the best stage-1 trials.
 
     OUT may be a URL (s3://bucket/run): trials on every node write there. A remote store is copied once per node into
-    the node's cache ($MTSER_CACHE_DIR, default ~/.cache/mtser); the trials there read that copy."""
+    the node's cache ($MTSER_CACHE_DIR, else $XDG_CACHE_HOME/mtser, else ~/.cache/mtser); the trials there read that copy."""
     import pandas as pd
 
-    from mtser.configio import ConfigError
     from mtser.trainer.runs import RunFolder
-    from mtser.trainer.tune import SearchError, run_search
+    from mtser.trainer.tune import run_search
 
     options = parse_storage_options(storage_options)
 
@@ -38,20 +37,16 @@ def tune(
         typer.echo(f"{plan.text()}\n  needs approval: {'; '.join(plan.problems())}", err=True)
         return yes or (sys.stdin.isatty() and typer.confirm("run this search?", err=True))
 
-    try:
-        summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
-                             approve=approve, notify=lambda line: typer.echo(f"tune: {line}", err=True))
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except SearchError as exc:
-        _fail(str(exc), 2 if exc.usage else 1)
+    summary = run_search(search, store, out, resume=resume, stages=tuple(stage), storage_options=options,
+                         approve=approve, notify=lambda line: typer.echo(f"tune: {line}", err=True))
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
         shown = summary.table.drop(columns=["checkpoint"]).dropna(axis=1, how="all")
         typer.echo(shown.to_string(index=False, float_format="%.4f", na_rep=""))
     run = RunFolder(out, options)
     typer.echo(f"results: {run.url_of('results.csv')}   Ray Tune logs (TensorBoard): {run.url_of('ray')}")
     if summary.failed:
-        _fail(f"{len(summary.failed)} trial(s) failed: {', '.join(summary.failed)} (see state.json in their folders)")
+        raise MtserError(f"{len(summary.failed)} trial(s) failed: {', '.join(summary.failed)} (see state.json in "
+                         "their folders)")
 
 
 def ensemble(
@@ -69,24 +64,14 @@ def ensemble(
     writes challenge CSVs and a manifest."""
     from mtser.configio import ConfigError
     from mtser.featurestore.labels import SPLITS
-    from mtser.featurestore.store import StoreError
-    from mtser.trainer.checkpoint import CheckpointError
-    from mtser.trainer.ensemble import (EnsembleError, build_ensemble, coverage_line, metrics_table,
-                                        missing_external_lines, parse_extra_members)
-    from mtser.trainer.runs import RunError
+    from mtser.trainer.ensemble import (build_ensemble, coverage_line, metrics_table, missing_external_lines,
+                                        parse_extra_members)
 
     if split not in SPLITS:
-        _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
-    try:
-        manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out,
-                                  external=parse_extra_members(extra_member),
-                                  storage_options=parse_storage_options(storage_options))
-    except EnsembleError as exc:
-        _fail(str(exc), 2 if exc.usage else 1)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except (RunError, StoreError, CheckpointError) as exc:
-        _fail(str(exc))
+        raise UsageError(f"--split: expected one of {list(SPLITS)}, got {split!r}")
+    manifest = build_ensemble(run, store, split=split, k=top_k or None, out_dir=out,
+                              external=parse_extra_members(extra_member),
+                              storage_options=parse_storage_options(storage_options))
     for line in [*missing_external_lines(manifest["missing_external"]),
                  *filter(None, [coverage_line(split, manifest["coverage"][split])])]:
         typer.echo(line)
@@ -128,33 +113,21 @@ def predict(
 ) -> None:
     """Run the encoders and the ensemble on audio: class, 8 class probabilities, arousal, valence, dominance (per
     file, or per segment over time with --timeline)."""
-    from mtser.configio import ConfigError
-    from mtser.trainer.checkpoint import CheckpointError
-    from mtser.trainer.ensemble import EnsembleError
-
     options = parse_storage_options(storage_options)
     if not timeline and (workers or address or store):
-        _fail("--workers, --address and --store work with --timeline only", 2)
+        raise UsageError("--workers, --address and --store work with --timeline only")
     if address and not workers:
-        _fail("--address names the Ray cluster for --workers N; give --workers too", 2)
+        raise UsageError("--address names the Ray cluster for --workers N; give --workers too")
     if not timeline:
         check_output_file(Path(out) if out else None, "--out")
-    try:
-        if timeline:
-            _timeline(inputs, ensemble, out, device, skip_external, options, workers, address, store,
-                      segment=segment, min_segment_s=min_segment, max_segment_s=max_segment, window_s=window,
-                      hop_s=hop)
-            return
-        from mtser.trainer.predict import long_files, predict_files
+    if timeline:
+        _timeline(inputs, ensemble, out, device, skip_external, options, workers, address, store,
+                  segment=segment, min_segment_s=min_segment, max_segment_s=max_segment, window_s=window, hop_s=hop)
+        return
+    from mtser.trainer.predict import long_files, predict_files
 
-        run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
-                            storage_options=options)
-    except ConfigError as exc:                       # e.g. an encoder with pickled weights only
-        _fail(str(exc), 2)
-    except EnsembleError as exc:
-        _fail(str(exc), 2 if exc.usage else 1)
-    except CheckpointError as exc:
-        _fail(f"ensemble member: {exc}")
+    run = predict_files(inputs, ensemble, device=device, transcripts=transcripts, skip_external=skip_external,
+                        storage_options=options)
     if out:
         run.table.to_csv(out, index=False, float_format="%.6f")
         typer.echo(f"wrote {len(run.table)} rows to {out}")
@@ -171,18 +144,15 @@ def predict(
 
 def _timeline(inputs: list[str], ensemble: str, out: str | None, device: str, skip_external: bool,
               options: dict | None, workers: int, address: str | None, store: str | None, **settings) -> None:
-    from mtser.configio import ConfigError, from_dict
+    from mtser.configio import from_dict
     from mtser.featurestore.config import TimelineConfig
-    from mtser.trainer.timeline import TimelineError, predict_timeline, status_line
+    from mtser.trainer.timeline import predict_timeline, status_line
 
     if not out:
-        _fail("--timeline needs --out FOLDER (tables, summary and figures are written there)", 2)
-    try:
-        cfg = from_dict(TimelineConfig, settings, "timeline")
-        run = predict_timeline(inputs, ensemble, out, cfg, device=device, skip_external=skip_external,
-                               storage_options=options, workers=workers, address=address, store=store)
-    except (ConfigError, TimelineError) as exc:
-        _fail(str(exc), 2)
+        raise UsageError("--timeline needs --out FOLDER (tables, summary and figures are written there)")
+    cfg = from_dict(TimelineConfig, settings, "timeline")
+    run = predict_timeline(inputs, ensemble, out, cfg, device=device, skip_external=skip_external,
+                           storage_options=options, workers=workers, address=address, store=store)
     typer.echo(status_line(run))
     typer.echo(f"wrote segments.csv/.parquet, summary.csv/.parquet, timeline.html and png/ to {out}")
     if store:
@@ -200,13 +170,9 @@ def report(
 ) -> None:
     """PNG figures and one self-contained HTML page for a search run."""
     from mtser.trainer.report import ensemble_summary, write_report
-    from mtser.trainer.runs import RunError
 
     options = parse_storage_options(storage_options)
-    try:
-        page = write_report(run, out, options)
-    except RunError as exc:
-        _fail(str(exc))
+    page = write_report(run, out, options)
     summary = ensemble_summary(run, options)
     if summary is not None:
         typer.echo("ensemble metrics:")

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from mtser.cli.errors import CliError
 from mtser.cli.options import STORAGE_OPTIONS, check_output_file, parse_storage_options
+from mtser.errors import UsageError
 
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace the results (best/, history.csv) in a non-empty --out.")
 METRIC_ORDER = ("f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "score", "loss")
@@ -29,10 +29,6 @@ def _epoch_printer(held_out: bool):
     return show
 
 
-def _fail(message: str, code: int) -> CliError:
-    return CliError(message, code)
-
-
 def _overrides(pairs: list[str]) -> dict:
     """`key=value` pairs, values parsed as YAML (numbers, null, lists); ConfigError names a bad one."""
     from mtser.configio import parse_yaml
@@ -41,7 +37,7 @@ def _overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise _fail(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=10", 2)
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=10")
         out[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
     return out
 
@@ -52,29 +48,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
     import shutil
 
     if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out}: exists and is not a folder", 2)
+        raise UsageError(f"--out {out}: exists and is not a folder")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
-        raise _fail(f"--out {out}: folder is not empty (holds {', '.join(held[:5])}"
-                    f"{', ...' if len(held) > 5 else ''}); pass --overwrite to replace its results, or choose "
-                    "another folder", 2)
+        raise UsageError(f"--out {out}: folder is not empty (holds {', '.join(held[:5])}"
+                         f"{', ...' if len(held) > 5 else ''}); pass --overwrite to replace its results, or choose "
+                         "another folder")
     if held:
         shutil.rmtree(out / "best", ignore_errors=True)
         (out / "history.csv").unlink(missing_ok=True)
 
 
-def _run(train_call) -> None:
-    """Run a training call, turning known errors into messages and exit codes (2: config, 1: data/store)."""
-    from mtser.configio import ConfigError
-    from mtser.featurestore.store import StoreError
-    from mtser.trainer.checkpoint import CheckpointError
-
-    try:
-        result = train_call()
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
-        raise _fail(str(exc), 1) from None
+def _print_result(result) -> None:
+    """The best epoch's metrics, the test metrics if any, and where the checkpoint is."""
     typer.echo(f"best epoch {result.best_epoch}: {_metric_line(result.best_metrics)}")
     if result.test_metrics is not None:
         typer.echo(f"test (Development): {_metric_line(result.test_metrics)}")
@@ -94,18 +80,15 @@ def register(app: typer.Typer) -> None:
         storage_options: str = STORAGE_OPTIONS,
     ) -> None:
         """Stage 1: multi-task pre-training on the store's Train split, selected on Development."""
-        from mtser.configio import ConfigError
         from mtser.trainer.config import load_config
         from mtser.trainer.loop import train
 
-        try:
-            cfg = load_config(config, _overrides(set_))
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
+        cfg = load_config(config, _overrides(set_))
         options = parse_storage_options(storage_options)
         _check_out(out, overwrite)
-        _run(lambda: train(cfg, store, out, stage="pretrain", on_epoch=_epoch_printer(cfg.train.validation is not None),
-                           progress=progress, storage_options=options))
+        _print_result(train(cfg, store, out, stage="pretrain",
+                            on_epoch=_epoch_printer(cfg.train.validation is not None), progress=progress,
+                            storage_options=options))
 
     @app.command("finetune")
     def finetune_command(
@@ -122,41 +105,37 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage 2: fine-tune a stage-1 checkpoint for one task, with that task's schedule (finetune.cat or
         finetune.dim)."""
-        from mtser.configio import ConfigError, apply_override, from_dict, to_dict
-        from mtser.trainer.checkpoint import CheckpointError, read_sidecar
+        from mtser.configio import apply_override, from_dict, to_dict
+        from mtser.featurestore.files import absolute, is_url
+        from mtser.trainer.checkpoint import read_sidecar
         from mtser.trainer.config import Config, load_config
         from mtser.trainer.loop import finetune_config, train
 
         if task not in ("cat", "dim"):
-            raise _fail(f"--task: expected cat or dim, got {task!r}", 2)
+            raise UsageError(f"--task: expected cat or dim, got {task!r}")
         try:
             width = None if sigma is None or sigma.lower() == "none" else float(sigma)
             if width is not None and not (math.isfinite(width) and width > 0):
                 raise ValueError
         except ValueError:
-            raise _fail(f"--sigma: expected a positive number or 'none', got {sigma!r}", 2) from None
+            raise UsageError(f"--sigma: expected a positive number or 'none', got {sigma!r}") from None
         if width is not None and task != "dim":
-            raise _fail("--sigma: only applies to --task dim", 2)
+            raise UsageError("--sigma: only applies to --task dim")
         options = parse_storage_options(storage_options)
-        try:
-            if config is not None:
-                cfg = load_config(config, _overrides(set_))
-            else:
-                raw = read_sidecar(from_, options)["config"]
-                for key, value in _overrides(set_).items():
-                    apply_override(raw, key, value)
-                cfg = from_dict(Config, raw)
-            cfg = from_dict(Config, to_dict(finetune_config(cfg, task, width)))  # re-validated
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-        except CheckpointError as exc:
-            raise _fail(str(exc), 1) from None
-        if "://" not in from_ and Path(from_).resolve().is_relative_to(out.resolve()):
-            raise _fail(f"--out {out}: holds the parent checkpoint --from {from_}; choose another folder", 2)
+        if config is not None:
+            cfg = load_config(config, _overrides(set_))
+        else:
+            raw = read_sidecar(from_, options)["config"]
+            for key, value in _overrides(set_).items():
+                apply_override(raw, key, value)
+            cfg = from_dict(Config, raw)
+        cfg = from_dict(Config, to_dict(finetune_config(cfg, task, width)))  # re-validated
+        if not is_url(from_) and Path(absolute(from_)).is_relative_to(out.resolve()):
+            raise UsageError(f"--out {out}: holds the parent checkpoint --from {from_}; choose another folder")
         _check_out(out, overwrite)
-        _run(lambda: train(cfg, store, out, stage="finetune", task=task, init_from=from_,
-                           on_epoch=_epoch_printer(cfg.schedule("finetune", task).validation is not None),
-                           progress=progress, storage_options=options))
+        _print_result(train(cfg, store, out, stage="finetune", task=task, init_from=from_,
+                            on_epoch=_epoch_printer(cfg.schedule("finetune", task).validation is not None),
+                            progress=progress, storage_options=options))
 
     @app.command("evaluate")
     def evaluate_command(
@@ -170,25 +149,16 @@ def register(app: typer.Typer) -> None:
         """Score a checkpoint on a split: macro-F1 over 8 classes, CCC per attribute and their mean."""
         import json
 
-        from mtser.configio import ConfigError
         from mtser.featurestore.labels import SPLITS
-        from mtser.featurestore.store import StoreError
-        from mtser.trainer.checkpoint import CheckpointError
-        from mtser.trainer.data import open_if_url
-        from mtser.trainer.infer import coverage, evaluate
+        from mtser.trainer.infer import coverage, evaluate, open_if_url
 
         if split not in SPLITS:
-            raise _fail(f"--split: expected one of {list(SPLITS)}, got {split!r}", 2)
+            raise UsageError(f"--split: expected one of {list(SPLITS)}, got {split!r}")
         check_output_file(predictions, "--predictions")
         options = parse_storage_options(storage_options)
-        try:
-            fs = open_if_url(store, options)
-            metrics, table = evaluate(checkpoint, fs, split, device=device, storage_options=options)
-            scored = coverage(fs, split, len(table))
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-        except (CheckpointError, StoreError, KeyError, ValueError, OSError) as exc:
-            raise _fail(str(exc), 1) from None
+        fs = open_if_url(store, options)
+        metrics, table = evaluate(checkpoint, fs, split, device=device, storage_options=options)
+        scored = coverage(fs, split, len(table))
         if predictions is not None:
             table.to_csv(predictions, index=False, float_format="%.6f")
         typer.echo(f"{split}: {len(table)} utterances  {_metric_line(metrics) or '(no labels: no metrics)'}")

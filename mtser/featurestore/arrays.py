@@ -26,12 +26,13 @@ from numcodecs import VLenUTF8
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from mtser.errors import DataError
 from mtser.featurestore.shards import ZSTD
 
 FAST_CHAINS = (["bytes", "zstd", "crc32c"], ["vlen-utf8", "zstd", "crc32c"])
 
 
-class ArrayChecksumError(ValueError):
+class ArrayChecksumError(DataError):
     """A chunk's crc32c does not match its bytes."""
 
 

@@ -17,13 +17,14 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
+from mtser.errors import DataError
 from mtser.featurestore.files import CorpusFiles, is_url
 
 SILENCE_PEAK = 1e-5  # below -100 dBFS everywhere counts as all-silent
 HEADER_READERS = 16  # concurrent header reads of audio at URLs (durations for shard planning)
 
 
-class AudioError(ValueError):
+class AudioError(DataError):
     """An utterance's audio cannot be used; the message is the reason."""
 
 

@@ -6,8 +6,11 @@ the node that asks for it.
 
 `key` hashes the store's URL and its committed parts (name and commit time), so a part committed later makes a new
 copy instead of a half-updated old one. The copy is filled under an exclusive file lock into a temporary sibling and
-renamed into place, so concurrent trials on one node download once and never read a half-written copy. The cache
-directory defaults to ~/.cache/mtser (the `MTSER_CACHE_DIR` environment variable overrides it, per node).
+renamed into place, so concurrent trials on one node download once and never read a half-written copy.
+
+`cache_dir` is the one cache folder setting of mtser (store copies here, trials' work folders in `runs/`, the native
+kernels' builds in `native/`): `$MTSER_CACHE_DIR` (set it per node), else `$XDG_CACHE_HOME/mtser`, else
+`~/.cache/mtser`.
 """
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ from pathlib import Path
 
 import fsspec
 
-from mtser.featurestore.layout import is_local, local_path
+from mtser.featurestore.files import is_url
+from mtser.featurestore.layout import local_path
 from mtser.featurestore.reader import open_store
 
 CACHE_ENV = "MTSER_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """This node's cache directory: $MTSER_CACHE_DIR, else ~/.cache/mtser."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mtser").expanduser()
+    """This node's mtser cache folder: $MTSER_CACHE_DIR, else $XDG_CACHE_HOME/mtser, else ~/.cache/mtser."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mtser"
 
 
 def cache_key(url: str, parts: dict[str, int]) -> str:
@@ -39,7 +45,7 @@ def cache_key(url: str, parts: dict[str, int]) -> str:
 
 def cached_store(url: str, storage_options: dict | None = None) -> str:
     """A local path holding the store at `url` as committed now; a local `url` is returned as given."""
-    if is_local(url):
+    if not is_url(url):
         return local_path(url)
     store = open_store(url, storage_options=storage_options)
     parts = {p.name: p.committed_ns for p in store.parts()}

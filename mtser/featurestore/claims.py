@@ -25,7 +25,8 @@ from typing import Any
 
 import fsspec
 
-from mtser.featurestore.layout import StoreError, is_local, local_path
+from mtser.featurestore.files import is_url
+from mtser.featurestore.layout import StoreError, local_path
 
 LEASE_SECONDS = 600.0           # a claim from another machine whose heartbeat is older than this is stale
 MAX_RACES = 50                  # lost exclusive creates in a row before giving up (other writers keep winning)
@@ -104,7 +105,7 @@ class _Files:
     """The claim folder of one part: list, read, create exclusively, overwrite (local files or fsspec)."""
 
     def __init__(self, url: str, storage_options: dict | None, part_id: str):
-        self.local = is_local(url)
+        self.local = not is_url(url)
         if self.local:
             self.fs: Any = None
             self.dir = os.path.join(local_path(url), "claims", part_id)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mtser.errors import UsageError
 from mtser.featurestore.files import CorpusFiles, remote_errors
 from mtser.featurestore.labels import ALL_CLASS_CODES, ATTRIBUTE_RANGE, ATTRIBUTES, SPLITS
 
@@ -59,7 +60,7 @@ MSP_REQUIRED = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "Split_Set
 MANIFEST_REQUIRED = ("id", "path")
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError, ValueError):
     """The corpus path itself cannot be read (missing, or not a corpus of any known layout)."""
 
 

@@ -19,9 +19,16 @@ HEADER_BLOCK = 64 * 1024        # bytes fetched per request when only an audio f
 STREAM_BLOCK = 8 * 2**20        # bytes fetched per request when a long recording is decoded block by block
 
 
-def is_url(path: str) -> bool:
-    """An fsspec URL other than file:// (which is read as the local path it names)."""
-    return "://" in path and not path.startswith("file://")
+def is_url(location: str | Path) -> bool:
+    """The one URL check: an fsspec URL other than file:// (which is read as the local path it names)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def absolute(location: str | Path) -> str:
+    """A URL as given; a local path (or file:// URL) resolved to an absolute path, which means the same in any
+    working directory (Ray workers run in their own)."""
+    return str(location) if is_url(location) else str(Path(_local(str(location))).resolve())
 
 
 def remote_errors() -> tuple[type[Exception], ...]:

@@ -18,7 +18,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from mtser import __version__
-from mtser.featurestore.files import remote_errors
+from mtser.errors import MtserError
+from mtser.featurestore.files import is_url, remote_errors
 from mtser.featurestore.shards import ByteSource, FsspecByteSource, LocalByteSource
 
 SCHEMA_VERSION: int = 2                 # 2: Zarr v3 core data types only (strings as utf8 bytes + offsets)
@@ -35,7 +36,7 @@ FAILURE_COLUMNS = ("id", "path", "stage", "reason")          # columns of the fa
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class StoreError(Exception):
+class StoreError(MtserError):
     """Anything wrong with a store, an utterance or an encoder; the message names the item and the reason."""
 
 
@@ -97,7 +98,8 @@ class EncoderInfo:
 
 # --------------------------------------------------------------------------------------------------------- store access
 def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    """A local path or file:// URL: not `files.is_url`."""
+    return not is_url(url)
 
 
 def local_path(url: str) -> str:

@@ -19,6 +19,8 @@ import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
+from mtser.errors import DataError
+
 ZSTD = Zstd()                 # zarr's own zstd codec; stateless, shared by all threads
 
 EMPTY_CHUNK = 2**64 - 1
@@ -26,7 +28,7 @@ MAX_CACHED_FDS = 512
 READ_PIECE = 128 * 1024
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(DataError):
     """A shard file or its index does not match the array metadata (corrupt or truncated)."""
 
 

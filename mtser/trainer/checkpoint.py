@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from mtser.configio import MAX_SHOWN, ConfigError, from_dict, shown, to_dict
+from mtser.configio import ConfigError, MAX_SHOWN, from_dict, shown, to_dict
+from mtser.errors import MtserError
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.config import Config, ModelConfig
@@ -35,7 +36,7 @@ SIDECAR = "checkpoint.json"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(Exception):
+class CheckpointError(MtserError):
     """A checkpoint directory is missing, incomplete or does not match its config; the message names the path."""
 
 

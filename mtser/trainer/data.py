@@ -1,4 +1,5 @@
-"""Store → batches: label filtering per task, epoch sampling, padding with masks, background prefetching.
+"""Store → batches: label filtering per task, epoch sampling, padding with masks (prefetched in the background by
+`featurestore.prefetch`).
 
 Training draws `samples_per_epoch` utterances of the Train split (augmented copies included); evaluation walks a
 whole split in length-sorted batches over original utterances only.
@@ -10,9 +11,7 @@ import math
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtser.errors import DataError
 from mtser.featurestore.labels import ATTRIBUTES, CLASS_INDEX, CLASSES
 from mtser.featurestore.store import StoreError, open_store
 from mtser.trainer.losses import Task
@@ -104,7 +104,7 @@ def selection_split(store, encoders: Sequence[str], fraction: float, seed: int, 
         chosen.add(names[k])
         held += int(sizes[names[k]])
     if len(chosen) == len(names):
-        raise ValueError(f"store {store.url}: {split} has {len(names)} speaker group(s); holding out {fraction:g} of "
+        raise DataError(f"store {store.url}: {split} has {len(names)} speaker group(s); holding out {fraction:g} of "
                          "it would leave nothing to train on")
     return [i for i in ids if groups[i] in chosen]
 
@@ -316,27 +316,6 @@ class BatchReader:
             log.warning("skipping unreadable utterance %s: %s", utt_id, exc)
             return False
         return True
-
-
-# ------------------------------------------------------------------------------------------------------ prefetch
-def prefetch(load: Callable[[T], object], items: Iterable[T], depth: int = 4, workers: int = 2) -> Iterator:
-    """Yield load(item) for every item, in order, computed by `workers` background threads up to `depth` ahead.
-
-    An exception in `load` is raised at its item. Stopping early (break / close) cancels what is still queued.
-    """
-    pending: deque[Future] = deque()
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mtser-prefetch") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(load, item))
-                if len(pending) > max(1, depth):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 class WaitClock:

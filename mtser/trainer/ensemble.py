@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from mtser.configio import shown
-from mtser.featurestore.files import remote_errors
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES
+from mtser.errors import DATA, MtserError, USAGE
+from mtser.featurestore.files import absolute, remote_errors
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES
 from mtser.trainer.config import EnsembleConfig, MemberSelector
 from mtser.trainer.data import label_arrays
 from mtser.trainer.metrics import summarize
@@ -34,12 +35,11 @@ TASKS: tuple[str, ...] = ("class", *ATTRIBUTES)          # "class" uses f1; each
 STAGE2_TASK = {"class": "cat", **{name: "dim" for name in ATTRIBUTES}}
 
 
-class EnsembleError(RuntimeError):
-    """An ensemble cannot be built or loaded (the message says why); `usage` marks a wrong invocation (exit 2)."""
+class EnsembleError(MtserError, RuntimeError):
+    """An ensemble cannot be built or loaded (the message says why); `usage` marks a wrong invocation (exit code 2)."""
 
     def __init__(self, message: str, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
+        super().__init__(message, USAGE if usage else DATA)
 
 
 def task_metric(task: str) -> str:
@@ -113,7 +113,7 @@ def add_external(members: dict[str, list[dict[str, Any]]], external: dict[str, s
         if name not in ATTRIBUTES:
             raise EnsembleError(f"--extra-member: {name!r} is not an attribute ({', '.join(ATTRIBUTES)}); external "
                                 "files in the challenge format have no class probabilities", usage=True)
-        location = str(location) if "://" in str(location) else str(Path(location).resolve())
+        location = absolute(location)
         digest = hashlib.sha256(_read_external(location, storage_options, usage=True)).hexdigest()
         members[name].append({"trial": f"external:{location.rstrip('/').rsplit('/', 1)[-1]}", "external": location,
                               "sha256": digest, "metric": task_metric(name), "forced": True})
@@ -233,11 +233,11 @@ def missing_external_lines(missing: dict[str, str]) -> list[str]:
 
 
 def prediction_table(pred: Predictions, labels=None) -> pd.DataFrame:
-    """infer.prediction_table with FileName for id, attributes clipped to 1..7, sorted by FileName."""
+    """The challenge's form of `infer.prediction_table`: by FileName, attributes clipped to 1..7, sorted."""
     from mtser.trainer.infer import prediction_table as per_utterance
 
-    table = per_utterance(pred.ids, pred.probs, np.clip(pred.attrs, *ATTRIBUTE_RANGE), labels)
-    return table.rename(columns={"id": "FileName"}).sort_values("FileName", kind="stable").reset_index(drop=True)
+    table = per_utterance(pred.ids, pred.probs, pred.attrs, labels, id_column="FileName", clip=True)
+    return table.sort_values("FileName", kind="stable").reset_index(drop=True)
 
 
 def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Development", k: int | None = None,

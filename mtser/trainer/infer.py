@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.errors import DataError
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTE_RANGE, ATTRIBUTES, CLASSES
+from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from mtser.trainer.checkpoint import check_store_matches, load_checkpoint
 from mtser.trainer.data import open_if_url
@@ -32,7 +34,7 @@ def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, de
     sorted_ids = [ids[k] for k in order]
     gpu = device.type == "cuda"
     reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu)
-    batches = data.prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
+    batches = prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
 
@@ -49,14 +51,17 @@ def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], 
     return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
 
 
-def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None
-                     ) -> pd.DataFrame:
-    """One row per utterance: id, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom, true_* labels."""
-    table = pd.DataFrame({"id": list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
+def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None,
+                     id_column: str = "id", clip: bool = False) -> pd.DataFrame:
+    """The one prediction table (evaluate, ensembles, predict, the timeline): one row per id, in the given order:
+    `id_column`, EmoClass (predicted letter), prob_<class>, EmoAct/EmoVal/EmoDom (clipped to the attribute range 1..7
+    with `clip`, as the challenge reports them), and with `labels` the true_* columns."""
+    table = pd.DataFrame({id_column: list(ids), "EmoClass": [CLASSES[k] for k in probs.argmax(axis=1)]})
     for k, c in enumerate(CLASSES):
         table[f"prob_{c}"] = probs[:, k]
+    values = np.clip(attrs, *ATTRIBUTE_RANGE) if clip else attrs
     for k, name in enumerate(ATTRIBUTES):
-        table[ATTRIBUTE_COLUMNS[name]] = attrs[:, k]
+        table[ATTRIBUTE_COLUMNS[name]] = values[:, k]
     if labels is not None:
         table["true_EmoClass"] = [CLASSES[k] if k >= 0 else None for k in labels.classes]
         for k, name in enumerate(ATTRIBUTES):
@@ -87,7 +92,7 @@ def evaluate(checkpoint: str | Path, store, split: str = "Development", device: 
     check_store_matches(meta, store)
     ids = data.evaluation_ids(store, list(model.encoder_dims), split)
     if not ids:
-        raise ValueError(f"store {store.url}: split {split!r} has no utterances with features for "
+        raise DataError(f"store {store.url}: split {split!r} has no utterances with features for "
                          f"{list(model.encoder_dims)}")
     probs, attrs = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
     labels = data.label_arrays(store.utterances, ids)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtser.configio import ConfigError
+from mtser.errors import DataError
 from mtser.trainer.checkpoint import save_checkpoint, update_sidecar
 from mtser.trainer.cohort import CohortModel
 from mtser.trainer.config import Config, TrainConfig
@@ -47,7 +48,7 @@ SHARED_FIELDS = ("epochs", "samples_per_epoch", "batch_size", "eval_batch_size",
                  "prefetch_batches", "device", "mixed_precision", "validation", "use_augmented")
 
 
-class DivergedError(ValueError):
+class DivergedError(DataError):
     """A model trained alone produced non-finite losses `nonfinite_patience` steps in a row."""
 
 

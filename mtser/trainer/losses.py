@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mtser.configio import ConfigError
+from mtser.errors import DataError
 from mtser.featurestore.labels import CLASSES
 from mtser.trainer.config import LossConfig
 
@@ -54,7 +55,7 @@ def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     if total == 0:
-        raise ValueError("class weights: no training utterance has one of the 8 class labels")
+        raise DataError("class weights: no training utterance has one of the 8 class labels")
     return np.divide(total, len(counts) * counts, out=np.zeros_like(counts), where=counts > 0).astype(np.float32)
 
 

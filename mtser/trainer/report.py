@@ -24,8 +24,6 @@ import pandas as pd
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer.runs import METRIC_COLUMNS, TEST_COLUMNS, RunFolder, as_run, load_results, read_history
 
-TABLE1_METRICS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
-                  "challenge_ccc_mean"]
 Panel = tuple[str, Any]                         # (file-name suffix, matplotlib Figure)
 PRECISION = 4                                   # decimals of every metric in the page's tables
 PARAMETERS = ("alpha", "beta", "sigma")         # shown with as many decimals as their values need
@@ -206,12 +204,12 @@ def table1(results: pd.DataFrame) -> pd.DataFrame | None:
     stage1 = results[results["stage"] == 1]
     if stage1.empty:
         return None
-    tested = stage1[[f"test_{m}" for m in TABLE1_METRICS]].notna().any(axis=None)
+    tested = stage1[[f"test_{m}" for m in METRIC_COLUMNS]].notna().any(axis=None)
     rows = []
     for _, r in stage1.iterrows():
         setting = ("single-task: attributes" if r["beta"] == 0 else "single-task: classes" if r["alpha"] == 0
                    else "multi-task")
-        values = {m: r[f"test_{m}" if tested else m] for m in TABLE1_METRICS}
+        values = {m: r[f"test_{m}" if tested else m] for m in METRIC_COLUMNS}
         rows.append({"setting": setting, "alpha": r["alpha"], "beta": r["beta"], "pooling": r["pooling"],
                      "split": "Development (test)" if tested else "Development (selection)", **values})
     order = {"single-task: attributes": 0, "single-task: classes": 1, "multi-task": 2}
@@ -365,7 +363,7 @@ def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Pat
     if settings is not None:
         split = f'<p class="note">Scored on {html.escape(settings["split"].iloc[0])}.</p>'   # one split per table
         sections.append(("table1", "Table 1: stage-1 settings (the paper's ablation layout)",
-                         split + html_table(settings.drop(columns="split"), best=TABLE1_METRICS, table_id="table1")
+                         split + html_table(settings.drop(columns="split"), best=METRIC_COLUMNS, table_id="table1")
                          + marked + note))
     tested = [c for c in TEST_COLUMNS if c in results and results[c].notna().any()]
     shown = results[[c for c in ("trial", "stage", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS, *tested,

@@ -27,6 +27,9 @@ from typing import Any
 import fsspec
 import pandas as pd
 
+from mtser.errors import MtserError
+from mtser.featurestore.files import absolute, is_url
+
 METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
                   "challenge_ccc_mean"]                   # on the selection split, at the best epoch
 TEST_COLUMNS = [f"test_{m}" for m in METRIC_COLUMNS]      # on Development when the selection split was held out
@@ -36,12 +39,8 @@ FINISHED = ("complete", "stopped")
 RESULTS = "results.csv"
 
 
-class RunError(RuntimeError):
+class RunError(MtserError, RuntimeError):
     """A run folder is missing what the caller needs (the message says what and how to make it)."""
-
-
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
 
 
 def write_atomic(location: str | Path, data: bytes, storage_options: dict | None = None) -> None:
@@ -79,7 +78,7 @@ class RunFolder:
     def __init__(self, location: str | Path, storage_options: dict | None = None):
         self.storage_options = dict(storage_options or {})
         self.local = not is_url(location)
-        self.url = str(Path(str(location).removeprefix("file://")).resolve()) if self.local else str(location).rstrip("/")
+        self.url = absolute(location) if self.local else str(location).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = self.root.rstrip("/")
 

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from mtser.configio import ConfigError
-from mtser.trainer.config import Config, TrainConfig
+from mtser.errors import DataError
+from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, check_store_matches, load_checkpoint
 from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+from mtser.trainer.config import Config, TrainConfig
 from mtser.trainer.device import Precision, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
 from mtser.trainer.metrics import LabelArrays, computable, confusion_matrix
@@ -80,11 +82,11 @@ class CohortData:
         tc = self.tc
         ids = data.epoch_batches(self.train_pool, self.train_lengths, tc.samples_per_epoch, tc.batch_size, tc.seed,
                                  epoch, tc.length_buckets)
-        return data.WaitClock(data.prefetch(self.train_reader, ids, depth=tc.prefetch_batches))
+        return data.WaitClock(prefetch(self.train_reader, ids, depth=tc.prefetch_batches))
 
     def scores(self, model: CohortModel, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, N, 8) logits and (G, N, 3) attributes of a fused model on `ids`, read once."""
-        batches = data.prefetch(self.reader, data.chunks(ids, self.tc.eval_batch_size), depth=self.tc.prefetch_batches)
+        batches = prefetch(self.reader, data.chunks(ids, self.tc.eval_batch_size), depth=self.tc.prefetch_batches)
         return run_model(model, batches, self.device, self.precision)
 
     def targets(self, task: str, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +119,7 @@ def setup_data(members: Sequence[Member], store, store_url: str | None = None) -
              for task in dict.fromkeys(m.tc.task for m in members)}       # in the members' order: reproducible
     for task, pool in pools.items():
         if not pool:
-            raise ValueError(f"store {store.url}: no Train utterance with features and labels for task {task!r}")
+            raise DataError(f"store {store.url}: no Train utterance with features and labels for task {task!r}")
     train_pool = _union(pools.values())
     select_ids = data.length_sorted(store, select_ids, encoders)
     host, pin = data.host_dtype(device), device.type == "cuda"

@@ -26,8 +26,10 @@ import pandas as pd
 from mtser.configio import to_dict
 from mtser.featurestore.config import ExtractConfig, TimelineConfig
 from mtser.featurestore.corpus import Utterance
+from mtser.errors import UsageError
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, CLASSES
 from mtser.featurestore.vad import VAD_RATE, Span
+from mtser.trainer.infer import prediction_table
 from mtser.trainer.predict import EnsembleScorer
 from mtser.trainer.runs import RunFolder
 
@@ -42,7 +44,7 @@ ALLOCATOR_THRESHOLD = 256 * 1024
 RECORD = "timeline.json"                                  # what the run folder's tables were made with
 
 
-class TimelineError(RuntimeError):
+class TimelineError(UsageError, RuntimeError):
     """The timeline cannot run as asked (usage), e.g. an output folder made with another ensemble or settings."""
 
 
@@ -206,9 +208,7 @@ class Timeline:
                    for u, stored in result.written}               # as a reader of the store gets them
         ids = [u.id for u in items if u.id in written]
         pred = self.scorer.score(ids, [written[i][1] for i in ids])
-        rows = pd.DataFrame({"segment": ids, "EmoClass": [CLASSES[k] for k in pred.probs.argmax(axis=1)]})
-        rows[PROBS] = pred.probs
-        rows[ATTRS] = np.clip(pred.attrs, 1.0, 7.0)
+        rows = prediction_table(ids, pred.probs, pred.attrs, id_column="segment", clip=True)
         rows["transcript"] = [written[i][0].transcript if written[i][0].transcript_source == "asr" else None
                               for i in ids]
         failed = pd.DataFrame({"segment": [f.utt.id for f in result.failures],

@@ -27,7 +27,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from mtser.configio import ConfigError, from_dict, load_yaml_as, to_dict
-from mtser.trainer.config import load_config
+from mtser.errors import DATA, MtserError, USAGE
+from mtser.featurestore.files import absolute
+from mtser.trainer.config import Config, load_config
 from mtser.trainer.grid import CohortSpec, TrialSpec, stage1_specs, stage2_specs
 from mtser.trainer.runs import (
     FINISHED, RESULTS, RunFolder, as_run, is_finished, mark_state, read_state, results_table, trial_key,
@@ -38,12 +40,11 @@ from mtser.trainer.search_plan import SearchPlan, plan_cohorts, plan_search
 OBJECTIVE = "objective"        # reported each epoch: the best member's own selection metric (f1, ccc_mean or score)
 
 
-class SearchError(RuntimeError):
-    """The search cannot start or continue (the message says why); `usage` marks a wrong invocation (exit 2)."""
+class SearchError(MtserError, RuntimeError):
+    """The search cannot start or continue (the message says why); `usage` marks a wrong invocation (exit code 2)."""
 
     def __init__(self, message: str, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
+        super().__init__(message, USAGE if usage else DATA)
 
 
 @dataclass
@@ -241,8 +242,7 @@ def run_search(search_file: str | Path, store_url: str, run_dir: str | Path, *, 
     from mtser.featurestore.store import StoreError, open_store
 
     run_dir = RunFolder(run_dir, storage_options)
-    if "://" not in store_url:              # trials run in Ray workers with another working directory
-        store_url = str(Path(store_url).resolve())
+    store_url = absolute(store_url)          # trials run in Ray workers with another working directory
     try:
         store = open_store(store_url, storage_options=storage_options)
     except StoreError as exc:

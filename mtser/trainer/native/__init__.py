@@ -1,7 +1,7 @@
 """Small C kernels for the CPU, compiled on first use with the machine's C compiler and loaded with ctypes.
 
 A kernel is one C file next to this module, built with `-O3 -march=native` into a per-user cache
-(`$XDG_CACHE_HOME/mtser/native`, else `~/.cache/mtser/native`) under a name that hashes the source, the flags and
+(`native/` in mtser's cache folder, `featurestore.cache.cache_dir`) under a name that hashes the source, the flags and
 the CPU's features (the full SHA-256 of them), so nodes of a cluster sharing one home folder each get a build for
 their own CPU. The build is written under a temporary name and renamed into place: concurrent processes (Ray
 workers) never load a half-written library. Next to it, `<name>-<key>.so.sha256` records the SHA-256 of the built
@@ -44,7 +44,9 @@ def _cpu_signature() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtser" / "native"
+    from mtser.featurestore.cache import cache_dir as mtser_cache_dir   # the one cache folder setting
+
+    return mtser_cache_dir() / "native"
 
 
 @functools.cache
