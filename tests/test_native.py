@@ -42,6 +42,8 @@ def test_the_gemm_library_is_decided_by_timing_without_touching_the_random_state
     monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or pytest.fail(f"opened {a}"))
     decide(64, 128)                                         # by timing: no /proc/cpuinfo (or any file) read
     assert not opened
+    with torch.inference_mode():                            # first met in evaluation: it still times the backward
+        assert isinstance(decide(64, 128), bool)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert decide(64, 128) is False                         # no oneDNN in this torch: MKL
 

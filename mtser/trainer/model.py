@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,23 +44,19 @@ def onednn_gemm_is_faster(out_features: int, in_features: int) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * GEMM_ROWS, in_features, generator=generator)
-    weight = (torch.randn(out_features, in_features, generator=generator) * in_features**-0.5).requires_grad_()
-    bias = torch.zeros(out_features, requires_grad=True)
-
-    def seconds(layer: Callable[..., torch.Tensor]) -> float:
-        start = time.perf_counter()
-        torch.autograd.grad(layer(x, weight, bias).sum(), (weight, bias))
-        return time.perf_counter() - start
-
     layers = (lambda *a: torch.tanh(F.linear(*a)), _OneDnnTanhLinear.apply)
-    with torch.enable_grad():
-        times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[], []]
+    with torch.inference_mode(False), torch.enable_grad():   # also when first called under no_grad / inference_mode
+        x = torch.randn(2 * GEMM_ROWS, in_features, generator=generator)
+        weight = (torch.randn(out_features, in_features, generator=generator) * in_features**-0.5).requires_grad_()
+        bias = torch.zeros(out_features, requires_grad=True)
         for _ in range(4):                                            # round 0: warm-up (oneDNN plans its GEMM)
             for layer, t in zip(layers, times):
-                t.append(seconds(layer))
-        best = [min(t[1:]) for t in times]
-    return best[1] < 0.9 * best[0]
+                start = time.perf_counter()
+                torch.autograd.grad(layer(x, weight, bias).sum(), (weight, bias))
+                t.append(time.perf_counter() - start)
+    mkl, onednn = (min(t[1:]) for t in times)
+    return onednn < 0.9 * mkl
 
 
 class _OneDnnTanhLinear(torch.autograd.Function):
