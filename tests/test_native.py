@@ -101,6 +101,7 @@ def test_attention_moments_use_the_kernel_only_where_it_applies():
 def test_without_the_built_kernel_the_moments_run_on_pytorch(monkeypatch, tmp_path, caplog):
     """Not built, disabled, or not loadable (logged): no library, and `attention_moments` takes the matmuls."""
     load = native.library.__wrapped__                # uncached: each call decides afresh
+    monkeypatch.delenv("MTSER_NATIVE", raising=False)
     monkeypatch.setattr(native, "path", lambda name: tmp_path / f"_{name}.so")
     assert load("moments") is None                   # not built: silently the PyTorch path
     (tmp_path / "_moments.so").write_bytes(b"\x7fELF not a library")
