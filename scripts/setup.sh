@@ -29,7 +29,7 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     echo "$want" > $stamp
 fi
 
-# The optional C kernel of the trainer's ASP pooling (`make native`; 1.1-2.4x faster demo-size CPU cohort steps, see
+# The optional C kernel of the trainer's ASP pooling (`make native`; 1.1-3.9x faster demo-size CPU cohort steps, see
 # docs/benchmarks.md). Built where a C compiler is found; without one the trainer runs its PyTorch path.
 if command -v "${CC:-cc}" >/dev/null 2>&1; then
     make -s native || echo "setup: building the native kernel failed; the trainer runs its PyTorch path"
