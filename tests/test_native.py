@@ -1,6 +1,10 @@
 """The ASP pooling's two CPU paths chosen by measurement: the attention GEMM (MKL or oneDNN, timed per shape) and the
 weighted moments (the optional C kernel `make native` builds, or PyTorch's batched matmuls)."""
+import functools
 import logging
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +120,23 @@ def test_without_the_built_kernel_the_moments_run_on_pytorch(monkeypatch, tmp_pa
     mean, second = attention_moments(weights, x)
     assert mean.grad_fn.name() == "BmmBackward0"
     torch.testing.assert_close(second, torch.bmm(weights, x * x))
+
+
+def test_make_native_builds_a_portable_kernel_that_loads(tmp_path, monkeypatch):
+    """`make native`'s recipe (run here into a temporary folder) has no -march and gives a library whose kernel
+    equals the batched matmuls."""
+    root = Path(__file__).resolve().parent.parent
+    if not (shutil.which("make") and shutil.which("cc")):
+        pytest.skip("no make or C compiler here: `make native` cannot run (the PyTorch path is tested above)")
+    recipe = subprocess.run(["make", "-s", "-n", "-B", "native"], cwd=root, capture_output=True, text=True, check=True)
+    (command,) = [line.split() for line in recipe.stdout.splitlines() if "moments.c" in line]
+    assert not [flag for flag in command if flag.startswith("-march")]
+    command[command.index("-o") + 1] = str(tmp_path / "_moments.so")
+    subprocess.run(command, cwd=root, check=True)
+    monkeypatch.delenv("MTSER_NATIVE", raising=False)
+    monkeypatch.setattr(native, "path", lambda name: tmp_path / f"_{name}.so")
+    monkeypatch.setattr(native, "library", functools.cache(native.library.__wrapped__))
+    weights, x = _moments_case(3)
+    mean, second = attention_moments(weights, x)
+    assert mean.grad_fn.name().endswith("_NativeMomentsBackward")
+    torch.testing.assert_close(second, torch.bmm(weights, x * x), rtol=1e-5, atol=1e-6)
