@@ -3,6 +3,7 @@ of encoder embeddings, and one linear head giving 8 class logits and 3 attribute
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -16,35 +17,46 @@ Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B
 
 
 # oneDNN compiles a GEMM per shape: a caller whose row count changes every step (every batch has its own number of
-# real frames) pads its rows to a multiple of this, or pays ~1.5 ms more per GEMM at the demo's sizes.
+# real frames) pads its rows to a multiple of this, or plans a new GEMM at nearly every step (docs/benchmarks.md).
 GEMM_ROWS = 256
 
 
 def tanh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """tanh(x Wᵀ + b): the ASP attention's first layer (in a cohort: for all members, one GEMM).
 
-    On a CPU where MKL, PyTorch's float32 GEMM, runs narrower kernels than the CPU has (`onednn_gemm_is_faster`), it
-    runs through oneDNN (`_OneDnnTanhLinear`; see `GEMM_ROWS`); elsewhere (other CPUs, CUDA, autocast, a torch built
-    without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through `F.linear`."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and onednn_gemm_is_faster()
-            and not torch.is_autocast_enabled("cpu") and x.numel() > 0):
+    On the CPU in float32 it runs through oneDNN (`_OneDnnTanhLinear`, the tanh fused; see `GEMM_ROWS`) where oneDNN
+    measured faster than MKL, PyTorch's float32 GEMM, for this weight's shape (`onednn_gemm_is_faster`); elsewhere
+    (CUDA, autocast, a torch built without oneDNN, no rows: oneDNN has no primitive for an empty GEMM) through
+    `F.linear`."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and x.numel() > 0 and onednn_gemm_is_faster(*weight.shape)):
         return _OneDnnTanhLinear.apply(x, weight, bias)
     return torch.tanh(F.linear(x, weight, bias))
 
 
 @functools.cache
-def onednn_gemm_is_faster() -> bool:
-    """MKL runs its AVX2 kernels on AMD CPUs, AVX-512 ones included, while oneDNN picks AVX-512 by the CPU's
-    features. Measured at the cohort's shapes (8,000 frames × 1,280 → 32-256, `docs/benchmarks.md`, Search): on an
-    AMD EPYC with AVX-512 oneDNN's forward is 2.5-3× MKL's and its weight gradient 1.3-1.8×; on an AMD EPYC with
-    AVX2 only, MKL is as fast at 32 outputs and 1.3-1.8× faster at 128-256 (a cohort's)."""
-    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+def onednn_gemm_is_faster(out_features: int, in_features: int) -> bool:
+    """Whether `_OneDnnTanhLinear` (forward and weight gradient) beats MKL's `F.linear` + tanh on this CPU for an
+    (out_features, in_features) weight: timed once per process and shape on 2 × `GEMM_ROWS` random rows (a private
+    generator: the global random state is untouched), the two alternated, best of 3 after a warm-up. oneDNN must
+    win by 10 %: a near tie keeps MKL, PyTorch's default. False where torch has no oneDNN. Which GEMM libraries
+    pay on which CPUs: `docs/benchmarks.md` (ASP pooling)."""
+    if not torch.backends.mkldnn.is_available():
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
-    except OSError:
-        return False
+    generator = torch.Generator().manual_seed(0)
+    layers = (lambda *a: torch.tanh(F.linear(*a)), _OneDnnTanhLinear.apply)
+    times: list[list[float]] = [[], []]
+    with torch.inference_mode(False), torch.enable_grad():   # also when first called under no_grad / inference_mode
+        x = torch.randn(2 * GEMM_ROWS, in_features, generator=generator)
+        weight = (torch.randn(out_features, in_features, generator=generator) * in_features**-0.5).requires_grad_()
+        bias = torch.zeros(out_features, requires_grad=True)
+        for _ in range(4):                                            # round 0: warm-up (oneDNN plans its GEMM)
+            for layer, t in zip(layers, times):
+                start = time.perf_counter()
+                torch.autograd.grad(layer(x, weight, bias).sum(), (weight, bias))
+                t.append(time.perf_counter() - start)
+    mkl, onednn = (min(t[1:]) for t in times)
+    return onednn < 0.9 * mkl
 
 
 class _OneDnnTanhLinear(torch.autograd.Function):
@@ -73,9 +85,10 @@ def attention_moments(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Ten
     """Σₜ w·x and Σₜ w·x² per head: weights (B, G, T) and frames x (B, T, D) give (B, G, D) twice (ASP's weighted
     mean and second moment; in a cohort, G members at once).
 
-    On the CPU in float32, for frames that need no gradient, the C kernel `native/moments.c` reads each frame once
-    for all heads and both moments (`_NativeMoments`); elsewhere (CUDA, no C compiler) two batched matrix
-    products, which read the frames once per head and per moment and need x² written out first."""
+    On the CPU in float32, for frames that need no gradient, where the C kernel `native/moments.c` is built
+    (`make native`), it reads each frame once for all heads and both moments (`_NativeMoments`); elsewhere (CUDA,
+    the kernel not built) two batched matrix products, which read the frames once per head and per moment and need
+    x² written out first. Which pays on the CPU: `docs/benchmarks.md` (ASP pooling)."""
     if (native.library("moments") is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weights.dtype != torch.float32 or x.requires_grad or x.numel() == 0):
         return torch.bmm(weights, x), torch.bmm(weights, x * x)

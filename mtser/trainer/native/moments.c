@@ -12,9 +12,18 @@
    the weight, 0). The arithmetic of one head does not depend on the others (each mean and second-moment element
    sums its frames in frame order, each gradient element its dimensions in a fixed order), so a head computed in a
    cohort gives the same bits as the same head computed alone. Samples are shared out over OpenMP threads; the
-   library links the libgomp that PyTorch loaded (same soname), so it runs on PyTorch's own intra-op threads. */
+   library links the libgomp that PyTorch loaded (same soname), so it runs on PyTorch's own intra-op threads.
+
+   Built without -march (`make native`): on x86-64 each entry point also has an AVX2 + FMA clone, which the dynamic
+   loader selects by the CPU's features (GCC's target_clones, an ifunc); elsewhere the plain build. */
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 enum { FRAMES = 8, DIMS = 32, GRAD_FRAMES = 4 };
@@ -33,7 +42,7 @@ static int all_zero(const float *w, int64_t g_count, int64_t t_count) {
     return 1;
 }
 
-void moments_forward(const float *w, const float *x, float *mean, float *second,
+CLONES void moments_forward(const float *w, const float *x, float *mean, float *second,
                      int64_t b_count, int64_t g_count, int64_t t_count, int64_t d_count) {
     const int64_t d_vec = d_count / DIMS * DIMS;
     #pragma omp parallel for schedule(static)
@@ -86,7 +95,7 @@ static float frame_dot(const float *gm, const float *gs, const float *xr, int64_
     return dot;
 }
 
-void moments_backward(const float *w, const float *x, const float *gmean, const float *gsecond, float *gw,
+CLONES void moments_backward(const float *w, const float *x, const float *gmean, const float *gsecond, float *gw,
                       int64_t b_count, int64_t g_count, int64_t t_count, int64_t d_count) {
     const int64_t d_vec = d_count / 8 * 8;
     #pragma omp parallel for schedule(static)
