@@ -8,8 +8,8 @@ the node that asks for it.
 copy instead of a half-updated old one. The copy is filled under an exclusive file lock into a temporary sibling and
 renamed into place, so concurrent trials on one node download once and never read a half-written copy.
 
-`cache_dir` is the one cache folder setting of mtser (store copies here, trials' work folders in `runs/`, the native
-kernels' builds in `native/`): `$MTSER_CACHE_DIR` (set it per node), else `$XDG_CACHE_HOME/mtser`, else
+`cache_dir` is the one cache folder setting of mtser (store copies here, trials' work folders in `runs/`):
+`$MTSER_CACHE_DIR` (set it per node), else `$XDG_CACHE_HOME/mtser`, else
 `~/.cache/mtser`.
 """
 from __future__ import annotations
