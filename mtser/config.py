@@ -34,6 +34,8 @@ class EncoderConfig:
     revision: str | None = None                 # hub revision; local directories are content-hashed instead
     layer: int = -1                             # hidden-state index (-1 = last layer)
     mean_last_k: int = 1                        # >1: mean of the last K layers (then `layer` must stay -1)
+    layers: list[int] | Literal["all"] | None = None   # several hidden states side by side, (T, L, D) per utterance
+                                                # (0 = embeddings, negative from the end); not with the two above
     dtype: Literal["float16", "float32", "int8"] = "float16"   # as stored
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forward pass; None: bfloat16 on CUDA,
                                                                             # float32 on CPU (see resolve_compute_dtype)
@@ -46,6 +48,11 @@ class EncoderConfig:
         if self.kind == "whisper" and not self.pad_to_30s:
             raise ConfigError(f"{self.name}.pad_to_30s: false is not supported (the transformers Whisper encoder "
                               "requires 3000 mel frames, i.e. 30 s)")
+        if self.layers is not None and (self.layer != -1 or self.mean_last_k != 1):
+            raise ConfigError(f"{self.name}.layers: cannot be combined with layer={self.layer} or mean_last_k="
+                              f"{self.mean_last_k} (one stored state); list the hidden states in layers instead")
+        if self.layers == []:
+            raise ConfigError(f"{self.name}.layers: empty; give 'all' or a list of hidden-state indices")
 
 
 def resolve_compute_dtype(enc: EncoderConfig, device: str) -> str:

@@ -47,7 +47,7 @@ def extract(
     """
     from mtser.config import ConfigError, load_config
     from mtser.featurestore.corpus import CorpusError, read_corpus
-    from mtser.featurestore.encoders import check_models
+    from mtser.featurestore.models import check_models
     from mtser.featurestore.extract import ExtractError, extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.featurestore.store import StoreError
