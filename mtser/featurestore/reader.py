@@ -302,10 +302,11 @@ class FeatureStore:
         frames back to back); `...` is what `get` gives per frame: (D,), or (L, D) with `layers` or a layered
         store. Local raw shards of `out`'s dtype are read by the kernel straight into place (`read_segments` with
         `into`); anything else is decoded and cast into place."""
-        pick = self._info(encoder).pick(layers)
+        info = self._info(encoder)
+        pick = info.pick(layers)
         hits = [self.locate(u, encoder) for u in utt_ids]
         lengths = np.array([int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in hits], dtype=np.int64)
-        if out.ndim == 3:
+        if out.ndim == (3 if info.layers is None and pick is None else 4):
             for row, n in enumerate(lengths):
                 out[row, n:] = 0
             places = [out[row, :n] for row, n in enumerate(lengths)]
