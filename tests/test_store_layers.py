@@ -235,13 +235,16 @@ def test_layers_out_of_range_or_twice_are_refused_naming_them():
     ({"mean_last_k": 2, "layers": "all"}, "wavlm.layers: cannot be combined with layer=-1 or mean_last_k=2"),
     ({"layers": []}, "wavlm.layers: empty; give 'all' or a list of hidden-state indices"),
     ({"layers": "some"}, "extract.encoders[0].layers: expected a list"),
+    ({"layers": [0, 7]}, "encoder 'wavlm': layers: [7] out of range;"),           # found against the model's config
 ])
-def test_mixing_layer_and_layers_is_refused_naming_the_key(tmp_path, test_encoders_dir, extra, message):
+def test_mixing_layer_and_layers_is_refused_naming_the_key(tmp_path, test_encoders_dir, demo_corpus_dir, extra,
+                                                           message):
     raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
-    raw["extract"]["encoders"] = [{"name": "wavlm", "kind": "speech", "model": str(test_encoders_dir / "wavlm"),
-                                   **extra}]
+    for enc in raw["extract"]["encoders"]:
+        enc["model"] = str(test_encoders_dir / enc["name"])
+        enc.update(extra if enc["name"] == "wavlm" else {})
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["extract", str(tmp_path), "--config", str(bad), "--store",
-                                      str(tmp_path / "s"), "--workers", "0"])
+    result = CliRunner().invoke(app, ["extract", str(demo_corpus_dir), "--config", str(bad), "--store",
+                                      str(tmp_path / "s"), "--workers", "0", "--no-progress"])
     assert result.exit_code == 2 and message in result.output, result.output
