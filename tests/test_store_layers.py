@@ -248,3 +248,16 @@ def test_mixing_layer_and_layers_is_refused_naming_the_key(tmp_path, test_encode
     result = CliRunner().invoke(app, ["extract", str(demo_corpus_dir), "--config", str(bad), "--store",
                                       str(tmp_path / "s"), "--workers", "0", "--no-progress"])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_features_ls_and_show_print_the_layers(layered):
+    url, utts = layered
+    listed = CliRunner().invoke(app, ["features", "ls", url])
+    assert listed.exit_code == 0, listed.output
+    assert "wavlm: speech " in listed.output and "64-d × layers [0, 2, 1] float32 (none), 3 utterances" in listed.output
+    assert "roberta: text " in listed.output and "64-d × layers [2, 0] int8" in listed.output
+    as_json = CliRunner().invoke(app, ["features", "ls", url, "--json"])
+    assert '"layers": [\n        0,\n        2,\n        1\n      ]' in as_json.output
+    shown = CliRunner().invoke(app, ["features", "show", url, utts[0].id, "-e", "wavlm"])
+    n = open_store(url).length(utts[0].id, "wavlm")
+    assert shown.exit_code == 0 and f"[wavlm] shape ({n}, 3, 64) (T, L, D), layers [0, 2, 1] float32" in shown.output
