@@ -217,6 +217,14 @@ def test_int8_scales_are_per_frame_and_layer_and_checksums_verify(tmp_path):
         assert np.all(np.abs(got[:, position] - frames[:, position]) <= step * 0.51)
     assert np.array_equal(store.get("u", "q", layers=[6])[:, 0], got[:, 1])
     assert verify_store(url).ok
+    shard = Path(url) / "parts" / "p0" / "features" / "q" / "frames" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[16 + 8 + 2] ^= 0x40                                   # frame 1, layer 1, value 2 (int8 rows of 2 × 8)
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"'u' \(parts/p0/features/q\).*checksum mismatch"):
+        open_store(url).get("u", "q", layers=[0])             # any layer subset checks the whole row's crc32
+    problems = verify_store(url).problems
+    assert [(p.utterance, "checksum" in p.message) for p in problems] == [("u", True)]
 
 
 # ------------------------------------------------------------------------------------------------------ the config
@@ -250,7 +258,7 @@ def test_mixing_layer_and_layers_is_refused_naming_the_key(tmp_path, test_encode
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_features_ls_and_show_print_the_layers(layered):
+def test_features_ls_show_and_export_with_layers(layered, tmp_path):
     url, utts = layered
     listed = CliRunner().invoke(app, ["features", "ls", url])
     assert listed.exit_code == 0, listed.output
@@ -258,6 +266,10 @@ def test_features_ls_and_show_print_the_layers(layered):
     assert "roberta: text " in listed.output and "64-d × layers [2, 0] int8" in listed.output
     as_json = CliRunner().invoke(app, ["features", "ls", url, "--json"])
     assert '"layers": [\n        0,\n        2,\n        1\n      ]' in as_json.output
+    out = tmp_path / "export"
+    exported = CliRunner().invoke(app, ["features", "export", url, "-e", "whisper", "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert np.array_equal(np.load(out / f"{utts[1].id}.npy"), open_store(url).get(utts[1].id, "whisper"))
     shown = CliRunner().invoke(app, ["features", "show", url, utts[0].id, "-e", "wavlm"])
     n = open_store(url).length(utts[0].id, "wavlm")
     assert shown.exit_code == 0 and f"[wavlm] shape ({n}, 3, 64) (T, L, D), layers [0, 2, 1] float32" in shown.output
