@@ -80,7 +80,8 @@ def _direct(test_encoders_dir: Path, name: str, wave: np.ndarray, transcript: st
     folder = test_encoders_dir / name
     if name == "wavlm":
         inputs = AutoFeatureExtractor.from_pretrained(folder)(wave, sampling_rate=SR, return_tensors="pt")
-        return tuple(s[0] for s in _states(AutoModel.from_pretrained(folder).eval()(**inputs, output_hidden_states=True)))
+        model = AutoModel.from_pretrained(folder).eval()
+        return tuple(s[0] for s in _states(model(**inputs, output_hidden_states=True)))
     if name == "whisper":
         features = AutoFeatureExtractor.from_pretrained(folder)(wave, sampling_rate=SR, return_tensors="pt")
         model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
@@ -262,7 +263,8 @@ def test_features_ls_show_and_export_with_layers(layered, tmp_path):
     url, utts = layered
     listed = CliRunner().invoke(app, ["features", "ls", url])
     assert listed.exit_code == 0, listed.output
-    assert "wavlm: speech " in listed.output and "64-d × layers [0, 2, 1] float32 (none), 3 utterances" in listed.output
+    assert "wavlm: speech " in listed.output
+    assert "64-d × layers [0, 2, 1] float32 (none), 3 utterances" in listed.output
     assert "roberta: text " in listed.output and "64-d × layers [2, 0] int8" in listed.output
     as_json = CliRunner().invoke(app, ["features", "ls", url, "--json"])
     assert '"layers": [\n        0,\n        2,\n        1\n      ]' in as_json.output

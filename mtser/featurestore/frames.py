@@ -3,8 +3,9 @@ share (numpy only).
 
 float16 / float32 encoders keep the frames cast to their dtype; int8 encoders keep symmetric per-frame int8 values and
 a float32 scale per frame (value = int8 * scale); frames of several layers, (T, L, D), get a scale per frame and layer
-(T, L), so a layer's scale does not depend on the others' magnitudes. `store_frames` is the conversion, `decode_frames` what a reader gets
-back, `as_stored` the two together: the float32 values a model reading the store sees for frames computed now.
+(T, L), so a layer's scale does not depend on the others' magnitudes. `store_frames` is the conversion,
+`decode_frames` what a reader gets back, `as_stored` the two together: the float32 values a model reading the store
+sees for frames computed now.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def quantize_int8(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def store_frames(frames: np.ndarray, dtype: str) -> StoredFrames:
-    """`frames` (T, D) or (T, L, D) as an encoder stored in `dtype` keeps them. Non-finite input or a float overflow is not an
-    error here: `StoredFrames.finite()` tells (the writer refuses such frames)."""
+    """`frames` (T, D) or (T, L, D) as an encoder stored in `dtype` keeps them. Non-finite input or a float
+    overflow is not an error here: `StoredFrames.finite()` tells (the writer refuses such frames)."""
     x = np.asarray(frames)
     with np.errstate(over="ignore", invalid="ignore"):
         if dtype == "int8":

@@ -207,8 +207,8 @@ class Pipeline:
 
 
 def stitch(parts: list[np.ndarray]) -> np.ndarray:
-    """The pieces' frames ((T, D) or (T, L, D)) one after another, each piece released as soon as it is copied (`parts` is emptied), so
-    a long utterance's frames are held about once, not twice."""
+    """The pieces' frames ((T, D) or (T, L, D)) one after another, each piece released as soon as it is copied
+    (`parts` is emptied), so a long utterance's frames are held about once, not twice."""
     if len(parts) == 1:
         return parts.pop()
     out = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)

@@ -271,7 +271,8 @@ class StoreWriter:
         if not is_local(self.url):
             upload(self.url, self.storage_options, stream.key, spool.path)
         group.create_array(
-            f"{prefix}/frames", shape=(spool.rows, info.width), dtype=spool.dtype, chunks=(spool.chunk_rows, info.width),
+            f"{prefix}/frames", shape=(spool.rows, info.width), dtype=spool.dtype,
+            chunks=(spool.chunk_rows, info.width),
             shards=(spool.n_chunks * spool.chunk_rows, info.width), fill_value=0,
             compressors=ZstdCodec(level=ZSTD_LEVEL) if info.compression == "zstd" else None,
             config={"write_empty_chunks": True})                # metadata only: the shard file is written
