@@ -23,7 +23,7 @@ from mtser.featurestore.corpus import read_corpus
 from mtser.featurestore.encoders import SpeechEncoder
 from mtser.featurestore.extract import extract
 from mtser.featurestore.models import resolve_layers
-from mtser.featurestore.shards import LocalByteSource
+from mtser.featurestore.shards import FsspecByteSource, LocalByteSource
 from mtser.featurestore.store import StoreError, StoreWriter, create_store, open_store, register_encoder
 from mtser.featurestore.verify import verify_store
 from mtser.trainer import data
@@ -180,6 +180,29 @@ def test_all_or_some_layers_are_one_read_per_utterance(layered, monkeypatch):
         assert np.array_equal(out[row, :n], f) and not out[row, n:].any()
     sizes = [b - a for _, a, b in reads.ranges]
     assert sizes == [n * 3 * 64 * 4 for n in lengths]        # exactly the utterance's T·L·D values
+
+
+def test_remote_reads_of_layers_are_one_ranged_get_per_utterance(moto_s3, s3_bucket, monkeypatch):
+    url = f"s3://{s3_bucket}/layers.zarr"
+    create_store(url, moto_s3)
+    register_encoder(url, replace(encoder_info("deep", dim=8), layers=[0, 3, 6]), moto_s3)
+    ids = ["a", "b", "c", "d"]
+    rng = np.random.default_rng(1)
+    frames = {u: rng.standard_normal((5 + k, 3, 8)).astype(np.float32) for k, u in enumerate(ids)}
+    writer = StoreWriter(url, "p0", moto_s3)
+    for u in ids:
+        writer.add(utterance(u), {"deep": frames[u]})
+    writer.commit()
+    store = open_store(url, storage_options=moto_s3)
+    store.get("a", "deep")                                    # the shard index and checksums, once
+    requests: list[list] = []
+    read_many = FsspecByteSource.read_many
+    monkeypatch.setattr(FsspecByteSource, "read_many", lambda source, ranges: requests.append(ranges) or
+                        read_many(source, ranges))
+    got = store.get_many(ids, "deep", layers=[6, 0])
+    assert [len(r) for r in requests] == [len(ids)]           # one batch, one range per utterance
+    for u, g in zip(ids, got):
+        np.testing.assert_array_equal(g, frames[u][:, [2, 0]].astype(np.float16))
 
 
 def test_loader_reads_layered_encoders_padded_with_a_layer_subset(layered):
