@@ -247,7 +247,7 @@ def test_pickled_encoder_weights_load_only_when_the_user_opts_in(test_encoders_d
     import shutil
 
     from mtser.configio import ConfigError
-    from mtser.featurestore.encoders import ALLOW_PICKLE_ENV
+    from mtser.featurestore.models import ALLOW_PICKLE_ENV
 
     pickled = tmp_path / model
     shutil.copytree(test_encoders_dir / model, pickled)

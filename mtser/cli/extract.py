@@ -42,7 +42,7 @@ def extract(
     2: usage or config error.
     """
     from mtser.featurestore.corpus import read_corpus
-    from mtser.featurestore.encoders import check_models
+    from mtser.featurestore.models import check_models
     from mtser.featurestore.extract import extract as run_extract, reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.trainer.config import load_config

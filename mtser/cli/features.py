@@ -43,7 +43,8 @@ def ls(store: str = typer.Argument(..., help="Store path or URL."), storage_opti
     typer.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["per_split"].items())))
     for name, enc in summary["encoders"].items():
         splits = ", ".join(f"{k} {v}" for k, v in sorted(enc["per_split"].items()))
-        typer.echo(f"  {name}: {enc['kind']} {enc['model']}, {enc['dim']}-d {enc['dtype']} "
+        layers = "" if enc["layers"] is None else f" × layers {enc['layers']}"
+        typer.echo(f"  {name}: {enc['kind']} {enc['model']}, {enc['dim']}-d{layers} {enc['dtype']} "
                    f"({enc['compression']}), {enc['utterances']} utterances ({splits}), {enc['frames']} frames, "
                    f"{_size(enc['stored_bytes'])}")
 
@@ -67,8 +68,10 @@ def show(store: str = typer.Argument(..., help="Store path or URL."), utt_id: st
     names = [encoder] if encoder else [n for n in sorted(fs.encoders) if fs.has(utt_id, n)]
     for name in names:
         x = fs.get(utt_id, name, dtype=np.float32)
-        typer.echo(f"  [{name}] shape {x.shape} {fs.encoders[name].dtype}: mean {x.mean():.4f} std {x.std():.4f} "
-                   f"min {x.min():.4f} max {x.max():.4f}")
+        layers = fs.encoders[name].layers
+        typer.echo(f"  [{name}] shape {x.shape}{'' if layers is None else f' (T, L, D), layers {list(layers)}'} "
+                   f"{fs.encoders[name].dtype}: mean {x.mean():.4f} std {x.std():.4f} min {x.min():.4f} "
+                   f"max {x.max():.4f}")
 
 
 @features_app.command("export")

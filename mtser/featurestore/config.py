@@ -23,6 +23,8 @@ class EncoderConfig:
     revision: str | None = None                 # hub revision; local directories are content-hashed instead
     layer: int = -1                             # hidden-state index (-1 = last layer)
     mean_last_k: int = 1                        # >1: mean of the last K layers (then `layer` must stay -1)
+    layers: list[int] | Literal["all"] | None = None   # several hidden states side by side, (T, L, D) per utterance
+                                                # (0 = embeddings, negative from the end); not with the two above
     dtype: Literal["float16", "float32", "int8"] = "float16"   # as stored
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forward pass; None: bfloat16 on CUDA,
                                                                             # float32 on CPU (see resolve_compute_dtype)
@@ -39,6 +41,11 @@ class EncoderConfig:
             raise ConfigError(f"cannot be combined with layer={self.layer}", "mean_last_k")
         if self.mean_last_k < 1:
             raise ConfigError(f"must be >= 1, got {self.mean_last_k}", "mean_last_k")
+        if self.layers is not None and (self.layer != -1 or self.mean_last_k != 1):
+            raise ConfigError(f"cannot be combined with layer={self.layer} or mean_last_k={self.mean_last_k} (one "
+                              "stored state); list the hidden states in layers instead", "layers")
+        if self.layers == []:
+            raise ConfigError("empty; give 'all' or a list of hidden-state indices", "layers")
         if self.asr and self.kind != "whisper":
             raise ConfigError("only a whisper encoder can transcribe", "asr")
 

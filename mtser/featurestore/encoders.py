@@ -1,5 +1,7 @@
 """Frozen encoders through transformers: a speech SSL model, the Whisper encoder (+ASR from the same states), and a
-text model on transcripts. Each takes a hub id or a local directory and returns one (T, D) float32 array per input.
+text model on transcripts. Each takes a hub id or a local directory and returns one (T, D) float32 array per input,
+or (T, L, D) when the encoder keeps several hidden states (`layers`, one forward pass: `HiddenStates`). Finding,
+loading and describing the models is `models`' part.
 
 Each audio encoder cuts an utterance into `Piece`s that run as rows of a batch, and the utterance's frames are its
 pieces' kept frames in order (`pieces`), so a long recording never becomes one quadratic self-attention:
@@ -17,46 +19,56 @@ Batching never changes an utterance's features:
 
 Keeping a GPU busy: each model runs in its `compute_dtype` (default bfloat16 on CUDA, float32 on CPU); the speech
 models' input normalisation and Whisper's log-mel spectrogram are computed on the device from one padded batch
-assembled in pinned host memory; the forward returns every layer's states only when an inner layer or a mean of
-layers is asked (`wants_hidden_states`); features come back with one device-to-host copy per batch.
+assembled in pinned host memory; the forward returns every layer's states only when an inner layer, a mean of
+layers or several layers are asked (`HiddenStates.wanted`); features come back with one device-to-host copy per batch.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from mtser.configio import ConfigError
-from mtser.featurestore.config import EncoderConfig, model_candidates, resolve_compute_dtype
+from mtser.featurestore.config import EncoderConfig, resolve_compute_dtype
+from mtser.featurestore.models import (
+    WHISPER_SAMPLES_PER_FRAME, hidden_state_count, pretrained_model, resolve_layers,
+)
 
 WHISPER_WINDOW_S = 30
-WHISPER_SAMPLES_PER_FRAME = 320
 TEXT_BATCH_TOKENS = 8192
 
 
-def wants_hidden_states(cfg: EncoderConfig) -> bool:
-    """Whether the forward pass must return every layer's states: only for an inner layer or a mean of layers.
-    The last layer alone is `last_hidden_state`, so the others are never kept."""
-    return cfg.layer != -1 or cfg.mean_last_k > 1
+class HiddenStates:
+    """Which hidden states an encoder keeps: one (`layer`, or the mean of the last `mean_last_k`), or several
+    (`layers`, resolved to indices 0..count-1: `models.resolve_layers`), stacked as (..., T, L, D)."""
 
+    def __init__(self, cfg: EncoderConfig, model_config: Any):
+        self.cfg = cfg
+        self.layers = resolve_layers(cfg, hidden_state_count(model_config, cfg.kind))
 
-def select_hidden(output: Any, layer: int, mean_last_k: int) -> torch.Tensor:
-    """Hidden-state `layer` (0 = embeddings, -1 = last), or the mean of the last `mean_last_k` layers.
+    @property
+    def wanted(self) -> bool:
+        """Whether the forward pass must return every layer's states: for an inner layer, a mean of layers or
+        several layers. The last layer alone is `last_hidden_state`, so the others are never kept."""
+        return self.layers is not None or self.cfg.layer != -1 or self.cfg.mean_last_k > 1
 
-    The last entry is the model's `last_hidden_state` (after its final layer norm where it has one: WavLM-large's
-    `hidden_states[-1]` in transformers 5 is taken before that norm), so `layer=-1` is what `model(...)` returns.
-    """
-    if layer == -1 and mean_last_k == 1:
-        return output.last_hidden_state
-    states = (*output.hidden_states[:-1], output.last_hidden_state)
-    if mean_last_k > 1:
-        return torch.stack(states[-mean_last_k:]).float().mean(dim=0)
-    return states[layer]
+    def select(self, output: Any) -> torch.Tensor:
+        """(N, T, D) hidden-state `layer` (0 = embeddings, -1 = last) or the mean of the last `mean_last_k`; with
+        `layers`, (N, T, L, D) those states in the configured order.
+
+        The last entry is the model's `last_hidden_state` (after its final layer norm where it has one: WavLM-large's
+        `hidden_states[-1]` in transformers 5 is taken before that norm), so `layer=-1` is what `model(...)` returns.
+        """
+        cfg = self.cfg
+        if self.layers is None and cfg.layer == -1 and cfg.mean_last_k == 1:
+            return output.last_hidden_state
+        states = (*output.hidden_states[:-1], output.last_hidden_state)
+        if self.layers is not None:
+            return torch.stack([states[k] for k in self.layers], dim=2)
+        if cfg.mean_last_k > 1:
+            return torch.stack(states[-cfg.mean_last_k:]).float().mean(dim=0)
+        return states[cfg.layer]
 
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,6 +142,7 @@ class SpeechEncoder:
         self.compute_dtype = resolve_compute_dtype(cfg, device)
         self.model = pretrained_model(AutoModel, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
+        self.hidden = HiddenStates(cfg, self.model.config)
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.pads_safely = getattr(self.model.config, "feat_extract_norm", "layer") != "group"
         self.normalises = bool(getattr(self.extractor, "do_normalize", False))
@@ -196,8 +209,8 @@ class SpeechEncoder:
         x, mask = self.input_values(pieces)
         out = self.model(x.to(TORCH_DTYPES[self.compute_dtype]),
                          attention_mask=mask.long() if self.pads_safely else None,
-                         output_hidden_states=wants_hidden_states(self.cfg))
-        states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
+                         output_hidden_states=self.hidden.wanted)
+        states = self.hidden.select(out)
         frames = _host_frames(states, [self.frames(len(p.wave)) for p in pieces])
         return [f if p.keep == slice(None) else f[p.keep].copy() for f, p in zip(frames, pieces)]
 
@@ -214,6 +227,7 @@ class WhisperEncoder:
         self.compute_dtype = resolve_compute_dtype(cfg, device)
         self.model = pretrained_model(WhisperForConditionalGeneration, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
+        self.hidden = HiddenStates(cfg, self.model.config)
         self.extractor = AutoFeatureExtractor.from_pretrained(cfg.model, revision=cfg.revision)
         self.mel_filters = torch.from_numpy(np.asarray(self.extractor.mel_filters, dtype=np.float32)).T.to(device)
         self.window = torch.hann_window(self.extractor.n_fft, device=device)
@@ -252,8 +266,8 @@ class WhisperEncoder:
         """items: (wave, transcribe?) → (frames, transcript or None) per item."""
         pieces = [(i, p.wave) for i, (w, _) in enumerate(items) for p in self.pieces(w, sample_rate)]
         features = self.log_mel([p for _, p in pieces]).to(TORCH_DTYPES[self.compute_dtype])
-        enc = self.model.model.encoder(features, output_hidden_states=wants_hidden_states(self.cfg))
-        states = select_hidden(enc, self.cfg.layer, self.cfg.mean_last_k)
+        enc = self.model.model.encoder(features, output_hidden_states=self.hidden.wanted)
+        states = self.hidden.select(enc)
         frames: list[list[np.ndarray]] = [[] for _ in items]
         counts = [math.ceil(len(piece) / WHISPER_SAMPLES_PER_FRAME) for _, piece in pieces]
         for (i, _), piece_frames in zip(pieces, _host_frames(states, counts)):
@@ -288,6 +302,7 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
         self.model = pretrained_model(AutoModel, cfg)
         self.model.to(device, TORCH_DTYPES[self.compute_dtype]).eval()
+        self.hidden = HiddenStates(cfg, self.model.config)
 
     def batches(self, texts: Sequence[str], batch_seconds: float, sample_rate: int) -> list[list[int]]:
         lengths = [len(ids) for ids in self._tokenize(list(texts))["input_ids"]]
@@ -299,32 +314,14 @@ class TextEncoder:
     @torch.inference_mode()
     def forward(self, texts: Sequence[str], sample_rate: int) -> list[np.ndarray]:
         inputs = self._tokenize(list(texts), padding=True, return_tensors="pt").to(self.device)
-        out = self.model(**inputs, output_hidden_states=wants_hidden_states(self.cfg))
-        states = select_hidden(out, self.cfg.layer, self.cfg.mean_last_k)
+        out = self.model(**inputs, output_hidden_states=self.hidden.wanted)
+        states = self.hidden.select(out)
         mask = inputs["attention_mask"].bool().cpu()
         host = states.float().cpu()
         return [host[j][mask[j]].numpy() for j in range(len(texts))]
 
 
 Encoder = SpeechEncoder | WhisperEncoder | TextEncoder
-ALLOW_PICKLE_ENV = "MTSER_ALLOW_PICKLE_WEIGHTS"
-
-
-def pretrained_model(cls: Any, cfg: EncoderConfig) -> Any:
-    """`cls.from_pretrained` of the encoder's model with safetensors weights only: a pickled `pytorch_model.bin`
-    can run code when loaded, and a config or a checkpoint sidecar names the model. `MTSER_ALLOW_PICKLE_WEIGHTS=1`
-    (the user's environment, never a file mtser reads) allows pickled weights too."""
-    allow = os.environ.get(ALLOW_PICKLE_ENV) == "1"
-    try:
-        return cls.from_pretrained(cfg.model, revision=cfg.revision, use_safetensors=None if allow else True)
-    except OSError as exc:
-        if allow or "safetensors" not in str(exc):
-            raise
-        raise ConfigError(f"encoder {cfg.name!r}: {cfg.model} has no safetensors weights and mtser does not load "
-                          f"pickled ones (they can run code); convert the model to safetensors, or set "
-                          f"{ALLOW_PICKLE_ENV}=1 if you trust it") from None
-
-
 def load_encoder(cfg: EncoderConfig, device: str = "cpu", language: str = "en", max_new_tokens: int = 128) -> Encoder:
     if cfg.kind == "speech":
         return SpeechEncoder(cfg, device)
@@ -355,69 +352,6 @@ def run_batched(forward: Callable[[list], list], inputs: Sequence, batches: list
     return results, errors
 
 
-# ----------------------------------------------------------------------------------------------- finding the models
-OFFLINE_HINT = ("give a folder (relative to the config file or the current directory) or a hub id this machine can "
-                "reach; offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache, else use a "
-                "local path")
-
-
-def check_models(encoders: Sequence[EncoderConfig], config_dir: Path) -> None:
-    """ConfigError naming `extract.encoders[i].model`, the folders tried and what to do, for the first encoder whose
-    model is neither a local folder (`model_candidates`) nor a hub id whose config this machine can load."""
-    for i, enc in enumerate(encoders):
-        tried = model_candidates(enc.model, config_dir)
-        if any(path.is_dir() for path in tried):
-            continue
-        reason = _hub_problem(enc.model, enc.revision)
-        if reason is not None:
-            raise ConfigError(f"extract.encoders[{i}].model: {enc.model!r} is not a folder (tried "
-                              f"{', '.join(str(p) for p in tried)}) and {reason}; {OFFLINE_HINT}")
-
-
-def _hub_problem(model: str, revision: str | None) -> str | None:
-    """None when `model` is a hub id whose config loads (from the cache or the hub), else why not."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    from transformers import AutoConfig
-
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        return "not a hub id ('name' or 'namespace/name')"
-    try:
-        AutoConfig.from_pretrained(model, revision=revision)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"the hub id cannot be loaded ({first[:200]})"
-    return None
-
-
 def _reason(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-# ------------------------------------------------------------------------------------------------------- provenance
-def encoder_dim_and_rate(cfg: EncoderConfig, sample_rate: int) -> tuple[int, float]:
-    """Feature width and frames per second of audio (0.0 for text tokens), read from the model config only."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
-    if cfg.kind == "whisper":
-        return int(config.d_model), sample_rate / WHISPER_SAMPLES_PER_FRAME
-    if cfg.kind == "speech":
-        return int(config.hidden_size), sample_rate / float(np.prod(config.conv_stride))
-    return int(config.hidden_size), 0.0
-
-
-def content_hash(model: str) -> str | None:
-    """sha256 over a local model directory's file names and bytes (None for hub ids: the revision identifies them)."""
-    root = Path(model)
-    if not root.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()

@@ -33,8 +33,8 @@ from mtser.featurestore.audio import audio_durations
 from mtser.featurestore.claims import holder_of
 from mtser.featurestore.config import ExtractConfig, resolve_compute_dtype
 from mtser.featurestore.corpus import Utterance
-from mtser.featurestore.encoders import content_hash, encoder_dim_and_rate
 from mtser.featurestore.files import CorpusFiles
+from mtser.featurestore.models import content_hash, encoder_dim_and_rate, stored_layers
 from mtser.featurestore.pipeline import Failure, Loaded, Pipeline
 from mtser.featurestore.store import (
     EncoderInfo, FeatureStore, PartClaimed, PartCommitted, StoreError, StoreWriter, create_store, register_encoder,
@@ -274,7 +274,7 @@ def register_encoders(url: str, cfg: ExtractConfig, storage_options: dict | None
             name=enc.name, kind=enc.kind, model=enc.model, revision=enc.revision, content_hash=content_hash(enc.model),
             layer=enc.layer, mean_last_k=enc.mean_last_k, dim=dim, frame_rate=rate, dtype=enc.dtype,
             compression=enc.compression, sample_rate=cfg.sample_rate, mtser_version=__version__, config=to_dict(enc),
-            compute_dtype=enc.compute_dtype,
+            compute_dtype=enc.compute_dtype, layers=stored_layers(enc),
         ), storage_options)
 
 

@@ -60,6 +60,34 @@ class EncoderInfo:
     config: dict                  # mtser.configio.to_dict(EncoderConfig) the features were extracted with
     compute_dtype: str = "float32"  # the forward pass's dtype: "float32" | "bfloat16" | "float16" (older stores:
                                     # float32, the only one mtser computed in before)
+    layers: tuple[int, ...] | None = None   # hidden-state indices stored side by side, frames (T, L, D) per utterance
+                                            # (rows of L·D values); None: one state (`layer` / `mean_last_k`)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:                 # JSON and configs give a list
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def n_layers(self) -> int:
+        """L, the hidden states stored per frame (1 without `layers`)."""
+        return 1 if self.layers is None else len(self.layers)
+
+    @property
+    def width(self) -> int:
+        """Values per stored row (frame): L·D."""
+        return self.n_layers * self.dim
+
+    def pick(self, layers: list[int] | None) -> list[int] | None:
+        """Positions in a stored row of the hidden states `layers` (as stored: `layers`, or the one `layer` of a
+        store without them); None for `layers` None. StoreError naming the ones the store does not hold."""
+        if layers is None:
+            return None
+        stored = list(self.layers) if self.layers is not None else [self.layer] if self.mean_last_k == 1 else []
+        missing = [k for k in layers if k not in stored]
+        if missing or not layers:
+            held = stored or f"the mean of the last {self.mean_last_k} layers only"
+            raise StoreError(f"encoder {self.name!r}: layers {missing or '[]'} not stored (stored: {held})")
+        return [stored.index(k) for k in layers]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +109,10 @@ class EncoderInfo:
             raise StoreError(f"encoder {self.name!r}: compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.dim < 1:
             raise StoreError(f"encoder {self.name!r}: dim must be positive, got {self.dim}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
+                                        or any(not isinstance(k, int) or k < 0 for k in self.layers)):
+            raise StoreError(f"encoder {self.name!r}: layers must be distinct hidden-state indices >= 0, "
+                             f"got {self.layers}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise StoreError(f"encoder {self.name!r}: compute_dtype must be one of {COMPUTE_DTYPES}, "
                              f"got {self.compute_dtype!r}")

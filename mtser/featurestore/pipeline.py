@@ -207,11 +207,11 @@ class Pipeline:
 
 
 def stitch(parts: list[np.ndarray]) -> np.ndarray:
-    """The pieces' frames one after another, each piece released as soon as it is copied (`parts` is emptied), so
-    a long utterance's frames are held about once, not twice."""
+    """The pieces' frames ((T, D) or (T, L, D)) one after another, each piece released as soon as it is copied
+    (`parts` is emptied), so a long utterance's frames are held about once, not twice."""
     if len(parts) == 1:
         return parts.pop()
-    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    out = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
     row = 0
     while parts:
         piece = parts.pop(0)
@@ -224,7 +224,8 @@ def encode_utterances(encoders: list[EncoderConfig], utts: list[Utterance], devi
                       batch_seconds: float = 60.0, *, asr_language: str = "en", asr_max_new_tokens: int = 128,
                       storage_options: dict | None = None
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Utterance], dict[str, str]]:
-    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D) values exactly as a reader
+    """In-process extraction (no Ray, no store): features[id][encoder] as float32 (T, D) values ((T, L, D) for
+    an encoder with `layers`) exactly as a reader
     of a store with these encoders gets them (`frames.as_stored`: float16 rounded, int8 quantised), the utterances
     with transcript/transcript_source/duration filled, and failures[id] = "stage: reason"."""
     cfg = ExtractConfig(encoders=encoders, batch_seconds=batch_seconds, asr_language=asr_language,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Iterator
@@ -18,8 +17,8 @@ from mtser.featurestore.layout import (
     FAILURE_COLUMNS, FLOAT_COLUMNS, TABLE_COLUMNS, EncoderInfo, StoreError, alist_dir, byte_source, create_store,
     is_local, local_path, part_schema, read_encoders, root_attrs, zarr_store,
 )
-from mtser.featurestore.segment import Segment, read_segments
-from mtser.featurestore.shards import FramesLayout, FramesReader, ShardFormatError
+from mtser.featurestore.segment import Segment, naming_failures, read_segments
+from mtser.featurestore.shards import FramesLayout, FramesReader
 
 
 COMMIT_RECORD = {"committed_ns", "n_utterances", "encoders"}     # written only with `committed: true`
@@ -271,6 +270,7 @@ class FeatureStore:
             info = self.encoders[name]
             encoders[name] = {
                 "kind": info.kind, "model": info.model, "dim": info.dim, "dtype": info.dtype,
+                "layers": None if info.layers is None else list(info.layers),
                 "compression": info.compression, "utterances": len(index),
                 "per_split": {str(k): int(v) for k, v in split_of.reindex(list(index)).value_counts().items()},
                 "frames": int(sum(int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in index.values())),
@@ -281,49 +281,45 @@ class FeatureStore:
                 "failures": len(self.failures), "warnings": len(self.warnings), "encoders": encoders}
 
     # ------------------------------------------------------------------------------------------------ frames
-    def get(self, utt_id: str, encoder: str, dtype: Any = None) -> np.ndarray:
-        """(T, D) frames in the stored dtype (int8 encoders: dequantised float32), or cast to `dtype`."""
-        return self.get_many([utt_id], encoder, dtype)[0]
+    def get(self, utt_id: str, encoder: str, dtype: Any = None, layers: list[int] | None = None) -> np.ndarray:
+        """(T, D) frames in the stored dtype (int8 encoders: dequantised float32), or cast to `dtype`. An encoder
+        stored with `layers` gives (T, L, D); `layers` (hidden-state indices it stores) gives (T, len(layers), D)
+        those layers, in that order (a store without `layers` holds one: its `layer`)."""
+        return self.get_many([utt_id], encoder, dtype, layers)[0]
 
-    def get_many(self, utt_ids: list[str], encoder: str, dtype: Any = None) -> list[np.ndarray]:
+    def get_many(self, utt_ids: list[str], encoder: str, dtype: Any = None, layers: list[int] | None = None
+                 ) -> list[np.ndarray]:
+        pick = self._info(encoder).pick(layers)
         hits = [self.locate(u, encoder) for u in utt_ids]
-        with self._naming_failures(utt_ids, hits):
+        with naming_failures(self.url, utt_ids, hits):
             raws = read_segments(hits)
-            return [seg.decode(i, raw, dtype) for (seg, i), raw in zip(hits, raws)]
+            return [seg.decode(i, raw, dtype, pick) for (seg, i), raw in zip(hits, raws)]
 
-    def read_into(self, utt_ids: list[str], encoder: str, out: np.ndarray) -> np.ndarray:
-        """Frames of `utt_ids` into `out`; returns the lengths (B,). `out` is either a padded (B, T_max, D) batch
-        (each utterance in its row, zero after its last frame) or a packed (Σ lengths, D) array (the utterances'
-        frames back to back). Local raw shards of `out`'s dtype are read by the kernel straight into place
-        (`read_segments` with `into`); anything else is decoded and cast into place."""
+    def read_into(self, utt_ids: list[str], encoder: str, out: np.ndarray, layers: list[int] | None = None
+                  ) -> np.ndarray:
+        """Frames of `utt_ids` into `out`; returns the lengths (B,). `out` is either a padded (B, T_max, ...) batch
+        (each utterance in its row, zero after its last frame) or a packed (Σ lengths, ...) array (the utterances'
+        frames back to back); `...` is what `get` gives per frame: (D,), or (L, D) with `layers` or a layered
+        store. Local raw shards of `out`'s dtype are read by the kernel straight into place (`read_segments` with
+        `into`); anything else is decoded and cast into place."""
+        info = self._info(encoder)
+        pick = info.pick(layers)
         hits = [self.locate(u, encoder) for u in utt_ids]
         lengths = np.array([int(seg.offsets[i + 1] - seg.offsets[i]) for seg, i in hits], dtype=np.int64)
-        if out.ndim == 3:
+        if out.ndim == (3 if info.layers is None and pick is None else 4):
             for row, n in enumerate(lengths):
                 out[row, n:] = 0
             places = [out[row, :n] for row, n in enumerate(lengths)]
         else:
             ends = np.cumsum(lengths)
             places = [out[end - n:end] for end, n in zip(ends, lengths)]
-        with self._naming_failures(utt_ids, hits):
-            read_segments(hits, into=places)
+        with naming_failures(self.url, utt_ids, hits):
+            read_segments(hits, into=places, pick=pick)
         return lengths
 
-    @contextmanager
-    def _naming_failures(self, utt_ids: list[str], hits: list[tuple[Segment, int]]) -> Iterator[None]:
-        """A failed frames read becomes a StoreError naming the utterances that fail when read alone (the first
-        few, with their segments): the damaged ones, never their undamaged batch mates."""
-        try:
-            yield
-        except READ_ERRORS as exc:
-            damaged = [(u, seg) for u, (seg, i) in zip(utt_ids, hits) if not _reads_alone(seg, i)]
-            if not damaged:
-                raise StoreError(f"{self.url}: cannot read frames of a batch of {len(utt_ids)} utterances (each "
-                                 f"reads alone): {exc}") from exc
-            where = ", ".join(f"{u!r} ({seg.path})" for u, seg in damaged[:3])
-            more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
-            raise StoreError(f"{self.url}: cannot read frames of {where}{more} ({len(damaged)} of {len(utt_ids)} "
-                             f"read together): {exc}") from exc
+    def _info(self, encoder: str) -> EncoderInfo:
+        self._encoder_index(encoder)                          # StoreError naming an unknown encoder
+        return self.encoders[encoder]
 
     # ------------------------------------------------------------------------------------------------ for verify
     def parts(self) -> list[Part]:
@@ -357,18 +353,6 @@ class FeatureStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-READ_ERRORS = (OSError, ShardFormatError, ValueError, RuntimeError, StoreError)
-
-
-def _reads_alone(seg: Segment, i: int) -> bool:
-    """Whether utterance `i` of `seg` reads on its own (to tell a damaged utterance from its batch mates)."""
-    try:
-        read_segments([(seg, i)])
-    except READ_ERRORS:
-        return False
-    return True
 
 
 def _table_column(name: str, values: np.ndarray) -> np.ndarray:

@@ -10,13 +10,15 @@ Zarr layout are sliced through zarr-python. `frames_checksum` is the one checksu
 it, every read checks it (zlib's crc32 runs at several GB/s, faster than the copy the read makes; a segment's crc32
 array is fetched once, in one batch with the other segments of the read), and verify checks every utterance.
 `structure_problems` is what the reader checks of a segment when it opens a part: ids, offsets, frames metadata and
-the commit record must agree. Imports numpy and zarr only.
+the commit record must agree. `naming_failures` turns a failed batch read into an error naming the utterances that
+fail alone. Imports numpy and zarr only.
 """
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -24,7 +26,7 @@ import zarr
 from mtser.featurestore.arrays import read_arrays
 from mtser.featurestore.frames import decode_frames
 from mtser.featurestore.layout import EncoderInfo, StoreError
-from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader
+from mtser.featurestore.shards import EMPTY_CHUNK, ByteSource, FramesLayout, FramesReader, ShardFormatError
 
 
 class FramesChecksumError(StoreError):
@@ -91,8 +93,9 @@ class Segment:
             problems.append("the frames array has no metadata (zarr.json)")
         else:
             shape = frames_meta.get("shape")
-            if rows is not None and shape != [rows, dim]:
-                problems.append(f"frames shape is {shape}, offsets and the encoder's provenance say {[rows, dim]}")
+            if rows is not None and shape != [rows, self.info.width]:
+                problems.append(f"frames shape is {shape}, offsets and the encoder's provenance say "
+                                f"{[rows, self.info.width]}")
             if frames_meta.get("data_type") != self.info.dtype:
                 problems.append(f"frames are {frames_meta.get('data_type')}, the encoder's provenance says "
                                 f"{self.info.dtype}")
@@ -100,7 +103,7 @@ class Segment:
             return problems + ["the part's commit record has no entry for this encoder"]
         expected = {"n": n, "dim": dim, "dtype": self.info.dtype}
         if rows is not None:
-            expected |= {"frames": rows, "nbytes": rows * dim * np.dtype(self.info.dtype).itemsize}
+            expected |= {"frames": rows, "nbytes": rows * self.info.width * np.dtype(self.info.dtype).itemsize}
         wrong = [f"{key} {record.get(key)!r} (arrays: {value!r})" for key, value in expected.items()
                  if record.get(key) != value]
         if wrong:
@@ -108,21 +111,30 @@ class Segment:
         return problems
 
     def scales(self, i: int) -> np.ndarray | None:
-        """Per-frame int8 scales of the utterance at position `i`; None for float encoders."""
+        """Per-frame int8 scales of the utterance at position `i`, L per frame (frame-major, flat); None for float
+        encoders."""
         if self.info.dtype != "int8":
             return None
         if self._scale is None:
             self._scale = self.small_array("scale")
         start, stop = self.rows(i)
-        return self._scale[start:stop]
+        return self._scale[start * self.info.n_layers: stop * self.info.n_layers]
 
     def checksum(self, i: int, stored: np.ndarray) -> int:
         """`frames_checksum` of the utterance at position `i`, given its stored frames."""
         return frames_checksum(stored, self.scales(i))
 
-    def decode(self, i: int, stored: np.ndarray, dtype: Any = None) -> np.ndarray:
-        """Stored frames as values (`frames.decode_frames`): int8 dequantised to float32, then cast to `dtype`."""
-        return decode_frames(stored, self.scales(i), dtype)
+    def decode(self, i: int, stored: np.ndarray, dtype: Any = None, pick: list[int] | None = None) -> np.ndarray:
+        """Stored rows as values (`frames.decode_frames`): int8 dequantised to float32, then cast to `dtype`.
+        (T, D) for a store without `layers` and `pick` None; else (T, L, D), the layers at positions `pick`
+        (`EncoderInfo.pick`) or all of them."""
+        info, scale = self.info, self.scales(i)
+        if info.layers is not None or pick is not None:
+            stored = stored.reshape(len(stored), info.n_layers, info.dim)
+            scale = None if scale is None else scale.reshape(len(stored), info.n_layers)
+            if pick is not None and pick != list(range(info.n_layers)):
+                stored, scale = stored[:, pick], None if scale is None else scale[:, pick]
+        return decode_frames(stored, scale, dtype)
 
     def read(self, i: int) -> np.ndarray:
         """Stored frames of the utterance at position `i` (int8 encoders: the int8 values)."""
@@ -146,12 +158,15 @@ class Segment:
         return np.asarray(self._array[start:stop])
 
 
-def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Stored frames of each (segment, position) as new writable arrays: the one read planner (see module doc).
+def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None = None,
+                  pick: list[int] | None = None) -> list[np.ndarray]:
+    """Stored frames of each (segment, position) as new writable (rows, L·D) arrays: the one read planner (see
+    module doc). An utterance's rows hold all its layers, so it is one byte range however many are wanted.
 
-    `into` (one (rows, dim) array per hit, e.g. the rows of a padded batch): fill those instead, with the frames'
-    values (int8 dequantised) cast to each array's dtype; where the stored bytes already are the array's dtype, a
-    local one-range read goes straight into it. Returns `into` then."""
+    `into` (one array per hit, e.g. the rows of a padded batch: (rows, D), or (rows, L', D) for the layers at
+    positions `pick`, all of them if None): fill those instead, with the frames' values (int8 dequantised) cast to
+    each array's dtype (`Segment.decode`); where the stored bytes already are the array's dtype and every layer is
+    wanted in stored order, a local one-range read goes straight into it. Returns `into` then."""
     _load_checksums(list({id(seg): seg for seg, _ in hits if seg._crc is None}.values()))
     plans: list[tuple[Segment, int, int, int, list | None]] = []
     requests: dict[ByteSource, list[tuple[str, int, int]]] = {}
@@ -172,7 +187,9 @@ def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None
         if pieces is None:
             frames = seg.zarr_rows(start, stop)
         elif not seg.reader.source.batches and _one_range(pieces):
-            direct = target is not None and seg.info.dtype != "int8" and target.dtype == seg.layout.dtype
+            direct = (target is not None and seg.info.dtype != "int8" and target.dtype == seg.layout.dtype
+                      and target.size == (stop - start) * seg.layout.dim and target.flags.c_contiguous
+                      and pick in (None, list(range(seg.info.n_layers))))
             frames = target if direct else np.empty((stop - start, seg.layout.dim), dtype=seg.layout.dtype)
             seg.reader.source.read_into(seg.layout.shard_key, pieces[0][1], frames)
             _check(seg, i, frames)
@@ -186,7 +203,7 @@ def read_segments(hits: list[tuple[Segment, int]], into: list[np.ndarray] | None
         if pieces is None or seg.reader.source.batches or not _one_range(pieces):
             _check(seg, i, frames)
         if target is not None:
-            target[...] = seg.decode(i, frames)
+            target[...] = seg.decode(i, frames, pick=pick)
             frames = target
         out.append(frames)
     return out
@@ -216,3 +233,33 @@ def _check(seg: Segment, i: int, stored: np.ndarray) -> None:
 def _one_range(pieces: list[tuple[int, int, int, int]]) -> bool:
     """The utterance is one byte range of rows as stored (mtser's raw layout)."""
     return len(pieces) == 1 and pieces[0][0] == -1
+
+
+READ_ERRORS = (OSError, ShardFormatError, ValueError, RuntimeError, StoreError)
+
+
+@contextmanager
+def naming_failures(url: str, utt_ids: list[str], hits: list[tuple[Segment, int]]) -> Iterator[None]:
+    """A failed frames read of `hits` (the frames of `utt_ids` in the store at `url`) becomes a StoreError naming
+    the utterances that fail when read alone (the first few, with their segments): the damaged ones, never their
+    undamaged batch mates."""
+    try:
+        yield
+    except READ_ERRORS as exc:
+        damaged = [(u, seg) for u, (seg, i) in zip(utt_ids, hits) if not _reads_alone(seg, i)]
+        if not damaged:
+            raise StoreError(f"{url}: cannot read frames of a batch of {len(utt_ids)} utterances (each "
+                             f"reads alone): {exc}") from exc
+        where = ", ".join(f"{u!r} ({seg.path})" for u, seg in damaged[:3])
+        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise StoreError(f"{url}: cannot read frames of {where}{more} ({len(damaged)} of {len(utt_ids)} "
+                         f"read together): {exc}") from exc
+
+
+def _reads_alone(seg: Segment, i: int) -> bool:
+    """Whether utterance `i` of `seg` reads on its own (to tell a damaged utterance from its batch mates)."""
+    try:
+        read_segments([(seg, i)])
+    except READ_ERRORS:
+        return False
+    return True

@@ -126,7 +126,8 @@ class StoreWriter:
             raise StoreError(f"part {self.part_id!r}: writer already committed or aborted")
 
     def _convert(self, utt_id: str, name: str, frames: np.ndarray | StoredFrames) -> StoredFrames:
-        """Float (T, D) frames (or frames the pipeline already converted with `store_frames`) as stored."""
+        """Float (T, D) frames, (T, L, D) for an encoder with `layers` (or frames the pipeline already converted
+        with `store_frames`) as stored."""
         if name not in self._encoders:                        # registered after this writer started?
             self._encoders = read_encoders(self._store)
         info = self._encoders.get(name)
@@ -136,12 +137,14 @@ class StoreWriter:
         given = isinstance(frames, StoredFrames)
         x = frames.values if given else np.asarray(frames)
         kind_ok = x.dtype == np.dtype(info.dtype) if given else np.issubdtype(x.dtype, np.floating)
-        if x.ndim != 2 or x.shape[1] != info.dim or x.shape[0] == 0 or not kind_ok:
+        shape = ("T", info.dim) if info.layers is None else ("T", info.n_layers, info.dim)
+        if x.ndim != len(shape) or x.shape[1:] != shape[1:] or x.shape[0] == 0 or not kind_ok:
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: expected a non-empty "
-                             f"{info.dtype if given else 'float'} (T, {info.dim}) array, got {x.dtype} {x.shape}")
-        if given and (info.dtype == "int8") != (frames.scale is not None and frames.scale.shape == (len(x),)):
+                             f"{info.dtype if given else 'float'} ({', '.join(map(str, shape))}) array, "
+                             f"got {x.dtype} {x.shape}")
+        if given and (info.dtype == "int8") != (frames.scale is not None and frames.scale.shape == x.shape[:-1]):
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: int8 frames need one scale per frame, "
-                             "float frames none")
+                             "float frames none (with layers: one per frame and layer)")
         stored = frames if given else store_frames(x, info.dtype)
         if not stored.finite():
             raise StoreError(f"utterance {utt_id!r}, encoder {name!r}: features contain NaN or inf "
@@ -149,8 +152,9 @@ class StoreWriter:
         return stored
 
     def add(self, utt: Utterance, features: dict[str, np.ndarray | StoredFrames]) -> None:
-        """Add one utterance's table row and its (T, D) features per encoder, float frames or `store_frames`' output
-        (the frames go to the shard files now); StoreError leaves nothing added."""
+        """Add one utterance's table row and its (T, D) features per encoder ((T, L, D) for one with `layers`:
+        stored as T rows of L·D values), float frames or `store_frames`' output (the frames go to the shard files
+        now); StoreError leaves nothing added."""
         self._check_open()
         if not isinstance(utt.id, str) or not utt.id:
             raise StoreError(f"utterance id {utt.id!r}: must be a non-empty string")
@@ -162,12 +166,12 @@ class StoreWriter:
         self._ids.add(utt.id)
         for name, stored in converted.items():
             stream = self._stream(self._encoders[name], stored.values.dtype)
-            stream.spool.append(stored.values)
+            stream.spool.append(stored.values.reshape(len(stored.values), -1))
             stream.ids.append(utt.id)
             stream.lengths.append(len(stored.values))
             stream.checksums.append(frames_checksum(stored.values, stored.scale))
             if stored.scale is not None:
-                stream.scales.append(stored.scale)
+                stream.scales.append(stored.scale.reshape(-1))
 
     def _stream(self, info: EncoderInfo, dtype: np.dtype) -> _EncoderStream:
         stream = self._streams.get(info.name)
@@ -176,8 +180,8 @@ class StoreWriter:
             key = f"{self._path}/features/{info.name}/frames/c/0/0"
             where = os.path.join(local_path(self.url), key) if is_local(self.url) else \
                 os.path.join(self._spool_dir, info.name)
-            chunk_rows = max(1, CHUNK_TARGET_BYTES // (info.dim * dtype.itemsize))
-            spool = ShardSpool(where, info.dim, dtype, chunk_rows, info.compression == "zstd", ZSTD_LEVEL)
+            chunk_rows = max(1, CHUNK_TARGET_BYTES // (info.width * dtype.itemsize))
+            spool = ShardSpool(where, info.width, dtype, chunk_rows, info.compression == "zstd", ZSTD_LEVEL)
             stream = self._streams[info.name] = _EncoderStream(spool, key)
         return stream
 
@@ -267,8 +271,9 @@ class StoreWriter:
         if not is_local(self.url):
             upload(self.url, self.storage_options, stream.key, spool.path)
         group.create_array(
-            f"{prefix}/frames", shape=(spool.rows, info.dim), dtype=spool.dtype, chunks=(spool.chunk_rows, info.dim),
-            shards=(spool.n_chunks * spool.chunk_rows, info.dim), fill_value=0,
+            f"{prefix}/frames", shape=(spool.rows, info.width), dtype=spool.dtype,
+            chunks=(spool.chunk_rows, info.width),
+            shards=(spool.n_chunks * spool.chunk_rows, info.width), fill_value=0,
             compressors=ZstdCodec(level=ZSTD_LEVEL) if info.compression == "zstd" else None,
             config={"write_empty_chunks": True})                # metadata only: the shard file is written
         offsets = np.zeros(len(stream.lengths) + 1, dtype=np.int64)
@@ -279,7 +284,7 @@ class StoreWriter:
         if info.dtype == "int8":
             _write_small(group, f"{prefix}/scale", np.concatenate(stream.scales))
         return {"n": len(stream.ids), "frames": spool.rows, "dim": info.dim, "dtype": info.dtype,
-                "nbytes": spool.rows * info.dim * spool.dtype.itemsize, "stored_bytes": stored_bytes}
+                "nbytes": spool.rows * info.width * spool.dtype.itemsize, "stored_bytes": stored_bytes}
 
 
 def _writer_id() -> str:

@@ -256,13 +256,17 @@ class BatchReader:
     dtype: host dtype of the features (None: as read; float32 where the model runs on the CPU, converted once per
     batch in the prefetch threads, not in the training step). skip_unreadable (training): an utterance the store
     cannot read is left out of its batch, logged once and kept in `skipped` (id -> reason) instead of ending the
-    run; evaluation keeps the default and fails loudly.
+    run; evaluation keeps the default and fails loudly. layers: per encoder, the hidden-state indices to read
+    (`FeatureStore.get`'s `layers`); an encoder stored with several layers, or read with `layers`, gives padded
+    (B, T, L, D) features (never packed).
     """
 
     def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None,
-                 skip_unreadable: bool = False, pin_memory: bool = False, packed: bool = False):
+                 skip_unreadable: bool = False, pin_memory: bool = False, packed: bool = False,
+                 layers: dict[str, list[int]] | None = None):
         self.store = store
         self.packed = packed
+        self.layers = dict(layers or {})
         self.encoders = list(encoders)
         self.dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         self.skip_unreadable = skip_unreadable
@@ -295,14 +299,15 @@ class BatchReader:
 
     def _features(self, ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = np.fromiter((self.store.length(i, name) for i in ids), dtype=np.int64, count=len(ids))
-        info = self.store.encoders[name]
+        info, layers = self.store.encoders[name], self.layers.get(name)
         mask = torch.from_numpy(np.arange(max(1, int(lengths.max())))[None, :] < lengths[:, None])
-        shape = (int(lengths.sum()), info.dim) if self.packed else (*mask.shape, info.dim)
+        frame = (info.dim,) if layers is None and info.layers is None else (len(layers or info.layers), info.dim)
+        shape = (int(lengths.sum()), *frame) if self.packed and len(frame) == 1 else (*mask.shape, *frame)
         if self.pin_memory:                     # torch's caching host allocator reuses pinned blocks itself
             buffer = torch.empty(shape, dtype=READ_DTYPE[info.dtype], pin_memory=True)
         else:
             buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[READ_DTYPE[info.dtype]]))
-        self.store.read_into(ids, name, buffer.numpy())
+        self.store.read_into(ids, name, buffer.numpy(), layers)
         if self.dtype is not None and buffer.dtype != self.dtype:
             buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[self.dtype])).copy_(buffer)
         return buffer, mask
@@ -310,7 +315,7 @@ class BatchReader:
     def _readable(self, utt_id: str) -> bool:
         try:
             for name in self.encoders:
-                self.store.get(utt_id, name)
+                self.store.get(utt_id, name, layers=self.layers.get(name))
         except StoreError as exc:
             self.skipped[utt_id] = str(exc)
             log.warning("skipping unreadable utterance %s: %s", utt_id, exc)
