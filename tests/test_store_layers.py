@@ -264,9 +264,9 @@ def test_layers_out_of_range_or_twice_are_refused_naming_them():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"layer": 3, "layers": [1, 2]}, "extract.encoders[0]: wavlm.layers: cannot be combined with layer=3"),
-    ({"mean_last_k": 2, "layers": "all"}, "wavlm.layers: cannot be combined with layer=-1 or mean_last_k=2"),
-    ({"layers": []}, "wavlm.layers: empty; give 'all' or a list of hidden-state indices"),
+    ({"layer": 3, "layers": [1, 2]}, "extract.encoders[0].layers: cannot be combined with layer=3"),
+    ({"mean_last_k": 2, "layers": "all"}, "extract.encoders[0].layers: cannot be combined with layer=-1 or mean_last_k=2"),
+    ({"layers": []}, "extract.encoders[0].layers: empty; give 'all' or a list of hidden-state indices"),
     ({"layers": "some"}, "extract.encoders[0].layers: expected a list"),
     ({"layers": [0, 7]}, "encoder 'wavlm': layers: [7] out of range;"),           # found against the model's config
 ])
