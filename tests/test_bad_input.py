@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.config import load_config, to_dict
-from trainer_store import DIMS, one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from trainer_store import DIMS, write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"extract.encoders": [{"name": n, "kind": "speech", "model": f"synthetic/{n}"} for n in DIMS],

@@ -15,7 +15,9 @@ from mtser.trainer.infer import evaluate
 from mtser.trainer.loop import Member, lr_factor, seed_everything, train_cohort
 from mtser.trainer.losses import build_loss
 from mtser.trainer.model import FusionModel
-from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from trainer_store import write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {"extract.encoders": [{"name": "a", "kind": "speech", "model": "synthetic/a"},

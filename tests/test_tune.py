@@ -19,7 +19,7 @@ from mtser.trainer.checkpoint import read_sidecar
 from mtser.config import TrialResources
 from mtser.trainer.runs import RESULT_COLUMNS
 from mtser.trainer.tune import prepare_run, run_search, stage2_specs, trial_resources
-from search_support import REPO, TINY, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
+from search_support import REPO, TINY, ray_init, write_grid
 
 
 def _states(run: Path, stage: int = 1) -> dict[str, dict]:
