@@ -124,10 +124,12 @@ AUDIO = MANIFESTS / "audio"
         "6: u1: duplicate id (first on line 2)",
         "8: u6: unknown class code 'Z'",
     ], Utterance(id="u1", path=str(AUDIO / "a.wav"), split="Train", emo_class="H", arousal=5.5, valence=6.0,
-                 dominance=4.5, speaker="s1", gender="Female", transcript="What a lovely day", transcript_source="human"),
+                 dominance=4.5, speaker="s1", gender="Female", transcript="What a lovely day",
+                 transcript_source="human"),
      Utterance(id="u2", path=str(AUDIO / "b.wav")),                                      # empty cells: unknown
      Utterance(id="u5", path=str(AUDIO / "sub" / "c.flac"), split="Test1", emo_class="A", arousal=6.0, valence=2.0,
-               dominance=6.0, speaker="s4", gender="Male", transcript="Quoted, with a comma", transcript_source="human")),
+               dominance=6.0, speaker="s4", gender="Male", transcript="Quoted, with a comma",
+               transcript_source="human")),
     ("manifest.jsonl", [
         "3: not valid JSON: Expecting property name enclosed in double quotes",
         "4: expected a JSON object",
