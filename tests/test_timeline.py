@@ -160,10 +160,10 @@ def test_batching_of_segments_never_changes_a_result(timeline, recording):
 
     path, _ = recording
     spans, _ = timeline.plan(str(path))
-    whole = timeline.score(str(path), list(timeline.cut(str(path), spans)))     # every segment in one batch
+    whole = timeline.score(str(path), list(timeline.cut(str(path), spans)))
     timeline.cfg = replace(timeline.cfg, batch_seconds=3.0)
     try:
-        small = timeline.run_file(str(path)).segments                            # batches of ~3 s of audio
+        small = pd.concat([timeline.score(str(path), g) for g in timeline._groups(timeline.cut(str(path), spans))])
     finally:
         timeline.cfg = TimelineConfig()
     assert small["segment"].tolist() == whole["segment"].tolist()
