@@ -1,4 +1,5 @@
-# The two commands of the README. Each does all set-up itself (scripts/setup.sh is idempotent).
+# The two commands of the README. Each does all set-up itself (scripts/setup.sh is idempotent) and installs only the
+# extras it needs: the demo the package with its `full` extra, the tests `full` and `test` (pyproject.toml).
 .PHONY: demo test setup native
 
 # Optional: the C kernels of mtser/trainer/native (`_<name>.so` next to each `<name>.c`; run before `pip install .`
@@ -13,10 +14,12 @@ mtser/trainer/native/_%.so: mtser/trainer/native/%.c
 	$(CC) $(NATIVE_CFLAGS) -o $@ $<
 
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh full,test
 
-demo: setup
+demo:
+	@bash scripts/setup.sh full
 	@bash scripts/demo.sh
 
-test: setup
+test:
+	@bash scripts/setup.sh full,test
 	@.venv/bin/python -m pytest

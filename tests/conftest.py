@@ -80,3 +80,35 @@ def pickled_roberta(test_encoders_dir: Path, tmp_path: Path) -> Path:
     torch.save(AutoModel.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     return pickled
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """1 intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`). On 2 shared
+    cores, intra-op threads next to the prefetch threads and other jobs slowed the tiny test models 10-20x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """One Ray instance per test module."""
+    import ray
+
+    from search_support import ray_init
+
+    ray_init()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def search_run(demo_store: str, tmp_path_factory: pytest.TempPathFactory, ray_module) -> tuple:
+    """(run directory, SearchSummary) of the session's shared two-stage search on the demo store."""
+    from search_support import finished_run
+
+    return finished_run(str(demo_store), str(tmp_path_factory.getbasetemp() / "shared-search"))

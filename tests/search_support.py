@@ -1,6 +1,6 @@
 """One small finished search per test session, shared by the tune / ensemble / predict / report tests.
 
-The caller's module must have Ray initialised (one instance per module); the run itself is built once.
+The caller's module must have Ray initialised (conftest's `ray_module`); the run itself is built once.
 """
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import functools
 import os
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,19 +46,3 @@ def finished_run(store: str, root: str):
     grid = write_grid(root_path / "grid.yaml")
     summary = run_search(grid, store, root_path / "run", verbose=0)
     return root_path / "run", summary
-
-
-@pytest.fixture(scope="module")
-def ray_module():
-    """One Ray instance per test module."""
-    import ray
-
-    ray_init()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def search_run(demo_store, tmp_path_factory, ray_module):
-    """(run directory, SearchSummary) of the session's shared two-stage search on the demo store."""
-    return finished_run(str(demo_store), str(tmp_path_factory.getbasetemp() / "shared-search"))

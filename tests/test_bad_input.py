@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 from mtser.cli.main import app
 from mtser.configio import to_dict
 from mtser.trainer.config import load_config
-from trainer_store import DIMS, one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from trainer_store import DIMS, write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"extract.encoders": [{"name": n, "kind": "speech", "model": f"synthetic/{n}"} for n in DIMS],

@@ -15,9 +15,10 @@ from mtser.trainer.infer import evaluate
 from mtser.trainer.loop import Member, lr_factor, train_cohort
 from mtser.trainer.losses import build_loss
 from mtser.trainer.model import FusionModel
-from mtser.trainer.search_config import AshaConfig
 from mtser.trainer.setup import seed_everything
-from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from trainer_store import write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {"extract.encoders": [{"name": "a", "kind": "speech", "model": "synthetic/a"},
@@ -82,8 +83,6 @@ def test_members_equal_models_trained_alone(store_url, tmp_path, pooling, attent
     members = [Member(name, cfg, tmp_path / name) for name, cfg in variants.items()]
     results = train_cohort(members, store_url)
     assert {r.status for r in results.values()} == {"complete"}
-    steps = math.ceil(704 / 32)
-    assert steps >= 20
     for name, cfg in variants.items():
         exported, _, meta = load_checkpoint(results[name].best_checkpoint)
         assert meta["cohort"] == {"members": 3, "name": name}
@@ -103,24 +102,6 @@ def test_a_diverging_member_is_dropped_and_the_others_are_unaffected(store_url, 
         a, _, _ = load_checkpoint(with_it[name].best_checkpoint)
         b, _, _ = load_checkpoint(without[name].best_checkpoint)
         assert_states_close(a.state_dict(), b.state_dict(), rtol=1e-5)
-
-
-def test_successive_halving_inside_a_cohort(store_url, tmp_path):
-    lrs = [1e-5, 3e-3, 1e-4, 1e-3]
-    members = [Member(f"lr{k}", config(train__lr=lr, train__epochs=3, train__samples_per_epoch=128), tmp_path / str(k))
-               for k, lr in enumerate(lrs)]
-    seen = []
-    results = train_cohort(members, store_url, halving=AshaConfig(grace_period=1, reduction_factor=2),
-                           on_epoch=lambda epoch, reports: seen.append((epoch, {r.name: r.status for r in reports})))
-    statuses = {name: r.status for name, r in results.items()}
-    assert sorted(statuses.values()) == ["complete", "stopped", "stopped", "stopped"]
-    assert [len(s) for _, s in seen] == [4, 2, 1]                 # members evaluated at epochs 1, 2, 3
-    epoch1 = {name: results[name].history[0]["score"] for name in statuses}
-    kept = [n for n, s in seen[0][1].items() if s == "running"]
-    assert sorted(kept) == sorted(sorted(epoch1, key=epoch1.get)[-2:])   # the better half by the objective
-    for name, result in results.items():                          # stopped members keep their best checkpoint
-        assert result.best_checkpoint is not None and len(result.history) == {"complete": 3}.get(result.status,
-                                                                                                 len(result.history))
 
 
 def test_member_checkpoints_evaluate_to_the_recorded_metrics(store_url, tmp_path):

@@ -114,43 +114,40 @@ def test_msp_reader_reads_the_demo_corpus_cleanly(demo_corpus_dir: Path) -> None
 
 
 # --------------------------------------------------------------------------------------------------------- manifest
-def test_csv_manifest() -> None:
-    manifest = MANIFESTS / "manifest.csv"
-    result = read_manifest(manifest)
-    assert result.layout == "manifest"
-    assert [str(p) for p in result.problems] == [
-        f"{manifest}:4: u3: audio file {MANIFESTS / 'audio' / 'missing.wav'} not found",
-        f"{manifest}:5: u4: unknown split 'Dev' (expected one of Train, Development, Test1, Test2, Test3)",
-        f"{manifest}:6: u1: duplicate id (first on line 2)",
-        f"{manifest}:8: u6: unknown class code 'Z'",
-    ]
-    utts = _by_id(result.utterances)
-    assert list(utts) == ["u1", "u2", "u5"]
-    assert utts["u1"] == Utterance(
-        id="u1", path=str(MANIFESTS / "audio" / "a.wav"), split="Train", emo_class="H", arousal=5.5, valence=6.0,
-        dominance=4.5, speaker="s1", gender="Female", transcript="What a lovely day", transcript_source="human")
-    assert utts["u2"] == Utterance(id="u2", path=str(MANIFESTS / "audio" / "b.wav"))   # empty cells: unknown
-    assert utts["u5"].transcript == "Quoted, with a comma" and utts["u5"].path.endswith("sub/c.flac")
+AUDIO = MANIFESTS / "audio"
 
 
-def test_jsonl_manifest() -> None:
-    manifest = MANIFESTS / "manifest.jsonl"
-    result = read_corpus(manifest)
-    assert result.layout == "manifest"
-    assert [str(p) for p in result.problems] == [
-        f"{manifest}:3: not valid JSON: Expecting property name enclosed in double quotes",
-        f"{manifest}:4: expected a JSON object",
-        f"{manifest}:5: missing required key(s) id",
-        f"{manifest}:6: j4: arousal is not a number: 'high'",
-        f"{manifest}:7: j5: valence 0 outside 1..7",
-        f"{manifest}:10: j1: duplicate id (first on line 1)",
-    ]
-    utts = _by_id(result.utterances)
-    assert list(utts) == ["j1", "j2", "j6"]
-    j1 = utts["j1"]
-    assert (j1.split, j1.emo_class, j1.arousal, j1.valence, j1.dominance, j1.speaker, j1.transcript) == (
-        "Development", "C", 3.5, 3.0, 5.5, "Unknown", "Whatever.")
-    assert utts["j6"] == Utterance(id="j6", path=str(MANIFESTS / "audio" / "b.wav"))
+@pytest.mark.parametrize("name, problems, first, empty, last", [
+    ("manifest.csv", [
+        "4: u3: audio file {audio}/missing.wav not found",
+        "5: u4: unknown split 'Dev' (expected one of Train, Development, Test1, Test2, Test3)",
+        "6: u1: duplicate id (first on line 2)",
+        "8: u6: unknown class code 'Z'",
+    ], Utterance(id="u1", path=str(AUDIO / "a.wav"), split="Train", emo_class="H", arousal=5.5, valence=6.0,
+                 dominance=4.5, speaker="s1", gender="Female", transcript="What a lovely day",
+                 transcript_source="human"),
+     Utterance(id="u2", path=str(AUDIO / "b.wav")),                                      # empty cells: unknown
+     Utterance(id="u5", path=str(AUDIO / "sub" / "c.flac"), split="Test1", emo_class="A", arousal=6.0, valence=2.0,
+               dominance=6.0, speaker="s4", gender="Male", transcript="Quoted, with a comma",
+               transcript_source="human")),
+    ("manifest.jsonl", [
+        "3: not valid JSON: Expecting property name enclosed in double quotes",
+        "4: expected a JSON object",
+        "5: missing required key(s) id",
+        "6: j4: arousal is not a number: 'high'",
+        "7: j5: valence 0 outside 1..7",
+        "10: j1: duplicate id (first on line 1)",
+    ], Utterance(id="j1", path=str(AUDIO / "a.wav"), split="Development", emo_class="C", arousal=3.5, valence=3.0,
+                 dominance=5.5, speaker="Unknown", transcript="Whatever.", transcript_source="human"),
+     Utterance(id="j2", path=str(AUDIO / "sub" / "c.flac")),                            # absent keys: unknown
+     Utterance(id="j6", path=str(AUDIO / "b.wav"))),                                    # null and "": unknown
+])
+def test_manifest_keeps_good_rows_and_reports_each_bad_line(name, problems, first, empty, last) -> None:
+    manifest = MANIFESTS / name
+    result = read_corpus(manifest)                           # recognised as a manifest by its suffix
+    assert result.layout == "manifest" and read_manifest(manifest).utterances == result.utterances
+    assert [str(p) for p in result.problems] == [f"{manifest}:{line.format(audio=AUDIO)}" for line in problems]
+    assert result.utterances == [first, empty, last]
 
 
 def test_manifest_accepts_absolute_paths_and_requires_id_and_path(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from mtser.trainer.config import EnsembleConfig, MemberSelector, load_config
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.ensemble import EnsembleError, select_members
 from mtser.trainer.infer import evaluate
-from search_support import REPO, ray_module, search_run  # noqa: F401 (fixtures)
+from search_support import REPO
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.trainer.checkpoint import read_sidecar
-from search_support import REPO, TINY, ray_module  # noqa: F401 (fixtures)
+from search_support import REPO, TINY
 
 
 def scaled_down(name: str, folder: Path) -> Path:

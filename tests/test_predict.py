@@ -7,7 +7,6 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.featurestore.labels import CLASSES
-from search_support import ray_module, search_run  # noqa: F401 (fixtures)
 
 PROBS = [f"prob_{c}" for c in CLASSES]
 ATTRS = ["EmoAct", "EmoVal", "EmoDom"]

@@ -7,6 +7,8 @@ import re
 from html.parser import HTMLParser
 
 import matplotlib.colors
+import matplotlib.image
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,9 +16,8 @@ from typer.testing import CliRunner
 
 from mtser.cli.main import app
 from mtser.trainer import report
-from search_support import ray_module, search_run  # noqa: F401 (fixtures)
 
-PNG = b"\x89PNG\r\n\x1a\n"
+SIZES = {"confusion": (506, 572), "heatmap": (418, 506), "scatter": (396, 396), "curves": (330, 396)}  # px at 110 dpi
 
 
 def wcag_contrast(a, b) -> float:
@@ -92,7 +93,7 @@ def assert_labels_readable(panels) -> int:
                 assert ratio >= 4.5, (ax.get_title(), row, column, text.get_text(), text.get_color(), ratio)
                 checked.add(matplotlib.colors.to_hex(text.get_color()))
             assert len(ax.texts) == np.isfinite(values).sum()
-        report._pyplot().close(fig)
+        plt.close(fig)
     return len(checked)
 
 
@@ -141,10 +142,10 @@ def test_learning_curves_one_line_per_member_and_the_best_epoch_ringed():
         assert len(rings) == (0 if suffix == "train_loss" else 3)
         if suffix == "f1":
             assert [float(r.get_xdata()[0]) for r in rings] == [2, 3, 1]
-        report._pyplot().close(fig)
+        plt.close(fig)
 
 
-def test_report_writes_panels_and_a_readable_self_contained_page(search_run, demo_store):
+def test_report_writes_panels_and_a_readable_self_contained_page(search_run, demo_store, tmp_path):
     run, summary = search_run
     runner = CliRunner()
     assert runner.invoke(app, ["ensemble", "--run", str(run), "--store", str(demo_store)]).exit_code == 0
@@ -153,11 +154,24 @@ def test_report_writes_panels_and_a_readable_self_contained_page(search_run, dem
     folder = run / "report"
     page = (folder / "index.html").read_text()
     pngs = sorted(folder.glob("*.png"))
-    assert all(p.read_bytes().startswith(PNG) for p in pngs)
     images = re.findall(r'<img alt="[^"]+" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == len(pngs) and all(base64.b64decode(i).startswith(PNG) for i in images)
+    assert sorted(base64.b64decode(i) for i in images) == sorted(p.read_bytes() for p in pngs)  # the files, embedded
     assert not re.search(r'src="(?!data:)', page) and "<link" not in page       # nothing external
-    assert {p.stem.split("-")[0] for p in pngs} == {"confusion", "heatmap", "scatter", "curves"}
+    assert {p.stem.split("-")[0] for p in pngs} == set(SIZES)
+    for png in pngs:                                                  # each panel: its size, and drawn on
+        pixels = matplotlib.image.imread(png)
+        assert pixels.shape[:2] == SIZES[png.stem.split("-")[0]], png.name
+        assert (pixels[..., :3] < 0.9).any(axis=-1).mean() > 0.05, f"{png.name} is nearly blank"
+    # the heatmaps plot the search's stage-1 results: redrawn from the search summary they are the same pixels, and
+    # other values give other pixels
+    (tmp_path / "same").mkdir(), (tmp_path / "other").mkdir()
+    redrawn = report.save_panels(report.draw_heatmaps(summary.table), tmp_path / "same", "heatmap")
+    assert sorted(p.name for p in redrawn) == sorted(p.name for p in pngs if p.stem.startswith("heatmap"))
+    for path in redrawn:
+        np.testing.assert_array_equal(matplotlib.image.imread(path), matplotlib.image.imread(folder / path.name))
+    shifted = summary.table.assign(f1=summary.table["f1"] + 0.05)
+    other = report.save_panels(report.draw_heatmaps(shifted), tmp_path / "other", "heatmap")
+    assert not np.array_equal(matplotlib.image.imread(other[0]), matplotlib.image.imread(redrawn[0]))
 
     results = summary.table
     for cohort, members in results.groupby("cohort"):                # one figure per cohort, with its members

@@ -67,3 +67,8 @@ def test_documented_snippet_reads_identical_values_without_mtser(tmp_path: Path,
                                   frames_for(ids[0], version=1).astype(np.float16).astype(np.float64))
     deep = frames_for(ids[2], dim=12).reshape(-1, 3, 4)           # what write_part gave: (T, 12) as (T, 3, 4)
     np.testing.assert_array_equal(np.array(got[f"{ids[2]}|deep|6"]), deep[:, 1].astype(np.float16).astype(np.float64))
+    if reader == "zarr-python":                              # the attributes the doc names, as zarr-python sees them
+        import zarr
+
+        root = zarr.open_group(url, mode="r")
+        assert root.attrs["mtser"]["schema_version"] == 2 and root["encoders/small"].attrs["mtser_encoder"]["dim"] == 16

@@ -57,59 +57,6 @@ def test_opening_an_s3_prefix_that_is_not_a_store_fails_clearly(moto_s3: dict, s
 
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_batched_s3_read_of_frames_with_unwritten_chunks(moto_s3: dict, s3_bucket: str, compression: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A frames array rewritten by plain zarr-python (which leaves all-fill inner chunks unwritten, offset 2**64-1 in
-    the shard index) reads back exactly, batched over S3 and one by one, verifies, and no byte range outside the
-    shard file is ever requested."""
-    from mtser.featurestore.shards import EMPTY_CHUNK, FsspecByteSource, parse_shard_index
-
-    requested: list[tuple[str, int, int]] = []
-    real_read_many = FsspecByteSource.read_many
-
-    def recording_read_many(self: FsspecByteSource, key_ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        requested.extend(key_ranges)
-        return real_read_many(self, key_ranges)
-    monkeypatch.setattr(FsspecByteSource, "read_many", recording_read_many)
-
-    url = f"s3://{s3_bucket}/sparse.zarr"
-    create_store(url, moto_s3)
-    register_encoder(url, encoder_info("enc", dim=256, compression=compression), moto_s3)
-    rng = np.random.default_rng(0)
-    frames = {"a.wav": rng.standard_normal((100, 256)), "silence.wav": np.zeros((600, 256)),
-              "b.wav": rng.standard_normal((50, 256))}
-    frames = {k: v.astype(np.float32) for k, v in frames.items()}
-    writer = StoreWriter(url, "p0", moto_s3)
-    for utt_id, x in frames.items():
-        writer.add(utterance(utt_id), {"enc": x})
-    writer.commit()
-    fs_store = zarr.storage.FsspecStore.from_url(url, storage_options=moto_s3, read_only=False)
-    old = zarr.open_array(fs_store, path="parts/p0/features/enc/frames", mode="r")
-    values, meta = old[...], old.metadata
-    rewritten = zarr.create_array(fs_store, name="parts/p0/features/enc/frames", shape=old.shape, dtype=old.dtype,
-                                  chunks=old.chunks, shards=old.shards, compressors=old.compressors, fill_value=0,
-                                  overwrite=True)                    # zarr's default: empty chunks not written
-    rewritten[...] = values
-    import s3fs
-
-    s3 = s3fs.S3FileSystem(**moto_s3, skip_instance_cache=True)
-    shard = s3.cat_file(f"{s3_bucket}/sparse.zarr/parts/p0/features/enc/frames/c/0/0")
-    n_chunks = meta.chunk_grid.chunk_shape[0] // old.chunks[0]
-    index = parse_shard_index(shard[-(n_chunks * 16 + 4):], n_chunks)
-    assert (index[:, 0] == EMPTY_CHUNK).sum() >= 3                       # the silence left chunks unwritten
-
-    store = open_store(url, storage_options=moto_s3)
-    ids = ["silence.wav", "b.wav", "a.wav", "silence.wav"]
-    for utt_id, got in zip(ids, store.get_many(ids, "enc")):            # one batch of concurrent ranged GETs
-        np.testing.assert_array_equal(got, frames[utt_id].astype(np.float16))
-    np.testing.assert_array_equal(store.get("silence.wav", "enc"), np.zeros((600, 256), np.float16))
-    report = verify_store(url, moto_s3)
-    assert report.ok and report.utterances == 3, [str(p) for p in report.problems]
-    frame_reads = [(a, b) for key, a, b in requested if key.endswith("frames/c/0/0")]
-    assert len(frame_reads) >= 4 and all(0 <= a < b <= len(shard) for a, b in frame_reads), frame_reads
-
-
 def test_parts_committed_by_another_process_show_up_on_refresh(moto_s3: dict, s3_bucket: str) -> None:
     """s3fs caches listings per process: a store opened before an extraction actor commits must still see the part."""
     import subprocess

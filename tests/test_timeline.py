@@ -18,7 +18,7 @@ from mtser.cli.main import app
 from mtser.configio import ConfigError, from_dict
 from mtser.featurestore.config import TimelineConfig
 from mtser.featurestore.vad import VAD_RATE, VAD_WINDOW, Span, SpeechActivity, cut_segments, plan_segments
-from search_support import finished_run, ray_module  # noqa: F401 (fixtures)
+from search_support import finished_run
 
 MTSER = str(Path(sys.executable).with_name("mtser"))
 PROBS = [f"prob_{c}" for c in "ASHUFDCN"]

@@ -10,12 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from mtser.configio import ConfigError, from_dict, to_dict
+from mtser.trainer.config import Config, load_config
+from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mtser.trainer.config import Config, load_config
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.infer import evaluate, predict
 from mtser.trainer.loop import finetune_config, lr_factor, train
-from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from mtser.trainer.metrics import LabelArrays, summarize
+from trainer_store import write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TIMING = ("train_seconds", "data_wait_fraction")
@@ -41,10 +46,23 @@ def trained(store_url, tmp_path_factory):
     return train(small_config(), store_url, tmp_path_factory.mktemp("run"))
 
 
-def test_short_run_clearly_beats_chance(trained):
+def test_short_run_clearly_beats_chance(trained, store_url):
+    """The best checkpoint's Development metrics beat chance for these very predictions: the same metrics against
+    300 shuffles of the labels (a permutation null), and the training loss falls."""
     m = trained.best_metrics
-    # chance: macro-F1 ≈ 1/8 for random guesses (≈ 0.03 for one constant class); CCC ≈ 0
     assert m["f1"] > 0.45 and m["ccc_mean"] > 0.6, m  # observed (seeds 0-2): F1 0.64-0.77, CCC 0.91-0.92
+    metrics, table = evaluate(trained.best_checkpoint, store_url, device="cpu")
+    # the reloaded checkpoint reproduces the development metrics recorded when it was saved
+    assert metrics == pytest.approx({k: m[k] for k in metrics}, abs=1e-6)
+    probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    attrs = table[[ATTRIBUTE_COLUMNS[a] for a in ATTRIBUTES]].to_numpy()
+    classes = np.array([CLASSES.index(c) if isinstance(c, str) else -1 for c in table["true_EmoClass"]])
+    truth = table[[f"true_{ATTRIBUTE_COLUMNS[a]}" for a in ATTRIBUTES]].to_numpy()
+    rng = np.random.default_rng(0)
+    null = [summarize(probs, attrs, LabelArrays(classes[p], truth[p]))
+            for p in (rng.permutation(len(table)) for _ in range(300))]
+    for key in ("f1", "ccc_mean"):
+        assert metrics[key] > np.quantile([n[key] for n in null], 0.99), key
     assert trained.history[-1]["train_loss"] < trained.history[0]["train_loss"]
     assert len(trained.history) == 8 and trained.best_epoch == max(
         trained.history, key=lambda row: row["score"])["epoch"]
@@ -74,11 +92,9 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, store_url, t
     probs2, attrs2 = predict(again, store, ids)
     np.testing.assert_array_equal(probs, probs2)
     np.testing.assert_array_equal(attrs, attrs2)
-    metrics, table = evaluate(trained.best_checkpoint, store_url, "Development", device="cpu")
-    # the reloaded checkpoint reproduces the development metrics recorded when it was saved
-    assert {k: metrics[k] for k in metrics} == pytest.approx({k: trained.best_metrics[k] for k in metrics}, abs=1e-6)
+    _, table = evaluate(tmp_path / "copy", store, "Development", device="cpu")     # evaluate's table: the same
     assert list(table["id"]) == ids and table["EmoClass"].isin(list("ASHUFDCN")).all()
-    np.testing.assert_allclose(table[["prob_A", "prob_S"]].to_numpy(), probs[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES]].to_numpy(), probs, rtol=1e-6)
 
 
 def test_checkpoints_written_before_per_task_sections_still_load(trained, tmp_path):
@@ -135,6 +151,34 @@ def test_finetune_runs_the_task_schedule_of_the_paper(trained, store_url, tmp_pa
     expected = [lr * lr_factor(e, epochs, 0, lr, 1e-7) for e in range(1, epochs + 1)]
     assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-9)
     assert result.history[-1]["lr"] == pytest.approx(1e-7)
+
+
+def test_successive_halving_stops_the_worse_half_at_each_milestone(store_url, tmp_path):
+    """4 members, 3 epochs, grace 1, factor 2: milestones after epochs 1 and 2. At each, the better half by the
+    objective (score) goes on; a stopped member has exactly the epochs it ran, in its result and its history.csv, and
+    keeps its best checkpoint."""
+    from mtser.trainer.search_config import AshaConfig
+    from mtser.trainer.loop import Member, halving_milestones, train_cohort
+
+    asha = AshaConfig(grace_period=1, reduction_factor=2)
+    assert halving_milestones(asha, 3) == {1, 2} and halving_milestones(None, 3) == set()
+    members = [Member(f"lr{k}", small_config(train__lr=lr, train__epochs=3, train__samples_per_epoch=128),
+                      tmp_path / f"lr{k}") for k, lr in enumerate([1e-5, 3e-3, 1e-4, 1e-3])]
+    reported: list[tuple[int, list[str]]] = []
+    results = train_cohort(members, store_url, halving=asha,
+                           on_epoch=lambda epoch, rows: reported.append((epoch, sorted(r.name for r in rows))))
+    score = lambda name, epoch: results[name].history[epoch - 1]["score"]  # noqa: E731
+    after1 = sorted(results, key=lambda n: score(n, 1))[-2:]                 # the better half at epoch 1
+    after2 = max(after1, key=lambda n: score(n, 2))                           # the better of those at epoch 2
+    epochs = {name: 3 if name == after2 else 2 if name in after1 else 1 for name in results}
+    assert [(e, len(names)) for e, names in reported] == [(1, 4), (2, 2), (3, 1)]
+    assert reported[1][1] == sorted(after1) and reported[2][1] == [after2]
+    for name, result in results.items():
+        assert result.status == ("complete" if name == after2 else "stopped"), name
+        assert [row["epoch"] for row in result.history] == list(range(1, epochs[name] + 1)), name
+        assert len(pd.read_csv(tmp_path / name / "history.csv")) == epochs[name], name
+        meta = json.loads((result.best_checkpoint / "checkpoint.json").read_text())
+        assert meta["epoch"] == result.best_epoch <= epochs[name], name
 
 
 def test_selection_split_holds_out_whole_speakers_deterministically(store_url):

@@ -10,7 +10,9 @@ import torch
 
 from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
-from trainer_store import one_torch_thread, write_synthetic_store  # noqa: F401  (autouse fixture)
+from trainer_store import write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

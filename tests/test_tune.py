@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from mtser.cli.main import app
 from mtser.trainer.checkpoint import read_sidecar
 from mtser.trainer.runs import RESULT_COLUMNS
-from mtser.trainer.search_config import TrialResources
 from mtser.trainer.grid import group_cohorts, stage1_specs, stage2_specs
+from mtser.trainer.search_config import TrialResources
 from mtser.trainer.tune import prepare_run, run_search, trial_resources
-from search_support import REPO, TINY, ray_init, ray_module, search_run, write_grid  # noqa: F401 (fixtures)
+from search_support import REPO, TINY, ray_init, write_grid
 
 
 def _states(run: Path, stage: int = 1) -> dict[str, dict]:

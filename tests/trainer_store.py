@@ -1,4 +1,4 @@
-"""Trainer test helpers: a small synthetic feature store written through the real StoreWriter, one torch thread.
+"""Trainer test helpers: a small synthetic feature store written through the real StoreWriter.
 
 Features carry the labels: each class has a centre per encoder, arousal/valence follow the class and dominance
 follows a feature direction, so a short training run must clearly beat chance. Rows cover every case the loader
@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from mtser.featurestore.corpus import Utterance
@@ -19,16 +18,6 @@ from mtser.featurestore.store import EncoderInfo, StoreWriter, create_store, reg
 DIMS = {"a": 12, "b": 8}
 AROUSAL = np.linspace(1.8, 6.2, len(CLASSES))
 VALENCE = AROUSAL[::-1].copy()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Import into a test module: 1 intra-op thread there. On 2 shared cores, intra-op threads next to the prefetch
-    threads and other jobs slowed the tiny test models 10-20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def encoder_info(name: str, dim: int) -> EncoderInfo:

@@ -89,7 +89,7 @@ class LocalByteSource(ByteSource):
 
     def read_into(self, key: str, start: int, out: np.ndarray) -> None:
         """One copy, kernel to `out`, in READ_PIECE steps: on a cold page cache, successive 128 KiB reads let the
-        kernel's readahead overlap disk and copy (measured here: 2x the speed of one large pread)."""
+        kernel's readahead overlap disk and copy (against one large pread: docs/benchmarks.md, Random reads)."""
         fd, close = self._fd(key)
         flat = out.reshape(-1).view(np.uint8)
         got = 0

@@ -213,14 +213,13 @@ class BufferPool:
     is freed (a finalizer on the numpy view that `torch.from_numpy` keeps alive, also through views and tensors
     autograd saved), so a buffer in use is never overwritten.
 
-    A padded batch is tens of MB per encoder; glibc serves each fresh block of that size with a new mmap, so every
-    batch paid a page fault per 4 KiB (measured here: twice the loader's time, four times the float32
-    conversion's; docs/benchmarks.md, Loader). At most `keep` free buffers per dtype are kept.
+    A padded batch is tens of MB per encoder; glibc serves each fresh block of that size with a new mmap, so a fresh
+    buffer per batch would pay a page fault per 4 KiB (docs/benchmarks.md, Loader). At most `keep` free buffers per
+    dtype are kept.
 
     New buffers come from torch's allocator, not numpy's: numpy advises the kernel to back large arrays with huge
-    pages (MADV_HUGEPAGE), and on this project's machine the first write into such a buffer took 10-20× longer
-    (a fresh 327 MB float32 buffer: 1.4-2.7 s against 0.13 s), which the first epoch and the first evaluation of
-    every training process paid.
+    pages (MADV_HUGEPAGE), which can make the first write into a fresh buffer, and so the first epoch and the first
+    evaluation of every training process, many times slower (docs/benchmarks.md, Search: the huge-page item).
     """
 
     def __init__(self, keep: int = 64):

@@ -93,9 +93,9 @@ def register_store(url: str, scorer: EnsembleScorer, storage_options: dict | Non
 def bound_allocator_caches() -> None:
     """Keep memory flat over hours of segments of ever new lengths (each a new tensor shape, so new block sizes):
     glibc returns freed blocks over 256 KiB to the system at once, with a fixed mmap and trim threshold instead of the
-    dynamic one, which rises with every large block freed and then keeps such blocks (measured: a 60-minute file's
-    growth +448 MB by default, +202 MB with this; docs/benchmarks.md, Timeline). Process-wide; not where the user
-    set glibc's MALLOC_*_THRESHOLD_ variables, nor on another C library."""
+    dynamic one, which rises with every large block freed and then keeps such blocks (the growth over an hour's file,
+    with and without this: docs/benchmarks.md, Timeline). Process-wide; not where the user set glibc's
+    MALLOC_*_THRESHOLD_ variables, nor on another C library."""
     import ctypes
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
