@@ -40,7 +40,8 @@ def test_a_failed_attempt_requeues_the_shard_at_the_front_until_it_is_given_up()
     first, second = plan_shards(UTTS, CFG, augment=0)[:2]
     queue = ShardQueue([first, second], summary)
     assert queue.pop() == first and queue.attempt(first) == f"attempt 1 of {MAX_SHARD_ATTEMPTS}"
-    assert not queue.retried(first)
+    queue.put_back(first)                                           # its worker never started: no attempt counted
+    assert len(queue) == 2 and queue.pop() == first and not queue.retried(first)
     assert queue.failed(first, "worker died") == "the shard goes back to the queue for the next free worker"
     assert len(queue) == 2 and queue.retried(first) and queue.attempt(first) == f"attempt 2 of {MAX_SHARD_ATTEMPTS}"
     for _ in range(MAX_SHARD_ATTEMPTS - 1):

@@ -68,6 +68,16 @@ def worker_label(pid: int, node: str | None) -> str:
     return f"pid {pid}" + (f", node {node[:8]}" if node else "")
 
 
+def answer(ref: Any, default: str) -> str:
+    """An actor call's answer if it has come (a dead worker's `where`), else `default`; never waits."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001 - informational only
+        return default
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text, at most 200 characters (Ray's are paragraphs)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

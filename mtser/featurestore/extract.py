@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from mtser.config import ExtractConfig
-from mtser.featurestore.actors import actor_error, actor_options, first_line, ray_session, worker_label, workers_device
+from mtser.featurestore.actors import (
+    actor_error, actor_options, answer, first_line, ray_session, worker_label, workers_device,
+)
 from mtser.featurestore.claims import holder_of
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.extract_plan import (
@@ -115,46 +117,45 @@ def _run_ray(todo: list[Shard], job: ExtractJob, workers: int, summary: ExtractS
     remote = ray.remote(ShardWorker).options(max_restarts=MAX_SHARD_ATTEMPTS * len(todo), max_task_retries=0,
                                              **options)
     actors = [remote.remote(job, threads) for _ in range(count)]
-
-    def up(slot: int) -> Any:
-        """Answered with "pid P, node N" once the actor is (back) up: Ray retries it while the actor restarts."""
-        return actors[slot].where.options(max_task_retries=-1).remote()
-
-    pending: dict[Any, tuple[int, Shard | None]] = {up(slot): (slot, None) for slot in range(count)}
-    queue, idle, names, lost = ShardQueue(todo, summary), [], {}, ""
+    names = [actor.where.remote() for actor in actors]       # "pid P, node N", answered before the first shard
+    queue, idle, lost = ShardQueue(todo, summary), list(range(count)), ""
+    pending: dict[Any, tuple[int, Shard | None]] = {}         # a shard running, or None: the actor restarting
     try:
-        while any(shard is not None for _, shard in pending.values()) or (queue and pending):
+        while True:
+            while idle and queue:
+                slot, shard = idle.pop(), queue.pop()
+                pending[actors[slot].run.remote(shard)] = (slot, shard)
+            if not (any(s is not None for _, s in pending.values()) or (queue and pending)):
+                break
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             slot, shard = pending.pop(ref)
             try:
                 value = ray.get(ref)
             except RayError as exc:
-                if shard is None:
+                if shard is None or getattr(exc, "actor_init_failed", False):      # Ray cannot (re)start it
                     lost = actor_error(exc)
                     tell(f"worker {slot} could not be started or brought back; it leaves the pool [Ray: {lost}]")
+                    if shard is not None:
+                        queue.put_back(shard)
                     continue
                 attempt = queue.attempt(shard)
                 if isinstance(exc, RayActorError):
                     next_step = queue.failed(shard, f"worker died: {first_line(exc)}")
-                    tell(f"worker {slot} ({names[slot]}) died while encoding shard {shard.id} "
-                         f"({len(shard.utterances)} utterances), {attempt}; Ray restarts it and {next_step} "
-                         f"[Ray: {first_line(exc)}]")
-                    pending[up(slot)] = (slot, None)
+                    tell(f"worker {slot} ({answer(names[slot], 'identity unknown')}) died while encoding shard "
+                         f"{shard.id} ({len(shard.utterances)} utterances), {attempt}; Ray restarts it and "
+                         f"{next_step} [Ray: {first_line(exc)}]")
+                    names[slot] = actors[slot].where.options(max_task_retries=-1).remote()   # retried till it is up
+                    pending[names[slot]] = (slot, None)
                     continue
                 queue.failed(shard, f"{type(exc).__name__}: {exc}")
                 tell(f"shard {shard.id} failed on worker {slot}, {attempt}: {first_line(exc)}")
             else:
-                if shard is None:
-                    names[slot] = value
-                else:
+                if shard is not None:
                     record(value)
                     if queue.retried(shard) and value.elsewhere is None:
                         tell(f"shard {shard.id} committed on {queue.attempt(shard)} by worker {slot} "
                              f"({worker_label(value.pid, value.node)})")
             idle.append(slot)
-            while idle and queue:
-                free, next_shard = idle.pop(), queue.pop()
-                pending[actors[free].run.remote(next_shard)] = (free, next_shard)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)

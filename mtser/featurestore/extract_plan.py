@@ -203,6 +203,10 @@ class ShardQueue:
     def retried(self, shard: Shard) -> bool:
         return self._failed[shard.id] > 0
 
+    def put_back(self, shard: Shard) -> None:
+        """Back at the front without counting an attempt (its worker never started)."""
+        self._shards.appendleft(shard)
+
     def failed(self, shard: Shard, error: str) -> str:
         """Count the shard's current attempt as failed with `error`; what happens to the shard next, in words."""
         self._failed[shard.id] += 1
