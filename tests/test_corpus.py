@@ -225,7 +225,7 @@ def _msp_copy(tmp_path: Path) -> Path:
     ("manifest", "caf\u00e9", "cafe\u0301"),
 ])
 def test_lookalike_ids_are_kept_and_warned_about(tmp_path: Path, layout: str, first: str, second: str) -> None:
-    from mtser.featurestore.extract import reader_problems
+    from mtser.featurestore.extract_worker import reader_problems
 
     audio = tmp_path / "audio"
     for i, name in enumerate((first, second)):

@@ -372,28 +372,6 @@ def test_stores_written_before_compute_dtype_read_as_float32_and_resume(tmp_path
         register_encoder(url, replace(now, compute_dtype="bfloat16", config={**now.config}))
 
 
-def test_prefetch_decodes_the_next_group_while_the_current_one_is_encoded():
-    from mtser.featurestore.extract import prefetched
-
-    started = {k: threading.Event() for k in range(3)}
-
-    def load(group):
-        started[group[0]].set()
-        return group[0]
-
-    seen = []
-    for value in prefetched([[0], [1], [2]], load):
-        if value < 2:                                    # the next load runs while this one is "encoded"
-            assert started[value + 1].wait(timeout=10), f"group {value + 1} not started during group {value}"
-        seen.append(value)
-    assert seen == [0, 1, 2] and list(prefetched([], load)) == []
-
-    def failing(group):
-        raise OSError(f"cannot read {group[0]}")
-    with pytest.raises(OSError, match="cannot read 0"):
-        list(prefetched([[0], [1]], failing))
-
-
 def test_extract_refuses_an_encoder_with_pickled_weights_only(workdir, manifest, config_path, pickled_roberta,
                                                               tmp_path):
     pickled = pickled_roberta
@@ -406,3 +384,23 @@ def test_extract_refuses_an_encoder_with_pickled_weights_only(workdir, manifest,
     assert result.exit_code == 2 and "MTSER_ALLOW_PICKLE_WEIGHTS=1" in result.output, result.output
     assert "'roberta'" in result.output and "no safetensors weights" in result.output
     assert open_store(str(tmp_path / "s.zarr")).ids() == []              # no utterance was encoded
+
+
+def test_workers_that_cannot_start_stop_the_run_exit_1_naming_the_cause(manifest, config_path, pickled_roberta,
+                                                                        tmp_path):
+    """A worker whose constructor raises is not restarted by Ray: it leaves the pool, and with none left the run
+    stops (exit 1) naming what the constructor raised; nothing is encoded."""
+    raw = yaml.safe_load(config_path.read_text())
+    raw["extract"]["encoders"] = [dict(next(e for e in raw["extract"]["encoders"] if e["name"] == "roberta"),
+                                       model=str(pickled_roberta))]
+    raw["model"]["encoders"] = ["roberta"]
+    config = tmp_path / "pickled.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    url = str(tmp_path / "s.zarr")
+    result = CliRunner().invoke(app, ["extract", str(manifest), "--config", str(config), "--store", url,
+                                      "--workers", "1", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "extract: worker 0 could not be started or brought back; it leaves the pool" in result.output
+    assert "extract: no worker left to run " in result.output and "could not start or bring them back" in result.output
+    assert "'roberta'" in result.output and "no safetensors weights" in result.output
+    assert open_store(url).ids() == []

@@ -23,7 +23,7 @@ from mtser.featurestore.audio import load_audio
 from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.corpus import Utterance, read_corpus
 from mtser.featurestore.encoders import SpeechEncoder, WhisperEncoder
-from mtser.featurestore.extract import plan_shards
+from mtser.featurestore.extract_plan import plan_shards
 from mtser.featurestore.pipeline import encode_utterances
 from mtser.featurestore.store import open_store
 from mtser.trainer.config import load_config

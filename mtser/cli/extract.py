@@ -43,7 +43,8 @@ def extract(
     """
     from mtser.featurestore.corpus import read_corpus
     from mtser.featurestore.models import check_models
-    from mtser.featurestore.extract import extract as run_extract, reader_problems
+    from mtser.featurestore.extract import extract as run_extract
+    from mtser.featurestore.extract_worker import reader_problems
     from mtser.featurestore.labels import SPLITS
     from mtser.trainer.config import load_config
 

@@ -2,8 +2,8 @@
 
 Importing this package (the store core: `open_store`, `StoreWriter`, corpus records and label map) imports numpy,
 pandas, zarr (with numcodecs and google-crc32c) and fsspec, so other projects can query features without torch or
-Ray (tested). `audio`, `encoders` and `pipeline` import torch and transformers, `extract` also Ray; none of them is
-imported here. Demo data tooling lives outside this package (`mtser.demo`).
+Ray (tested). `audio`, `encoders`, `pipeline` and `extract_worker` import torch and transformers, `extract` also
+Ray; none of them is imported here. Demo data tooling lives outside this package (`mtser.demo`).
 """
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES, SPLITS

@@ -6,6 +6,7 @@ Rows are checked for: a missing audio file, an unknown class code, an attribute 
 outside 1..7, a duplicate id (the first row wins), an unknown split name, a wrong number of CSV fields. A missing
 required column is reported once and no rows of that file are read. Content never raises; only a path that is not
 a corpus at all (or cannot be reached) raises `CorpusError`. Readers do not open audio (durations stay None).
+The row checks shared by the label-file and manifest readers live in `corpus_rows`.
 
 Inside a corpus folder (MSP-Podcast's `Audios/` and `Transcripts/`, a plain audio folder) a symlink that leads out
 of the corpus is not followed unless `allow_outside_links` (reported, naming the file and its target); a folder
@@ -18,20 +19,16 @@ extraction actors read each utterance's audio from its URL.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mtser.errors import UsageError
+from mtser.featurestore.corpus_rows import (
+    CorpusProblem, RowError, cell, collect, csv_rows, jsonl_rows, label_fields,
+)
 from mtser.featurestore.files import CorpusFiles, remote_errors
-from mtser.featurestore.labels import ALL_CLASS_CODES, ATTRIBUTE_RANGE, ATTRIBUTES, SPLITS
 
 
 @dataclass(frozen=True)
@@ -64,32 +61,11 @@ class CorpusError(UsageError, ValueError):
     """The corpus path itself cannot be read (missing, or not a corpus of any known layout)."""
 
 
-@dataclass(frozen=True)
-class CorpusProblem:
-    """One skipped row or degraded item: where it is, which item, why."""
-
-    source: str                 # file, relative to the corpus root for MSP-Podcast
-    line: int | None            # 1-based line in `source`, None for whole-file or per-file problems
-    item: str | None            # utterance id (or file) concerned
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line is not None else self.source
-        return ": ".join(part for part in (where, self.item, self.reason) if part)
-
-
 @dataclass
 class CorpusReadResult:
     layout: str                 # "msp-podcast", "manifest" or "folder"
     utterances: list[Utterance] = field(default_factory=list)
     problems: list[CorpusProblem] = field(default_factory=list)
-
-
-Row = tuple[int, dict[str, Any], str | None]  # line number, raw row, row-level format error
-
-
-class _RowError(ValueError):
-    """A row is invalid; the message is the reason reported for it."""
 
 
 def read_corpus(path: str | Path, storage_options: dict | None = None, *,
@@ -174,17 +150,17 @@ def read_msp_podcast(root: str | Path, storage_options: dict | None = None, *,
 
     def build(item: str, row: dict[str, Any]) -> Utterance:
         if item in audio_folders:
-            raise _RowError(f"Audios/{item} is a folder, not an audio file")
+            raise RowError(f"Audios/{item} is a folder, not an audio file")
         if item in outside:
-            raise _RowError(f"Audios/{item} is a {_outside(outside[item])}")
+            raise RowError(f"Audios/{item} is a {_outside(outside[item])}")
         if item not in audio_names:
-            raise _RowError(f"audio file Audios/{item} not found")
+            raise RowError(f"audio file Audios/{item} not found")
         return _make_utterance(item, files.join(audios, item), {k: row.get(c) for k, c in columns.items()}, columns)
 
-    rows = _csv_rows(files, labels, MSP_LABELS, MSP_REQUIRED, result.problems)
+    rows = csv_rows(files, labels, MSP_LABELS, MSP_REQUIRED, result.problems)
     if rows is None:  # nothing can be trusted without the label file, Test3 audio included
         return result
-    listed = _collect(result, MSP_LABELS, rows, "FileName", build)
+    result.utterances, listed = collect(MSP_LABELS, rows, "FileName", build, result.problems)
     for name in sorted(audio_folders - listed):
         result.problems.append(CorpusProblem("Audios", None, name, "a folder named like an audio file; skipped"))
     for name in sorted(audio_names - listed):
@@ -248,61 +224,33 @@ def read_manifest(path: str | Path, storage_options: dict | None = None, *,
     result = CorpusReadResult("manifest")
     source = path
     if path.lower().endswith(".jsonl"):
-        rows = _jsonl_rows(files, path, source, result.problems)
+        rows = jsonl_rows(files, path, source, MANIFEST_REQUIRED, result.problems)
     else:
-        rows = _csv_rows(files, path, source, MANIFEST_REQUIRED, result.problems)
+        rows = csv_rows(files, path, source, MANIFEST_REQUIRED, result.problems)
     if rows is None:
         return result
     columns = {key: key for key in MANIFEST_LABEL_KEYS}
     folder = files.parent(path)
 
     def build(item: str, row: dict[str, Any]) -> Utterance:
-        audio = _text(row.get("path"))
+        audio = cell(row.get("path"))
         if audio is None:
-            raise _RowError("empty path")
+            raise RowError("empty path")
         audio_path = audio if files.is_absolute(audio) else files.join(folder, audio)
         try:
             found = files.is_file(audio_path)
         except OSError as exc:
-            raise _RowError(f"cannot reach audio file {audio_path}: {exc}") from None
+            raise RowError(f"cannot reach audio file {audio_path}: {exc}") from None
         if not found:
             is_folder = files.kind(audio_path) == "directory"
-            raise _RowError(f"audio path {audio_path} is a folder, not a file" if is_folder
-                            else f"audio file {audio_path} not found")
+            raise RowError(f"audio path {audio_path} is a folder, not a file" if is_folder
+                           else f"audio file {audio_path} not found")
         utt = _make_utterance(item, audio_path, {k: row.get(k) for k in columns}, columns)
         text = " ".join(str(row.get("transcript") or "").split())
         return replace(utt, transcript=text, transcript_source="human") if text else utt
 
-    _collect(result, source, rows, "id", build)
+    result.utterances, _ = collect(source, rows, "id", build, result.problems)
     return result
-
-
-def _jsonl_rows(files: CorpusFiles, path: str, source: str, problems: list[CorpusProblem]) -> list[Row] | None:
-    """(line, object, None) per valid JSONL line; other lines are reported. None (reported) when unreadable."""
-    try:
-        lines = files.read_bytes(path).decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(CorpusProblem(source, None, None, f"cannot read: {exc}"))
-        return None
-    rows: list[Row] = []
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append(CorpusProblem(source, number, None, f"not valid JSON: {exc.msg}"))
-            continue
-        if not isinstance(row, dict):
-            problems.append(CorpusProblem(source, number, None, "expected a JSON object"))
-            continue
-        missing = [key for key in MANIFEST_REQUIRED if key not in row]
-        if missing:
-            problems.append(CorpusProblem(source, number, str(row.get("id") or "") or None,
-                                          f"missing required key(s) {', '.join(missing)}"))
-            continue
-        rows.append((number, row, None))
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------- folder
@@ -329,92 +277,6 @@ def read_folder(root: str | Path, storage_options: dict | None = None, *,
     return result
 
 
-# ------------------------------------------------------------------------------------------------- shared row checks
-def _csv_rows(files: CorpusFiles, path: str, source: str, required: tuple[str, ...],
-              problems: list[CorpusProblem]) -> list[Row] | None:
-    """(line, row, format error or None) per CSV row; None (reported) when the file is unreadable or a required
-    column is missing. A row with bytes that are not UTF-8, or the wrong number of fields, carries its error."""
-    try:
-        text = files.read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            problems.append(CorpusProblem(source, 1, None, f"missing required column(s) {', '.join(missing)}; "
-                                                           f"no rows read (header: {','.join(header)})"))
-            return None
-        rows: list[Row] = []
-        for row in reader:
-            extra, short = row.pop(None, None) or [], [k for k, v in row.items() if v is None]
-            error = None
-            if extra or short:
-                error = f"expected {len(header)} fields, got {len(header) - len(short) + len(extra)}"
-            elif any(_NOT_UTF8.search(v) for v in row.values()):
-                error = "not UTF-8"
-                row = {k: _NOT_UTF8.sub("\ufffd", v) for k, v in row.items()}  # printable in the report
-            rows.append((reader.line_num, row, error))
-    except (OSError, csv.Error) as exc:
-        problems.append(CorpusProblem(source, None, None, f"cannot read: {exc}"))
-        return None
-    return rows
-
-
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
-
-
 def _make_utterance(item: str, audio: str, fields: dict[str, Any], names: dict[str, str]) -> Utterance:
-    """Validate one row's label fields (`names` maps each to its column name for messages)."""
-    split = _text(fields.get("split"))
-    if split is not None and split not in SPLITS:
-        raise _RowError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    emo_class = _text(fields.get("emo_class"))
-    if emo_class is not None and emo_class not in ALL_CLASS_CODES:
-        raise _RowError(f"unknown class code {emo_class!r}")
-    attributes = {a: _attribute(fields.get(a), names[a]) for a in ATTRIBUTES}
-    return Utterance(id=item, path=audio, split=split, emo_class=emo_class, speaker=_text(fields.get("speaker")),
-                     gender=_text(fields.get("gender")), **attributes)
-
-
-def _attribute(value: Any, column: str) -> float | None:
-    text = _text(value)
-    if text is None:
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise _RowError(f"{column} is not a number: {text!r}")
-    low, high = ATTRIBUTE_RANGE
-    if not low <= number <= high:
-        raise _RowError(f"{column} {text} outside {low:g}..{high:g}")
-    return number
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _collect(result: CorpusReadResult, source: str, rows: list[Row], id_key: str,
-             build: Callable[[str, dict[str, Any]], Utterance]) -> set[str]:
-    """Build an utterance from each row, reporting and skipping invalid ones; returns every id seen."""
-    seen: dict[str, int] = {}
-    for line, row, row_error in rows:
-        item = _text(row.get(id_key))
-        try:
-            if item is None:
-                raise _RowError(f"empty {id_key}")
-            if item in seen:
-                raise _RowError(f"duplicate {id_key} (first on line {seen[item]})")
-            seen[item] = line
-            if row_error:
-                raise _RowError(row_error)
-            utt = build(item, row)
-        except _RowError as exc:
-            result.problems.append(CorpusProblem(source, line, item, str(exc)))
-            continue
-        result.utterances.append(utt)
-    return set(seen)
+    """An utterance from one row's validated label fields (`names` maps each to its column name for messages)."""
+    return Utterance(id=item, path=audio, **label_fields(fields, names))

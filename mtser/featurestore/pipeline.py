@@ -1,6 +1,6 @@
 """The per-utterance encoding pipeline: audio → (augmented copies) → speech / Whisper encoders (+ASR) → text encoders.
 
-Used by extraction (`extract.write_shard`, inside Ray actors) and by `mtser predict` (`encode_utterances`, in
+Used by extraction (`extract_worker.write_shard`, inside Ray actors) and by `mtser predict` (`encode_utterances`, in
 process, no store). Knows nothing about shards, Ray or the store. Imports torch and transformers (via `audio` and
 `encoders`). `load` (decode, resample, augment) and `encode` (the encoders) are separate steps so the extraction
 can decode the next group of utterances while the current one runs through the encoders.

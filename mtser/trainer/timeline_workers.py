@@ -1,6 +1,6 @@
 """`mtser predict --timeline --workers N`: the timeline's per-file work in Ray actors, as extraction runs its shards.
 
-Each actor (one GPU each where the cluster has GPUs, else CPU actors splitting the cores: `extract.actor_options`)
+Each actor (one GPU each where the cluster has GPUs, else CPU actors splitting the cores: `actors.actor_options`)
 holds a `Timeline` (member models, encoders and VAD loaded once) and takes whole files from the driver one at a
 time, so faster actors take more. The actor commits each file to the output folder (and its segment features to
 the store) itself; the driver only gathers the results as they come. A worker process that dies is restarted by
@@ -57,7 +57,7 @@ def run_in_actors(paths: list[str], job: TimelineJob, workers: int, address: str
     import ray
     from ray.exceptions import RayActorError
 
-    from mtser.featurestore.extract import actor_options, first_line, ray_session
+    from mtser.featurestore.actors import actor_options, first_line, ray_session
 
     with ray_session(address):
         count, threads, options = actor_options(workers, len(paths))
