@@ -401,6 +401,6 @@ def test_workers_that_cannot_start_stop_the_run_exit_1_naming_the_cause(manifest
                                       "--workers", "1", "--no-progress"])
     assert result.exit_code == 1, result.output
     assert "extract: worker 0 could not be started or brought back; it leaves the pool" in result.output
-    assert "extract: no worker left to run " in result.output and "could not start or bring them back" in result.output
+    assert "error: no worker left to run " in result.output and "could not start or bring them back" in result.output
     assert "'roberta'" in result.output and "no safetensors weights" in result.output
     assert open_store(url).ids() == []
