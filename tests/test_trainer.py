@@ -174,7 +174,7 @@ def test_validation_selects_on_held_out_train_and_tests_on_development(store_url
     store = open_store(store_url)
     held = selection_split(store, ["a", "b"], 0.2, 0)
     model, _, _ = load_checkpoint(result.best_checkpoint)
-    probs, attrs = predict(model, store, held)
+    (probs,), (attrs,) = predict(model, store, held)
     selected = summarize(probs, attrs, label_arrays(store.utterances, held))
     for key in ("f1", "ccc_mean", "score"):                         # selection metrics: the held-out speakers
         assert result.best_metrics[key] == pytest.approx(selected[key], abs=1e-5)

@@ -1,6 +1,6 @@
 """Training: one model or a cohort of models that share one batch stream (stage 1 multi-task, stage 2 fine-tuning).
 
-A cohort is G members of one architecture and schedule, trained as one fused `CohortModel`: each batch is read
+A cohort is G members of one architecture and schedule, trained as one `FusionNetwork` of G members: each batch is read
 once and used by every member; each member has its own loss (α, β, σ, task), learning rate, clipping and AdamW
 state, so it follows the trajectory it would follow alone. Each epoch the Development split is read once and
 scored for all members. A member ends as `complete` (all epochs), `stopped` (successive halving, `halving`) or
@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from mtser.config import AshaConfig, Config, ConfigError, TrainConfig
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_sidecar
-from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+from mtser.trainer.cohort import CohortAdamW, MemberGradScaler, step_members
 from mtser.trainer.infer import Precision, check_store_matches, open_if_url, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
 from mtser.trainer.metrics import computable, confusion_matrix, summarize
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 
 Stage = Literal["pretrain", "finetune"]
 Status = Literal["running", "complete", "stopped", "failed"]
@@ -208,12 +208,12 @@ class _Cohort:
                     confusions[m.init_from] = self._confusion(model)
                 confusion = confusions[m.init_from]
             self.losses.append(build_loss(m.tc.task, m.cfg.loss, counts, confusion))
-        self.model = CohortModel(initial).to(self.device)
+        self.model = FusionNetwork.stack(initial).to(self.device)
 
-    def _initial_model(self, member: Member, dims: dict[str, int], store) -> FusionModel:
+    def _initial_model(self, member: Member, dims: dict[str, int], store) -> FusionNetwork:
         if member.stage == "pretrain":
             seed_everything(member.tc.seed)
-            return FusionModel(dims, member.cfg.model)
+            return FusionNetwork(dims, member.cfg.model)
         if member.init_from is None:
             raise ValueError(f"{member.name}: finetune needs init_from (the stage-1 checkpoint)")
         parent, parent_cfg, meta = load_checkpoint(member.init_from, storage_options=member.storage_options)
@@ -224,13 +224,13 @@ class _Cohort:
         seed_everything(member.tc.seed)
         return parent
 
-    def _confusion(self, parent: FusionModel) -> np.ndarray:
+    def _confusion(self, parent: FusionNetwork) -> np.ndarray:
         """The parent's confusion matrix on the selection split (for loss.class_weights: confusion)."""
-        logits, _ = self.scores(CohortModel([parent]).to(self.device), self.select_ids)
+        logits, _ = self.scores(parent.to(self.device), self.select_ids)
         has_class = self.select_labels.classes >= 0
         return confusion_matrix(self.select_labels.classes[has_class], logits[0].numpy()[has_class].argmax(axis=1))
 
-    def scores(self, model: CohortModel, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, model: FusionNetwork, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, N, 8) logits and (G, N, 3) attributes of a fused model on `ids`, read once."""
         batches = data.prefetch(self.reader, data.chunks(ids, self.tc.eval_batch_size), depth=self.tc.prefetch_batches)
         return run_model(model, batches, self.device, self.precision)
@@ -271,7 +271,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     histories: list[list[dict]] = [[] for _ in members]
     best = [(-math.inf, 0, {}) for _ in members]       # (value, epoch, metrics)
     nonfinite = [0] * len(members)
-    exports = [FusionModel(c.model.encoder_dims, c.model.cfg) for _ in members]
+    exports = [FusionNetwork(c.model.encoder_dims, c.model.cfg) for _ in members]
     milestones = halving_milestones(halving, tc.epochs)
     for m in members:
         m.out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,7 +343,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
                 improved = best[k][1] == 0 or value > best[k][0]     # NaN never wins after epoch 1
                 if improved:
                     best[k] = (value, epoch, evaluation[g])
-                    exports[k].load_state_dict(c.model.member_state(g))
+                    exports[k].load_member(0, c.model.member_state(g))
                     save_checkpoint(member.out_dir / "best", exports[k], member.cfg, {
                         "stage": member.stage, "task": member.tc.task, "epoch": epoch, "metrics": evaluation[g],
                         "store": c.provenance, "parent": str(member.init_from) if member.init_from else None,
@@ -378,7 +378,7 @@ def train_cohort(members: Sequence[Member], store, *, halving: AshaConfig | None
     return results
 
 
-def _select(model: CohortModel, optimizer: CohortAdamW, scaler: MemberGradScaler, keep: list[int]) -> CohortAdamW:
+def _select(model: FusionNetwork, optimizer: CohortAdamW, scaler: MemberGradScaler, keep: list[int]) -> CohortAdamW:
     model.select(keep)
     scaler.select(keep)
     return optimizer.select(model, keep)
@@ -405,9 +405,9 @@ def _evaluate(c: _Cohort, alive: list[int]) -> list[dict[str, float]]:
     return out
 
 
-def _test(c: _Cohort, models: list[FusionModel]) -> list[dict[str, float]]:
+def _test(c: _Cohort, models: list[FusionNetwork]) -> list[dict[str, float]]:
     """Metrics of the members' best models on the test split (Development), fused for one read."""
-    logits, attrs = c.scores(CohortModel(models).to(c.device), c.test_ids)
+    logits, attrs = c.scores(FusionNetwork.stack(models).to(c.device), c.test_ids)
     return [summarize(logits[g].numpy(), attrs[g].numpy(), c.test_labels) for g in range(len(models))]
 
 
