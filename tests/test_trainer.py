@@ -77,7 +77,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, store_url, t
     # the reloaded checkpoint reproduces the development metrics recorded when it was saved
     assert {k: metrics[k] for k in metrics} == pytest.approx({k: trained.best_metrics[k] for k in metrics}, abs=1e-6)
     assert list(table["id"]) == ids and table["EmoClass"].isin(list("ASHUFDCN")).all()
-    np.testing.assert_allclose(table[["prob_A", "prob_S"]].to_numpy(), probs[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(table[["prob_A", "prob_S"]].to_numpy(), probs[0, :, :2], rtol=1e-6)
 
 
 def test_checkpoints_written_before_per_task_sections_still_load(trained, tmp_path):
