@@ -1,6 +1,6 @@
 """Training: one model or a cohort of models that share one batch stream (stage 1 multi-task, stage 2 fine-tuning).
 
-A cohort is G members of one architecture and schedule, trained as one `FusionNetwork` of G members: each batch is read
+A cohort is G members of one architecture and schedule, trained as one `FusionNetwork` (G members): each batch is read
 once and used by every member; each member has its own loss (α, β, σ, task), learning rate, clipping and AdamW
 state, so it follows the trajectory it would follow alone. Each epoch the Development split is read once and
 scored for all members. A member ends as `complete` (all epochs), `stopped` (successive halving, `halving`) or
