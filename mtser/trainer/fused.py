@@ -21,7 +21,8 @@ class MemberModule(nn.Module):
     """A module all of whose parameters have a leading member dimension: member g in and out by parameter name."""
 
     @property
-    def members(self) -> int:
+    def size(self) -> int:
+        """The number of members G."""
         return next(self.parameters()).shape[0]
 
     def member_state(self, g: int) -> dict[str, torch.Tensor]:
@@ -56,7 +57,7 @@ class MemberModule(nn.Module):
         order, so a G = 1 layer built after `torch.manual_seed(s)` equals the ordinary module built after it)."""
         if next(self.parameters()).device.type != "meta":
             with torch.no_grad():
-                for g in range(self.members):
+                for g in range(self.size):
                     init(g)
 
 

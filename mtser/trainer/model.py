@@ -147,11 +147,6 @@ class FusionNetwork(MemberModule):
                                     cfg.dropout if cfg.lstm_layers > 1 else 0.0)
         self.head = fused.FusedLinear(members, cfg.lstm_hidden, len(CLASSES) + len(ATTRIBUTES))
 
-    @property
-    def size(self) -> int:
-        """The number of members G."""
-        return self.members
-
     @classmethod
     def from_states(cls, encoder_dims: dict[str, int], cfg: ModelConfig,
                     states: Sequence[Mapping[str, torch.Tensor]]) -> FusionNetwork:
