@@ -232,7 +232,7 @@ class NaiveTimeline:
             out = self.encoders.features(wave[stamp["start"]:stamp["end"]])
             features = {self.names[kind]: out[key].astype(np.float16).astype(np.float32)   # stored as float16
                         for kind, key in (("speech", "wavlm"), ("whisper", "whisper"), ("text", "roberta"))}
-            preds = {p: [np.asarray(x)[0] for x in predict_features(m, [features], device=self.device)]
+            preds = {p: [np.asarray(x)[0, 0] for x in predict_features(m, [features], device=self.device)]
                      for p, m in self.models.items()}
             probs = np.mean([preds[member_key(m)][0] for m in self.members["class"]], axis=0)
             row = {"start_s": stamp["start"] / rate, "end_s": stamp["end"] / rate,

@@ -12,7 +12,8 @@ Whisper-large 1280-d, RoBERTa-large 1024-d, float16, 2-8 s utterances). Measured
            (`cohort_size: null`: one per pooling here), each trial given all CPUs (torch threads = CPUs).
            cohort_speedup = (grid points × epochs per hour) with cohorts / without.
   step     K demo-size ASP models (α values) on the same in-memory batches, 1 torch thread: each model's forward,
-           backward, clipping and AdamW step one after another (torch's AdamW), versus one CohortModel step;
+           backward, clipping and AdamW step one after another (a `FusionNetwork` of one, torch's AdamW), versus
+           one step of a `FusionNetwork` of the K members;
            alternated, median of rounds. fused_step_speedup = member-steps/s fused / one after another.
            Also K cohorts of one stepped one after another (what `cohort_size: 1` trains, with the cohort's
            faster pooling and optimiser): fused_step_speedup_vs_cohorts_of_one.
@@ -148,7 +149,7 @@ class StepBench:
 
         from mtser.trainer.device import Precision
         from mtser.trainer.losses import build_loss
-        from mtser.trainer.model import FusionModel
+        from mtser.trainer.model import FusionNetwork
 
         torch.set_num_threads(1)
         self.setup, self.device = setup, torch.device(setup.device)
@@ -163,16 +164,17 @@ class StepBench:
         self.losses = [build_loss("multi", c.loss, counts) for c in cfgs]
         self.precision = Precision(self.device, cfgs[0].train.mixed_precision)
         torch.manual_seed(0)
-        self.models = [FusionModel({n: store.encoders[n].dim for n in encoders}, c.model).to(self.device)
+        self.models = [FusionNetwork({n: store.encoders[n].dim for n in encoders}, c.model).to(self.device)
                        for c in cfgs]
         self.clip = torch.ones(k, device=self.device)
 
     def cohort(self, members: list) -> tuple:
         import torch
 
-        from mtser.trainer.cohort import CohortAdamW, CohortModel
+        from mtser.trainer.cohort import CohortAdamW
+        from mtser.trainer.model import FusionNetwork
 
-        model = CohortModel(members).to(self.device)
+        model = FusionNetwork.stack(members).to(self.device)
         n = len(members)
         return model, CohortAdamW(model, torch.full((n,), 1e-3, device=self.device),
                                   torch.full((n,), 0.01, device=self.device))
@@ -214,7 +216,7 @@ def time_steps(store_url: str, setup: Setup, k: int, steps: int, rounds: int) ->
             for model, optimizer, loss_fn in zip(bench.models, optimizers, bench.losses):
                 with bench.precision.autocast():
                     logits, attrs = model(batch.features)
-                loss = loss_fn(logits, attrs, batch.classes, batch.attributes)
+                loss = loss_fn(logits[0], attrs[0], batch.classes, batch.attributes)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -60,12 +60,12 @@ def checkpoint(store, tmp_path_factory) -> Path:
     from mtser.featurestore.store import open_store
     from mtser.trainer.checkpoint import save_checkpoint
     from mtser.trainer.config import Config
-    from mtser.trainer.model import FusionModel
+    from mtser.trainer.model import FusionNetwork
 
     cfg = from_dict(Config, small_config())
     encoders = open_store(store).encoders
     path = tmp_path_factory.mktemp("ckpt") / "best"
-    save_checkpoint(path, FusionModel(dict(DIMS), cfg.model), cfg,
+    save_checkpoint(path, FusionNetwork(dict(DIMS), cfg.model), cfg,
                     {"metrics": {}, "store": {"url": store, "encoders": {n: dataclasses.asdict(encoders[n])
                                                                          for n in DIMS}}})
     return path

@@ -14,7 +14,7 @@ from mtser.trainer.config import load_config
 from mtser.trainer.infer import evaluate
 from mtser.trainer.loop import Member, lr_factor, train_cohort
 from mtser.trainer.losses import build_loss
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 from mtser.trainer.setup import seed_everything
 from trainer_store import write_synthetic_store
 
@@ -37,7 +37,8 @@ def store_url(tmp_path_factory) -> str:
 
 
 def train_alone(cfg, store_url: str) -> dict[str, torch.Tensor]:
-    """The reference: one FusionModel, torch's AdamW, clip_grad_norm_ and LambdaLR on the same batches."""
+    """The reference: a model alone (the network of one member), torch's AdamW, clip_grad_norm_ and LambdaLR on the
+    same batches; its state as a checkpoint holds it (`member_state(0)`)."""
     from mtser.featurestore.store import open_store
 
     store, tc = open_store(store_url), cfg.train
@@ -45,7 +46,7 @@ def train_alone(cfg, store_url: str) -> dict[str, torch.Tensor]:
     pool = data.training_ids(store, encoders, tc.task)
     loss_fn = build_loss(tc.task, cfg.loss, data.class_counts(data.label_arrays(store.utterances, pool)))
     seed_everything(tc.seed)
-    model = FusionModel({n: store.encoders[n].dim for n in encoders}, cfg.model)
+    model = FusionNetwork({n: store.encoders[n].dim for n in encoders}, cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps = math.ceil(tc.samples_per_epoch / tc.batch_size)
     total, warmup = tc.epochs * steps, round(tc.warmup_epochs * steps)
@@ -57,13 +58,13 @@ def train_alone(cfg, store_url: str) -> dict[str, torch.Tensor]:
         for ids in data.epoch_batches(pool, lengths, tc.samples_per_epoch, tc.batch_size, tc.seed, epoch):
             batch = reader(ids)
             logits, attrs = model(batch.features)
-            loss = loss_fn(logits, attrs, batch.classes, batch.attributes)
+            loss = loss_fn(logits[0], attrs[0], batch.classes, batch.attributes)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             schedule.step()
-    return model.state_dict()
+    return model.member_state(0)
 
 
 def assert_states_close(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rtol: float) -> None:
@@ -86,7 +87,7 @@ def test_members_equal_models_trained_alone(store_url, tmp_path, pooling, attent
     for name, cfg in variants.items():
         exported, _, meta = load_checkpoint(results[name].best_checkpoint)
         assert meta["cohort"] == {"members": 3, "name": name}
-        assert_states_close(exported.state_dict(), train_alone(cfg, store_url), rtol=1e-4)
+        assert_states_close(exported.member_state(0), train_alone(cfg, store_url), rtol=1e-4)
 
 
 def test_a_diverging_member_is_dropped_and_the_others_are_unaffected(store_url, tmp_path):
@@ -101,7 +102,7 @@ def test_a_diverging_member_is_dropped_and_the_others_are_unaffected(store_url, 
         assert with_it[name].status == without[name].status == "complete"
         a, _, _ = load_checkpoint(with_it[name].best_checkpoint)
         b, _, _ = load_checkpoint(without[name].best_checkpoint)
-        assert_states_close(a.state_dict(), b.state_dict(), rtol=1e-5)
+        assert_states_close(a.member_state(0), b.member_state(0), rtol=1e-5)
 
 
 def test_member_checkpoints_evaluate_to_the_recorded_metrics(store_url, tmp_path):
@@ -153,18 +154,16 @@ def test_a_mixed_task_cohort_gives_each_member_only_its_tasks_targets(tmp_path):
 
 
 def test_pooling_work_tensors_are_reused_and_a_stale_graph_fails_loudly():
-    from mtser.trainer.cohort import CohortModel
-
     cfg = config().model
     torch.manual_seed(0)
-    model = CohortModel([FusionModel({"a": 24, "b": 16}, cfg) for _ in range(2)])
+    model = FusionNetwork({"a": 24, "b": 16}, cfg, members=2)
     mask = torch.arange(30)[None, :] < torch.tensor([30, 11, 25])[:, None]
     features = {name: (torch.randn(3, 30, dim), mask) for name, dim in (("a", 24), ("b", 16))}
     first, _ = model(features)
-    memory = {key: work.data_ptr() for key, work in model._work.items()}
-    assert len(memory) == 2                        # gathered real frames, per encoder
+    memory = {name: branch.pool._work.data_ptr() for name, branch in model.branches.items()}
+    assert len(set(memory.values())) == 2          # gathered real frames, per encoder
     second, _ = model(features)                    # same shapes: the same memory, no fresh block
-    assert {key: work.data_ptr() for key, work in model._work.items()} == memory
+    assert {name: branch.pool._work.data_ptr() for name, branch in model.branches.items()} == memory
     torch.testing.assert_close(first, second)
     second.sum().backward()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -172,28 +171,28 @@ def test_pooling_work_tensors_are_reused_and_a_stale_graph_fails_loudly():
 
 
 def test_cohort_adamw_steps_each_active_member_as_adamw_alone_and_leaves_the_others_exactly():
-    from mtser.trainer.cohort import CohortAdamW, CohortModel
+    from mtser.trainer.cohort import CohortAdamW
 
     cfg = config().model
     torch.manual_seed(0)
-    alone = [FusionModel({"a": 24, "b": 16}, cfg) for _ in range(2)]
-    cohort = CohortModel(alone)
+    alone = [FusionNetwork({"a": 24, "b": 16}, cfg) for _ in range(2)]
+    cohort = FusionNetwork.stack(alone)
     optimizer = CohortAdamW(cohort, torch.tensor([1e-2, 3e-3]), torch.tensor([0.1, 0.0]))
     reference = torch.optim.AdamW(alone[0].parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
-        grads = {name: torch.randn_like(p) for name, p in cohort.named_member_parameters()}
-        for name, p in cohort.named_member_parameters():
+        grads = {name: torch.randn_like(p) for name, p in cohort.named_parameters()}
+        for name, p in cohort.named_parameters():
             p.grad = grads[name].clone()
         for name, p in alone[0].named_parameters():
-            p.grad = grads[name][0].clone()
+            p.grad = grads[name][:1].clone()
         before = cohort.member_state(1)
         optimizer.step(active=torch.tensor([True, False]))
         reference.step()
-        assert_states_close(cohort.member_state(0), alone[0].state_dict(), rtol=1e-6)
+        assert_states_close(cohort.member_state(0), alone[0].member_state(0), rtol=1e-6)
         after = cohort.member_state(1)
         assert all(torch.equal(after[k], before[k]) for k in before)       # inactive: not a bit changed
     assert optimizer.steps.tolist() == [3.0, 0.0]
-    assert all(float(optimizer.state[p]["exp_avg"][1].abs().max()) == 0.0 for _, p in cohort.named_member_parameters())
+    assert all(float(optimizer.state[p]["exp_avg"][1].abs().max()) == 0.0 for p in cohort.parameters())
 
 
 def test_members_may_differ_in_the_penalty_gradient(store_url, tmp_path):
@@ -203,7 +202,7 @@ def test_members_may_differ_in_the_penalty_gradient(store_url, tmp_path):
     results = train_cohort([Member(name, cfg, tmp_path / name) for name, cfg in variants.items()], store_url)
     states = {}
     for name, cfg in variants.items():
-        states[name] = load_checkpoint(results[name].best_checkpoint)[0].state_dict()
+        states[name] = load_checkpoint(results[name].best_checkpoint)[0].member_state(0)
         assert_states_close(states[name], train_alone(cfg, store_url), rtol=1e-4)
     with pytest.raises(AssertionError, match="relative difference"):
         assert_states_close(states["detached"], states["through"], rtol=1e-3)
@@ -215,12 +214,12 @@ def test_float16_loss_scaling_keeps_members_independent():
     `torch.amp.GradScaler` on a model alone (same scales, same skipped step). Device-independent: runs on the CPU."""
     import copy
 
-    from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+    from mtser.trainer.cohort import CohortAdamW, MemberGradScaler, step_members
     from mtser.trainer.config import LossConfig
 
     cfg = config(model__dropout=0.0).model
     torch.manual_seed(0)
-    members = [FusionModel({"a": 24, "b": 16}, cfg) for _ in range(2)]
+    members = [FusionNetwork({"a": 24, "b": 16}, cfg) for _ in range(2)]
     mask = torch.arange(30)[None, :] < torch.tensor([30, 11, 25, 7])[:, None]
     batches = [({name: (torch.randn(4, 30, dim), mask) for name, dim in (("a", 24), ("b", 16))},
                 torch.tensor([0, 3, -1, 7]), 1 + 6 * torch.rand(4, 3)) for _ in range(5)]
@@ -228,7 +227,7 @@ def test_float16_loss_scaling_keeps_members_independent():
     overflow_step, huge = 1, 1e36                     # 1e36·loss·2¹⁵ overflows float32 (max 3.4e38)
 
     def run(overflow: bool) -> tuple[list[list[dict[str, torch.Tensor]]], list[list[float]], CohortAdamW]:
-        cohort = CohortModel(members)
+        cohort = FusionNetwork.stack(members)
         optimizer = CohortAdamW(cohort, torch.tensor([1e-3, 2e-3]), torch.tensor([0.01, 0.0]))
         scaler = MemberGradScaler(2, torch.device("cpu"), enabled=True, growth_interval=2)
         states, scales = [], []
@@ -256,7 +255,7 @@ def test_float16_loss_scaling_keeps_members_independent():
     torch_scaler = torch.amp.GradScaler("cpu", growth_interval=2)
     for step, (features, classes, attributes) in enumerate(batches):
         logits, attrs = alone(features)
-        loss = loss_fn(logits, attrs, classes, attributes) * (huge if step == overflow_step else 1.0)
+        loss = loss_fn(logits[0], attrs[0], classes, attributes) * (huge if step == overflow_step else 1.0)
         reference.zero_grad()
         torch_scaler.scale(loss).backward()
         torch_scaler.unscale_(reference)
@@ -264,4 +263,4 @@ def test_float16_loss_scaling_keeps_members_independent():
         torch_scaler.step(reference)
         torch_scaler.update()
         assert torch_scaler.get_scale() == scales[step][1]
-        assert_states_close(states[step][1], alone.state_dict(), rtol=1e-4)
+        assert_states_close(states[step][1], alone.member_state(0), rtol=1e-4)

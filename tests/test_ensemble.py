@@ -246,10 +246,36 @@ def test_members_on_different_encoders_are_scored_on_the_ids_all_can_read(tmp_pa
     store = open_store(url)
     ids = sorted(evaluation_ids(store, ["a", "b"], "Development"))
     assert table["FileName"].tolist() == ids and len(ids) == 12
-    means = np.mean([np.concatenate(predict(load_checkpoint(c)[0], store, ids), axis=1)
+    means = np.mean([np.concatenate(predict(load_checkpoint(c)[0], store, ids), axis=-1)[0]
                      for c in checkpoints.values()], axis=0)
     np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES] + list(ATTRIBUTE_COLUMNS.values())], means,
                                atol=2e-6)
     empty = CliRunner().invoke(app, ["ensemble", "--run", str(run), "--store", url, "--split", "Test1"])
     assert empty.exit_code == 1
     assert "no Test1 utterance has the features every member needs (['a', 'b'])" in empty.output
+
+
+def test_members_of_one_architecture_are_scored_in_one_fused_forward_as_one_by_one(tmp_path):
+    """`fused_groups` stacks the members that share encoders and model config into one network (one read of the
+    features for the group); each member's fused predictions equal that member scored alone."""
+    from mtser.featurestore.store import open_store
+    from mtser.trainer.checkpoint import load_checkpoint
+    from mtser.trainer.data import evaluation_ids
+    from mtser.trainer.infer import fused_groups, predict
+    from trainer_store import random_checkpoint, write_synthetic_store
+
+    url = write_synthetic_store(tmp_path / "s.zarr", n_train=4, n_dev=12)
+    store = open_store(url)
+    ids = evaluation_ids(store, ["a", "b"], "Development")
+    paths = {name: random_checkpoint(tmp_path / name, url, encoders, seed=seed)
+             for seed, (name, encoders) in enumerate([("ab0", ["a", "b"]), ("a", ["a"]), ("ab1", ["a", "b"])])}
+    models = {name: load_checkpoint(path)[0] for name, path in paths.items()}
+    groups = fused_groups(models)
+    assert [(keys, network.size) for keys, network in groups] == [(["ab0", "ab1"], 2), (["a"], 1)]
+    for keys, network in groups:
+        probs, attrs = predict(network, store, ids, batch_size=5)
+        for g, name in enumerate(keys):
+            alone_probs, alone_attrs = predict(models[name], store, ids, batch_size=5)
+            np.testing.assert_allclose(probs[g], alone_probs[0], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(attrs[g], alone_attrs[0], rtol=0, atol=1e-6)
+    assert not np.allclose(predict(groups[0][1], store, ids)[0][0], predict(groups[0][1], store, ids)[0][1])

@@ -132,7 +132,7 @@ def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(te
         paths = [u.path for u in utts]
         on_audio = predict_files(paths, manifest).table.set_index("FileName").loc[paths]
         model, _, _ = load_checkpoint(checkpoint)
-        probs, attrs = predict(model, store, ids)
+        (probs,), (attrs,) = predict(model, store, ids)
         from_store = np.concatenate([probs, attrs], axis=1)
         np.testing.assert_allclose(on_audio[PROBS + ATTRS].to_numpy(float), from_store, atol=1e-6, rtol=0,
                                    err_msg=name)
@@ -141,7 +141,7 @@ def test_predict_on_audio_equals_prediction_on_stored_frames_for_each_storage(te
             np.testing.assert_array_equal(features[i][name], store.get(i, name, np.float32), err_msg=name)
         if name == "i8":                           # not vacuous: unquantised frames differ, and so does the prediction
             assert min(np.abs(raw[i]["raw"] - store.get(i, name, np.float32)).max() for i in ids) > 5e-3
-            unquantised = np.concatenate(predict_features(model, [{name: raw[i]["raw"]} for i in ids]), axis=1)
+            unquantised = np.concatenate(predict_features(model, [{name: raw[i]["raw"]} for i in ids]), axis=-1)[0]
             assert np.abs(unquantised - from_store).max() > 1e-5
 
 

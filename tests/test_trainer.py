@@ -94,7 +94,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, store_url, t
     np.testing.assert_array_equal(attrs, attrs2)
     _, table = evaluate(tmp_path / "copy", store, "Development", device="cpu")     # evaluate's table: the same
     assert list(table["id"]) == ids and table["EmoClass"].isin(list("ASHUFDCN")).all()
-    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES]].to_numpy(), probs, rtol=1e-6)
+    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES]].to_numpy(), probs[0], rtol=1e-6)
 
 
 def test_checkpoints_written_before_per_task_sections_still_load(trained, tmp_path):
@@ -219,7 +219,7 @@ def test_validation_selects_on_held_out_train_and_tests_on_development(store_url
     store = open_store(store_url)
     held = selection_split(store, ["a", "b"], 0.2, 0)
     model, _, _ = load_checkpoint(result.best_checkpoint)
-    probs, attrs = predict(model, store, held)
+    (probs,), (attrs,) = predict(model, store, held)
     selected = summarize(probs, attrs, label_arrays(store.utterances, held))
     for key in ("f1", "ccc_mean", "score"):                         # selection metrics: the held-out speakers
         assert result.best_metrics[key] == pytest.approx(selected[key], abs=1e-5)

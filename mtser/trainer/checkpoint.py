@@ -26,7 +26,7 @@ from mtser.errors import MtserError
 from mtser.featurestore.files import remote_errors
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.config import Config, ModelConfig
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 from mtser.trainer.runs import write_atomic
 
 FORMAT = "mtser-checkpoint"
@@ -40,8 +40,9 @@ class CheckpointError(MtserError):
     """A checkpoint directory is missing, incomplete or does not match its config; the message names the path."""
 
 
-def save_checkpoint(path: Path, model: FusionModel, cfg: Config, meta: dict) -> None:
-    """Write the checkpoint directory atomically (a temporary sibling renamed over `path`).
+def save_checkpoint(path: Path, model: FusionNetwork, cfg: Config, meta: dict, member: int = 0) -> None:
+    """Write member `member` of `model` as a checkpoint directory, atomically (a temporary sibling renamed over
+    `path`). The weights are the member's ordinary state dict (`FusionNetwork.member_state`).
 
     `meta` carries at least `metrics`; the sidecar adds config, input dims and label map.
     """
@@ -49,7 +50,7 @@ def save_checkpoint(path: Path, model: FusionModel, cfg: Config, meta: dict) -> 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in model.member_state(member).items()}
     save_file(state, str(tmp / WEIGHTS))
     sidecar = {
         **meta,
@@ -150,7 +151,7 @@ def validate_sidecar(meta: object, path: str | Path) -> None:
 def _model_within_bounds(dims: dict[str, int], cfg: ModelConfig, path: str | Path) -> None:
     """Refuse to build a model of more than MAX_PARAMETERS parameters (counted without allocating)."""
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in FusionModel(dims, cfg).parameters())
+        parameters = sum(p.numel() for p in FusionNetwork(dims, cfg).parameters())
     if parameters > MAX_PARAMETERS:
         raise CheckpointError(f"{path}/{SIDECAR}: its model would have {parameters:,} parameters (at most "
                               f"{MAX_PARAMETERS:,}); not a checkpoint this mtser wrote")
@@ -171,15 +172,15 @@ def _upgraded(config: dict) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storage_options: dict | None = None
-                    ) -> tuple[FusionModel, Config, dict]:
-    """Rebuild the model from the sidecar and load its weights (safetensors: no pickle); model in eval mode."""
+                    ) -> tuple[FusionNetwork, Config, dict]:
+    """Rebuild the model from the sidecar and load its weights (safetensors: no pickle) as the one member of a
+    `FusionNetwork` (G = 1; `FusionNetwork.stack` fuses several), in eval mode."""
     meta = read_sidecar(path, storage_options)
     try:
         cfg = from_dict(Config, meta["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}/{SIDECAR}: config: {exc}") from None
     _model_within_bounds(meta["input_dims"], cfg.model, path)
-    model = FusionModel(meta["input_dims"], cfg.model)
     try:
         raw = _read(path, WEIGHTS, storage_options)
     except FileNotFoundError:
@@ -196,7 +197,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storag
     for key in [k for k in weights if k.endswith(".pool.attention.2.bias")]:
         del weights[key]        # earlier checkpoints had a score bias, which softmax ignores (model.py): exact to drop
     try:
-        model.load_state_dict(weights)
+        model = FusionNetwork.from_states(meta["input_dims"], cfg.model, [weights])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model in its config: {exc}") from None
     return model.to(device).eval(), cfg, meta

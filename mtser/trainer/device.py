@@ -31,9 +31,8 @@ class Precision:
 @torch.no_grad()
 def run_model(model: torch.nn.Module, batches, device: torch.device, precision: Precision | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated (logits, attributes) of `batches` (each a Batch or a features dict), float32 on CPU.
-
-    A FusionModel gives (N, 8) and (N, 3); a CohortModel (G, N, 8) and (G, N, 3), all members from one read."""
+    """Concatenated (logits, attributes) of `batches` (each a Batch or a features dict), float32 on CPU: (G, N, 8)
+    and (G, N, 3) for a network of G members, all members from one read."""
     model.eval()
     precision = precision or Precision(device, enabled=False)
     logits, attrs = [], []

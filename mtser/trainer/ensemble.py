@@ -8,13 +8,14 @@ external prediction files in the challenge format (the paper added the challenge
 and dominance; `ensemble.external` declares them), aligned by `FileName`.
 
 `build_ensemble` scores members and the ensemble on a split, on the utterances every member can read (members may
-use different encoders), writes the challenge CSVs and a manifest (`ensemble.json`) that `mtser predict` loads.
+use different encoders; members of one architecture in one fused forward, `infer.fused_groups`), writes the
+challenge CSVs and a manifest (`ensemble.json`) that `mtser predict` loads.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,7 @@ def external_predictions(location: str, ids: list[str], storage_options: dict | 
     return Predictions(list(ids), np.full((len(ids), 8), np.nan), attrs)
 
 
-@dataclass
+@dataclasses.dataclass
 class Predictions:
     """Class probabilities (N, 8) and attributes (N, 3) for `ids`."""
 
@@ -246,10 +247,8 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     """Score the members and the ensemble on `split`, write CSVs and the manifest; returns the manifest. `k`
     overrides both of the recipe's ks; `external` maps attributes to challenge-format prediction files.
     `run_dir`, `store_url` and `out_dir` may be URLs; `storage_options` apply to all of them."""
-    import dataclasses
-
     from mtser.featurestore.store import open_store
-    from mtser.trainer.infer import predict
+    from mtser.trainer.infer import fused_groups, predict
 
     run_dir = as_run(run_dir, storage_options)
     out_dir = RunFolder(out_dir, storage_options) if out_dir else run_dir.sub("ensemble")
@@ -273,8 +272,10 @@ def build_ensemble(run_dir: str | Path, store_url: str, split: str = "Developmen
     if not ids:
         raise EnsembleError(f"{store.url}: no {split} utterance has the features every member needs "
                             f"({sorted({n for m, _ in loaded.values() for n in m.encoder_dims})})")
-    outputs = {path: Predictions(ids, *map(np.asarray, predict(model, store, ids)))
-               for path, (model, _) in loaded.items()}
+    outputs = {}
+    for paths, network in fused_groups({path: model for path, (model, _) in loaded.items()}):
+        probs, attrs = predict(network, store, ids)
+        outputs.update({path: Predictions(ids, probs[g], attrs[g]) for g, path in enumerate(paths)})
     for m in (m for ms in members.values() for m in ms if "external" in m):
         outputs.setdefault(member_key(m), external_predictions(m["external"], ids, storage_options))
     ensemble = combine(members, outputs)
@@ -327,10 +328,8 @@ def configured_ensemble(run_dir: RunFolder | str | Path) -> EnsembleConfig:
 def external_members(manifest: dict[str, Any]) -> dict[str, list[str]]:
     """External files of a manifest and the attributes each one is a member of."""
     out: dict[str, list[str]] = {}
-    for task, members in manifest["members"].items():
-        for m in members:
-            if "external" in m:
-                out.setdefault(m["external"], []).append(task)
+    for task, m in ((task, m) for task, ms in manifest["members"].items() for m in ms if "external" in m):
+        out.setdefault(m["external"], []).append(task)
     return out
 
 

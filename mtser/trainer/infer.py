@@ -1,4 +1,6 @@
-"""Inference: one predict path for store ids and for in-memory features, the prediction table and `evaluate`."""
+"""Inference: one predict path for store ids and for in-memory features (every member of a `FusionNetwork` from one
+read of the features; `fused_groups` fuses the models of one architecture), the prediction table, `evaluate`, and
+the check that a store holds the features a checkpoint was trained on."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,18 +18,19 @@ from mtser.trainer.checkpoint import check_store_matches, load_checkpoint
 from mtser.trainer.data import open_if_url
 from mtser.trainer.device import resolve_device, run_model
 from mtser.trainer.metrics import LabelArrays, summarize
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 
 
 def _unsorted(order: np.ndarray, *arrays: torch.Tensor) -> list[np.ndarray]:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    return [a.numpy()[inverse] for a in arrays]
+    return [a.numpy()[:, inverse] for a in arrays]
 
 
-def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
+def predict(model: FusionNetwork, store, ids: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
             prefetch_batches: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, 8) and attributes (N, 3) in 1..7 for store `ids`, in that order."""
+    """Class probabilities (G, N, 8) and attributes (G, N, 3) in 1..7 of the G members for store `ids`, in that
+    order."""
     device = torch.device(device)
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
@@ -36,19 +39,35 @@ def predict(model: FusionModel, store, ids: list[str], batch_size: int = 256, de
     reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu)
     batches = prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
-    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
+    return tuple(_unsorted(order, torch.softmax(logits, dim=-1), attrs))
 
 
-def predict_features(model: FusionModel, features: list[dict[str, np.ndarray]], batch_size: int = 256,
+def predict_features(model: FusionNetwork, features: list[dict[str, np.ndarray]], batch_size: int = 256,
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Like `predict`, for in-memory features (encoder name -> (T, D) array per utterance)."""
+    if not features:
+        return np.zeros((model.size, 0, 8), np.float32), np.zeros((model.size, 0, 3), np.float32)
     device = torch.device(device)
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(len(f[n]) for n in encoders) for f in features], kind="stable")
     batches = (data.pad_features([features[k] for k in chunk], encoders, data.host_dtype(device))
                for chunk in data.chunks(order, batch_size))
     logits, attrs = run_model(model.to(device), batches, device)
-    return tuple(_unsorted(order, torch.softmax(logits, dim=1), attrs))
+    return tuple(_unsorted(order, torch.softmax(logits, dim=-1), attrs))
+
+
+def fused_groups(models: dict[str, FusionNetwork]) -> list[tuple[list[str], FusionNetwork]]:
+    """The models (lone networks by key) grouped by architecture (encoders and model config), each group stacked
+    into one network (`FusionNetwork.stack`) that scores all its members from one read of the features."""
+    groups: list[list[str]] = []
+    for key, model in models.items():
+        group = next((g for g in groups if models[g[0]].encoder_dims == model.encoder_dims
+                      and models[g[0]].cfg == model.cfg), None)
+        if group is None:
+            groups.append([key])
+        else:
+            group.append(key)
+    return [(keys, FusionNetwork.stack([models[k] for k in keys])) for keys in groups]
 
 
 def prediction_table(ids: Sequence[str], probs: np.ndarray, attrs: np.ndarray, labels: LabelArrays | None = None,
@@ -94,6 +113,6 @@ def evaluate(checkpoint: str | Path, store, split: str = "Development", device: 
     if not ids:
         raise DataError(f"store {store.url}: split {split!r} has no utterances with features for "
                          f"{list(model.encoder_dims)}")
-    probs, attrs = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
+    (probs,), (attrs,) = predict(model, store, ids, cfg.train.eval_batch_size, torch_device)
     labels = data.label_arrays(store.utterances, ids)
     return summarize(probs, attrs, labels), prediction_table(ids, probs, attrs, labels)

@@ -1,6 +1,6 @@
 """Training: one model or a cohort of models that share one batch stream (stage 1 multi-task, stage 2 fine-tuning).
 
-A cohort is G members of one architecture and schedule, trained as one fused `CohortModel`: each batch is read
+A cohort is G members of one architecture and schedule, trained as one `FusionNetwork` (G members): each batch is read
 once and used by every member; each member has its own loss (α, β, σ, task), learning rate, clipping and AdamW
 state, so it follows the trajectory it would follow alone. Each epoch the Development split is read once and
 scored for all members. A member ends as `complete` (all epochs), `stopped` (successive halving, `halving`) or
@@ -29,12 +29,11 @@ from tqdm.auto import tqdm
 from mtser.configio import ConfigError
 from mtser.errors import DataError
 from mtser.trainer.checkpoint import save_checkpoint, update_sidecar
-from mtser.trainer.cohort import CohortModel
 from mtser.trainer.config import Config, TrainConfig
 from mtser.trainer.data import open_if_url
 from mtser.trainer.losses import RecipeLoss
 from mtser.trainer.metrics import summarize
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 from mtser.trainer.runs import write_csv_atomic
 from mtser.trainer.search_config import AshaConfig
 from mtser.trainer.selection import halving_milestones, halving_survivors, improves
@@ -110,7 +109,7 @@ class MemberState:
     tc: TrainConfig                       # its schedule
     loss: RecipeLoss
     warmup_steps: int
-    best_model: FusionModel               # holds its best epoch's weights; made at set-up, as a model's initial
+    best_model: FusionNetwork               # holds its best epoch's weights; made at set-up, as a model's initial
                                           # weights draw from torch's generator, which dropout draws from in training
     status: Status = "running"
     error: str | None = None
@@ -262,7 +261,7 @@ def _count_step(running: list[MemberState], losses: torch.Tensor, finite: torch.
     return failed
 
 
-def _keep_members(model: CohortModel, optimizer: MemberOptimizer, kept: list[MemberState]) -> None:
+def _keep_members(model: FusionNetwork, optimizer: MemberOptimizer, kept: list[MemberState]) -> None:
     """Only the members `kept` (in fused order) stay in the fused model and its optimiser, renumbered from 0."""
     positions = [s.index for s in kept]
     model.select(positions)
@@ -271,7 +270,7 @@ def _keep_members(model: CohortModel, optimizer: MemberOptimizer, kept: list[Mem
         s.index = index
 
 
-def evaluate_and_save(model: CohortModel, cd: CohortData, running: list[MemberState], epoch: int, lrs: list[float],
+def evaluate_and_save(model: FusionNetwork, cd: CohortData, running: list[MemberState], epoch: int, lrs: list[float],
                       timing: dict[str, float], cohort_size: int) -> list[MemberEpoch]:
     """Score the running members on the selection split (one read), add each one's row to its history.csv and save
     its checkpoint where the epoch is its best so far; returns their reports."""
@@ -297,10 +296,10 @@ def evaluate_and_save(model: CohortModel, cd: CohortData, running: list[MemberSt
     return reports
 
 
-def _save_best(model: CohortModel, cd: CohortData, s: MemberState, cohort_size: int) -> None:
+def _save_best(model: FusionNetwork, cd: CohortData, s: MemberState, cohort_size: int) -> None:
     """Member `s`'s weights now as its best checkpoint, <out>/best."""
     m = s.member
-    s.best_model.load_state_dict(model.member_state(s.index))
+    s.best_model.load_member(0, model.member_state(s.index))
     save_checkpoint(s.best_dir, s.best_model, m.cfg, {
         "stage": m.stage, "task": s.tc.task, "epoch": s.best_epoch, "metrics": s.best_metrics,
         "store": cd.provenance, "parent": str(m.init_from) if m.init_from else None, "selection_split": cd.selection,
@@ -308,7 +307,7 @@ def _save_best(model: CohortModel, cd: CohortData, s: MemberState, cohort_size: 
         "cohort": {"members": cohort_size, "name": m.name}})
 
 
-def halve(model: CohortModel, optimizer: MemberOptimizer, running: list[MemberState], reports: list[MemberEpoch],
+def halve(model: FusionNetwork, optimizer: MemberOptimizer, running: list[MemberState], reports: list[MemberEpoch],
           factor: int) -> list[MemberEpoch]:
     """Successive halving: the best ceil(n / factor) running members by their select metric this epoch go on; the
     others stop and leave the fused model. Returns `reports` with the stopped members' status."""

@@ -1,17 +1,22 @@
-"""The fusion model: per encoder pooling (attentive statistics or mean) → dense → LayerNorm, a LSTM over the sequence
-of encoder embeddings, and one linear head giving 8 class logits and 3 attributes in 1..7."""
+"""The fusion network: per encoder pooling (attentive statistics or mean) → dense → LayerNorm, a LSTM over the
+sequence of encoder embeddings, and one linear head giving 8 class logits and 3 attributes in 1..7, built once from
+the fused layers of `fused.py` for G members of one architecture (`FusionNetwork`): training, epoch selection,
+evaluation, ensembles and prediction all run it; a model alone is G = 1. Also the GEMM and ASP-moment kernels the
+fused layers run on."""
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtser.featurestore.labels import ATTRIBUTES, ATTRIBUTE_RANGE, CLASSES
-from mtser.trainer import native
+from mtser.trainer import fused, native
 from mtser.trainer.config import ModelConfig
+from mtser.trainer.fused import MemberModule
 
 Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (x (B, T, D), mask (B, T) True = frame)
 
@@ -119,82 +124,71 @@ class _NativeMoments(torch.autograd.Function):
         return grad_weights, None
 
 
-class AttentiveStatsPooling(nn.Module):
-    """Okabe et al. 2018: softmax attention over frames; attention-weighted mean and standard deviation.
+class EncoderBranch(MemberModule):
+    """One encoder's pooling (ASP or mean), dense projection to proj_dim and LayerNorm (and dropout), for G members:
+    frames (B, T, D) every member shares → (G, B, proj_dim)."""
 
-    Padded frames get exactly zero weight, so (finite) padding leaves the output unchanged. The statistics are two
-    batched matrix products in float32 (also under autocast: E[x²] − E[x]² needs the precision), which costs far
-    less memory traffic than broadcasting the weights over (B, T, D).
-    """
-
-    def __init__(self, dim: int, attention_dim: int, eps: float = 1e-5):
+    def __init__(self, members: int, dim: int, cfg: ModelConfig):
         super().__init__()
-        # The score layer has no bias: softmax over frames is shift-invariant, so a bias there cannot change the
-        # output, its true gradient is zero and AdamW would only random-walk it on rounding noise.
-        self.attention = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, 1, bias=False))
-        self.eps = eps
-        self.out_dim = 2 * dim
+        asp = cfg.pooling == "asp"
+        self.pool = fused.FusedAttentivePooling(members, dim, cfg.attention_dim) if asp else fused.MeanPooling()
+        self.project = fused.FusedLinear(members, 2 * dim if asp else dim, cfg.proj_dim)
+        self.norm = fused.FusedLayerNorm(members, cfg.proj_dim)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        first = self.attention[0]
-        hidden = tanh_linear(x.reshape(-1, x.shape[-1]), first.weight, first.bias).view(*x.shape[:-1], -1)
-        scores = self.attention[2](hidden).squeeze(-1).float()
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # finite: an empty row stays NaN-free
-        weights = torch.softmax(scores, dim=1).unsqueeze(1)                # (B, 1, T)
-        with torch.autocast(x.device.type, enabled=False):
-            mean, second = attention_moments(weights, x.float())
-            variance = second - mean**2
-        return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1).squeeze(1)
+        pooled = self.pool(x, mask)                  # (G, B, 2D) per member, or (B, D) shared: one GEMM for all
+        return F.dropout(self.norm(self.project(pooled.to(self.project.weight.dtype))), self.dropout, self.training)
 
 
-class MeanPooling(nn.Module):
-    """Mean over the unpadded frames (zeros for an empty sequence)."""
+class FusionNetwork(MemberModule):
+    """G fusion models of one architecture: encoder embeddings in `encoder_dims` order form the LSTM's input
+    sequence, its last output feeds the head. `forward` returns class logits (G, B, 8) and attributes (G, B, 3) in
+    1..7 for a batch every member shares; a model alone is G = 1.
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.out_dim = dim
+    Parameter names are a `FusionModel`'s (the model before issue 23, the checkpoint format), each with a leading
+    member dimension: member g's state dict is {name: parameter[g]} (`member_state`, `load_member`)."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(1).to(x.dtype)                                   # (B, 1, T)
-        return (torch.bmm(m, x) / m.sum(dim=2, keepdim=True).clamp(min=1.0)).squeeze(1)
-
-
-class EncoderBranch(nn.Module):
-    """Pooling, dense projection to proj_dim and LayerNorm for one encoder."""
-
-    def __init__(self, dim: int, cfg: ModelConfig):
-        super().__init__()
-        self.pool = AttentiveStatsPooling(dim, cfg.attention_dim) if cfg.pooling == "asp" else MeanPooling(dim)
-        self.project = nn.Linear(self.pool.out_dim, cfg.proj_dim)
-        self.norm = nn.LayerNorm(cfg.proj_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.norm(self.project(self.pool(x, mask))))
-
-
-class FusionModel(nn.Module):
-    """Encoder embeddings in `encoder_dims` order form the LSTM's input sequence; its last output feeds the head."""
-
-    def __init__(self, encoder_dims: dict[str, int], cfg: ModelConfig):
+    def __init__(self, encoder_dims: dict[str, int], cfg: ModelConfig, members: int = 1):
         super().__init__()
         if not encoder_dims:
-            raise ValueError("FusionModel: needs at least one encoder")
+            raise ValueError("FusionNetwork: needs at least one encoder")
         self.encoder_dims = dict(encoder_dims)
         self.cfg = cfg
-        self.branches = nn.ModuleDict({name: EncoderBranch(dim, cfg) for name, dim in encoder_dims.items()})
-        self.lstm = nn.LSTM(cfg.proj_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True,
-                            dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0)
-        self.head = nn.Linear(cfg.lstm_hidden, len(CLASSES) + len(ATTRIBUTES))
+        self.branches = nn.ModuleDict({name: EncoderBranch(members, dim, cfg) for name, dim in encoder_dims.items()})
+        self.lstm = fused.FusedLSTM(members, cfg.proj_dim, cfg.lstm_hidden, cfg.lstm_layers,
+                                    cfg.dropout if cfg.lstm_layers > 1 else 0.0)
+        self.head = fused.FusedLinear(members, cfg.lstm_hidden, len(CLASSES) + len(ATTRIBUTES))
+
+    @classmethod
+    def from_states(cls, encoder_dims: dict[str, int], cfg: ModelConfig,
+                    states: Sequence[Mapping[str, torch.Tensor]]) -> FusionNetwork:
+        """A network whose member g is the ordinary state dict `states[g]` (on the CPU; draws no random numbers)."""
+        with torch.device("meta"):
+            network = cls(encoder_dims, cfg, members=len(states))
+        network = network.to_empty(device="cpu")
+        for g, state in enumerate(states):
+            network.load_member(g, state)
+        return network
+
+    @classmethod
+    def stack(cls, networks: Sequence[FusionNetwork]) -> FusionNetwork:
+        """One network of all members of `networks` in order (one architecture: the same encoders and config), on
+        the first one's device."""
+        first = networks[0]
+        for other in networks[1:]:
+            if other.encoder_dims != first.encoder_dims or other.cfg != first.cfg:
+                raise ValueError("FusionNetwork.stack: members must share encoders and model config "
+                                 f"({other.encoder_dims}, {other.cfg} vs {first.encoder_dims}, {first.cfg})")
+        states = [n.member_state(g) for n in networks for g in range(n.size)]
+        return cls.from_states(first.encoder_dims, first.cfg, states).to(first.head.weight.device)
 
     def forward(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return class logits (B, 8) and attributes (B, 3) in 1..7."""
         missing = [name for name in self.encoder_dims if name not in features]
         if missing:
-            raise KeyError(f"FusionModel: features of encoder(s) {missing} are missing")
-        sequence = torch.stack([branch(*features[name]) for name, branch in self.branches.items()], dim=1)
-        output, _ = self.lstm(sequence)
-        last = output[:, -1]
+            raise KeyError(f"FusionNetwork: features of encoder(s) {missing} are missing")
+        sequence = torch.stack([branch(*features[name]) for name, branch in self.branches.items()], dim=2)
+        last = self.lstm(sequence)[:, :, -1]                                # (G, B, H)
         with torch.autocast(last.device.type, enabled=False):           # the head in float32 (`head_outputs`)
             return head_outputs(self.head(last.float()))
 

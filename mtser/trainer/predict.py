@@ -76,8 +76,9 @@ def encoder_configs(metas: list[dict]) -> list[EncoderConfig]:
 
 
 class EnsembleScorer:
-    """An ensemble's member models, loaded once, and the encoders that feed them (as the store recorded them):
-    per-utterance features in, the ensemble's `Predictions` out. Used by `predict_files` and the timeline.
+    """An ensemble's member models, loaded once and fused by architecture (`infer.fused_groups`: one forward per
+    group), and the encoders that feed them (as the store recorded them): per-utterance features in, the ensemble's
+    `Predictions` out. Used by `predict_files` and the timeline.
 
     External members (prediction files of a fixed split) cannot predict new audio: an ensemble with them is refused
     (EnsembleError, usage) unless `skip_external` drops them."""
@@ -85,6 +86,7 @@ class EnsembleScorer:
     def __init__(self, ensemble: str | Path, device: str = "cpu", skip_external: bool = False,
                  storage_options: dict | None = None):
         from mtser.trainer.checkpoint import load_checkpoint
+        from mtser.trainer.infer import fused_groups
 
         manifest = load_manifest(ensemble, storage_options)
         external = external_members(manifest)
@@ -94,10 +96,11 @@ class EnsembleScorer:
                                 "split that cannot score new audio; pass --skip-external to predict without them",
                                 usage=True)
         self.device, self.members = device, without_external(manifest)
-        self.models, metas = {}, []
+        models, metas = {}, []
         for path in dict.fromkeys(member_key(m) for ms in self.members.values() for m in ms):
-            self.models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
+            models[path], _, meta = load_checkpoint(path, device=device, storage_options=storage_options)
             metas.append(meta)
+        self.groups = fused_groups(models)
         self.encoders = encoder_configs(metas)
         self.provenance = encoder_provenance(metas)
 
@@ -107,10 +110,9 @@ class EnsembleScorer:
         from mtser.trainer.infer import predict_features
 
         outputs = {}
-        for path, model in self.models.items():
-            probs, attrs = (predict_features(model, features, device=self.device) if features
-                            else (np.zeros((0, 8)), np.zeros((0, 3))))
-            outputs[path] = Predictions(list(ids), np.asarray(probs), np.asarray(attrs))
+        for paths, network in self.groups:
+            probs, attrs = predict_features(network, features, device=self.device)
+            outputs.update({path: Predictions(list(ids), probs[g], attrs[g]) for g, path in enumerate(paths)})
         return combine(self.members, outputs)
 
 

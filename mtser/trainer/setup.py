@@ -19,12 +19,12 @@ from mtser.errors import DataError
 from mtser.featurestore.prefetch import prefetch
 from mtser.trainer import data
 from mtser.trainer.checkpoint import CheckpointError, check_store_matches, load_checkpoint
-from mtser.trainer.cohort import CohortAdamW, CohortModel, MemberGradScaler, step_members
+from mtser.trainer.cohort import CohortAdamW, MemberGradScaler, step_members
 from mtser.trainer.config import Config, TrainConfig
 from mtser.trainer.device import Precision, resolve_device, run_model
 from mtser.trainer.losses import RecipeLoss, build_loss
 from mtser.trainer.metrics import LabelArrays, computable, confusion_matrix
-from mtser.trainer.model import FusionModel
+from mtser.trainer.model import FusionNetwork
 
 if TYPE_CHECKING:
     from mtser.trainer.loop import Member
@@ -84,7 +84,7 @@ class CohortData:
                                  epoch, tc.length_buckets)
         return data.WaitClock(prefetch(self.train_reader, ids, depth=tc.prefetch_batches))
 
-    def scores(self, model: CohortModel, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, model: FusionNetwork, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, N, 8) logits and (G, N, 3) attributes of a fused model on `ids`, read once."""
         batches = prefetch(self.reader, data.chunks(ids, self.tc.eval_batch_size), depth=self.tc.prefetch_batches)
         return run_model(model, batches, self.device, self.precision)
@@ -149,9 +149,9 @@ def _union(pools: Iterable[list[str]]) -> list[str]:
 class ModelSetup:
     """What `setup_model` gives, in the members' order."""
 
-    model: CohortModel                    # the members' initial models fused, on the device
+    model: FusionNetwork                    # the members' initial models fused, on the device
     losses: list[RecipeLoss]              # per member
-    best_models: list[FusionModel]        # per member, to hold its best epoch's weights (made here: a model's
+    best_models: list[FusionNetwork]        # per member, to hold its best epoch's weights (made here: a model's
                                           # initial weights draw from torch's generator, which dropout draws from)
 
 
@@ -170,18 +170,19 @@ def setup_model(members: Sequence[Member], store, cd: CohortData) -> ModelSetup:
             confusion = confusions[m.init_from]
         losses.append(build_loss(m.tc.task, m.cfg.loss, counts, confusion))
     fused = fused_model(initial, cd.device)
-    return ModelSetup(fused, losses, [FusionModel(initial[0].encoder_dims, initial[0].cfg) for _ in members])
+    return ModelSetup(fused, losses, [FusionNetwork(initial[0].encoder_dims, initial[0].cfg) for _ in members])
 
 
-def fused_model(models: Sequence[FusionModel], device: torch.device) -> CohortModel:
-    """`models` as one fused model on `device` (the one place the loop builds one)."""
-    return CohortModel(models).to(device)
+def fused_model(models: Sequence[FusionNetwork], device: torch.device) -> FusionNetwork:
+    """Lone `models` (G = 1 each) stacked into one network of G members on `device` (the one place the loop builds
+    one)."""
+    return FusionNetwork.stack(models).to(device)
 
 
-def _initial_model(member: Member, dims: dict[str, int], store) -> FusionModel:
+def _initial_model(member: Member, dims: dict[str, int], store) -> FusionNetwork:
     if member.stage == "pretrain":
         seed_everything(member.tc.seed)
-        return FusionModel(dims, member.cfg.model)
+        return FusionNetwork(dims, member.cfg.model)
     if member.init_from is None:
         raise ValueError(f"{member.name}: finetune needs init_from (the stage-1 checkpoint)")
     parent, parent_cfg, meta = load_checkpoint(member.init_from, storage_options=member.storage_options)
@@ -193,9 +194,9 @@ def _initial_model(member: Member, dims: dict[str, int], store) -> FusionModel:
     return parent
 
 
-def _confusion(cd: CohortData, parent: FusionModel) -> np.ndarray:
+def _confusion(cd: CohortData, parent: FusionNetwork) -> np.ndarray:
     """The parent's confusion matrix on the selection split (for loss.class_weights: confusion)."""
-    logits, _ = cd.scores(fused_model([parent], cd.device), cd.select_ids)
+    logits, _ = cd.scores(parent.to(cd.device), cd.select_ids)
     has_class = cd.select_labels.classes >= 0
     return confusion_matrix(cd.select_labels.classes[has_class], logits[0].numpy()[has_class].argmax(axis=1))
 
@@ -209,19 +210,19 @@ class MemberOptimizer:
     scaler: MemberGradScaler
     clip: torch.Tensor
 
-    def step(self, model: CohortModel, losses: torch.Tensor, lrs: list[float]) -> torch.Tensor:
+    def step(self, model: FusionNetwork, losses: torch.Tensor, lrs: list[float]) -> torch.Tensor:
         """`step_members` at the learning rates `lrs`; returns the members' finite-loss mask."""
         self.adamw.lr = torch.tensor(lrs, dtype=torch.float64, device=self.clip.device)
         return step_members(model, self.adamw, self.scaler, losses, self.clip)
 
-    def select(self, model: CohortModel, keep: list[int]) -> None:
+    def select(self, model: FusionNetwork, keep: list[int]) -> None:
         """Keep the members at fused positions `keep` (after `model.select(keep)`)."""
         self.scaler.select(keep)
         self.adamw = self.adamw.select(model, keep)
         self.clip = self.clip[keep]
 
 
-def setup_optimizer(model: CohortModel, schedules: Sequence[TrainConfig], cd: CohortData) -> MemberOptimizer:
+def setup_optimizer(model: FusionNetwork, schedules: Sequence[TrainConfig], cd: CohortData) -> MemberOptimizer:
     """The optimiser of the members whose schedules are `schedules`, in fused order."""
     return MemberOptimizer(CohortAdamW(model, torch.tensor([tc.lr for tc in schedules]),
                                        torch.tensor([tc.weight_decay for tc in schedules])),
