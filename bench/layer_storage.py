@@ -48,9 +48,13 @@ def segment_bytes(url: str, name: str, dim: int, kind: str, dtype: str, layers: 
     for k in range(utterances):
         writer.add(Utterance(id=f"u{k}", path=None), {name: rng.standard_normal((frames, layers, dim), np.float32)})
     writer.commit()
-    folder = Path(url) / "parts" / f"part-{name}" / "features" / name
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return total / (utterances * frames * layers)
+    return feature_bytes(url, name, f"part-{name}") / (utterances * frames * layers)
+
+
+def feature_bytes(url: str, name: str, part: str = "*") -> int:
+    """Bytes of every file of encoder `name`'s segment in the local store's parts matching `part` (a glob)."""
+    return sum(p.stat().st_size for folder in Path(url).glob(f"parts/{part}/features/{name}")
+               for p in folder.rglob("*") if p.is_file())
 
 
 def main() -> None:

@@ -43,20 +43,23 @@ TINY_MODEL = {"model.attention_dim": 8, "model.proj_dim": 16, "model.lstm_hidden
               "train.batch_size": 8, "train.eval_batch_size": 16}                 # the dry runs' members
 
 
-def write_store(url: str, n: int, seed: int = 0) -> None:
-    """n utterances of 2-8 s (80 % Train, 20 % Development), random labels and features, parts of 64."""
+def write_store(url: str, n: int, seed: int = 0, layers: int | None = None) -> None:
+    """n utterances of 2-8 s (80 % Train, 20 % Development), random labels and features, parts of 64; `layers`:
+    each encoder stores that many hidden states (0..L-1), frames (T, L, D) (None: one, as before issue 24)."""
     rng = np.random.default_rng(seed)
     create_store(url)
+    stored = None if layers is None else list(range(layers))
+    frame = () if layers is None else (layers,)
     for name, (dim, rate) in ENCODERS.items():
         register_encoder(url, EncoderInfo(name, "speech", f"bench/{name}", None, None, -1, 1, dim, rate, "float16",
-                                          "none", 16000, "bench", {}))
+                                          "none", 16000, "bench", {}, layers=stored))
     for start in range(0, n, 64):
         writer = StoreWriter(url, f"part-{start:06d}")
         for i in range(start, min(n, start + 64)):
             seconds = rng.uniform(2, 8)
             utt = Utterance(f"utt_{i:06d}.wav", None, "Train" if i % 5 else "Development",
                             CLASSES[i % 8], *rng.uniform(1, 7, 3).tolist())
-            writer.add(utt, {name: rng.standard_normal((max(1, int(seconds * rate)), dim), dtype=np.float32)
+            writer.add(utt, {name: rng.standard_normal((max(1, int(seconds * rate)), *frame, dim), dtype=np.float32)
                              for name, (dim, rate) in ENCODERS.items()})
         writer.commit()
 

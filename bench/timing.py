@@ -6,11 +6,15 @@ import time
 from collections.abc import Callable, Sequence
 
 
-def alternated(runners: Sequence[Callable[[], object]], rounds: int) -> list[float]:
-    """Median seconds of each runner, the runners alternated round by round so drift and load hit all alike."""
+def alternated(runners: Sequence[Callable[[], object]], rounds: int,
+               before: Callable[[int], object] | None = None) -> list[float]:
+    """Median seconds of each runner, the runners alternated round by round so drift and load hit all alike.
+    `before(i)`, untimed, precedes each run of runner i (e.g. evicting its files from the page cache)."""
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
-        for runner, t in zip(runners, times):
+        for i, (runner, t) in enumerate(zip(runners, times)):
+            if before is not None:
+                before(i)
             start = time.perf_counter()
             runner()
             t.append(time.perf_counter() - start)

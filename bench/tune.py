@@ -142,9 +142,12 @@ def member_configs(setup: Setup, k: int, pooling: str = "asp"):
 
 class StepBench:
     """k models (α values) of one pooling on the same in-memory batches on the setup's device (1 torch thread on
-    the CPU; bfloat16 autocast on CUDA, as the trainer runs there)."""
+    the CPU; bfloat16 autocast on CUDA, as the trainer runs there). `layers`: per encoder, the stored hidden states
+    read into (B, T, L, D) batches, the models built for them (issue 24; the setup's recipe sets
+    model.layer_weights)."""
 
-    def __init__(self, store_url: str, setup: Setup, k: int, steps: int, pooling: str = "asp"):
+    def __init__(self, store_url: str, setup: Setup, k: int, steps: int, pooling: str = "asp",
+                 layers: dict[str, list[int]] | None = None, batch_size: int = 32):
         import torch
 
         from mtser.trainer.device import Precision
@@ -157,15 +160,16 @@ class StepBench:
         encoders = list(ENCODERS)
         pool = data.training_ids(store, encoders, "multi")
         counts = data.class_counts(data.label_arrays(store.utterances, pool))
-        self.reader = data.BatchReader(store, encoders, np.float32)
-        self.ids = list(data.chunks(data.epoch_sample(pool, steps * 32, 0, 1), 32))
+        self.reader = data.BatchReader(store, encoders, np.float32, layers=layers)
+        self.ids = list(data.chunks(data.epoch_sample(pool, steps * batch_size, 0, 1), batch_size))
         self.batches = [self.reader(ids).to(self.device) for ids in self.ids]
         cfgs = member_configs(setup, k, pooling)
         self.losses = [build_loss("multi", c.loss, counts) for c in cfgs]
         self.precision = Precision(self.device, cfgs[0].train.mixed_precision)
         torch.manual_seed(0)
-        self.models = [FusionNetwork({n: store.encoders[n].dim for n in encoders}, c.model).to(self.device)
-                       for c in cfgs]
+        dims = {n: store.encoders[n].dim for n in encoders}
+        shape = {} if layers is None else {"layers": {n: len(v) for n, v in layers.items()}}
+        self.models = [FusionNetwork(dims, c.model, **shape).to(self.device) for c in cfgs]
         self.clip = torch.ones(k, device=self.device)
 
     def cohort(self, members: list) -> tuple:
