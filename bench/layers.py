@@ -26,8 +26,10 @@ Measured in one run, each pair alternated round by round (bench/timing.py), medi
            `model.layer_weights: true` over the 4 layers against the plain network on the L = 1 store, for ASP and
            mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean} = samples/s
            4 layers / 1 (goal for mean >= 0.8). Null, with the reason on stderr, where the model lacks layer weights.
---quick: 48 utterances, 2 extraction utterances... (see QUICK below), within 60 s on an idle 2-core machine.
-The last line printed is one JSON object.
+--quick: 40 store utterances, 10 corpus utterances, a cohort of 2 members stepping 2 batches of 16, 3 rounds
+(about 30-60 s on an idle 2-core machine); the full run: 384, 32, 4 members × 4 batches of 32, 5 rounds. --device
+cuda puts the loader on the GPU path and the steps on the GPU (bfloat16 autocast); extraction takes the GPU itself
+where there is one. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
