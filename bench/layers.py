@@ -10,7 +10,7 @@ Measured in one run, each pair alternated round by round (bench/timing.py), medi
            written without `layers` (L = 1). The trainer's loader (`BatchReader` in prefetch threads, as
            mtser.trainer.setup builds it for the device: float32 padded on the CPU; float16 as stored, packed where
            L = 1, for a GPU) reads every training utterance of each store, the L = 4 one with
-           `layers={enc: [0, 1, 2, 3]}`. read_bytes_per_s_ratio = stored bytes/s at L = 4 over L = 1 (goal >= 0.9:
+           `layers={enc: [0, 1, 2, 3]}`, 4 × `--rounds` passes each. read_bytes_per_s_ratio = stored bytes/s at L = 4 over L = 1 (goal >= 0.9:
            the extra layers cost their bytes and nothing else); warm page cache, then cold (each store's files
            evicted with posix_fadvise DONTNEED before each pass, bench/store_read.py's `evict`) unless --no-cold.
   extract  `extract()` in this process (workers=0) over the espeak-ng demo corpus with bench/extract.py's --quick
@@ -50,7 +50,7 @@ from extract import ASR_TOKENS, SIZES, build_encoders  # noqa: E402  (bench/extr
 from layer_storage import feature_bytes, segment_bytes  # noqa: E402
 from loader import ENCODERS, time_loader, write_store  # noqa: E402  (bench/loader.py: the synthetic store)
 from store_read import evict  # noqa: E402  (drops a folder's files from the page cache)
-from timing import alternated  # noqa: E402
+from timing import alternated_wall_cpu  # noqa: E402
 from tune import StepBench, make_setup  # noqa: E402
 
 from mtser.featurestore.corpus import read_corpus  # noqa: E402
@@ -61,6 +61,7 @@ from mtser.trainer.config import ModelConfig, load_config  # noqa: E402
 L = 4
 LAYERS = list(range(L))
 MSP_FRAMES_PER_UTTERANCE = 500                                      # 10 s at 50 frames/s (bench/layer_storage.py)
+READ_ROUNDS = 4                     # read passes are short (0.1-1 s): 4 × the rounds, so load spikes fall out of the median
 # (store utterances, read batch size, extraction utterances, train members, steps, batch size, rounds)
 QUICK = dict(utterances=40, batch=16, extract_utterances=10, members=2, steps=2, train_batch=16, rounds=3)
 FULL = dict(utterances=384, batch=32, extract_utterances=32, members=4, steps=4, train_batch=32, rounds=5)
@@ -72,7 +73,8 @@ def stored_bytes(store, ids: list[str], layers: int) -> int:
 
 
 def time_reads(urls: dict[int, str], batch_size: int, rounds: int, device: str, cold: bool) -> dict:
-    """Loader bytes/s per store (warm, and cold), the trainer's reader for `device` over the same batches."""
+    """Loader bytes/s per store (warm, and cold), the trainer's reader for `device` over the same batches: the
+    ratios L = 4 over L = 1 of bytes per wall second and per CPU second of this process, and each one's MB/s."""
     import torch
 
     gpu = device == "cuda"
@@ -89,13 +91,16 @@ def time_reads(urls: dict[int, str], batch_size: int, rounds: int, device: str, 
         time_loader(reader, batches[:2], 4)                         # open files, build indexes
     order = sorted(readers)
     runs = [lambda r=readers[n]: time_loader(r, batches, 4) for n in order]
-    out = {}
+    out: dict = {"read_bytes_per_s_ratio": None, "read_bytes_per_s_ratio_cold": None}
     for mode in ("warm", "cold") if cold else ("warm",):
         before = (lambda i: evict(Path(urls[order[i]]))) if mode == "cold" else None
-        seconds = dict(zip(order, alternated(runs, rounds, before)))
-        rate = {n: nbytes[n] / seconds[n] for n in order}
-        out[mode] = {"ratio": round(rate[L] / rate[1], 3), **{f"mb_per_s_l{n}": round(rate[n] / 1e6, 1)
-                                                                for n in order}}
+        wall, cpu = alternated_wall_cpu(runs, rounds, before)
+        rate = {n: nbytes[n] / s for n, s in zip(order, wall)}
+        cpu_rate = {n: nbytes[n] / s for n, s in zip(order, cpu)}
+        suffix = "" if mode == "warm" else "_cold"
+        out.update({f"read_bytes_per_s_ratio{suffix}": round(rate[L] / rate[1], 3),
+                    f"read_bytes_per_cpu_s_ratio{suffix}": round(cpu_rate[L] / cpu_rate[1], 3),
+                    **{f"read_mb_per_s_l{n}_{mode}": round(rate[n] / 1e6, 1) for n in order}})
         print(f"read ({mode}): L={L} {rate[L] / 1e6:.0f} MB/s, L=1 {rate[1] / 1e6:.0f} MB/s "
               f"({len(ids)} utterances, {nbytes[L] / 1e6:.0f} / {nbytes[1] / 1e6:.0f} MB stored)", flush=True)
     return out
@@ -132,12 +137,13 @@ def time_extraction(work: Path, n: int, rounds: int) -> dict:
     for layers in encode:                                           # first model loads, imports, kernel plans
         run(layers)
         encode[layers].clear()
-    wall = dict(zip((1, L), alternated([lambda: run(1), lambda: run(L)], rounds)))
+    wall, cpu = (dict(zip((1, L), t)) for t in alternated_wall_cpu([lambda: run(1), lambda: run(L)], rounds))
     enc = {n: sorted(t)[len(t) // 2] for n, t in encode.items()}
     print(f"extract: {len(utts)} utterances, L={L} {wall[L]:.2f} s, L=1 {wall[1]:.2f} s (encoders {enc[L]:.2f} / "
           f"{enc[1]:.2f} s)", flush=True)
     return {"extract_time_ratio": round(wall[L] / wall[1], 3),
             "extract_encoder_time_ratio": round(enc[L] / enc[1], 3),
+            "extract_cpu_time_ratio": round(cpu[L] / cpu[1], 3),
             "extract_s_l1": round(wall[1], 2), f"extract_s_l{L}": round(wall[L], 2), "extract_utterances": len(utts)}
 
 
@@ -175,9 +181,10 @@ def time_training(urls: dict[int, str], device: str, members: int, steps: int, b
         runs = [plain.synced(lambda n=n: benches[n].cohort_steps(cohorts[n])) for n in (1, L)]
         for run in runs:
             run()                                                   # first-touch pages, GEMM plans
-        seconds = dict(zip((1, L), alternated(runs, rounds)))
-        rate = {n: steps * batch / seconds[n] for n in seconds}
+        wall, cpu = (dict(zip((1, L), t)) for t in alternated_wall_cpu(runs, rounds))
+        rate = {n: steps * batch / wall[n] for n in wall}
         out[f"train_samples_per_s_ratio_{pooling}"] = round(rate[L] / rate[1], 3)
+        out[f"train_samples_per_s_ratio_{pooling}_cpu"] = round(cpu[1] / cpu[L], 3)
         out[f"train_samples_per_s_{pooling}_l1"] = round(rate[1], 1)
         out[f"train_samples_per_s_{pooling}_l{L}"] = round(rate[L], 1)
         print(f"train ({pooling}, cohort of {members}): L={L} with layer weights {rate[L]:.1f} samples/s, "
@@ -207,10 +214,7 @@ def main() -> None:
             write_store(url, size["utterances"], seed=0, layers=None if n == 1 else n)
         print(f"wrote {size['utterances']} utterances with L=1 and L={L} in {time.perf_counter() - started:.1f} s",
               flush=True)
-        reads = time_reads(urls, size["batch"], rounds, device, not args.no_cold)
-        result = {"read_bytes_per_s_ratio": reads["warm"]["ratio"],
-                  "read_bytes_per_s_ratio_cold": reads["cold"]["ratio"] if "cold" in reads else None,
-                  **{f"read_{k}_{mode}": v for mode, r in reads.items() for k, v in r.items() if k != "ratio"}}
+        result = time_reads(urls, size["batch"], READ_ROUNDS * rounds, device, not args.no_cold)
         result.update(time_extraction(work, size["extract_utterances"], rounds))
         result.update(storage(work, urls, size["utterances"], args.quick))
         result.update(time_training(urls, device, size["members"], size["steps"], size["train_batch"], rounds))

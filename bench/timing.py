@@ -19,3 +19,20 @@ def alternated(runners: Sequence[Callable[[], object]], rounds: int,
             runner()
             t.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def alternated_wall_cpu(runners: Sequence[Callable[[], object]], rounds: int,
+                        before: Callable[[int], object] | None = None) -> tuple[list[float], list[float]]:
+    """`alternated`'s median wall seconds and the median CPU seconds of this process (all its threads) per runner:
+    on a loaded shared machine the CPU time is the steadier figure."""
+    cpu: list[list[float]] = [[] for _ in runners]
+
+    def counted(runner: Callable[[], object], sink: list[float]) -> Callable[[], None]:
+        def run() -> None:
+            start = time.process_time()
+            runner()
+            sink.append(time.process_time() - start)
+        return run
+
+    wall = alternated([counted(r, c) for r, c in zip(runners, cpu)], rounds, before)
+    return wall, [statistics.median(c) for c in cpu]
