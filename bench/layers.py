@@ -3,31 +3,33 @@ training samples/s with learned layer weights.
 
     .venv/bin/python bench/layers.py [--quick] [--rounds R] [--no-cold] [--device cpu|cuda|auto]
 
-Measured in one run, each pair alternated round by round (bench/timing.py), medians:
+Measured in one run, each pair alternated round by round (bench/timing.py), medians; every ratio is L = 4 over
+L = 1 by wall time, and again by this process's CPU time (`*_cpu*`: the steadier figure on a loaded shared machine):
   read     two synthetic stores of the same utterances written through StoreWriter (bench/loader.py's writer:
            WavLM-large 1024-d and Whisper-large 1280-d frames at 50 frames/s, RoBERTa-large 1024-d tokens at
            ~3/s, float16, 2-8 s utterances), one with L = 4 hidden states per encoder (frames (T, 4, D)), one
            written without `layers` (L = 1). The trainer's loader (`BatchReader` in prefetch threads, as
            mtser.trainer.setup builds it for the device: float32 padded on the CPU; float16 as stored, packed where
            L = 1, for a GPU) reads every training utterance of each store, the L = 4 one with
-           `layers={enc: [0, 1, 2, 3]}`, 4 × `--rounds` passes each. read_bytes_per_s_ratio = stored bytes/s at L = 4 over L = 1 (goal >= 0.9:
-           the extra layers cost their bytes and nothing else); warm page cache, then cold (each store's files
-           evicted with posix_fadvise DONTNEED before each pass, bench/store_read.py's `evict`) unless --no-cold.
+           `layers={enc: [0, 1, 2, 3]}`, 4 x --rounds passes each (a pass is short). read_bytes_per_s_ratio:
+           stored bytes/s (goal >= 0.9: the extra layers cost their bytes and nothing else); warm page cache,
+           then cold (each store's files evicted with posix_fadvise DONTNEED before each pass, bench/store_read.py's
+           `evict`) unless --no-cold.
   extract  `extract()` in this process (workers=0) over the espeak-ng demo corpus with bench/extract.py's --quick
            encoders (random-init WavLM, Whisper and RoBERTa of 192 dims and 3 layers: 4 hidden states each) and
            configs/demo.yaml's extraction settings, storing all 4 hidden states (`layers: [0, 1, 2, 3]`) against
-           the last one (`layer: -1`); each run into a fresh store, model loading included.
-           extract_time_ratio = wall time 4 / 1 (goal <= 1.2: one forward pass).
+           the last one (`layer: -1`); each run into a fresh store, model loading included, after one warm-up run
+           of each. extract_time_ratio: wall time (goal <= 1.2: one forward pass).
   storage  bytes per utterance and layer of the real layout: bench/layer_storage.py's `segment_bytes` for one
            WavLM-large (1024-d) part of 10 s utterances, float16 and int8, L = 4; and the read stores' own part
-           bytes (float16, L = 4 and L = 1) over utterances · L.
+           bytes (3 encoders, float16, L = 4 and L = 1) over utterances x L.
   train    bench/tune.py's `StepBench`: a cohort of demo-size members (FusionNetwork through mtser.trainer.cohort)
            stepping on the same in-memory batches of both stores, 1 torch thread on the CPU:
            `model.layer_weights: true` over the 4 layers against the plain network on the L = 1 store, for ASP and
-           mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean} = samples/s
-           4 layers / 1 (goal for mean >= 0.8). Null, with the reason on stderr, where the model lacks layer weights.
+           mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean}: samples/s (goal
+           for mean >= 0.8). Null, with the reason on stderr, where the model has no layer weights.
 --quick: 40 store utterances, 10 corpus utterances, a cohort of 2 members stepping 2 batches of 16, 3 rounds
-(about 30-60 s on an idle 2-core machine); the full run: 384, 32, 4 members × 4 batches of 32, 5 rounds. --device
+(about 30-60 s on an idle 2-core machine); the full run: 384, 32, 4 members x 4 batches of 32, 5 rounds. --device
 cuda puts the loader on the GPU path and the steps on the GPU (bfloat16 autocast); extraction takes the GPU itself
 where there is one. The last line printed is one JSON object.
 """
@@ -61,7 +63,7 @@ from mtser.trainer.config import ModelConfig, load_config  # noqa: E402
 L = 4
 LAYERS = list(range(L))
 MSP_FRAMES_PER_UTTERANCE = 500                                      # 10 s at 50 frames/s (bench/layer_storage.py)
-READ_ROUNDS = 4                     # read passes are short (0.1-1 s): 4 × the rounds, so load spikes fall out of the median
+READ_ROUNDS = 4                     # read passes are short (0.1-1 s): 4 x the rounds, so load spikes fall out
 # (store utterances, read batch size, extraction utterances, train members, steps, batch size, rounds)
 QUICK = dict(utterances=40, batch=16, extract_utterances=10, members=2, steps=2, train_batch=16, rounds=3)
 FULL = dict(utterances=384, batch=32, extract_utterances=32, members=4, steps=4, train_batch=32, rounds=5)
