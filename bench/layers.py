@@ -1,5 +1,4 @@
-"""What do 4 stored encoder layers cost against 1 (issue 24)? Loader bytes/s, extraction time, storage per layer and
-training samples/s with learned layer weights.
+"""What do 4 stored encoder layers cost against 1 (issue 24)? Loader, extraction, storage and training.
 
     .venv/bin/python bench/layers.py [--quick] [--rounds R] [--no-cold] [--device cpu|cuda|auto]
 
