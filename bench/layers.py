@@ -1,6 +1,7 @@
 """What do 4 stored encoder layers cost against 1 (issue 24)? Loader, extraction, storage and training.
 
     .venv/bin/python bench/layers.py [--quick] [--rounds R] [--no-cold] [--device cpu|cuda|auto]
+                                     [--parts read,extract,storage,train]
 
 Measured in one run, each pair alternated round by round (bench/timing.py), medians; every ratio is L = 4 over
 L = 1 by wall time, and again by this process's CPU time (`*_cpu*`: the steadier figure on a loaded shared machine):
@@ -62,6 +63,7 @@ from mtser.trainer.config import ModelConfig, load_config  # noqa: E402
 L = 4
 LAYERS = list(range(L))
 MSP_FRAMES_PER_UTTERANCE = 500                                      # 10 s at 50 frames/s (bench/layer_storage.py)
+PARTS = ("read", "extract", "storage", "train")
 READ_ROUNDS = 4                     # read passes are short (0.1-1 s): 4 x the rounds, so load spikes fall out
 # (store utterances, read batch size, extraction utterances, train members, steps, batch size, rounds)
 QUICK = dict(utterances=40, batch=16, extract_utterances=10, members=2, steps=2, train_batch=16, rounds=3)
@@ -200,14 +202,19 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                         help="the loader's and the training steps' device (auto: cuda where there is one)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {', '.join(PARTS)} (default all)")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts: choose from {', '.join(PARTS)}, got {args.parts!r}")
     size = QUICK if args.quick else FULL
     rounds = args.rounds or size["rounds"]
     import torch
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         "cpu" if args.device == "auto" else args.device
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="mtser-bench-layers-"))
     try:
         urls = {n: str(work / f"l{n}.zarr") for n in (1, L)}
@@ -215,15 +222,20 @@ def main() -> None:
             write_store(url, size["utterances"], seed=0, layers=None if n == 1 else n)
         print(f"wrote {size['utterances']} utterances with L=1 and L={L} in {time.perf_counter() - started:.1f} s",
               flush=True)
-        result = time_reads(urls, size["batch"], READ_ROUNDS * rounds, device, not args.no_cold)
-        result.update(time_extraction(work, size["extract_utterances"], rounds))
-        result.update(storage(work, urls, size["utterances"], args.quick))
-        result.update(time_training(urls, device, size["members"], size["steps"], size["train_batch"], rounds))
+        result = {}
+        if "read" in parts:
+            result.update(time_reads(urls, size["batch"], READ_ROUNDS * rounds, device, not args.no_cold))
+        if "extract" in parts:
+            result.update(time_extraction(work, size["extract_utterances"], rounds))
+        if "storage" in parts:
+            result.update(storage(work, urls, size["utterances"], args.quick))
+        if "train" in parts:
+            result.update(time_training(urls, device, size["members"], size["steps"], size["train_batch"], rounds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update({"layers": L, "quick": args.quick, "rounds": rounds, "device": device,
                    "store_utterances": size["utterances"], "cpus": os.cpu_count(),
-                   "load_average": round(os.getloadavg()[0], 2),
+                   "load_average_start": round(load, 2), "load_average_end": round(os.getloadavg()[0], 2),
                    "seconds": round(time.perf_counter() - started, 1)})
     print(json.dumps(result))
 
