@@ -20,19 +20,22 @@ AROUSAL = np.linspace(1.8, 6.2, len(CLASSES))
 VALENCE = AROUSAL[::-1].copy()
 
 
-def encoder_info(name: str, dim: int) -> EncoderInfo:
+def encoder_info(name: str, dim: int, layers: list[int] | None = None) -> EncoderInfo:
     return EncoderInfo(name=name, kind="speech", model=f"synthetic/{name}", revision=None, content_hash="0" * 16,
                        layer=-1, mean_last_k=1, dim=dim, frame_rate=50.0, dtype="float16", compression="none",
-                       sample_rate=16000, mtser_version="test", config={})
+                       sample_rate=16000, mtser_version="test", config={}, layers=layers)
 
 
 def write_synthetic_store(url: str | Path, n_train: int = 240, n_dev: int = 120, seed: int = 0,
-                          dims: dict[str, int] = DIMS) -> str:
+                          dims: dict[str, int] = DIMS, layers: dict[str, list[int]] | None = None) -> str:
+    """`layers`: encoders stored with these hidden-state indices, frames (T, L, D): layer k of an utterance is
+    its features scaled by k / max index plus noise (the deepest layer carries the labels best)."""
     url = str(url)
     rng = np.random.default_rng(seed)
+    layers = layers or {}
     create_store(url)
     for name, dim in dims.items():
-        register_encoder(url, encoder_info(name, dim))
+        register_encoder(url, encoder_info(name, dim, layers.get(name)))
     centres = {name: rng.normal(size=(len(CLASSES), dim)) for name, dim in dims.items()}
     dominance_axis = {name: rng.normal(size=dim) / np.sqrt(dim) for name, dim in dims.items()}
     for split, n in (("Train", n_train), ("Development", n_dev)):
@@ -50,6 +53,10 @@ def write_synthetic_store(url: str | Path, n_train: int = 240, n_dev: int = 120,
                         for name, dim in dims.items()}
             utt = Utterance(id=f"{split}_{i:04d}.wav", path=None, split=split, emo_class=code,
                             arousal=attrs[0], valence=attrs[1], dominance=attrs[2], speaker=str(i % 7))
+            for name, indices in layers.items():
+                depth = np.asarray(indices, dtype=np.float64)[None, :, None] / max(indices)
+                features[name] = features[name][:, None] * depth + rng.normal(0, 0.5, (len(features[name]),
+                                                                                    len(indices), dims[name]))
             writer.add(utt, features)
             if i % 10 == 0:  # an augmented copy: same labels, perturbed features
                 copy = Utterance(**{**utt.__dict__, "id": f"{split}_{i:04d}_aug1.wav", "augmentation": "aug1",
