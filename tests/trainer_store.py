@@ -66,22 +66,26 @@ def write_synthetic_store(url: str | Path, n_train: int = 240, n_dev: int = 120,
     return url
 
 
-def random_checkpoint(path: Path, store_url: str, encoders: list[str], seed: int = 0) -> str:
-    """An untrained model (configs/demo.yaml's model) on `encoders` of the store, saved as a checkpoint whose
-    sidecar records the store's provenance as a trained one does; its path."""
+def random_checkpoint(path: Path, store_url: str, encoders: list[str], seed: int = 0,
+                      overrides: dict | None = None) -> str:
+    """An untrained model (configs/demo.yaml's model with `overrides`) on `encoders` of the store, reading the
+    stored layers a trained one would, saved as a checkpoint whose sidecar records the store's provenance as a
+    trained one does; its path."""
     import dataclasses
 
     from mtser.featurestore.store import open_store
     from mtser.trainer.checkpoint import save_checkpoint
     from mtser.trainer.config import load_config
+    from mtser.trainer.layer_mix import read_layers
     from mtser.trainer.model import FusionNetwork
 
     store = open_store(store_url)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", {
         "extract.encoders": [{"name": n, "kind": "speech", "model": store.encoders[n].model} for n in encoders],
-        "model.encoders": encoders})
+        "model.encoders": encoders, **(overrides or {})})
     torch.manual_seed(seed)
-    model = FusionNetwork({n: store.encoders[n].dim for n in encoders}, cfg.model).eval()
+    read = read_layers(cfg.model, {n: store.encoders[n] for n in encoders}, store_url)
+    model = FusionNetwork({n: store.encoders[n].dim for n in encoders}, cfg.model, read_layers=read).eval()
     provenance = {"url": store_url, "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in encoders}}
     save_checkpoint(Path(path), model, cfg, {"metrics": {}, "store": provenance})
     return str(path)
