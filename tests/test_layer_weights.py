@@ -177,6 +177,10 @@ def test_evaluate_refuses_a_store_lacking_the_layers_trained_on(layered_url, tmp
     assert len(evaluate(checkpoint, more, device="cpu")[1]) > 0                     # more layers are fine
     result = CliRunner().invoke(app, ["evaluate", checkpoint, "--store", fewer])
     assert result.exit_code != 0 and "layers [3] not stored" in result.output
+    sidecar = Path(checkpoint) / "checkpoint.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "layers": {"a": [3, 3]}}))
+    with pytest.raises(CheckpointError, match=r"checkpoint.json: layers: expected lists of distinct hidden-state"):
+        load_checkpoint(checkpoint)
     old = write_synthetic_store(tmp_path / "old.zarr", n_train=8, n_dev=8)          # one stored state
     plain = random_checkpoint(tmp_path / "plain", old, ["a", "b"])
     with pytest.raises(CheckpointError, match="differs from the checkpoint's in layers"):
