@@ -20,6 +20,7 @@ from mtser.trainer.checkpoint import CheckpointError, load_checkpoint
 from mtser.trainer.config import ModelConfig, load_config
 from mtser.trainer.infer import evaluate
 from mtser.trainer.layer_mix import LayerMix, read_layers
+from mtser.trainer.loop import Member, train_cohort
 from mtser.trainer.model import EncoderBranch, FusionNetwork
 from trainer_store import random_checkpoint, write_synthetic_store
 
@@ -181,6 +182,11 @@ def test_evaluate_refuses_a_store_lacking_the_layers_trained_on(layered_url, tmp
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "layers": {"a": [3, 3]}}))
     with pytest.raises(CheckpointError, match=r"checkpoint.json: layers: expected lists of distinct hidden-state"):
         load_checkpoint(checkpoint)
+    parent = random_checkpoint(tmp_path / "parent", layered_url, ["a", "b"], overrides={"model.layer_weights": True})
+    finetune = Member("ft", load_checkpoint(parent)[1], tmp_path / "ft", "finetune", parent, "dim")
+    with pytest.raises(CheckpointError, match=r"layers \{'a': \[0, 3, 6\]\}.*differs from the config's.*layers "
+                                              r"\{'a': \[0, 1, 3, 6\]\}"):
+        train_cohort([finetune], more)                 # stage 2 reads the layers its parent was trained on
     old = write_synthetic_store(tmp_path / "old.zarr", n_train=8, n_dev=8)          # one stored state
     plain = random_checkpoint(tmp_path / "plain", old, ["a", "b"])
     with pytest.raises(CheckpointError, match="differs from the checkpoint's in layers"):
