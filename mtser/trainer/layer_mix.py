@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtser.configio import ConfigError
-from mtser.featurestore.store import StoreError
+from mtser.featurestore.store import EncoderInfo, StoreError
 from mtser.trainer.config import ModelConfig
 from mtser.trainer.fused import MemberModule
 
@@ -45,7 +45,7 @@ class LayerMix(MemberModule):
         return torch.einsum("gl,bld->gbd", self.weights().to(pooled.dtype), pooled)
 
 
-def read_layers(cfg: ModelConfig, infos: Mapping, store_url: str) -> dict[str, list[int]]:
+def read_layers(cfg: ModelConfig, infos: Mapping[str, EncoderInfo], store_url: str) -> dict[str, list[int]]:
     """The stored hidden-state indices the model reads, per encoder of `infos` (name -> the store's EncoderInfo):
     `model.layers`' choice, else every layer the store holds; an encoder stored without layers and not named in
     `model.layers` is absent (read as stored: one state). ConfigError naming `model.layers.<encoder>` for indices
