@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtser.trainer import kernels
+
 
 
 class MemberModule(nn.Module):
@@ -221,8 +223,3 @@ class MeanPooling(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(1).to(x.dtype)                                   # (B, 1, T)
         return (torch.bmm(m, x) / m.sum(dim=2, keepdim=True).clamp(min=1.0)).squeeze(1)
-
-
-# The kernels (tanh_linear, attention_moments, GEMM_ROWS) live in model.py, which builds its network from the layers
-# above: imported last, so that either module can be imported first.
-from mtser.trainer import model as kernels  # noqa: E402
