@@ -1,7 +1,8 @@
 """Figures of a search run and one self-contained HTML page (PNGs embedded as base64, one PNG per panel).
 
 Figures: the ensemble's development confusion matrix, α×β heatmaps of stage-1 development metrics per pooling,
-predicted-versus-true scatter per attribute, and the learning curves of each cohort (one figure per cohort, one line
+predicted-versus-true scatter per attribute, the learned layer weights per encoder and member (`report_layers`;
+only where members have them), and the learning curves of each cohort (one figure per cohort, one line
 per member; histories read through `runs.read_history`). Tables: the ensemble's metrics, the paper's Table 1 layout
 of the stage-1 settings (`table1`, also written as table1.csv) and every trial; numbers right-aligned, metrics to
 PRECISION decimals, the best of each metric column marked. Labels on coloured cells are black or white, whichever
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
+from mtser.trainer.report_layers import draw_layer_weights, layer_caption, run_layer_weights
 from mtser.trainer.runs import METRIC_COLUMNS, TEST_COLUMNS, RunFolder, as_run, load_results, read_history
 
 Panel = tuple[str, Any]                         # (file-name suffix, matplotlib Figure)
@@ -290,10 +292,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, storage
             histories = cohort_histories(run_dir, members)
             panels = draw_curves(histories, dict(zip(members["trial"], members["best_epoch"])))
             curves[name] = (members, list(histories), save_panels(panels, drawn, f"curves-{name}"))
+        layers = run_layer_weights(run_dir, results)
+        figures["Layer weights"] = save_panels(draw_layer_weights(layers), drawn, "layers")
         settings = table1(results)
         if settings is not None:
             out.write_csv("table1.csv", settings, "%.4f")
-        page = _html(run_dir, results, figures, curves, ensemble_summary(run_dir), settings)
+        page = _html(run_dir, results, figures, curves, ensemble_summary(run_dir), settings, layer_caption(layers))
         for paths in [*figures.values(), *(paths for *_, paths in curves.values())]:
             for path in paths:
                 out.upload(path, path.name)
@@ -352,7 +356,7 @@ def _legend(members: list[str]) -> str:
 
 def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Path]],
           curves: dict[str, tuple[pd.DataFrame, list[str], list[Path]]], ensemble: pd.DataFrame | None,
-          settings: pd.DataFrame | None) -> str:
+          settings: pd.DataFrame | None, layers_note: str = "") -> str:
     sections: list[tuple[str, str, str]] = []                  # (anchor, title, body)
     note = ('<p class="note">Ours: macro-F1 over the 8 classes, CCC without X rows. <code>challenge_*</code>: the '
             "challenge baseline's way, macro-F1 over the classes present and CCC over all rows, X included.</p>")
@@ -366,13 +370,16 @@ def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Pat
                          split + html_table(settings.drop(columns="split"), best=METRIC_COLUMNS, table_id="table1")
                          + marked + note))
     tested = [c for c in TEST_COLUMNS if c in results and results[c].notna().any()]
+    entropy = ["layer_entropy"] if "layer_entropy" in results and results["layer_entropy"].notna().any() else []
     shown = results[[c for c in ("trial", "stage", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS, *tested,
-                                 "cohort") if c in results]]
+                                 *entropy, "cohort") if c in results]]
     sections.append(("trials", "Trials", html_table(shown, best=[*METRIC_COLUMNS, *tested], table_id="trials")
                      + marked))
     missing = '<p class="note">No data for this figure (run <code>mtser ensemble</code> for the ensemble figures).</p>'
     for anchor, (title, paths) in zip(("confusion", "heatmaps", "scatter"), figures.items()):
         sections.append((anchor, title, _figure(title, paths) if paths else missing))
+    if figures.get("Layer weights"):                           # only where members learned layer weights
+        sections.append(("layers", "Layer weights", _figure("Layer weights", figures["Layer weights"], layers_note)))
     blocks = []
     for name, (members, drawn, paths) in curves.items():
         caption = (f"Stage {int(members['stage'].min())}, {len(members)} member{'s' * (len(members) != 1)}"
