@@ -88,6 +88,7 @@ def test_results_table_and_report_show_the_layer_weights(tmp_path):
     w = softmax(logits["wavlm"])
     assert table["layer_entropy"].iloc[0] == pytest.approx(float(-(w * np.log(w)).sum()))
     assert math.isnan(table["layer_entropy"].iloc[1])
+    assert table["axes"].tolist() == ["", ""]                     # points of a search without grid axes
     run.write_csv(RESULTS, table)
     (tmp_path / "run" / "ensemble").mkdir()
     (tmp_path / "run" / "ensemble" / "ensemble.json").write_text(json.dumps(
@@ -110,3 +111,24 @@ def test_results_table_and_report_show_the_layer_weights(tmp_path):
     page = Path(write_report(run.url, tmp_path / "plain")).read_text()
     assert 'id="layers"' not in page and not list((tmp_path / "plain").glob("layers*"))
     assert "layer_<wbr>entropy" not in page
+
+
+def test_points_of_other_grid_axes_get_their_own_heatmaps_and_table1_rows():
+    from mtser.trainer import report
+
+    rows = [{"stage": 1, "trial": f"a{a:g}_b1_asp{'_' + axes if axes else ''}", "alpha": a, "beta": 1.0,
+             "pooling": "asp", "axes": axes, "f1": f1, "ccc_mean": f1 / 2}
+            for axes, f1s in (("", (0.1, 0.2)), ("lw=on_layers=all", (0.3, 0.4))) for a, f1 in zip((0.5, 1.0), f1s)]
+    results = pd.DataFrame(rows).replace({"axes": {"": None}})              # as results.csv reads back
+    panels = report.draw_heatmaps(results)
+    assert [suffix for suffix, _ in panels] == ["asp-f1", "asp-ccc_mean", "asp_lw=on_layers=all-f1",
+                                                "asp_lw=on_layers=all-ccc_mean"]
+    plotted = [np.asarray(fig.axes[0].images[0].get_array()).ravel().tolist() for _, fig in panels[::2]]
+    assert plotted == [[0.1, 0.2], [0.3, 0.4]]                              # not averaged across the axes
+    for _, fig in panels:
+        plt.close(fig)
+    others = {c: math.nan for c in [*report.METRIC_COLUMNS, *report.TEST_COLUMNS] if c not in results}
+    settings = report.table1(results.assign(**others))
+    assert sorted(zip(settings["pooling"], settings["f1"])) == [("asp", 0.1), ("asp", 0.2),
+                                                                ("asp_lw=on_layers=all", 0.3),
+                                                                ("asp_lw=on_layers=all", 0.4)]
