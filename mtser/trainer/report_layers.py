@@ -135,4 +135,5 @@ def draw_layer_weights(members: dict[str, MemberWeights]) -> list[tuple[str, Any
 def layer_caption(members: dict[str, MemberWeights]) -> str:
     """The caption of the layer-weight panels (HTML-safe text)."""
     return (f"{len(members)} member{'s' * (len(members) != 1)} with learned layer weights (their best checkpoints); "
-            "each row sums to 1, uniform weights are 1/L; → the ensemble tasks a member serves.")
+            "each row sums to 1, uniform weights are 1/L; blank: a layer the member did not read; → the ensemble tasks "
+            "a member serves.")
