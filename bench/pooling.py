@@ -8,9 +8,9 @@ frames (1,280-d, float32 as the CPU loader delivers them), ASP attention of 32 p
 (--quick: 1, 4). Measured alternately, median of rounds, forward and backward (weight gradients only: frames need
 none):
   gemm     tanh(x Wᵀ + b) over the real frames (8,192 × 1,280 → 32·G) and its weight gradient: MKL (`F.linear`,
-           PyTorch's CPU GEMM) versus oneDNN (`model._OneDnnTanhLinear`, tanh fused); `gemm_onednn_dispatched_gG`
-           is what `model.onednn_gemm_is_faster` decided for that shape in this process
-  moments  Σₜ w·x and Σₜ w·x² for G heads (`model.attention_moments`): the C kernel (`native/moments.c`) versus the
+           PyTorch's CPU GEMM) versus oneDNN (`kernels._OneDnnTanhLinear`, tanh fused); `gemm_onednn_dispatched_gG`
+           is what `kernels.onednn_gemm_is_faster` decided for that shape in this process
+  moments  Σₜ w·x and Σₜ w·x² for G heads (`kernels.attention_moments`): the C kernel (`native/moments.c`) versus the
            two batched matmuls it replaces (x² written out first) and, as another pure-PyTorch formulation, one
            batched matmul over [x, x²] concatenated
   step     the whole cohort step of G ASP members (`bench/tune.py`'s StepBench: forward, losses, backward, clipping,
@@ -39,7 +39,7 @@ from timing import alternated  # noqa: E402
 from tune import StepBench, make_setup  # noqa: E402
 
 from mtser.trainer import native  # noqa: E402
-from mtser.trainer.model import _NativeMoments, _OneDnnTanhLinear, onednn_gemm_is_faster  # noqa: E402
+from mtser.trainer.kernels import _NativeMoments, _OneDnnTanhLinear, onednn_gemm_is_faster  # noqa: E402
 
 BATCH, PADDED, DIM, ATTENTION = 32, 400, 1280, 32
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtser.trainer import data
+from mtser.trainer import data, layer_mix
 from mtser.trainer.checkpoint import load_checkpoint
 from mtser.trainer.config import load_config
 from mtser.trainer.infer import evaluate
@@ -43,15 +43,16 @@ def train_alone(cfg, store_url: str) -> dict[str, torch.Tensor]:
 
     store, tc = open_store(store_url), cfg.train
     encoders = list(cfg.model.encoders)
+    read = layer_mix.read_layers(cfg.model, {n: store.encoders[n] for n in encoders}, store_url)
     pool = data.training_ids(store, encoders, tc.task)
     loss_fn = build_loss(tc.task, cfg.loss, data.class_counts(data.label_arrays(store.utterances, pool)))
     seed_everything(tc.seed)
-    model = FusionNetwork({n: store.encoders[n].dim for n in encoders}, cfg.model)
+    model = FusionNetwork({n: store.encoders[n].dim for n in encoders}, cfg.model, read_layers=read)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps = math.ceil(tc.samples_per_epoch / tc.batch_size)
     total, warmup = tc.epochs * steps, round(tc.warmup_epochs * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, tc.lr, tc.min_lr))
-    reader = data.BatchReader(store, encoders, np.float32)
+    reader = data.BatchReader(store, encoders, np.float32, **model.reader_layers())
     lengths = data.total_lengths(store, pool, encoders)
     for epoch in range(1, tc.epochs + 1):
         model.train()
@@ -88,6 +89,23 @@ def test_members_equal_models_trained_alone(store_url, tmp_path, pooling, attent
         exported, _, meta = load_checkpoint(results[name].best_checkpoint)
         assert meta["cohort"] == {"members": 3, "name": name}
         assert_states_close(exported.member_state(0), train_alone(cfg, store_url), rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooling, norm", [("asp", True), ("mean", False)])
+def test_members_with_layer_weights_equal_models_trained_alone(tmp_path, pooling, norm):
+    """Per-member layer weights are one more fused parameter: each member still equals its model trained alone."""
+    url = write_synthetic_store(tmp_path / "layered.zarr", n_train=80, n_dev=24, layers={"a": [0, 3, 6]})
+    shape = {"model__pooling": pooling, "model__layer_weights": True, "model__layer_norm_per_layer": norm,
+             "train__samples_per_epoch": 192}
+    variants = {"m0": config(loss__alpha=1.0, loss__beta=0.25, train__lr=1e-2, **shape),
+                "m1": config(loss__alpha=0.25, loss__beta=1.0, train__lr=5e-3, train__grad_clip=0.05, **shape)}
+    results = train_cohort([Member(name, cfg, tmp_path / name) for name, cfg in variants.items()], url)
+    for name, cfg in variants.items():
+        exported, _, meta = load_checkpoint(results[name].best_checkpoint)
+        assert meta["layers"] == {"a": [0, 3, 6]} and exported.layers == {"a": 3}
+        state, alone = exported.member_state(0), train_alone(cfg, url)
+        assert not torch.equal(state["branches.a.mix.logits"], torch.zeros(3))          # the weights learned
+        assert_states_close(state, alone, rtol=1e-4)
 
 
 def test_a_diverging_member_is_dropped_and_the_others_are_unaffected(store_url, tmp_path):

@@ -1,13 +1,15 @@
 """Config files load into typed dataclasses; bad keys and values are errors that name the key."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mtser.configio import ConfigError, load_yaml_as
+from mtser.configio import ConfigError, load_yaml_as, to_dict
 from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.trainer.config import (
     CatFinetuneConfig, DimFinetuneConfig, LossConfig, ModelConfig, TrainConfig, load_config,
@@ -65,6 +67,37 @@ def test_grid_and_demo_load():
     assert grid.alpha == grid.beta == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert grid.pooling == ["asp", "mean"] and grid.sigma == [None, 3.0, 5.0, 7.0]
     assert load_config(CONFIGS / "demo.yaml").model.proj_dim < 1028
+
+
+def test_layer_configs_load_and_validate():
+    """configs/demo-layers.yaml is the demo with every hidden state stored and a learned mix; the block of
+    configs/paper.yaml that documents the switch to WavLM-large's 25 hidden states is a valid recipe."""
+    layered, demo = load_config(CONFIGS / "demo-layers.yaml"), load_config(CONFIGS / "demo.yaml")
+    assert [(e.name, e.layers, e.layer, e.mean_last_k) for e in layered.extract.encoders] == [
+        ("wavlm", "all", -1, 1), ("whisper", "all", -1, 1), ("roberta", "all", -1, 1)]
+    assert (layered.model.layer_weights, layered.model.layer_norm_per_layer, layered.model.layers) == (True, False, None)
+    assert layered.model.pooling == "asp" and demo.model.layer_weights is False
+    plain = to_dict(layered)
+    plain["model"].update(layer_weights=False)
+    for encoder in plain["extract"]["encoders"]:
+        encoder["layers"] = None
+    assert plain == to_dict(demo)                                   # otherwise the demo
+
+    documented = {}
+    for line in (CONFIGS / "paper.yaml").read_text().splitlines():
+        found = re.fullmatch(r"\s*#\s+((?:model|extract)\.[\w.\[\]]+): (.+?)(\s+#.*)?", line)
+        if found:
+            documented[found.group(1)] = yaml.safe_load(found.group(2))
+    assert set(documented) == {"extract.encoders[0]", "model.layer_weights", "model.layer_norm_per_layer",
+                               "model.layers"}
+    paper = load_config(CONFIGS / "paper.yaml")
+    encoders = [to_dict(e) for e in paper.extract.encoders]
+    encoders[0] = documented.pop("extract.encoders[0]")
+    switched = load_config(CONFIGS / "paper.yaml", {"extract.encoders": encoders, **documented})
+    wavlm = switched.extract.encoders[0]
+    assert (wavlm.model, wavlm.layers, wavlm.layer) == ("microsoft/wavlm-large", "all", -1)
+    assert switched.model.layer_weights and switched.model.layers == {"wavlm": [6, 12, 18, 24]}
+    assert paper.model.layer_weights is False and paper.extract.encoders[0].layers is None
 
 
 @pytest.mark.parametrize("key, value, message", [

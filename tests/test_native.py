@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtser.trainer import native
-from mtser.trainer.model import _OneDnnTanhLinear, attention_moments, onednn_gemm_is_faster, tanh_linear
+from mtser.trainer.kernels import _OneDnnTanhLinear, attention_moments, onednn_gemm_is_faster, tanh_linear
 
 kernel_built = pytest.mark.skipif(native.library("moments") is None,
                                   reason="the moments kernel is not built here (`make native`); the PyTorch path runs")
@@ -65,7 +65,7 @@ def _moments_case(g: int) -> tuple[torch.Tensor, torch.Tensor]:
 @kernel_built
 @pytest.mark.parametrize("heads", [1, 3, 9])
 def test_native_attention_moments_equal_the_batched_matrix_products(heads):
-    from mtser.trainer.model import _NativeMoments
+    from mtser.trainer.kernels import _NativeMoments
 
     weights, x = _moments_case(heads)
     mean, second = _NativeMoments.apply(weights, x)

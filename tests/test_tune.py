@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mtser.cli.main import app
+from mtser.configio import ConfigError
 from mtser.trainer.checkpoint import read_sidecar
 from mtser.trainer.runs import RESULT_COLUMNS
 from mtser.trainer.grid import group_cohorts, stage1_specs, stage2_specs
@@ -194,6 +196,77 @@ def test_grid_points_group_into_cohorts_by_architecture_schedule_and_parent(demo
     one = auto_cohort_size(specs[0], store, memory_gb=1.0)
     assert auto_cohort_size(specs[0], store, memory_gb=4.0) in (4 * one, 4 * one + 1, 4 * one + 2, 4 * one + 3)
     assert auto_cohort_size(specs[0], store, memory_gb=1e-6) == 1
+
+
+def test_layer_axes_make_distinct_stable_point_names_and_separate_cohorts(tmp_path):
+    """model.layer_weights and model.layers as grid axes: one readable, filesystem-safe name per point (the same
+    whatever the order of the encoders in a mapping), one cohort per architecture, stage 2 inherits the parent's."""
+    from mtser.configio import load_yaml_as
+    from mtser.trainer.search_config import SearchConfig
+
+    base = REPO / "configs" / "demo.yaml"
+    axes = {"model.layer_weights": [True], "model.layers": [None, {"whisper": [1], "wavlm": [0, 2]}, {"wavlm": [2]}]}
+    search = load_yaml_as(write_grid(tmp_path / "grid.yaml", alpha=[0.5, 1.0], beta=[1.0], pooling=["asp"],
+                                     axes=axes), SearchConfig)
+    specs = stage1_specs(search, base, "cpu")
+    tags = ["lw=on_layers=all", "lw=on_layers=wavlm.0-2_whisper.1", "lw=on_layers=wavlm.2"]
+    assert [s.name for s in specs] == [f"a{a}_b1_asp_{t}" for t in tags for a in ("0.5", "1")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.=-]+", s.name) for s in specs)
+    assert [s.config.model.layers for s in specs[::2]] == [None, {"whisper": [1], "wavlm": [0, 2]}, {"wavlm": [2]}]
+    assert all(s.config.model.layer_weights for s in specs)
+    reordered = {**axes, "model.layers": [None, {"wavlm": [0, 2], "whisper": [1]}, {"wavlm": [2]}]}
+    again = load_yaml_as(write_grid(tmp_path / "again.yaml", alpha=[0.5, 1.0], beta=[1.0], pooling=["asp"],
+                                    axes=reordered), SearchConfig)
+    assert [s.name for s in stage1_specs(again, base, "cpu")] == [s.name for s in specs]
+    cohorts = group_cohorts(specs, lambda s: 8)                    # α and β share a cohort, the layers do not
+    assert [(c.name, [m.name for m in c.members]) for c in cohorts] == [
+        (f"asp_{t}-c0", [f"a0.5_b1_asp_{t}", f"a1_b1_asp_{t}"]) for t in tags]
+
+    plain = load_yaml_as(write_grid(tmp_path / "plain.yaml", alpha=[], beta=[], pooling=[], points=[
+        {"alpha": 1.0, "beta": 1.0, "axes": {"model.layers": {"wavlm": [2]}}},
+        {"alpha": 1.0, "beta": 1.0, "axes": {"model.layers": {"wavlm": [1]}}},
+        {"alpha": 1.0, "beta": 1.0}], axes={"model.layer_weights": [False]}), SearchConfig)
+    specs = stage1_specs(plain, base, "cpu")
+    assert [s.name for s in specs] == ["a1_b1_asp_lw=off_layers=wavlm.2", "a1_b1_asp_lw=off_layers=wavlm.1",
+                                       "a1_b1_asp_lw=off"]
+    assert [len(c.members) for c in group_cohorts(specs, lambda s: 8)] == [1, 1, 1]
+    stage1 = pd.DataFrame({"trial": [s.name for s in specs], "alpha": [1.0] * 3, "beta": [1.0] * 3,
+                           "pooling": ["asp"] * 3, "status": ["complete"] * 3, "f1": [0.1, 0.3, 0.2],
+                           "ccc_mean": [0.5, 0.1, 0.2], "checkpoint": [f"/c/{s.name}" for s in specs]})
+    plain.dim_parents, plain.sigma = 1, [None]
+    stage2 = stage2_specs(plain, base, "cpu", stage1)
+    assert [(s.name, s.config.model.layers, s.config.model.layer_weights) for s in stage2] == [
+        ("cat-base__a1_b1_asp_lw=off_layers=wavlm.1", {"wavlm": [1]}, False),
+        ("dim_mse__a1_b1_asp_lw=off_layers=wavlm.2", {"wavlm": [2]}, False)]
+
+    several = load_yaml_as(write_grid(tmp_path / "several.yaml", axes={"model.layers": [{"wavlm": [0, 2]}]}),
+                           SearchConfig)
+    with pytest.raises(ConfigError, match=r"grid point a0\.5_b1_asp_layers=wavlm\.0-2: .*model\.layers\.wavlm: .*"
+                                          r"layer_weights"):                 # several layers need the learned mix
+        stage1_specs(several, base, "cpu")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"axes": {"model.pooling": ["asp"]}}, "axes.model.pooling: not a grid axis (the axes: model.layer_weights, "
+                                          "model.layers)"),
+    ({"axes": {"model.layers": []}}, "axes.model.layers: must list at least one value"),
+    ({"axes": {"model.layer_weights": ["yes"]}}, "axes.model.layer_weights[0]: expected true or false"),
+    ({"axes": {"model.layers": [{"wavlm": [-1]}]}}, "axes.model.layers[0]: expected null (all stored layers) or a "
+                                                   "mapping encoder -> [hidden-state indices >= 0]"),
+    ({"axes": {"model.layers": [{"wav/lm": [1]}]}}, "axes.model.layers[0]: expected null"),
+    ({"axes": {"model.layers": [{"wavlm": [1]}, {"wavlm": [1]}]}}, "stage-1 points share the name "
+                                                                  "a0.5_b1_asp_layers=wavlm.1"),
+    ({"alpha": [], "beta": [], "pooling": [], "points": [{"alpha": 1, "beta": 1, "axes": {"model.layers": None}}],
+      "axes": {"model.layers": [None]}}, "axes: model.layers: set by listed points and varied by axes"),
+    ({"alpha": [], "beta": [], "pooling": [], "points": [{"alpha": 1, "beta": 1, "axes": {"train.lr": 1}}]},
+     "points[0].axes.train.lr: not a grid axis"),
+])
+def test_bad_grid_axes_name_the_key(tmp_path, changes, message):
+    from mtser.configio import load_yaml_as
+    from mtser.trainer.search_config import SearchConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_yaml_as(write_grid(tmp_path / "grid.yaml", **changes), SearchConfig)
 
 
 def test_cli_refuses_to_overwrite_or_change_a_run(demo_store, tmp_path):

@@ -1,5 +1,6 @@
 """Checkpoints: a directory with `model.safetensors` (weights) and `checkpoint.json` (full config, model input dims,
-label map, store provenance, metrics, and `sha256`: the SHA-256 of each weights file). Loading never unpickles and
+the stored layers each encoder was read with (`layers`), label map, store provenance, metrics, and `sha256`: the
+SHA-256 of each weights file). Loading never unpickles and
 needs no store; it reads a local directory or any fsspec URL (s3://bucket/run/stage1/<trial>/best) straight into
 memory, checks the weights' SHA-256 against the sidecar (a checkpoint written before it was recorded loads with one
 warning) and refuses non-finite weights. Saving writes a local directory (a search on an object store uploads it
@@ -24,6 +25,7 @@ from safetensors.torch import load, save_file
 from mtser.configio import ConfigError, MAX_SHOWN, from_dict, shown, to_dict
 from mtser.errors import MtserError
 from mtser.featurestore.files import remote_errors
+from mtser.featurestore.store import StoreError
 from mtser.featurestore.labels import ATTRIBUTES, CLASSES
 from mtser.trainer.config import Config, ModelConfig
 from mtser.trainer.model import FusionNetwork
@@ -59,6 +61,7 @@ def save_checkpoint(path: Path, model: FusionNetwork, cfg: Config, meta: dict, m
         "version": VERSION,
         "config": to_dict(cfg),
         "input_dims": dict(model.encoder_dims),
+        "layers": model.read_layers,
         "label_map": {"classes": list(CLASSES), "attributes": list(ATTRIBUTES)},
     }
     (tmp / SIDECAR).write_bytes(_sidecar_json(sidecar))
@@ -121,7 +124,9 @@ MAX_PARAMETERS = 1 << 30          # 4 GiB of float32 weights; the paper's model 
 def validate_sidecar(meta: object, path: str | Path) -> None:
     """The sidecar's schema, checked before anything is built from it: a JSON object of this format and version,
     this mtser's label map, a config object, `input_dims` mapping encoder names to integers in
-    [1, MAX_INPUT_DIM], and `store` provenance naming each of those encoders. CheckpointError names the field."""
+    [1, MAX_INPUT_DIM], `store` provenance naming each of those encoders, and `layers` (absent before layers
+    existed: each encoder read as stored) mapping some of them to lists of distinct hidden-state indices >= 0.
+    CheckpointError names the field."""
     where = f"{path}/{SIDECAR}"
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {type(meta).__name__}")
@@ -146,12 +151,19 @@ def validate_sidecar(meta: object, path: str | Path) -> None:
     if not isinstance(encoders, dict) or not all(isinstance(encoders.get(n), dict) for n in dims):
         raise CheckpointError(f"{where}: store.encoders: expected the provenance of each of {sorted(dims)}, "
                               f"got {shown(encoders)}")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict) or not all(
+            name in dims and isinstance(v, list) and v and len(set(v)) == len(v)
+            and all(type(k) is int and 0 <= k <= MAX_INPUT_DIM for k in v) for name, v in layers.items()):
+        raise CheckpointError(f"{where}: layers: expected lists of distinct hidden-state indices of encoders among "
+                              f"{sorted(dims)}, got {shown(layers)}")
 
 
-def _model_within_bounds(dims: dict[str, int], cfg: ModelConfig, path: str | Path) -> None:
+def _model_within_bounds(dims: dict[str, int], cfg: ModelConfig, layers: dict[str, list[int]], path: str | Path
+                         ) -> None:
     """Refuse to build a model of more than MAX_PARAMETERS parameters (counted without allocating)."""
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in FusionNetwork(dims, cfg).parameters())
+        parameters = sum(p.numel() for p in FusionNetwork(dims, cfg, read_layers=layers).parameters())
     if parameters > MAX_PARAMETERS:
         raise CheckpointError(f"{path}/{SIDECAR}: its model would have {parameters:,} parameters (at most "
                               f"{MAX_PARAMETERS:,}); not a checkpoint this mtser wrote")
@@ -174,13 +186,14 @@ def _upgraded(config: dict) -> dict:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storage_options: dict | None = None
                     ) -> tuple[FusionNetwork, Config, dict]:
     """Rebuild the model from the sidecar and load its weights (safetensors: no pickle) as the one member of a
-    `FusionNetwork` (G = 1; `FusionNetwork.stack` fuses several), in eval mode."""
+    `FusionNetwork` (G = 1; `FusionNetwork.stack` fuses several) reading the sidecar's `layers`, in eval mode."""
     meta = read_sidecar(path, storage_options)
     try:
         cfg = from_dict(Config, meta["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}/{SIDECAR}: config: {exc}") from None
-    _model_within_bounds(meta["input_dims"], cfg.model, path)
+    layers = meta.setdefault("layers", {})
+    _model_within_bounds(meta["input_dims"], cfg.model, layers, path)
     try:
         raw = _read(path, WEIGHTS, storage_options)
     except FileNotFoundError:
@@ -197,7 +210,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", storag
     for key in [k for k in weights if k.endswith(".pool.attention.2.bias")]:
         del weights[key]        # earlier checkpoints had a score bias, which softmax ignores (model.py): exact to drop
     try:
-        model = FusionNetwork.from_states(meta["input_dims"], cfg.model, [weights])
+        model = FusionNetwork.from_states(meta["input_dims"], cfg.model, [weights], read_layers=layers)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model in its config: {exc}") from None
     return model.to(device).eval(), cfg, meta
@@ -225,13 +238,20 @@ PROVENANCE_FIELDS = ("kind", "model", "revision", "content_hash", "layer", "mean
 
 
 def check_store_matches(meta: dict, store) -> None:
-    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...)."""
+    """The store's encoders must be the ones the checkpoint was trained on (same model, layer, dim, ...), holding
+    the layers it read (`layers`; more are fine); an encoder it read as stored must hold the same stored layers."""
     for name, trained in meta["store"]["encoders"].items():
         info = store.encoders.get(name)
         if info is None:
             raise CheckpointError(f"store {store.url} lacks encoder {name!r} the checkpoint was trained on")
-        current = dataclasses.asdict(info)
-        differing = [f for f in PROVENANCE_FIELDS if current.get(f) != trained.get(f)]
+        read = meta.get("layers", {}).get(name)
+        try:
+            info.pick(read)
+        except StoreError as exc:
+            raise CheckpointError(f"store {store.url}: {exc}; the checkpoint was trained on layers {read}") from None
+        current = {**dataclasses.asdict(info), "layers": None if info.layers is None else list(info.layers)}
+        fields = PROVENANCE_FIELDS if read is not None else (*PROVENANCE_FIELDS, "layers")
+        differing = [f for f in fields if current.get(f) != trained.get(f)]
         if differing:
             raise CheckpointError(f"store {store.url}: encoder {name!r} differs from the checkpoint's in "
                                   + ", ".join(f"{f} ({current.get(f)!r} vs {trained.get(f)!r})" for f in differing))

@@ -163,7 +163,8 @@ def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int
     - activations kept for the backward pass, per sample: for each encoder with ASP the attention's pre- and
       post-tanh hidden states (2·T·attention_dim) and the pooled mean/std (4·D), with mean pooling only the
       projection; per encoder the projection and LayerNorm outputs (3·proj_dim); per LSTM layer and step the four
-      gates, cell and hidden states (≈ 10·lstm_hidden).
+      gates, cell and hidden states (≈ 10·lstm_hidden); with layer weights and ASP, the member's mixed frames and
+      their gathered rows (2·T·D).
 
     `frames` is a typical padded length per encoder (the trainer uses the 95th percentile of the Train split). The
     shared batch itself (B·T·D per encoder) and, with ASP, the pooling's work tensor (the gathered frames, ≈ B·T·D
@@ -173,7 +174,7 @@ def member_bytes(encoder_dims: dict[str, int], cfg: ModelConfig, batch_size: int
     per_sample = 0
     for name, dim in encoder_dims.items():
         if cfg.pooling == "asp":
-            per_sample += 2 * frames[name] * cfg.attention_dim + 4 * dim
+            per_sample += 2 * frames[name] * (cfg.attention_dim + (dim if cfg.layer_weights else 0)) + 4 * dim
         per_sample += 3 * cfg.proj_dim
     per_sample += cfg.lstm_layers * len(encoder_dims) * 10 * cfg.lstm_hidden
     return 16 * parameters + 4 * batch_size * per_sample

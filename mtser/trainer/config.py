@@ -25,6 +25,9 @@ class ModelConfig:
     lstm_hidden: int = 2048
     lstm_layers: int = 2
     dropout: float = 0.0
+    layer_weights: bool = False                 # learn a softmax mix of each encoder's stored layers (layer_mix.py)
+    layer_norm_per_layer: bool = False          # layer-normalise each layer's frames before the mix
+    layers: dict[str, list[int]] | None = None  # per encoder, the stored hidden-state indices read (None: all stored)
 
     def __post_init__(self) -> None:
         for name in ("attention_dim", "proj_dim", "lstm_hidden", "lstm_layers"):
@@ -32,6 +35,16 @@ class ModelConfig:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"must be in [0, 1), got {self.dropout}", "dropout")
+        if self.layer_norm_per_layer and not self.layer_weights:
+            raise ConfigError("normalises the layers before a learned mix: needs layer_weights: true",
+                              "layer_norm_per_layer")
+        for name, indices in (self.layers or {}).items():
+            if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
+                raise ConfigError(f"need distinct hidden-state indices >= 0 (as `mtser features ls` prints them), "
+                                  f"got {shown(indices)}", f"layers.{name}")
+            if len(indices) > 1 and not self.layer_weights:
+                raise ConfigError(f"{len(indices)} layers need a learned mix (model.layer_weights: true); "
+                                  "without it name one layer", f"layers.{name}")
 
 
 @dataclass
@@ -179,6 +192,9 @@ class Config:
         unknown = sorted(set(self.model.encoders or ()) - set(names))
         if unknown:
             raise ConfigError(f"{unknown} not among extract.encoders {names}", "model.encoders")
+        unknown = sorted(set(self.model.layers or ()) - set(names))
+        if unknown:
+            raise ConfigError(f"{unknown} not among extract.encoders {names}", "model.layers")
 
     def schedule(self, stage: Literal["pretrain", "finetune"], task: str | None = None) -> TrainConfig:
         """The schedule a model trains with: `train` for stage 1, the task's `finetune` section for stage 2."""

@@ -185,11 +185,11 @@ def host_dtype(device: torch.device) -> type | None:
 
 
 def pad(arrays: Sequence[np.ndarray], dtype: np.dtype | type | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_i, D) arrays → zero-padded (B, T_max, D) and mask (B, T_max), True on real frames (in-memory features;
-    store batches are read straight into their padded buffer by `BatchReader`). dtype None keeps the arrays'."""
-    dim = arrays[0].shape[1]
+    """(T_i, ...) arrays ((T_i, D), or (T_i, L, D) of L layers) → zero-padded (B, T_max, ...) and mask (B, T_max),
+    True on real frames (in-memory features; store batches are read straight into their padded buffer by
+    `BatchReader`). dtype None keeps the arrays'."""
     longest = max(1, max(len(a) for a in arrays))
-    x = np.empty((len(arrays), longest, dim), dtype=dtype or arrays[0].dtype)
+    x = np.empty((len(arrays), longest, *arrays[0].shape[1:]), dtype=dtype or arrays[0].dtype)
     mask = np.zeros((len(arrays), longest), dtype=bool)
     for row, a in enumerate(arrays):
         x[row, : len(a)] = a
@@ -257,15 +257,20 @@ class BatchReader:
     cannot read is left out of its batch, logged once and kept in `skipped` (id -> reason) instead of ending the
     run; evaluation keeps the default and fails loudly. layers: per encoder, the hidden-state indices to read
     (`FeatureStore.get`'s `layers`); an encoder stored with several layers, or read with `layers`, gives padded
-    (B, T, L, D) features (never packed).
+    (B, T, L, D) features (never packed), except the encoders in `squeeze`, read with one layer: (B, T, D) as
+    an encoder stored with one state (packed where asked).
     """
 
     def __init__(self, store, encoders: Sequence[str], dtype: np.dtype | type | None = None,
                  skip_unreadable: bool = False, pin_memory: bool = False, packed: bool = False,
-                 layers: dict[str, list[int]] | None = None):
+                 layers: dict[str, list[int]] | None = None, squeeze: Collection[str] = ()):
         self.store = store
         self.packed = packed
         self.layers = dict(layers or {})
+        self.squeeze = set(squeeze)
+        wide = [n for n in self.squeeze if len(self.layers.get(n) or ()) != 1]
+        if wide:
+            raise ValueError(f"BatchReader: squeeze {wide}: only an encoder read with one layer can be squeezed")
         self.encoders = list(encoders)
         self.dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         self.skip_unreadable = skip_unreadable
@@ -301,7 +306,8 @@ class BatchReader:
         info, layers = self.store.encoders[name], self.layers.get(name)
         mask = torch.from_numpy(np.arange(max(1, int(lengths.max())))[None, :] < lengths[:, None])
         frame = (info.dim,) if layers is None and info.layers is None else (len(layers or info.layers), info.dim)
-        shape = (int(lengths.sum()), *frame) if self.packed and len(frame) == 1 else (*mask.shape, *frame)
+        flat = len(frame) == 1 or name in self.squeeze
+        shape = (int(lengths.sum()), *frame) if self.packed and flat else (*mask.shape, *frame)
         if self.pin_memory:                     # torch's caching host allocator reuses pinned blocks itself
             buffer = torch.empty(shape, dtype=READ_DTYPE[info.dtype], pin_memory=True)
         else:
@@ -309,7 +315,7 @@ class BatchReader:
         self.store.read_into(ids, name, buffer.numpy(), layers)
         if self.dtype is not None and buffer.dtype != self.dtype:
             buffer = torch.from_numpy(self._buffers.take(shape, TORCH_TO_NUMPY[self.dtype])).copy_(buffer)
-        return buffer, mask
+        return (buffer.squeeze(-2) if name in self.squeeze else buffer), mask
 
     def _readable(self, utt_id: str) -> bool:
         try:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtser.trainer import kernels
+
 
 
 class MemberModule(nn.Module):
@@ -146,7 +148,8 @@ class FusedAttentivePooling(MemberModule):
     """G attentive statistics poolings (Okabe et al. 2018) over frames x (B, T, D) every member shares: softmax
     attention over frames (`attention`: FusedLinear(D, A), tanh, FusedLinear(A, 1) without bias: softmax is
     shift-invariant, a score bias could not change the output), then the attention-weighted mean and standard
-    deviation (G, B, 2D). Padded frames get exactly zero weight.
+    deviation (G, B, 2D). Padded frames get exactly zero weight. Frames (G, B, T, D) of each member's own (the
+    members' mixes of layers, `layer_mix.LayerMix`) go through each member's attention (`member_scores`).
 
     The first layer is one GEMM for all members over the real frames only, gathered into a work tensor reused from
     step to step (it pays for itself even for a model alone, measured on a 2-core CPU at realistic shapes) and
@@ -188,12 +191,29 @@ class FusedAttentivePooling(MemberModule):
         scores = row_scores.new_full((mask.numel(), g), lowest).index_copy(0, frames, row_scores)
         return scores.view(*mask.shape, g).transpose(1, 2)
 
+    def member_scores(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`scores` for frames x (G, B, T, D) of each member's own (mixed layers): (G, B, T), the first layer one
+        batched GEMM over each member's real frames."""
+        first, second = self.attention[0], self.attention[2]
+        frames = mask.reshape(-1).nonzero().squeeze(1)
+        hidden = torch.tanh(first(x.flatten(1, 2).index_select(1, frames)))       # (G, n, A)
+        row_scores = (hidden * second.weight).sum(-1).float()                     # (G, n)
+        lowest = torch.finfo(torch.float32).min
+        scores = row_scores.new_full((len(row_scores), mask.numel()), lowest).index_copy(1, frames, row_scores)
+        return scores.view(-1, *mask.shape)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(self.scores(x, mask), dim=2)                  # (B, G, T)
+        """Frames x (B, T, D) every member shares, or (G, B, T, D) each member's own → (G, B, 2D)."""
+        if x.dim() == 4:                                                      # one head per (member, sample)
+            weights = torch.softmax(self.member_scores(x, mask), dim=2).flatten(0, 1)[:, None]   # (G·B, 1, T)
+            frames = x.flatten(0, 1)
+        else:
+            weights, frames = torch.softmax(self.scores(x, mask), dim=2), x  # (B, G, T)
         with torch.autocast(x.device.type, enabled=False):
-            mean, second = kernels.attention_moments(weights, x.float())
+            mean, second = kernels.attention_moments(weights, frames.float())
             variance = second - mean**2
-        return torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1).transpose(0, 1)  # (G, B, 2D)
+        stats = torch.cat([mean, torch.sqrt(variance.clamp(min=self.eps))], dim=-1)
+        return stats.view(*x.shape[:2], -1) if x.dim() == 4 else stats.transpose(0, 1)  # (G, B, 2D)
 
 
 class MeanPooling(nn.Module):
@@ -203,8 +223,3 @@ class MeanPooling(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(1).to(x.dtype)                                   # (B, 1, T)
         return (torch.bmm(m, x) / m.sum(dim=2, keepdim=True).clamp(min=1.0)).squeeze(1)
-
-
-# The kernels (tanh_linear, attention_moments, GEMM_ROWS) live in model.py, which builds its network from the layers
-# above: imported last, so that either module can be imported first.
-from mtser.trainer import model as kernels  # noqa: E402

@@ -7,16 +7,16 @@ plain data only where Ray Tune needs it (the trial's parameters) and back in the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from mtser.configio import to_dict
+from mtser.configio import ConfigError, to_dict
 from mtser.trainer.config import Config, TrainConfig, load_config
 from mtser.trainer.runs import FINISHED
-from mtser.trainer.search_config import SearchConfig
+from mtser.trainer.search_config import SearchConfig, architecture
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TrialSpec:
     sigma: float | None = None
     parent: str | None = None
     init_from: str | None = None
+    axes: dict[str, Any] = field(default_factory=dict)    # its stage-1 point's grid axes (model.layers, ...)
 
     @property
     def schedule(self) -> TrainConfig:
@@ -55,16 +56,17 @@ def trial_config(base: Path, search: SearchConfig, overrides: dict[str, Any], de
     return load_config(base, {**search.overrides, **overrides, **devices})
 
 
-def point_name(alpha: float, beta: float, pooling: str) -> str:
-    return f"a{alpha:g}_b{beta:g}_{pooling}"
-
-
 def stage1_specs(search: SearchConfig, base: Path, device: str) -> list[TrialSpec]:
+    """The stage-1 points (`SearchConfig.stage1_points`); a recipe its axes make invalid is a ConfigError naming the
+    point."""
     specs = []
     for p in search.stage1_points():
-        cfg = trial_config(base, search, {"loss.alpha": p.alpha, "loss.beta": p.beta, "model.pooling": p.pooling,
-                                          "train.task": "multi"}, device)
-        specs.append(TrialSpec(1, point_name(p.alpha, p.beta, p.pooling), p.alpha, p.beta, p.pooling, "multi", cfg))
+        try:
+            cfg = trial_config(base, search, {"loss.alpha": p.alpha, "loss.beta": p.beta, "model.pooling": p.pooling,
+                                              "train.task": "multi", **p.axes}, device)
+        except ConfigError as exc:
+            raise ConfigError(f"grid point {p.name}: {exc}") from None
+        specs.append(TrialSpec(1, p.name, p.alpha, p.beta, p.pooling, "multi", cfg, axes=p.axes))
     return specs
 
 
@@ -73,7 +75,7 @@ def stage2_parents(search: SearchConfig, stage1: pd.DataFrame) -> dict[str, pd.D
     mean CCC (overall, or a count per pooling: the paper's best ASP and best mean-pooling models). Only finished
     points that their `parent_for` allows."""
     done = stage1[stage1["status"].isin(FINISHED) & stage1["checkpoint"].notna()]
-    allowed = {point_name(p.alpha, p.beta, p.pooling): p.parent_for for p in search.stage1_points()}
+    allowed = {p.name: p.parent_for for p in search.stage1_points()}
 
     def best(task: str, metric: str, rows: pd.DataFrame, count: int) -> pd.DataFrame:
         rows = rows[[task in allowed.get(t, ("cat", "dim")) for t in rows["trial"]]]
@@ -88,11 +90,15 @@ def stage2_parents(search: SearchConfig, stage1: pd.DataFrame) -> dict[str, pd.D
 
 
 def stage2_specs(search: SearchConfig, base: Path, device: str, stage1: pd.DataFrame) -> list[TrialSpec]:
-    """Per cat parent, one grid point per `cat_variants` entry; per dim parent, one per σ."""
+    """Per cat parent, one grid point per `cat_variants` entry; per dim parent, one per σ. Each inherits its
+    parent's α, β, pooling and grid axes (the architecture it fine-tunes)."""
+    axes = {p.name: p.axes for p in search.stage1_points()}
     specs = []
     for task, parents in stage2_parents(search, stage1).items():
         for _, parent in parents.iterrows():
-            inherited = {"loss.alpha": parent["alpha"], "loss.beta": parent["beta"], "model.pooling": parent["pooling"]}
+            fixed = axes.get(parent["trial"], {})
+            inherited = {"loss.alpha": parent["alpha"], "loss.beta": parent["beta"], "model.pooling": parent["pooling"],
+                         **fixed}
             if task == "cat":
                 variants = [(f"cat-{name}", None, {**inherited, "loss.sigma": None, **changes})
                             for name, changes in search.cat_variants.items()]
@@ -102,7 +108,8 @@ def stage2_specs(search: SearchConfig, base: Path, device: str, stage1: pd.DataF
             for tag, sigma, overrides in variants:
                 specs.append(TrialSpec(2, f"{tag}__{parent['trial']}", float(parent["alpha"]), float(parent["beta"]),
                                        str(parent["pooling"]), task, trial_config(base, search, overrides, device),
-                                       sigma=sigma, parent=str(parent["trial"]), init_from=str(parent["checkpoint"])))
+                                       sigma=sigma, parent=str(parent["trial"]), init_from=str(parent["checkpoint"]),
+                                       axes=fixed))
     return specs
 
 
@@ -123,7 +130,7 @@ def group_cohorts(specs: list[TrialSpec], size_of: Callable[[TrialSpec], int]) -
     cohorts, labels = [], {}
     for members in groups.values():
         first = members[0]
-        label = first.pooling if first.stage == 1 else f"{first.task}__{first.parent}"
+        label = architecture(first.pooling, first.axes) if first.stage == 1 else f"{first.task}__{first.parent}"
         size = size_of(first)
         for k in range(0, len(members), size):
             n = labels[label] = labels.get(label, -1) + 1

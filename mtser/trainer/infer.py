@@ -30,13 +30,14 @@ def _unsorted(order: np.ndarray, *arrays: torch.Tensor) -> list[np.ndarray]:
 def predict(model: FusionNetwork, store, ids: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
             prefetch_batches: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (G, N, 8) and attributes (G, N, 3) in 1..7 of the G members for store `ids`, in that
-    order."""
+    order (the stored layers the model reads: `FusionNetwork.reader_layers`)."""
     device = torch.device(device)
     encoders = list(model.encoder_dims)
     order = np.argsort([sum(store.length(i, n) for n in encoders) for i in ids], kind="stable")
     sorted_ids = [ids[k] for k in order]
     gpu = device.type == "cuda"
-    reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu)
+    reader = data.BatchReader(store, encoders, data.host_dtype(device), pin_memory=gpu, packed=gpu,
+                              **model.reader_layers())
     batches = prefetch(reader, data.chunks(sorted_ids, batch_size), depth=prefetch_batches)
     logits, attrs = run_model(model.to(device), batches, device)
     return tuple(_unsorted(order, torch.softmax(logits, dim=-1), attrs))
@@ -44,7 +45,8 @@ def predict(model: FusionNetwork, store, ids: list[str], batch_size: int = 256, 
 
 def predict_features(model: FusionNetwork, features: list[dict[str, np.ndarray]], batch_size: int = 256,
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Like `predict`, for in-memory features (encoder name -> (T, D) array per utterance)."""
+    """Like `predict`, for in-memory features (encoder name -> (T, D) array per utterance, (T, L, D) for an encoder
+    whose L layers the model mixes)."""
     if not features:
         return np.zeros((model.size, 0, 8), np.float32), np.zeros((model.size, 0, 3), np.float32)
     device = torch.device(device)
@@ -57,12 +59,12 @@ def predict_features(model: FusionNetwork, features: list[dict[str, np.ndarray]]
 
 
 def fused_groups(models: dict[str, FusionNetwork]) -> list[tuple[list[str], FusionNetwork]]:
-    """The models (lone networks by key) grouped by architecture (encoders and model config), each group stacked
-    into one network (`FusionNetwork.stack`) that scores all its members from one read of the features."""
+    """The models (lone networks by key) grouped by architecture (encoders, model config and the stored layers they
+    read: `FusionNetwork.architecture`), each group stacked into one network (`FusionNetwork.stack`) that scores all
+    its members from one read of the features."""
     groups: list[list[str]] = []
     for key, model in models.items():
-        group = next((g for g in groups if models[g[0]].encoder_dims == model.encoder_dims
-                      and models[g[0]].cfg == model.cfg), None)
+        group = next((g for g in groups if models[g[0]].architecture == model.architecture), None)
         if group is None:
             groups.append([key])
         else:

@@ -15,6 +15,7 @@ import pandas as pd
 from mtser.configio import from_dict
 from mtser.featurestore.config import EncoderConfig
 from mtser.featurestore.corpus import Utterance
+from mtser.featurestore.store import EncoderInfo, StoreError
 from mtser.trainer.ensemble import (EnsembleError, Predictions, combine, external_members, load_manifest, member_key,
                                     prediction_table, without_external)
 
@@ -81,7 +82,8 @@ class EnsembleScorer:
     `Predictions` out. Used by `predict_files` and the timeline.
 
     External members (prediction files of a fixed split) cannot predict new audio: an ensemble with them is refused
-    (EnsembleError, usage) unless `skip_external` drops them."""
+    (EnsembleError, usage) unless `skip_external` drops them. A member that reads stored layers the encoders do not
+    give is refused naming it, the encoder and the layers."""
 
     def __init__(self, ensemble: str | Path, device: str = "cpu", skip_external: bool = False,
                  storage_options: dict | None = None):
@@ -103,15 +105,29 @@ class EnsembleScorer:
         self.groups = fused_groups(models)
         self.encoders = encoder_configs(metas)
         self.provenance = encoder_provenance(metas)
+        self.positions = [self._positions(paths, network) for paths, network in self.groups]
+
+    def _positions(self, paths: list[str], network) -> dict[str, list[int]]:  # noqa: ANN001 (a FusionNetwork)
+        """Where the layers a group's members read are in the encoders' frames ((T, L, D) of the stored layers)."""
+        try:
+            return {name: EncoderInfo.from_dict(self.provenance[name]).pick(read)
+                    for name, read in network.read_layers.items()}
+        except StoreError as exc:
+            raise EnsembleError(f"ensemble member(s) {', '.join(paths)}: the encoders do not give the layers it was "
+                                f"trained on: {exc}") from None
 
     def score(self, ids: list[str], features: list[dict[str, np.ndarray]]) -> Predictions:
         """The ensemble's predictions for utterances given their features as a store reader gets them (float32
         values of the stored frames: `featurestore.frames`, as `pipeline.encode_utterances` returns them)."""
         from mtser.trainer.infer import predict_features
+        from mtser.trainer.layer_mix import take_layers
 
         outputs = {}
-        for paths, network in self.groups:
-            probs, attrs = predict_features(network, features, device=self.device)
+        for (paths, network), positions in zip(self.groups, self.positions):
+            squeeze = network.reader_layers()["squeeze"]
+            inputs = [{n: take_layers(f[n], positions.get(n), n in squeeze) for n in network.encoder_dims}
+                      for f in features]
+            probs, attrs = predict_features(network, inputs, device=self.device)
             outputs.update({path: Predictions(list(ids), probs[g], attrs[g]) for g, path in enumerate(paths)})
         return combine(self.members, outputs)
 

@@ -1,10 +1,11 @@
 """Figures of a search run and one self-contained HTML page (PNGs embedded as base64, one PNG per panel).
 
-Figures: the ensemble's development confusion matrix, α×β heatmaps of stage-1 development metrics per pooling,
-predicted-versus-true scatter per attribute, and the learning curves of each cohort (one figure per cohort, one line
-per member; histories read through `runs.read_history`). Tables: the ensemble's metrics, the paper's Table 1 layout
-of the stage-1 settings (`table1`, also written as table1.csv) and every trial; numbers right-aligned, metrics to
-PRECISION decimals, the best of each metric column marked. Labels on coloured cells are black or white, whichever
+Figures: the ensemble's development confusion matrix, α×β heatmaps of stage-1 development metrics per pooling (and
+grid axes), predicted-versus-true scatter per attribute, the learned layer weights per encoder and member
+(`report_layers`; only where members have them), and the learning curves of each cohort (one figure per cohort, one
+line per member; histories read through `runs.read_history`). Tables: the ensemble's metrics, the paper's Table 1
+layout of the stage-1 settings (`table1`, also written as table1.csv) and every trial; numbers right-aligned, metrics
+to PRECISION decimals, the best of each metric column marked. Labels on coloured cells are black or white, whichever
 contrasts more with the cell (`text_colour`).
 """
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 import pandas as pd
 
 from mtser.featurestore.labels import ATTRIBUTE_COLUMNS, ATTRIBUTES, CLASSES
-from mtser.trainer.runs import METRIC_COLUMNS, TEST_COLUMNS, RunFolder, as_run, load_results, read_history
+from mtser.trainer.report_layers import draw_layer_weights, layer_caption, run_layer_weights
+from mtser.trainer.runs import (METRIC_COLUMNS, TEST_COLUMNS, RunFolder, architecture, as_run, load_results,
+                                read_history)
 
 Panel = tuple[str, Any]                         # (file-name suffix, matplotlib Figure)
 PRECISION = 4                                   # decimals of every metric in the page's tables
@@ -99,9 +102,9 @@ def draw_heatmaps(results: pd.DataFrame) -> list[Panel]:
         return []
     plt = _pyplot()
     panels = []
-    for pooling in sorted(stage1["pooling"].unique()):
+    for pooling, points in stage1.groupby(architecture(stage1)):     # and grid axes: `asp`, `asp_lw=on`, ...
         for metric in ("f1", "ccc_mean"):
-            grid = stage1[stage1["pooling"] == pooling].pivot_table(index="alpha", columns="beta", values=metric)
+            grid = points.pivot_table(index="alpha", columns="beta", values=metric)
             values = grid.to_numpy()
             fig, ax = plt.subplots(figsize=(4.6, 3.8), layout="constrained")
             image = ax.imshow(values, cmap="viridis", origin="lower")
@@ -206,11 +209,11 @@ def table1(results: pd.DataFrame) -> pd.DataFrame | None:
         return None
     tested = stage1[[f"test_{m}" for m in METRIC_COLUMNS]].notna().any(axis=None)
     rows = []
-    for _, r in stage1.iterrows():
+    for (_, r), pooling in zip(stage1.iterrows(), architecture(stage1)):
         setting = ("single-task: attributes" if r["beta"] == 0 else "single-task: classes" if r["alpha"] == 0
                    else "multi-task")
         values = {m: r[f"test_{m}" if tested else m] for m in METRIC_COLUMNS}
-        rows.append({"setting": setting, "alpha": r["alpha"], "beta": r["beta"], "pooling": r["pooling"],
+        rows.append({"setting": setting, "alpha": r["alpha"], "beta": r["beta"], "pooling": pooling,
                      "split": "Development (test)" if tested else "Development (selection)", **values})
     order = {"single-task: attributes": 0, "single-task: classes": 1, "multi-task": 2}
     return pd.DataFrame(sorted(rows, key=lambda r: (order[r["setting"]], r["pooling"], r["alpha"])))
@@ -276,24 +279,26 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, storage
     try:
         pred = run_dir.read_csv("ensemble/Development/predictions.csv")
     except FileNotFoundError:
-        pred = None
+        pred = pd.DataFrame()                   # no ensemble yet: no confusion matrix, no scatter
     with tempfile.TemporaryDirectory() as tmp:
         drawn = Path(tmp)
         figures = {
-            "Confusion matrix": save_panels(draw_confusion(pred) if pred is not None else [], drawn, "confusion"),
+            "Confusion matrix": save_panels(draw_confusion(pred), drawn, "confusion"),
             "α × β heatmaps": save_panels(draw_heatmaps(results), drawn, "heatmap"),
-            "Predicted versus true attributes": save_panels(draw_scatter(pred) if pred is not None else [], drawn,
-                                                            "scatter"),
+            "Predicted versus true attributes": save_panels(draw_scatter(pred), drawn, "scatter"),
         }
         curves = {}
         for name, members in cohorts(results).items():
             histories = cohort_histories(run_dir, members)
             panels = draw_curves(histories, dict(zip(members["trial"], members["best_epoch"])))
             curves[name] = (members, list(histories), save_panels(panels, drawn, f"curves-{name}"))
+        layers = run_layer_weights(run_dir, results)
+        figures["Layer weights"] = save_panels(draw_layer_weights(layers), drawn, "layers")
         settings = table1(results)
         if settings is not None:
             out.write_csv("table1.csv", settings, "%.4f")
-        page = _html(run_dir, results, figures, curves, ensemble_summary(run_dir), settings)
+        page = _html(run_dir, results, figures, curves, ensemble_summary(run_dir), settings,
+                     {"layers": layer_caption(layers)})
         for paths in [*figures.values(), *(paths for *_, paths in curves.values())]:
             for path in paths:
                 out.upload(path, path.name)
@@ -352,7 +357,7 @@ def _legend(members: list[str]) -> str:
 
 def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Path]],
           curves: dict[str, tuple[pd.DataFrame, list[str], list[Path]]], ensemble: pd.DataFrame | None,
-          settings: pd.DataFrame | None) -> str:
+          settings: pd.DataFrame | None, captions: dict[str, str]) -> str:
     sections: list[tuple[str, str, str]] = []                  # (anchor, title, body)
     note = ('<p class="note">Ours: macro-F1 over the 8 classes, CCC without X rows. <code>challenge_*</code>: the '
             "challenge baseline's way, macro-F1 over the classes present and CCC over all rows, X included.</p>")
@@ -366,13 +371,15 @@ def _html(run_dir: RunFolder, results: pd.DataFrame, figures: dict[str, list[Pat
                          split + html_table(settings.drop(columns="split"), best=METRIC_COLUMNS, table_id="table1")
                          + marked + note))
     tested = [c for c in TEST_COLUMNS if c in results and results[c].notna().any()]
+    entropy = ["layer_entropy"] if "layer_entropy" in results and results["layer_entropy"].notna().any() else []
     shown = results[[c for c in ("trial", "stage", "task", "sigma", "status", "best_epoch", *METRIC_COLUMNS, *tested,
-                                 "cohort") if c in results]]
+                                 *entropy, "cohort") if c in results]]
     sections.append(("trials", "Trials", html_table(shown, best=[*METRIC_COLUMNS, *tested], table_id="trials")
                      + marked))
     missing = '<p class="note">No data for this figure (run <code>mtser ensemble</code> for the ensemble figures).</p>'
-    for anchor, (title, paths) in zip(("confusion", "heatmaps", "scatter"), figures.items()):
-        sections.append((anchor, title, _figure(title, paths) if paths else missing))
+    for anchor, (title, paths) in zip(("confusion", "heatmaps", "scatter", "layers"), figures.items()):
+        if paths or anchor != "layers":                        # the layer weights only where members learned them
+            sections.append((anchor, title, _figure(title, paths, captions.get(anchor, "")) if paths else missing))
     blocks = []
     for name, (members, drawn, paths) in curves.items():
         caption = (f"Stage {int(members['stage'].min())}, {len(members)} member{'s' * (len(members) != 1)}"

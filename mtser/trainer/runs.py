@@ -29,12 +29,13 @@ import pandas as pd
 
 from mtser.errors import MtserError
 from mtser.featurestore.files import absolute, is_url
+from mtser.trainer.search_config import axis_tag
 
 METRIC_COLUMNS = ["f1", "ccc_arousal", "ccc_valence", "ccc_dominance", "ccc_mean", "challenge_f1",
                   "challenge_ccc_mean"]                   # on the selection split, at the best epoch
 TEST_COLUMNS = [f"test_{m}" for m in METRIC_COLUMNS]      # on Development when the selection split was held out
-RESULT_COLUMNS = ["stage", "trial", "cohort", "alpha", "beta", "pooling", "sigma", "task", "parent", "status",
-                  "best_epoch", *METRIC_COLUMNS, *TEST_COLUMNS, "checkpoint"]
+RESULT_COLUMNS = ["stage", "trial", "cohort", "alpha", "beta", "pooling", "axes", "sigma", "task", "parent", "status",
+                  "best_epoch", *METRIC_COLUMNS, *TEST_COLUMNS, "layer_entropy", "checkpoint"]
 FINISHED = ("complete", "stopped")
 RESULTS = "results.csv"
 
@@ -98,9 +99,9 @@ class RunFolder:
         self.fs.invalidate_cache()                      # another node may have written it since the last listing
         return self.fs.exists(self._path(key))
 
-    def read_bytes(self, key: str) -> bytes:
-        """The file's bytes; FileNotFoundError where it is missing."""
-        return self.fs.cat_file(self._path(key))
+    def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The file's bytes (those in [start, end) when given); FileNotFoundError where it is missing."""
+        return self.fs.cat_file(self._path(key), start=start, end=end)
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
@@ -203,19 +204,33 @@ def is_finished(run_dir: RunFolder | str | Path, stage: int, name: str) -> bool:
 
 
 def results_table(run_dir: RunFolder | str | Path, points: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per grid point (`points`: stage, name, alpha, beta, pooling, sigma, task, parent) from its state."""
+    """One row per grid point (`points`: stage, name, alpha, beta, pooling, sigma, task, parent, optional axes) from
+    its state; `axes` as the point's name shows them (`lw=on_layers=all`; empty without grid axes), `layer_entropy`
+    from its best checkpoint's layer weights (`report_layers`; NaN without them)."""
+    from mtser.trainer.report_layers import checkpoint_layer_entropy
+
+    options = as_run(run_dir).storage_options
     rows = []
     for p in points:
         state = read_state(run_dir, p["stage"], p["name"])
         metrics = state.get("best_metrics") or {}
         tested = state.get("test_metrics") or {}
         rows.append({"stage": p["stage"], "trial": p["name"], "cohort": state.get("cohort"), "alpha": p["alpha"],
-                     "beta": p["beta"], "pooling": p["pooling"], "sigma": p["sigma"], "task": p["task"],
+                     "beta": p["beta"], "pooling": p["pooling"], "axes": axis_tag(p.get("axes") or {}).lstrip("_"),
+                     "sigma": p["sigma"], "task": p["task"],
                      "parent": p["parent"], "status": state.get("status", "pending"),
                      "best_epoch": state.get("best_epoch"), **{m: metrics.get(m, math.nan) for m in METRIC_COLUMNS},
                      **{f"test_{m}": tested.get(m, math.nan) for m in METRIC_COLUMNS},
+                     "layer_entropy": checkpoint_layer_entropy(state.get("checkpoint"), options),
                      "checkpoint": state.get("checkpoint")})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def architecture(results: pd.DataFrame) -> pd.Series:
+    """Each row's pooling with its grid axes (`asp`, `asp_lw=on_layers=all`): the stage-1 points one α × β grid
+    holds."""
+    axes = results["axes"].fillna("").astype(str) if "axes" in results else ""
+    return (results["pooling"] + "_" + axes).str.rstrip("_")
 
 
 def load_results(run_dir: RunFolder | str | Path) -> pd.DataFrame:

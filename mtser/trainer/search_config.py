@@ -2,10 +2,15 @@
 configs/ablation.yaml), loaded with `mtser.configio.load_yaml_as(path, SearchConfig)`; each checks its own values."""
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mtser.configio import ConfigError, shown
+
+AXES = ("model.layer_weights", "model.layers")  # recipe keys a search may vary as stage-1 grid axes
+ENCODER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")    # a store's encoder names (featurestore.layout)
 
 
 @dataclass
@@ -38,6 +43,51 @@ class GridPoint:
     beta: float
     pooling: Literal["asp", "mean"] = "asp"
     parent_for: list[Literal["cat", "dim"]] = field(default_factory=lambda: ["cat", "dim"])  # stage-2 parent pools
+    axes: dict[str, Any] = field(default_factory=dict)      # this point's value of AXES keys (model.layers, ...)
+
+    def __post_init__(self) -> None:
+        for key, value in self.axes.items():
+            axis_token(key, value, f"axes.{key}")
+
+    @property
+    def name(self) -> str:
+        """The point's folder name in the run: `a<α>_b<β>_<pooling>`, then a token per axis (`axis_tag`)."""
+        return f"a{self.alpha:g}_b{self.beta:g}_{self.pooling}{axis_tag(self.axes)}"
+
+
+def axis_token(key: str, value: Any, where: str) -> str:
+    """The point-name token of one axis value, filesystem-safe: `lw=on`/`lw=off` for model.layer_weights,
+    `layers=all` (null) or `layers=<enc>.<i>-<j>..._<enc>...` (encoders sorted) for model.layers; ConfigError naming
+    `where` for a key that is no axis or a value of the wrong shape."""
+    check_axis(key, where)
+    if key == "model.layer_weights":
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {shown(value)}", where)
+        return f"lw={'on' if value else 'off'}"
+    if key == "model.layers":
+        if value is None:
+            return "layers=all"
+        if not (isinstance(value, dict) and value and all(
+                isinstance(e, str) and ENCODER_NAME.fullmatch(e) and isinstance(v, list) and v
+                and all(type(i) is int and i >= 0 for i in v) for e, v in value.items())):
+            raise ConfigError("expected null (all stored layers) or a mapping encoder -> [hidden-state indices >= 0], "
+                              f"got {shown(value)}", where)
+    return "layers=" + "_".join(f"{e}.{'-'.join(map(str, value[e]))}" for e in sorted(value))
+
+
+def check_axis(key: str, where: str) -> None:
+    if key not in AXES:
+        raise ConfigError(f"not a grid axis (the axes: {', '.join(AXES)})", where)
+
+
+def axis_tag(axes: dict[str, Any]) -> str:
+    """`_<token>` per axis in AXES order ('' without axes: the names of searches without axes are unchanged)."""
+    return "".join(f"_{axis_token(key, axes[key], key)}" for key in AXES if key in axes)
+
+
+def architecture(pooling: str, axes: dict[str, Any]) -> str:
+    """What the stage-1 points of one architecture are called (their cohorts' names): `asp`, `asp_lw=on`, ..."""
+    return f"{pooling}{axis_tag(axes)}"
 
 
 @dataclass
@@ -61,6 +111,8 @@ class SearchConfig:
     cohort_memory_gb: float = 16.0              # cohort_size null: members whose estimated training memory fits
     asha: AshaConfig | None = None              # optional successive halving of the members inside each cohort
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe keys applied to every trial
+    # Further stage-1 grid axes: AXES key -> values; every stage-1 point (product or listed) at every combination
+    axes: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         product = [key for key in ("alpha", "beta", "pooling") if getattr(self, key)]
@@ -102,10 +154,27 @@ class SearchConfig:
         for name in self.cat_variants:
             if not name or not all(ch.isalnum() or ch in "-." for ch in name):
                 raise ConfigError(f"cat_variants.{name}: names may hold letters, digits, '-' and '.' only")
+        for key, values in self.axes.items():
+            check_axis(key, f"axes.{key}")
+            if not values:
+                raise ConfigError("must list at least one value", f"axes.{key}")
+            for i, value in enumerate(values):
+                axis_token(key, value, f"axes.{key}[{i}]")
+        fixed = sorted({k for p in self.points for k in p.axes} & set(self.axes))
+        if fixed:
+            raise ConfigError(f"{fixed[0]}: set by listed points and varied by axes; do one or the other", "axes")
+        names = [p.name for p in self.stage1_points()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"stage-1 points share the name {twice[0]} (a value listed twice?)")
 
     def stage1_points(self) -> list[GridPoint]:
-        """The stage-1 points in grid order: `points`, or the α × β × pooling product without (0, 0)."""
+        """The stage-1 points in grid order: `points`, or the α × β × pooling product without (0, 0), each at every
+        combination of `axes` (the points of one combination next to each other)."""
+        combos = [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
         if self.points:
-            return list(self.points)
-        return [GridPoint(a, b, p) for p in self.pooling for a in self.alpha for b in self.beta if a + b > 0]
+            return [GridPoint(p.alpha, p.beta, p.pooling, p.parent_for, {**p.axes, **c}) for c in combos
+                    for p in self.points]
+        return [GridPoint(a, b, p, axes=c) for p in self.pooling for c in combos for a in self.alpha for b in self.beta
+                if a + b > 0]
 

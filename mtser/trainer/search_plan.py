@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mtser.trainer.grid import CohortSpec, TrialSpec, group_cohorts, point_name, stage1_specs
+from mtser.trainer.grid import CohortSpec, TrialSpec, group_cohorts, stage1_specs
 from mtser.trainer.runs import RunFolder, is_finished
-from mtser.trainer.search_config import GridPoint, SearchConfig
+from mtser.trainer.search_config import GridPoint, SearchConfig, architecture
 
 
 @dataclass
@@ -131,17 +131,20 @@ def plan_search(search: SearchConfig, base: Path, store, run_dir: RunFolder, thr
     """The plan of the stage-1 grid points not yet finished, in cohorts as `run_stage` forms them, and an upper
     count of stage 2; the time assumes NOMINAL_FLOPS per trial thread and no speed-up from fusing members.
 
-    Stage-1 points differ only in α, β (loss weights, shared by a cohort) and pooling, so one spec per pooling
-    stands for all of its points: the plan of a search of any size costs a few config loads."""
+    Stage-1 points differ only in α, β (loss weights, shared by a cohort), pooling and grid axes, so one spec per
+    pooling and axes stands for all of its points: the plan of a search of any size costs a few config loads."""
     resumed = run_dir.exists("search.json")            # else nothing is finished: no look-up per point
     points = [p for p in search.stage1_points()
-              if not (resumed and is_finished(run_dir, 1, point_name(p.alpha, p.beta, p.pooling)))]
+              if not (resumed and is_finished(run_dir, 1, p.name))]
     memory_gb = trial_memory_gb(search)
     cohorts, largest, cohort_bytes, flops, first = 0, 0, 0, 0.0, None
-    for pooling in dict.fromkeys(p.pooling for p in points):
-        n = sum(p.pooling == pooling for p in points)
-        spec = stage1_specs(dataclasses.replace(search, points=[GridPoint(1.0, 1.0, pooling)], alpha=[], beta=[],
-                                                pooling=[]), base, "cpu")[0]
+    kinds: dict[str, list[GridPoint]] = {}
+    for p in points:
+        kinds.setdefault(architecture(p.pooling, p.axes), []).append(p)
+    for group in kinds.values():
+        n, p = len(group), group[0]
+        spec = stage1_specs(dataclasses.replace(search, points=[GridPoint(1.0, 1.0, p.pooling, axes=p.axes)], alpha=[],
+                                                beta=[], pooling=[], axes={}), base, "cpu")[0]
         cost = member_cost(spec, store)
         first = first or (spec, cost)
         size = min(n, search.cohort_size or _members_fitting(memory_gb, cost.bytes))

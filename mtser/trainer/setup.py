@@ -17,7 +17,7 @@ import torch
 from mtser.configio import ConfigError
 from mtser.errors import DataError
 from mtser.featurestore.prefetch import prefetch
-from mtser.trainer import data
+from mtser.trainer import data, layer_mix
 from mtser.trainer.checkpoint import CheckpointError, check_store_matches, load_checkpoint
 from mtser.trainer.cohort import CohortAdamW, MemberGradScaler, step_members
 from mtser.trainer.config import Config, TrainConfig
@@ -56,6 +56,7 @@ class CohortData:
     device: torch.device
     precision: Precision
     dims: dict[str, int]                  # the model's encoders and their feature dimensions
+    layers: dict[str, list[int]]          # the stored hidden-state indices read per encoder (`layer_mix.read_layers`)
     provenance: dict                      # the store's URL and encoders, recorded in the checkpoints
     selection: str                        # the selection split, in words
     pools: dict[str, list[str]]           # Train ids of each task the members train
@@ -106,6 +107,9 @@ def setup_data(members: Sequence[Member], store, store_url: str | None = None) -
     tc = members[0].tc
     device = resolve_device(tc.device)
     encoders = model_encoders(members[0].cfg, store)
+    model_cfg = members[0].cfg.model
+    layers = layer_mix.read_layers(model_cfg, {n: store.encoders[n] for n in encoders}, store.url)
+    read = layer_mix.reader_layers(layers, layer_mix.mixed_layers(model_cfg, layers))
     provenance = {"url": store_url or store.url,
                   "encoders": {n: dataclasses.asdict(store.encoders[n]) for n in encoders}}
     development = data.evaluation_ids(store, encoders, "Development")
@@ -125,13 +129,15 @@ def setup_data(members: Sequence[Member], store, store_url: str | None = None) -
     host, pin = data.host_dtype(device), device.type == "cuda"
     cd = CohortData(
         tc=tc, device=device, precision=Precision(device, tc.mixed_precision),
-        dims={n: store.encoders[n].dim for n in encoders}, provenance=provenance, selection=selection, pools=pools,
+        dims={n: store.encoders[n].dim for n in encoders}, layers=layers, provenance=provenance, selection=selection,
+        pools=pools,
         task_rows=None if len(pools) == 1 else {task: set(pool) for task, pool in pools.items()},
         train_pool=train_pool, train_lengths=data.total_lengths(store, train_pool, encoders),
         select_ids=select_ids, select_labels=data.label_arrays(store.utterances, select_ids),
         test_ids=test_ids, test_labels=data.label_arrays(store.utterances, test_ids),
-        reader=data.BatchReader(store, encoders, host, pin_memory=pin, packed=pin),
-        train_reader=data.BatchReader(store, encoders, host, skip_unreadable=True, pin_memory=pin, packed=pin))
+        reader=data.BatchReader(store, encoders, host, pin_memory=pin, packed=pin, **read),
+        train_reader=data.BatchReader(store, encoders, host, skip_unreadable=True, pin_memory=pin, packed=pin,
+                                      **read))
     for m in members:
         if m.tc.select_metric not in computable(cd.select_labels):
             raise ConfigError(f"{m.section}.select_metric: {m.tc.select_metric!r} cannot be computed, the "
@@ -158,7 +164,7 @@ class ModelSetup:
 def setup_model(members: Sequence[Member], store, cd: CohortData) -> ModelSetup:
     """The members' initial models (stage 1: seeded random weights; stage 2: the parent checkpoint) fused, and each
     member's loss (class weights from its task's pool, or with `confusion` from its parent's confusion matrix)."""
-    initial = [_initial_model(m, cd.dims, store) for m in members]
+    initial = [_initial_model(m, cd, store) for m in members]
     confusions: dict[str | Path, np.ndarray] = {}
     losses = []
     for m, model in zip(members, initial):
@@ -170,7 +176,8 @@ def setup_model(members: Sequence[Member], store, cd: CohortData) -> ModelSetup:
             confusion = confusions[m.init_from]
         losses.append(build_loss(m.tc.task, m.cfg.loss, counts, confusion))
     fused = fused_model(initial, cd.device)
-    return ModelSetup(fused, losses, [FusionNetwork(initial[0].encoder_dims, initial[0].cfg) for _ in members])
+    return ModelSetup(fused, losses, [FusionNetwork(initial[0].encoder_dims, initial[0].cfg,
+                                                    read_layers=cd.layers) for _ in members])
 
 
 def fused_model(models: Sequence[FusionNetwork], device: torch.device) -> FusionNetwork:
@@ -179,17 +186,19 @@ def fused_model(models: Sequence[FusionNetwork], device: torch.device) -> Fusion
     return FusionNetwork.stack(models).to(device)
 
 
-def _initial_model(member: Member, dims: dict[str, int], store) -> FusionNetwork:
+def _initial_model(member: Member, cd: CohortData, store) -> FusionNetwork:
+    dims = cd.dims
     if member.stage == "pretrain":
         seed_everything(member.tc.seed)
-        return FusionNetwork(dims, member.cfg.model)
+        return FusionNetwork(dims, member.cfg.model, read_layers=cd.layers)
     if member.init_from is None:
         raise ValueError(f"{member.name}: finetune needs init_from (the stage-1 checkpoint)")
     parent, parent_cfg, meta = load_checkpoint(member.init_from, storage_options=member.storage_options)
     check_store_matches(meta, store)
-    if parent.encoder_dims != dims or parent_cfg.model != member.cfg.model:
-        raise CheckpointError(f"{member.init_from}: its model (encoders {parent.encoder_dims}, {parent_cfg.model}) "
-                              f"differs from the config's (encoders {dims}, {member.cfg.model})")
+    if parent.encoder_dims != dims or parent_cfg.model != member.cfg.model or parent.read_layers != cd.layers:
+        raise CheckpointError(f"{member.init_from}: its model (encoders {parent.encoder_dims}, layers "
+                              f"{parent.read_layers}, {parent_cfg.model}) differs from the config's (encoders {dims}, "
+                              f"layers {cd.layers}, {member.cfg.model})")
     seed_everything(member.tc.seed)
     return parent
 
