@@ -1,6 +1,6 @@
 """What do 4 stored encoder layers cost against 1 (issue 24)? Loader, extraction, storage and training.
 
-    .venv/bin/python bench/layers.py [--quick] [--rounds R] [--no-cold] [--device cpu|cuda|auto]
+    .venv/bin/python bench/layers.py [--quick] [--rounds R] [--no-cold] [--device cpu|cuda|auto] [--model demo|paper]
                                      [--parts read,extract,storage,train]
 
 Measured in one run, each pair alternated round by round (bench/timing.py), medians; every ratio is L = 4 over
@@ -23,8 +23,9 @@ L = 1 by wall time, and again by this process's CPU time (`*_cpu*`: the steadier
   storage  bytes per utterance and layer of the real layout: bench/layer_storage.py's `segment_bytes` for one
            WavLM-large (1024-d) part of 10 s utterances, float16 and int8, L = 4; and the read stores' own part
            bytes (3 encoders, float16, L = 4 and L = 1) over utterances x L.
-  train    bench/tune.py's `StepBench`: a cohort of demo-size members (FusionNetwork through mtser.trainer.cohort)
-           stepping on the same in-memory batches of both stores, 1 torch thread on the CPU:
+  train    bench/tune.py's `StepBench`: a cohort of demo-size members (--model paper: configs/paper.yaml's;
+           FusionNetwork through mtser.trainer.cohort) stepping on the same in-memory batches of both stores, 1
+           torch thread on the CPU:
            `model.layer_weights: true` over the 4 layers against the plain network on the L = 1 store, for ASP and
            mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean}: samples/s (goal
            for mean >= 0.8). Null, with the reason on stderr, where the model has no layer weights.
@@ -168,13 +169,14 @@ def storage(work: Path, urls: dict[int, str], utterances: int, quick: bool) -> d
     return out
 
 
-def time_training(urls: dict[int, str], device: str, members: int, steps: int, batch: int, rounds: int) -> dict:
+def time_training(urls: dict[int, str], model: str, device: str, members: int, steps: int, batch: int,
+                  rounds: int) -> dict:
     """Samples/s ratio (4 layers with learned weights / the plain network on 1) of a cohort step, per pooling."""
     if "layer_weights" not in {f.name for f in fields(ModelConfig)}:
         print("bench: train_samples_per_s_ratio_*: null, this checkout's ModelConfig has no layer_weights "
               "(issue 24's model side not merged)", file=sys.stderr)
         return {"train_samples_per_s_ratio_asp": None, "train_samples_per_s_ratio_mean": None}
-    plain = make_setup("demo", device, False)
+    plain = make_setup(model, device, False)
     weighted = replace(plain, recipe={**plain.recipe, "model.layer_weights": True})
     out = {}
     for pooling in ("asp", "mean"):
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                         help="the loader's and the training steps' device (auto: cuda where there is one)")
+    parser.add_argument("--model", choices=["demo", "paper"], default="demo",
+                        help="the training members' size (configs/demo.yaml's or configs/paper.yaml's model)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, of {', '.join(PARTS)} (default all)")
     args = parser.parse_args()
@@ -230,10 +234,11 @@ def main() -> None:
         if "storage" in parts:
             result.update(storage(work, urls, size["utterances"], args.quick))
         if "train" in parts:
-            result.update(time_training(urls, device, size["members"], size["steps"], size["train_batch"], rounds))
+            result.update(time_training(urls, args.model, device, size["members"], size["steps"], size["train_batch"],
+                                        rounds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.update({"layers": L, "quick": args.quick, "rounds": rounds, "device": device,
+    result.update({"layers": L, "model": args.model, "quick": args.quick, "rounds": rounds, "device": device,
                    "store_utterances": size["utterances"], "cpus": os.cpu_count(),
                    "load_average_start": round(load, 2), "load_average_end": round(os.getloadavg()[0], 2),
                    "seconds": round(time.perf_counter() - started, 1)})
