@@ -30,9 +30,9 @@ L = 1 by wall time, and again by this process's CPU time (`*_cpu*`: the steadier
            mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean}: samples/s (goal
            for mean >= 0.8). Null, with the reason on stderr, where the model has no layer weights.
 --quick: 40 store utterances, 10 corpus utterances, a cohort of 2 members stepping 2 batches of 16, 3 rounds
-(54 s measured on the 2-core machine at load 2.3); the full run: 384, 32, 4 members x 4 batches of 32, 5 rounds. --device
-cuda puts the loader on the GPU path and the steps on the GPU (bfloat16 autocast); extraction takes the GPU itself
-where there is one. The last line printed is one JSON object.
+(54 s measured on the 2-core machine at load 2.3); the full run: 384, 32, 4 members x 4 batches of 32, 5 rounds.
+--device cuda puts the loader on the GPU path and the steps on the GPU (bfloat16 autocast); extraction takes the
+GPU itself where there is one. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
