@@ -28,7 +28,7 @@ L = 1 by wall time, and again by this process's CPU time (`*_cpu*`: the steadier
            torch thread on the CPU:
            `model.layer_weights: true` over the 4 layers against the plain network on the L = 1 store, for ASP and
            mean pooling (mean: pool each layer, then mix). train_samples_per_s_ratio_{asp,mean}: samples/s (goal
-           for mean >= 0.8). Null, with the reason on stderr, where the model has no layer weights.
+           for mean >= 0.8).
 --quick: 40 store utterances, 10 corpus utterances, a cohort of 2 members stepping 2 batches of 16, 3 rounds
 (54 s measured on the 2-core machine at load 2.3); the full run: 384, 32, 4 members x 4 batches of 32, 5 rounds.
 --device cuda puts the loader on the GPU path and the steps on the GPU (bfloat16 autocast); extraction takes the
@@ -40,10 +40,11 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -59,7 +60,7 @@ from tune import StepBench, make_setup  # noqa: E402
 from mtser.featurestore.corpus import read_corpus  # noqa: E402
 from mtser.featurestore.store import create_store, open_store  # noqa: E402
 from mtser.trainer import data  # noqa: E402
-from mtser.trainer.config import ModelConfig, load_config  # noqa: E402
+from mtser.trainer.config import load_config  # noqa: E402
 
 L = 4
 LAYERS = list(range(L))
@@ -142,7 +143,7 @@ def time_extraction(work: Path, n: int, rounds: int) -> dict:
         run(layers)
         encode[layers].clear()
     wall, cpu = (dict(zip((1, L), t)) for t in alternated_wall_cpu([lambda: run(1), lambda: run(L)], rounds))
-    enc = {n: sorted(t)[len(t) // 2] for n, t in encode.items()}
+    enc = {n: statistics.median(t) for n, t in encode.items()}
     print(f"extract: {len(utts)} utterances, L={L} {wall[L]:.2f} s, L=1 {wall[1]:.2f} s (encoders {enc[L]:.2f} / "
           f"{enc[1]:.2f} s)", flush=True)
     return {"extract_time_ratio": round(wall[L] / wall[1], 3),
@@ -172,10 +173,6 @@ def storage(work: Path, urls: dict[int, str], utterances: int, quick: bool) -> d
 def time_training(urls: dict[int, str], model: str, device: str, members: int, steps: int, batch: int,
                   rounds: int) -> dict:
     """Samples/s ratio (4 layers with learned weights / the plain network on 1) of a cohort step, per pooling."""
-    if "layer_weights" not in {f.name for f in fields(ModelConfig)}:
-        print("bench: train_samples_per_s_ratio_*: null, this checkout's ModelConfig has no layer_weights "
-              "(issue 24's model side not merged)", file=sys.stderr)
-        return {"train_samples_per_s_ratio_asp": None, "train_samples_per_s_ratio_mean": None}
     plain = make_setup(model, device, False)
     weighted = replace(plain, recipe={**plain.recipe, "model.layer_weights": True})
     out = {}
