@@ -7,9 +7,13 @@ from collections.abc import Callable, Sequence
 
 
 def alternated(runners: Sequence[Callable[[], object]], rounds: int,
-               before: Callable[[int], object] | None = None) -> list[float]:
+               before: Callable[[int], object] | None = None, warmup: bool = False) -> list[float]:
     """Median seconds of each runner, the runners alternated round by round so drift and load hit all alike.
-    `before(i)`, untimed, precedes each run of runner i (e.g. evicting its files from the page cache)."""
+    `before(i)`, untimed, precedes each run of runner i (e.g. evicting its files from the page cache). `warmup`:
+    each runner runs once untimed first, so once-per-process costs (a GEMM's plan, the GEMM library timed at a new
+    shape, `kernels.onednn_gemm_is_faster`) stay out of a steady-state figure."""
+    for runner in runners if warmup else ():
+        runner()
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
         for i, (runner, t) in enumerate(zip(runners, times)):

@@ -227,7 +227,7 @@ def time_steps(store_url: str, setup: Setup, k: int, steps: int, rounds: int) ->
                 optimizer.step()
 
     separate, together, alone = alternated([setup.synced(run) for run in (
-        one_after_another, lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles))], rounds)
+        one_after_another, lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles))], rounds, warmup=True)
     return separate, together, alone
 
 
@@ -242,7 +242,8 @@ def time_grid_steps(store_url: str, setup: Setup, k: int, steps: int, rounds: in
         fused = [(*bench.cohort(bench.models), bench.losses)]
         singles = [(*bench.cohort([m]), [f]) for m, f in zip(bench.models, bench.losses)]
         out[f"{pooling}_fused"], out[f"{pooling}_singles"], read = alternated([setup.synced(run) for run in (
-            lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles), bench.read_batches)], rounds)
+            lambda: bench.cohort_steps(fused), lambda: bench.cohort_steps(singles), bench.read_batches)], rounds,
+            warmup=True)
         loader.append(read)
     return {**out, "loader": statistics.mean(loader)}
 
