@@ -10,8 +10,10 @@ from pathlib import Path
 from mtser.demo import SAMPLE_RATE, demo_sentences
 
 
-def make_test_encoders(out_dir: Path, sentences: list[str] | None = None, seed: int = 0) -> dict[str, Path]:
-    """Build small random-init WavLM, Whisper (+tokenizer, processor, generation config) and RoBERTa models.
+def make_test_encoders(out_dir: Path, sentences: list[str] | None = None, seed: int = 0,
+                       layers: int = 2) -> dict[str, Path]:
+    """Build small random-init WavLM, Whisper (+tokenizer, processor, generation config) and RoBERTa models with
+    `layers` transformer layers each (layers + 1 hidden states; the demo's have 2; Whisper's decoder keeps 2).
 
     Tokenizers are byte-level BPEs trained on `sentences` (default: the demo sentences), so any text encodes.
     Returns {"wavlm": dir, "whisper": dir, "roberta": dir}; each loads with `from_pretrained`.
@@ -19,9 +21,9 @@ def make_test_encoders(out_dir: Path, sentences: list[str] | None = None, seed: 
     out_dir = Path(out_dir)
     texts = list(sentences) if sentences is not None else demo_sentences()
     return {
-        "wavlm": _save_wavlm(out_dir / "wavlm", seed),
-        "whisper": _save_whisper(out_dir / "whisper", texts, seed),
-        "roberta": _save_roberta(out_dir / "roberta", texts, seed),
+        "wavlm": _save_wavlm(out_dir / "wavlm", seed, layers),
+        "whisper": _save_whisper(out_dir / "whisper", texts, seed, layers),
+        "roberta": _save_roberta(out_dir / "roberta", texts, seed, layers),
     }
 
 
@@ -44,13 +46,13 @@ def _train_bpe(
     return model["vocab"], merges
 
 
-def _save_wavlm(out: Path, seed: int) -> Path:
+def _save_wavlm(out: Path, seed: int, layers: int) -> Path:
     import torch
     from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
     torch.manual_seed(seed)
     config = WavLMConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=128,
         conv_dim=(32,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),  # 320 samples/frame
         feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4, num_buckets=64, max_bucket_distance=200,
@@ -65,7 +67,7 @@ def _save_wavlm(out: Path, seed: int) -> Path:
 WHISPER_LANGUAGES = ("en", "de", "fr", "es")  # a prefix of Whisper's language order, so token ids follow its scheme
 
 
-def _save_whisper(out: Path, texts: list[str], seed: int) -> Path:
+def _save_whisper(out: Path, texts: list[str], seed: int, layers: int) -> Path:
     import torch
     from transformers import (
         GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor,
@@ -87,7 +89,7 @@ def _save_whisper(out: Path, texts: list[str], seed: int) -> Path:
 
     torch.manual_seed(seed)
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=128, d_model=64, encoder_layers=2, decoder_layers=2,
+        vocab_size=len(tokenizer), num_mel_bins=128, d_model=64, encoder_layers=layers, decoder_layers=2,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
         max_source_positions=1500, max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
         decoder_start_token_id=sot, begin_suppress_tokens=[eot], suppress_tokens=suppress,
@@ -107,7 +109,7 @@ def _save_whisper(out: Path, texts: list[str], seed: int) -> Path:
     return out
 
 
-def _save_roberta(out: Path, texts: list[str], seed: int) -> Path:
+def _save_roberta(out: Path, texts: list[str], seed: int, layers: int) -> Path:
     import torch
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
@@ -115,7 +117,8 @@ def _save_roberta(out: Path, texts: list[str], seed: int) -> Path:
     tokenizer = RobertaTokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
     config = RobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=128,
         max_position_embeddings=514, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )

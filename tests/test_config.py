@@ -80,7 +80,8 @@ def test_layer_configs_load_and_validate():
     plain = to_dict(layered)
     plain["model"].update(layer_weights=False)
     for encoder in plain["extract"]["encoders"]:
-        encoder["layers"] = None
+        assert encoder["model"] == f"demo/encoders-deep/{encoder['name']}"     # make-test-encoders --layers 3
+        encoder.update(layers=None, model=f"demo/encoders/{encoder['name']}")
     assert plain == to_dict(demo)                                   # otherwise the demo
 
     documented = {}

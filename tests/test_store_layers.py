@@ -299,3 +299,24 @@ def test_features_ls_show_and_export_with_layers(layered, tmp_path):
     shown = CliRunner().invoke(app, ["features", "show", url, utts[0].id, "-e", "wavlm"])
     n = open_store(url).length(utts[0].id, "wavlm")
     assert shown.exit_code == 0 and f"[wavlm] shape ({n}, 3, 64) (T, L, D), layers [0, 2, 1] float32" in shown.output
+
+
+def test_demo_layers_config_stores_four_hidden_states_of_each_encoder(tmp_path, demo_corpus_dir):
+    """configs/demo-layers.yaml on encoders built as its header says (`make-test-encoders --layers 3`): every encoder
+    stores its 4 hidden states."""
+    made = CliRunner().invoke(app, ["make-test-encoders", str(tmp_path / "deep"), "--layers", "3"])
+    assert made.exit_code == 0, made.output
+    raw = yaml.safe_load(Path("configs/demo-layers.yaml").read_text())
+    for enc in raw["extract"]["encoders"]:
+        enc["model"] = enc["model"].replace("demo/encoders-deep", str(tmp_path / "deep"))
+    config = tmp_path / "demo-layers.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    url = str(tmp_path / "s")
+    result = CliRunner().invoke(app, ["extract", str(demo_corpus_dir), "--config", str(config), "--store", url,
+                                      "--workers", "0", "--splits", "Development", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    store = open_store(url)
+    assert {name: info.layers for name, info in store.encoders.items()} == {
+        "wavlm": (0, 1, 2, 3), "whisper": (0, 1, 2, 3), "roberta": (0, 1, 2, 3)}
+    some = store.ids()[0]
+    assert store.get(some, "wavlm").shape[1:] == (4, 64)

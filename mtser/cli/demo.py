@@ -28,11 +28,13 @@ def demo_corpus(
 def make_test_encoders(
     out: Path = typer.Argument(..., help="Folder for wavlm/, whisper/ and roberta/."),
     seed: int = typer.Option(0, "--seed", help="torch seed of the random initialisation."),
+    layers: int = typer.Option(2, "--layers", min=1, help="transformer layers per encoder (hidden states: layers + 1; "
+                               "configs/demo-layers.yaml uses 3)."),
 ) -> None:
     """Save small randomly initialised WavLM, Whisper and RoBERTa models (loadable with from_pretrained)."""
     from mtser.demo_encoders import make_test_encoders as build
 
-    paths = build(out, seed=seed)
+    paths = build(out, seed=seed, layers=layers)
     for name, path in paths.items():
         typer.echo(f"make-test-encoders: {name} -> {path}")
 
