@@ -1,9 +1,6 @@
 """Config files load into typed dataclasses; bad keys and values are errors that name the key."""
-import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from mtser.trainer.config import (
     CatFinetuneConfig, DimFinetuneConfig, LossConfig, ModelConfig, TrainConfig, load_config,
 )
 from mtser.trainer.search_config import AshaConfig, SearchConfig
+from isolation import loaded_by
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -178,8 +176,4 @@ def test_recipes_pickle_by_reference_and_the_store_config_needs_no_trainer():
     config imports neither the trainer nor torch nor Ray."""
     cfg = load_config(CONFIGS / "paper.yaml")
     assert pickle.loads(pickle.dumps(cfg)) == cfg and type(cfg.finetune.dim) is DimFinetuneConfig
-    code = ("import sys, mtser.featurestore.config\n"
-            "print(sorted(m for m in ('mtser.trainer', 'torch', 'ray', 'pydantic') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)})
-    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+    assert loaded_by(["mtser.featurestore.config"], ("mtser.trainer", "torch", "ray", "pydantic")) == []

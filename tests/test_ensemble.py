@@ -17,6 +17,7 @@ from mtser.trainer.config import EnsembleConfig, MemberSelector, load_config
 from mtser.trainer.data import evaluation_ids
 from mtser.trainer.ensemble import EnsembleError, select_members
 from mtser.trainer.infer import evaluate
+from isolation import loaded_by
 from search_support import REPO
 
 
@@ -199,13 +200,8 @@ def test_an_external_member_changes_the_ensemble_by_exactly_its_share(dev_ensemb
 
 
 def test_ensemble_and_report_read_the_run_folder_without_the_tune_driver():
-    import subprocess
-    import sys
-
-    code = ("import sys, mtser.trainer.ensemble, mtser.trainer.report, mtser.trainer.predict; "
-            "print(sorted(m for m in ('mtser.trainer.tune', 'ray', 'ray.tune') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert loaded_by(["mtser.trainer.ensemble", "mtser.trainer.report", "mtser.trainer.predict"],
+                     ("mtser.trainer.tune", "ray", "ray.tune")) == []
 
 
 def test_members_on_different_encoders_are_scored_on_the_ids_all_can_read(tmp_path):

@@ -2,16 +2,12 @@
 shard's attempts (back to the front of the queue, then given up), and the planning module's imports."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from mtser.featurestore.config import EncoderConfig, ExtractConfig
 from mtser.featurestore.corpus import Utterance
 from mtser.featurestore.extract_plan import (
     MAX_SHARD_ATTEMPTS, ExtractSummary, ShardQueue, plan_shards, shard_groups,
 )
+from isolation import loaded_by
 
 CFG = ExtractConfig(encoders=[EncoderConfig("wavlm", "speech", "synthetic/wavlm")], shard_seconds=10.0)
 UTTS = [Utterance(id=f"u{i}", path=f"u{i}.wav", split="Train" if i % 2 else "Development", duration=float(d))
@@ -52,8 +48,5 @@ def test_a_failed_attempt_requeues_the_shard_at_the_front_until_it_is_given_up()
 
 
 def test_planning_imports_without_torch_ray_or_audio():
-    code = ("import sys, mtser.featurestore.extract_plan, mtser.featurestore.actors; "
-            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'soundfile') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert out.stdout.strip() == "[]"
+    assert loaded_by(["mtser.featurestore.extract_plan", "mtser.featurestore.actors"],
+                     ("torch", "ray", "transformers", "soundfile")) == []

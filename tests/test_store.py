@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from mtser.featurestore.store import (
 )
 from mtser.featurestore.frames import StoredFrames, as_stored, store_frames
 from mtser.featurestore.shards import ShardSpool
+from isolation import loaded_by
 from store_helpers import encoder_info, frames_for, utterance, write_part
 
 IDS = [f"MSP-PODCAST_0001_{i:04d}.wav" for i in range(12)]
@@ -290,20 +288,12 @@ def test_reads_from_many_threads_agree(url: str) -> None:
 
 
 def test_store_api_imports_without_torch_or_ray() -> None:
-    code = ("import sys, mtser.featurestore as fs; fs.open_store; "
-            "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert out.stdout.strip() == "[]"
+    assert loaded_by(["mtser.featurestore"], ("torch", "ray", "transformers")) == []
 
 
 def test_the_per_utterance_pipeline_imports_apart_from_the_ray_driver_and_the_store_apart_from_demo_tooling() -> None:
-    code = ("import sys, mtser.featurestore.pipeline, mtser.featurestore.store; "
-            "print(sorted(m for m in ('ray', 'mtser.featurestore.extract', 'mtser.demo', 'mtser.trainer', 'mtser.cli') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert out.stdout.strip() == "[]"
+    assert loaded_by(["mtser.featurestore.pipeline", "mtser.featurestore.store"],
+                     ("ray", "mtser.featurestore.extract", "mtser.demo", "mtser.trainer", "mtser.cli")) == []
 
 
 def test_frames_in_another_zarr_layout_are_read_through_zarr_python(url: str, monkeypatch: pytest.MonkeyPatch) -> None:

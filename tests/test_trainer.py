@@ -18,6 +18,7 @@ from mtser.trainer.data import evaluation_ids
 from mtser.trainer.infer import evaluate, predict
 from mtser.trainer.loop import finetune_config, lr_factor, train
 from mtser.trainer.metrics import LabelArrays, summarize
+from isolation import loaded_by
 from trainer_store import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -262,15 +263,7 @@ def test_history_csv_is_replaced_whole_each_epoch(store_url, tmp_path):
 
 
 def test_training_does_not_import_inference():
-    import os
-    import subprocess
-    import sys
-
-    code = ("import sys, mtser.trainer.loop, mtser.trainer.tune, mtser.trainer.cohort; "
-            "print('mtser.trainer.infer' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert out.stdout.strip() == "False"
+    assert loaded_by(["mtser.trainer.loop", "mtser.trainer.tune", "mtser.trainer.cohort"], ("mtser.trainer.infer",)) == []
 
 
 def test_finetune_rejects_a_different_model(trained, store_url, tmp_path):
