@@ -55,19 +55,19 @@ class FusionNetwork(MemberModule):
     weights are `branches.<encoder>.mix.logits` (L,).
 
     `read_layers`: the stored hidden-state indices each encoder's input holds, in order (what loaders read:
-    `reader_layers`; checkpoints record them); an encoder absent is read as stored. `layers`: L per encoder whose
-    branch learns a mix of its input's L layers (input (B, T, L, D)); by default, with `cfg.layer_weights`, every
-    encoder of `read_layers` (`layer_mix.mixed_layers`). Other encoders take (B, T, D)."""
+    `reader_layers`; checkpoints record them); an encoder absent is read as stored. With `cfg.layer_weights` every
+    encoder of `read_layers` learns a mix of its L layers (input (B, T, L, D); `layers`: L per encoder,
+    `layer_mix.mixed_layers`). Other encoders take (B, T, D)."""
 
     def __init__(self, encoder_dims: dict[str, int], cfg: ModelConfig, members: int = 1,
-                 layers: dict[str, int] | None = None, read_layers: dict[str, list[int]] | None = None):
+                 read_layers: dict[str, list[int]] | None = None):
         super().__init__()
         if not encoder_dims:
             raise ValueError("FusionNetwork: needs at least one encoder")
         self.encoder_dims = dict(encoder_dims)
         self.cfg = cfg
         self.read_layers = {name: list(v) for name, v in (read_layers or {}).items()}
-        self.layers = dict(layer_mix.mixed_layers(cfg, self.read_layers) if layers is None else layers)
+        self.layers = layer_mix.mixed_layers(cfg, self.read_layers)
         self.branches = nn.ModuleDict({name: EncoderBranch(members, dim, cfg, self.layers.get(name))
                                        for name, dim in encoder_dims.items()})
         self.lstm = fused.FusedLSTM(members, cfg.proj_dim, cfg.lstm_hidden, cfg.lstm_layers,
@@ -76,8 +76,8 @@ class FusionNetwork(MemberModule):
 
     @property
     def architecture(self) -> tuple:
-        """What members of one network share: encoders, model config, mixed and read layers."""
-        return self.encoder_dims, self.cfg, self.layers, self.read_layers
+        """What members of one network share: encoders, model config and the layers read (hence mixed)."""
+        return self.encoder_dims, self.cfg, self.read_layers
 
     def reader_layers(self) -> dict:
         """`data.BatchReader`'s `layers` and `squeeze` for this network's input."""
@@ -85,11 +85,10 @@ class FusionNetwork(MemberModule):
 
     @classmethod
     def from_states(cls, encoder_dims: dict[str, int], cfg: ModelConfig, states: Sequence[Mapping[str, torch.Tensor]],
-                    layers: dict[str, int] | None = None, read_layers: dict[str, list[int]] | None = None
-                    ) -> FusionNetwork:
+                    read_layers: dict[str, list[int]] | None = None) -> FusionNetwork:
         """A network whose member g is the ordinary state dict `states[g]` (on the CPU; draws no random numbers)."""
         with torch.device("meta"):
-            network = cls(encoder_dims, cfg, len(states), layers, read_layers)
+            network = cls(encoder_dims, cfg, len(states), read_layers)
         network = network.to_empty(device="cpu")
         for g, state in enumerate(states):
             network.load_member(g, state)
@@ -105,8 +104,7 @@ class FusionNetwork(MemberModule):
                 raise ValueError("FusionNetwork.stack: members must share encoders and model config (and layers) "
                                  f"({other.architecture} vs {first.architecture})")
         states = [n.member_state(g) for n in networks for g in range(n.size)]
-        return cls.from_states(first.encoder_dims, first.cfg, states, first.layers,
-                               first.read_layers).to(first.head.weight.device)
+        return cls.from_states(first.encoder_dims, first.cfg, states, first.read_layers).to(first.head.weight.device)
 
     def forward(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [name for name in self.encoder_dims if name not in features]
