@@ -168,8 +168,7 @@ class StepBench:
         self.precision = Precision(self.device, cfgs[0].train.mixed_precision)
         torch.manual_seed(0)
         dims = {n: store.encoders[n].dim for n in encoders}
-        shape = {} if layers is None else {"layers": {n: len(v) for n, v in layers.items()}}
-        self.models = [FusionNetwork(dims, c.model, **shape).to(self.device) for c in cfgs]
+        self.models = [FusionNetwork(dims, c.model, read_layers=layers).to(self.device) for c in cfgs]
         self.clip = torch.ones(k, device=self.device)
 
     def cohort(self, members: list) -> tuple:
