@@ -31,7 +31,10 @@ def _states(run: Path, stage: int = 1) -> dict[str, dict]:
 
 def test_interrupted_search_resumed_runs_only_the_unfinished_cohorts(demo_store, tmp_path):
     alphas = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]                  # 3 cohorts of 2, one at a time
-    grid = write_grid(tmp_path / "grid.yaml", alpha=alphas, pooling=["asp"], cohort_size=2, max_concurrent=1)
+    # 6 epochs a cohort: a cohort of the tiny recipe's 2 epochs trains in about a second, so on an idle machine the
+    # last cohorts could finish between two polls and the interrupt would come after the search had ended
+    grid = write_grid(tmp_path / "grid.yaml", alpha=alphas, pooling=["asp"], cohort_size=2, max_concurrent=1,
+                      overrides={**TINY, "train.epochs": 6})
     run = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "mtser", "tune", "--search", str(grid), "--store", str(demo_store),
